@@ -1,0 +1,13 @@
+"""ambiseg-diffusers: ambiguous medical image segmentation with mask diffusion (AmbiSeg) and TDG-DiffDPO."""
+
+__version__ = "0.1.0"
+
+from .image_processing import normalize_image, prepare_image
+from .metrics import compute_metrics, compute_metrics_batch
+from .models import AmbiguityEncoder, AmbiSegUNet, DiagonalGaussian
+from .pipelines import AmbiSegPipeline, AmbiSegPipelineOutput
+
+__all__ = [
+    "AmbiSegPipeline", "AmbiSegPipelineOutput", "AmbiSegUNet", "AmbiguityEncoder", "DiagonalGaussian",
+    "compute_metrics", "compute_metrics_batch", "normalize_image", "prepare_image",
+]

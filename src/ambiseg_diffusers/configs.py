@@ -1,0 +1,65 @@
+"""Training recipes in one place: the paper's and one sized for a 2-core CPU. Every field is a CLI flag of the
+training scripts (`--config cpu --learning_rate 1e-4 ...`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, replace
+
+
+@dataclass
+class AmbiSegTrainingConfig:
+    # Model
+    unet_preset: str = "cpu"  # see models.unet_ambiseg.UNET_PRESETS
+    resolution: int = 64
+    latent_dim: int = 6  # 0 = the "no ambiguity objective" ablation (no z, no KL)
+    use_text: bool = True  # False = the "no text" ablation (empty prompt always)
+    text_encoder: str = "offline-minilm"  # Hub id or folder; "offline-minilm" = all-MiniLM-L6-v2 from PyPI
+    # Diffusion
+    prediction_type: str = "sample"  # "epsilon" (paper), "sample" (x0) or "v_prediction"
+    num_train_timesteps: int = 1000
+    beta_schedule: str = "linear"
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+    rescale_betas_zero_snr: bool = False
+    # Optimisation
+    max_train_steps: int = 3000
+    train_batch_size: int = 32
+    learning_rate: float = 2e-4
+    lr_scheduler: str = "linear"  # diffusers.optimization.get_scheduler name
+    lr_warmup_steps: int = 0
+    adam_weight_decay: float = 1e-2
+    max_grad_norm: float = 1.0
+    kl_weight: float = 1e-3
+    ema_decay: float = 0.999
+    ema_warmup: bool = True  # diffusers EMAModel warm-up (decay grows with the step count)
+    prompt_dropout: float = 0.1  # empty prompt this often, for classifier-free guidance at inference
+    # Sampling (validation and the saved pipeline's defaults)
+    sampling_scheduler: str = "ddim"
+    sampling_steps: int = 20
+    image_clip: float = 3.0
+
+    def override(self, **changes) -> "AmbiSegTrainingConfig":
+        unknown = set(changes) - {f.name for f in fields(self)}
+        if unknown:
+            raise ValueError(f"unknown config fields {sorted(unknown)}")
+        return replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+
+CONFIGS: dict[str, AmbiSegTrainingConfig] = {
+    # A few thousand steps at batch 32 fit in an hour or two on 2 CPU cores (bf16). x0-prediction: see
+    # ../shared/notes/calibration.md, where epsilon-prediction samples stayed noise-like at this budget.
+    "cpu": AmbiSegTrainingConfig(),
+    # The paper's recipe (T = 1000, linear betas, epsilon, base-128 U-Net, 50k steps, batch 32, AdamW linear decay
+    # from 1e-4, lambda_KL = 1e-3, EMA 0.9999, 128x128, Bio_ClinicalBERT, DDIM-100 sampling).
+    "paper": AmbiSegTrainingConfig(
+        unet_preset="paper", resolution=128, text_encoder="emilyalsentzer/Bio_ClinicalBERT", prediction_type="epsilon",
+        max_train_steps=50_000, learning_rate=1e-4, ema_decay=0.9999, ema_warmup=False, sampling_steps=100,
+    ),
+}
+
+
+def config_fields() -> list:
+    return list(fields(AmbiSegTrainingConfig))
+
+
+__all__ = ["AmbiSegTrainingConfig", "CONFIGS", "config_fields", "field"]

@@ -1,0 +1,248 @@
+"""LIDC-IDRI as 🤗 datasets: the shared 64x64 multi-rater crops, the 128x128 sample, and rating-to-text prompts.
+
+Prompt protocol (documented here because results depend on it):
+- Training pairs each rater slot's mask with that rater's own prompt (`prompts[m]`, from `ratings[m]`).
+- A slot with no reading of the nodule (`annotator_valid[m]` False: empty mask, no ratings) gets the
+  *nodule-level* prompt (the per-characteristic median of the raters who did read it), so an empty mask is never
+  paired with a text that reveals "nobody marked this" and nothing leaks at test time.
+- Evaluation (`eval_prompts`): "annotator" = the prompts of the raters who read the nodule, round-robin over the
+  samples (the paper's protocol); "nodule" = the one nodule-level prompt; "none" = the empty prompt.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from datasets import Array2D, Array3D, Dataset, Features, Sequence as SequenceFeature, Value
+
+from .image_processing import normalize_image
+
+RATING_NAMES = (
+    "subtlety", "internalStructure", "calcification", "sphericity", "margin",
+    "lobulation", "spiculation", "texture", "malignancy",
+)
+# LIDC's meaning of each score, as pylidc names them.
+RATING_MEANINGS: dict[str, tuple[str, ...]] = {
+    "subtlety": ("Extremely Subtle", "Moderately Subtle", "Fairly Subtle", "Moderately Obvious", "Obvious"),
+    "internalStructure": ("Soft Tissue", "Fluid", "Fat", "Air"),
+    "calcification": ("Popcorn", "Laminated", "Solid", "Non-central", "Central", "Absent"),
+    "sphericity": ("Linear", "Ovoid/Linear", "Ovoid", "Ovoid/Round", "Round"),
+    "margin": ("Poorly Defined", "Near Poorly Defined", "Medium Margin", "Near Sharp", "Sharp"),
+    "lobulation": ("No Lobulation", "Nearly No Lobulation", "Medium Lobulation", "Near Marked Lobulation", "Marked Lobulation"),
+    "spiculation": ("No Spiculation", "Nearly No Spiculation", "Medium Spiculation", "Near Marked Spiculation", "Marked Spiculation"),
+    "texture": ("Non-Solid/GGO", "Non-Solid/Mixed", "Part Solid/Mixed", "Solid/Mixed", "Solid"),
+    "malignancy": ("Highly Unlikely", "Moderately Unlikely", "Indeterminate", "Moderately Suspicious", "Highly Suspicious"),
+}
+PAPER_CLOSING = "Please identify the boundaries of the lung nodule in this CT image."
+
+_SHORT_TEXTURE = ("ground-glass", "mostly ground-glass", "part-solid", "mostly solid", "solid")
+_SHORT_SHAPE = ("linear", "ovoid-linear", "ovoid", "roundish", "round")
+_SHORT_DEGREE = ("no", "slight", "moderate", "marked", "marked")
+_SHORT_MARGIN = ("a poorly defined", "a fairly poorly defined", "a medium", "a fairly sharp", "a sharp")
+_SHORT_CALC = {1: "popcorn", 2: "laminated", 3: "solid", 4: "non-central", 5: "central"}
+
+
+def _checked(ratings: Mapping[str, int]) -> dict[str, int]:
+    if not isinstance(ratings, Mapping):
+        raise ValueError(f"`ratings` must be a mapping of the nine LIDC characteristics to scores, got {type(ratings)}.")
+    missing = [n for n in RATING_NAMES if n not in ratings]
+    if missing:
+        raise ValueError(f"`ratings` is missing {missing}; expected all of {list(RATING_NAMES)}.")
+    out = {}
+    for name in RATING_NAMES:
+        value, top = ratings[name], len(RATING_MEANINGS[name])
+        if isinstance(value, bool) or int(value) != value or not 1 <= int(value) <= top:
+            raise ValueError(f"`ratings[{name!r}]` must be an integer in 1..{top}, got {value!r}.")
+        out[name] = int(value)
+    return out
+
+
+def ratings_to_prompt(ratings: Mapping[str, int], style: str = "paper") -> str:
+    """The nine LIDC ratings of one rater -> text.
+
+    `style="paper"`: the seed paper's Figure 5 template, numeric sentences ("The subtlety is 5.") then semantic ones
+    ("The Subtlety is Obvious.") and a closing instruction. `style="short"`: one natural sentence, as in the paper's
+    control experiments ("A solid, round nodule with marked spiculation and a sharp margin.").
+    Raises `ValueError` for a missing or out-of-range rating or an unknown style.
+    """
+    r = _checked(ratings)
+    if style == "paper":
+        numeric = " ".join(f"The {name} is {r[name]}." for name in RATING_NAMES)
+        semantic = " ".join(
+            f"The {name[0].upper() + name[1:]} is {RATING_MEANINGS[name][r[name] - 1]}." for name in RATING_NAMES
+        )
+        return f"{numeric} {semantic} {PAPER_CLOSING}"
+    if style == "short":
+        text = f"A {_SHORT_TEXTURE[r['texture'] - 1]}, {_SHORT_SHAPE[r['sphericity'] - 1]} nodule"
+        text += f" with {_SHORT_DEGREE[r['spiculation'] - 1]} spiculation, {_SHORT_DEGREE[r['lobulation'] - 1]} lobulation"
+        text += f" and {_SHORT_MARGIN[r['margin'] - 1]} margin"
+        if r["calcification"] in _SHORT_CALC:
+            text += f", with {_SHORT_CALC[r['calcification']]} calcification"
+        return text + "."
+    raise ValueError(f"`style` must be 'paper' or 'short', got {style!r}.")
+
+
+def nodule_ratings(ratings: np.ndarray, valid: np.ndarray) -> dict[str, int]:
+    """Per-characteristic median (rounded half up) of the valid raters' ratings `(M, 9)` -> one nodule's ratings."""
+    if not valid.any():
+        raise ValueError("`valid` marks no rater; a nodule-level prompt needs at least one reading.")
+    median = np.floor(np.median(ratings[valid].astype(np.float64), axis=0) + 0.5).astype(int)
+    return dict(zip(RATING_NAMES, median.tolist()))
+
+
+def slice_prompts(ratings: np.ndarray, valid: np.ndarray, style: str = "paper") -> tuple[list[str], str]:
+    """One prompt per rater slot (the nodule-level prompt for slots without a reading) and the nodule-level prompt."""
+    nodule = ratings_to_prompt(nodule_ratings(ratings, valid), style)
+    per_slot = [
+        ratings_to_prompt(dict(zip(RATING_NAMES, ratings[m].tolist())), style) if valid[m] else nodule
+        for m in range(len(valid))
+    ]
+    return per_slot, nodule
+
+
+def eval_prompts(example: Mapping, protocol: str) -> list[str]:
+    """Prompts for one dataset row under an evaluation protocol: "annotator", "nodule" or "none" (module docstring)."""
+    if protocol == "annotator":
+        return [p for p, v in zip(example["prompts"], example["annotator_valid"]) if v]
+    if protocol == "nodule":
+        return [example["nodule_prompt"]]
+    if protocol == "none":
+        return [""]
+    raise ValueError(f"`prompts` protocol must be 'annotator', 'nodule' or 'none', got {protocol!r}.")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+LIDC64_SPLITS = {"train": ("train_a", "train_b"), "train_a": ("train_a",), "train_b": ("train_b",),
+                 "validate": ("validate",), "mini": ("mini",)}
+
+
+def resolve_data_dir(data_dir: str | os.PathLike | None, name: str) -> Path:
+    """`data_dir`, else `$AMBISEG_DATA_DIR/<name>`, else `../shared/data/<name>` (from the working directory or this
+    checkout) when present."""
+    candidates = []
+    if data_dir is not None:
+        candidates.append(Path(data_dir))
+    else:
+        if os.environ.get("AMBISEG_DATA_DIR"):
+            candidates.append(Path(os.environ["AMBISEG_DATA_DIR"]) / name)
+        candidates.append(Path.cwd().parent / "shared" / "data" / name)
+        candidates.append(Path(__file__).resolve().parents[3] / "shared" / "data" / name)
+    for path in candidates:
+        if path.is_dir():
+            return path
+    raise FileNotFoundError(
+        f"LIDC data folder {name!r} not found (looked in {[str(c) for c in candidates]}). Pass `data_dir`, or set "
+        f"AMBISEG_DATA_DIR to the folder holding {name}/. The crops come from LIDC-IDRI (TCIA, CC BY 3.0); "
+        "build your own from the DICOM scans with training/prepare_lidc.py."
+    )
+
+
+def lidc64_features(size: int = 64, raters: int = 4) -> Features:
+    return Features({
+        "image": Array2D((size, size), "float32"),
+        "masks": Array3D((raters, size, size), "uint8"),
+        "annotator_valid": SequenceFeature(Value("bool"), length=raters),
+        "ratings": Array2D((raters, len(RATING_NAMES)), "int8"),
+        "prompts": SequenceFeature(Value("string"), length=raters),
+        "nodule_prompt": Value("string"),
+        "patient_id": Value("string"),
+        "nodule_id": Value("string"),
+        "slice": Value("int16"),
+    })
+
+
+def load_lidc64(split: str = "train", data_dir: str | os.PathLike | None = None, prompt_style: str = "paper") -> Dataset:
+    """The real LIDC-IDRI 64x64 multi-rater crops as a `datasets.Dataset`.
+
+    `split`: "train" (train_a + train_b, 570 slices), "train_a", "train_b", "validate" (114), "mini" (14).
+    Columns: image `(64, 64)` float32 (z-scored per slice, as stored), masks `(4, 64, 64)` uint8 {0, 1},
+    annotator_valid `(4,)` bool, ratings `(4, 9)` int8 (0 where not valid), prompts (4 str, see module docstring),
+    nodule_prompt, patient_id, nodule_id ("<patient>_<nodule index>"), slice.
+    """
+    if split not in LIDC64_SPLITS:
+        raise ValueError(f"`split` must be one of {sorted(LIDC64_SPLITS)}, got {split!r}.")
+    folder = resolve_data_dir(data_dir, "lidc64")
+    parts = [np.load(folder / f"lidc64_{part}.npz") for part in LIDC64_SPLITS[split]]
+    stack = lambda key: np.concatenate([p[key] for p in parts])  # noqa: E731
+    valid, ratings, patients = stack("annotator_valid"), stack("ratings"), stack("patient_id")
+    prompts = [slice_prompts(r, v, prompt_style) for r, v in zip(ratings, valid)]
+    columns = {
+        "image": stack("images").astype(np.float32),
+        "masks": stack("masks").astype(np.uint8),
+        "annotator_valid": valid.tolist(),
+        "ratings": ratings.astype(np.int8),
+        "prompts": [p[0] for p in prompts],
+        "nodule_prompt": [p[1] for p in prompts],
+        "patient_id": [str(p) for p in patients],
+        "nodule_id": [f"{str(p)[-4:]}_{int(n)}" for p, n in zip(patients, stack("nodule_idx"))],
+        "slice": stack("slice_idx").astype(np.int16),
+    }
+    return Dataset.from_dict(columns, features=lidc64_features())
+
+
+def load_cimd128(split: str | None = None, data_dir: str | os.PathLike | None = None) -> Dataset:
+    """The 28 real LIDC 128x128 crops with four rater masks (no ratings, no prompts).
+
+    `split`: None (all 28), "training" (19) or "testing" (9). Columns: image `(128, 128)` float32 (grey levels
+    0-255 as stored), masks `(4, 128, 128)` uint8, annotator_valid (all True), source_path.
+    """
+    folder = resolve_data_dir(data_dir, "cimd128")
+    data = np.load(folder / "cimd_lidc128_4rater.npz")
+    keep = np.ones(len(data["images"]), bool) if split is None else data["split"] == split
+    if split is not None and split not in ("training", "testing"):
+        raise ValueError(f"`split` must be None, 'training' or 'testing', got {split!r}.")
+    features = Features({
+        "image": Array2D((128, 128), "float32"),
+        "masks": Array3D((4, 128, 128), "uint8"),
+        "annotator_valid": SequenceFeature(Value("bool"), length=4),
+        "source_path": Value("string"),
+    })
+    return Dataset.from_dict({
+        "image": data["images"][keep].astype(np.float32),
+        "masks": data["masks"][keep],
+        "annotator_valid": [[True] * 4] * int(keep.sum()),
+        "source_path": data["source_path"][keep].tolist(),
+    }, features=features)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+def augment(image: torch.Tensor, masks: torch.Tensor, generator: torch.Generator | None = None):
+    """The same random flip / 90-degree rotation for an image `(C, H, W)` and all its masks `(M, H, W)`."""
+    k = int(torch.randint(0, 4, (1,), generator=generator))
+    flip = bool(torch.randint(0, 2, (1,), generator=generator))
+    image, masks = torch.rot90(image, k, (-2, -1)), torch.rot90(masks, k, (-2, -1))
+    if flip:
+        image, masks = image.flip(-1), masks.flip(-1)
+    return image, masks
+
+
+def make_train_transform(resolution: int | None = None, image_clip: float = 3.0, random_augment: bool = True,
+                         seed: int | None = None):
+    """A `Dataset.set_transform` function: random flips / rotations (same for image and masks), optional resize to
+    `resolution` (bilinear for the image, nearest for masks) and the pipeline's image normalisation.
+
+    Adds `pixel_values` `(1, R, R)` in [-1, 1] and `mask_values` `(M, R, R)` float {0, 1}.
+    """
+    generator = torch.Generator().manual_seed(seed) if seed is not None else None
+
+    def transform(batch: dict) -> dict:
+        pixel_values, mask_values = [], []
+        for image, masks in zip(batch["image"], batch["masks"]):
+            image = torch.as_tensor(np.asarray(image), dtype=torch.float32)[None]
+            masks = torch.as_tensor(np.asarray(masks), dtype=torch.float32)
+            if random_augment:
+                image, masks = augment(image, masks, generator)
+            if resolution is not None and image.shape[-1] != resolution:
+                image = torch.nn.functional.interpolate(image[None], size=resolution, mode="bilinear", align_corners=False)[0]
+                masks = torch.nn.functional.interpolate(masks[None], size=resolution, mode="nearest")[0]
+            pixel_values.append(normalize_image(image[None], image_clip)[0])
+            mask_values.append(masks)
+        batch["pixel_values"] = pixel_values
+        batch["mask_values"] = mask_values
+        return batch
+
+    return transform

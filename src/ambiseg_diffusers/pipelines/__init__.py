@@ -1,0 +1,3 @@
+from .pipeline_ambiseg import AmbiSegPipeline, AmbiSegPipelineOutput
+
+__all__ = ["AmbiSegPipeline", "AmbiSegPipelineOutput"]

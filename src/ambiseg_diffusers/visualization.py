@@ -1,0 +1,50 @@
+"""Pictures people would rather look at than read: sample grids (the paper's Figure 7 panel) and uncertainty maps."""
+
+from __future__ import annotations
+
+import numpy as np
+import PIL.Image
+
+
+def _to_uint8(array: np.ndarray) -> np.ndarray:
+    array = np.asarray(array, dtype=np.float32)
+    low, high = np.percentile(array, 1), np.percentile(array, 99)
+    return (np.clip((array - low) / max(high - low, 1e-6), 0, 1) * 255).astype(np.uint8)
+
+
+def _overlay(image_u8: np.ndarray, mask: np.ndarray, color=(255, 60, 60)) -> np.ndarray:
+    rgb = np.repeat(image_u8[..., None], 3, axis=-1).astype(np.float32)
+    mask = np.asarray(mask, dtype=bool)
+    rgb[mask] = 0.45 * rgb[mask] + 0.55 * np.array(color, dtype=np.float32)
+    return rgb.astype(np.uint8)
+
+
+def _heat(values: np.ndarray, vmax: float) -> np.ndarray:
+    v = np.clip(np.asarray(values, dtype=np.float32) / max(vmax, 1e-6), 0, 1)
+    # black -> red -> yellow -> white, readable without a colour bar
+    return (np.stack([np.clip(3 * v, 0, 1), np.clip(3 * v - 1, 0, 1), np.clip(3 * v - 2, 0, 1)], -1) * 255).astype(np.uint8)
+
+
+def sample_grid(
+    images: np.ndarray, annotations: np.ndarray, samples: np.ndarray, scale: int = 2, max_samples: int = 16
+) -> PIL.Image.Image:
+    """One row per image: input | the raters' masks | samples | pixel-wise mean | majority vote | variance.
+
+    `images` `(B, H, W)` any range, `annotations` `(B, M, H, W)` and `samples` `(B, N, H, W)` bool/{0,1}.
+    Masks are drawn in red over the image; mean and variance are heat maps (variance scaled to its max 0.25).
+    """
+    rows = []
+    for image, raters, masks in zip(images, annotations, samples):
+        base = _to_uint8(image)
+        masks = np.asarray(masks, dtype=np.float32)[:max_samples]
+        mean = masks.mean(0)
+        tiles = [np.repeat(base[..., None], 3, -1)]
+        tiles += [_overlay(base, r) for r in raters]
+        tiles += [_overlay(base, m) for m in masks]
+        tiles += [_heat(mean, 1.0), _overlay(base, mean > 0.5), _heat(mean * (1 - mean), 0.25)]
+        gap = np.full((base.shape[0], 2, 3), 255, np.uint8)
+        rows.append(np.concatenate([t for tile in tiles for t in (tile, gap)][:-1], axis=1))
+    width = max(r.shape[1] for r in rows)
+    rows = [np.pad(r, ((0, 2), (0, width - r.shape[1]), (0, 0)), constant_values=255) for r in rows]
+    picture = PIL.Image.fromarray(np.concatenate(rows, axis=0))
+    return picture.resize((picture.width * scale, picture.height * scale), PIL.Image.NEAREST)
