@@ -62,7 +62,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--push_to_hub", action="store_true")
     parser.add_argument("--hub_model_id", default=None)
     parser.add_argument("--stop_after_steps", type=int, default=None,
-                        help="exit (after checkpointing) once this many steps ran in this process; for tests")
+                        help="exit without saving once this many steps ran in this process (simulates a kill; tests)")
     parser.add_argument("--save_fp16", action="store_true", help="save the final UNet / prior weights in fp16")
     add_config_arguments(parser)
     return parser.parse_args(argv)
@@ -204,7 +204,7 @@ def main(argv=None) -> Path:
             progress.update()
             progress.set_postfix(loss=f"{logs['loss']:.4f}", kl=f"{logs.get('kl', 0):.2f}", s_per_step=f"{(time.time() - started) / ran:.2f}")
 
-            if accelerator.is_main_process and (done % args.checkpointing_steps == 0 or args.stop_after_steps == ran):
+            if accelerator.is_main_process and done % args.checkpointing_steps == 0:
                 prune_checkpoints(str(output_dir), args.checkpoints_total_limit)
                 accelerator.save_state(str(output_dir / f"checkpoint-{done}"))
             if validation is not None and accelerator.is_main_process and done % args.validation_steps == 0:

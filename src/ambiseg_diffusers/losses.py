@@ -66,3 +66,21 @@ def diffusion_dpo_loss(
         "reference_loser_mse": reference_loser_mse.mean().detach(),
     }
     return loss, logs
+
+
+def predicted_noise(scheduler, model_output: torch.Tensor, noisy: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    """The noise a model output implies, whatever its `prediction_type` (epsilon, x0 "sample" or v).
+
+    With x_t = a x0 + s eps (a = sqrt(alpha_bar), s = sqrt(1 - alpha_bar)): from x0, eps = (x_t - a x0) / s, so an
+    x0 error maps to an epsilon error scaled by a / s = sqrt(SNR(t)) exactly.
+    """
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return model_output
+    alpha_bar = scheduler.alphas_cumprod.to(noisy.device)[timesteps].float().view(-1, 1, 1, 1)
+    a, s = alpha_bar.sqrt(), (1 - alpha_bar).sqrt()
+    if kind == "sample":
+        return (noisy - a * model_output) / s
+    if kind == "v_prediction":
+        return s * noisy + a * model_output
+    raise ValueError(f"unsupported prediction_type {kind!r}")

@@ -13,7 +13,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, UniPCMultistepScheduler
+from diffusers import (
+    DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, UniPCMultistepScheduler,
+)
 from transformers import AutoModel, AutoTokenizer
 
 from .configs import CONFIGS, AmbiSegTrainingConfig
@@ -26,14 +28,15 @@ from .visualization import sample_grid
 
 SAMPLING_SCHEDULERS = {
     "ddpm": DDPMScheduler, "ddim": DDIMScheduler, "dpm": DPMSolverMultistepScheduler, "unipc": UniPCMultistepScheduler,
+    "euler": EulerDiscreteScheduler,
 }
 
 
 # ----------------------------------------------------------------------------------------------- configuration
-def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    """`--config NAME` plus one flag per `AmbiSegTrainingConfig` field (default: the named config's value)."""
-    parser.add_argument("--config", default="cpu", choices=sorted(CONFIGS), help="training recipe (configs.py)")
-    for f in fields(AmbiSegTrainingConfig):
+def add_config_arguments(parser: argparse.ArgumentParser, configs: dict = CONFIGS) -> None:
+    """`--config NAME` plus one flag per config field (default: the named config's value)."""
+    parser.add_argument("--config", default="cpu", choices=sorted(configs), help="training recipe (configs.py)")
+    for f in fields(next(iter(configs.values()))):
         kind = type(f.default)
         if kind is bool:
             parser.add_argument(f"--{f.name}", type=lambda s: s.lower() in ("1", "true", "yes"), default=None)
@@ -41,8 +44,9 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(f"--{f.name}", type=kind, default=None)
 
 
-def config_from_args(args: argparse.Namespace) -> AmbiSegTrainingConfig:
-    return CONFIGS[args.config].override(**{f.name: getattr(args, f.name) for f in fields(AmbiSegTrainingConfig)})
+def config_from_args(args: argparse.Namespace, configs: dict = CONFIGS):
+    base = configs[args.config]
+    return base.override(**{f.name: getattr(args, f.name) for f in fields(base)})
 
 
 # ----------------------------------------------------------------------------------------------- components
@@ -67,6 +71,8 @@ def build_sampling_scheduler(noise_scheduler, name: str = "ddim"):
     if name not in SAMPLING_SCHEDULERS:
         raise ValueError(f"`scheduler` must be one of {sorted(SAMPLING_SCHEDULERS)}, got {name!r}.")
     extra = {"thresholding": True, "sample_max_value": 1.0} if name in ("dpm", "unipc") else {"clip_sample": True}
+    if name == "euler":
+        extra = {}  # no clipping option; the pipeline clamps x0-predictions itself
     if name == "ddim":
         extra["timestep_spacing"] = "trailing"  # starts at t = T - 1, where the training noise is
     return SAMPLING_SCHEDULERS[name].from_config(noise_scheduler.config, **extra)
@@ -225,7 +231,7 @@ def write_model_card(output_dir: str, template: str, values: dict) -> Path:
     return path
 
 
-def config_json(config: AmbiSegTrainingConfig) -> str:
+def config_json(config) -> str:
     return json.dumps(asdict(config), indent=2)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import json
 import os
 from dataclasses import dataclass
 from typing import Union
@@ -22,6 +23,8 @@ from ..text import encode_prompts
 logger = logging.get_logger(__name__)
 
 PromptInput = Union[str, list[str], list[list[str]], None]
+PREFERENCE_FILE = "preference.json"
+PREFERENCE_ADAPTER = "preference"
 OUTPUT_TYPES = ("np", "pt", "pil")
 
 
@@ -139,19 +142,38 @@ class AmbiSegPipeline(DiffusionPipeline):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> "AmbiSegPipeline":
-        """Loads from a local folder or a Hub repo id.
+        """Loads from a local folder or a Hub repo id, as float32 unless `dtype` is given (checkpoints may be stored
+        in fp16 to stay small; CPUs compute in float32 or bf16 autocast).
 
         diffusers' own download step only accepts components from diffusers or transformers, so a Hub repo is
         first fetched whole with `huggingface_hub.snapshot_download` (which honours `HF_HUB_OFFLINE` and the cache).
         """
         path = str(pretrained_model_name_or_path)
+        if "torch_dtype" not in kwargs:
+            kwargs.setdefault("dtype", torch.float32)
         if not os.path.isdir(path):
             from huggingface_hub import snapshot_download
 
             download_keys = ("cache_dir", "revision", "token", "local_files_only", "force_download", "proxies")
             download_kwargs = {k: kwargs.pop(k) for k in download_keys if k in kwargs}
             path = snapshot_download(path, **download_kwargs)
+        if os.path.isfile(os.path.join(path, PREFERENCE_FILE)):
+            return cls._from_preference_folder(path, **kwargs)
         return super().from_pretrained(path, **kwargs)
+
+    @classmethod
+    def _from_preference_folder(cls, path: str, **kwargs) -> "AmbiSegPipeline":
+        """A TDG-DiffDPO LoRA checkpoint: `preference.json` names the reference pipeline (a folder relative to this
+        one, or a Hub id) and `unet_lora/` holds the adapter, loaded as adapter "preference" (scale 1)."""
+        with open(os.path.join(path, PREFERENCE_FILE)) as f:
+            info = json.load(f)
+        reference = os.path.normpath(os.path.join(path, info["reference"]))
+        pipe = cls.from_pretrained(reference if os.path.isdir(reference) else info["reference"], **kwargs)
+        pipe.unet.load_lora_adapter(
+            os.path.join(path, "unet_lora"), prefix=None, adapter_name=PREFERENCE_ADAPTER,
+            weight_name="pytorch_lora_weights.safetensors",
+        )
+        return pipe
 
     def push_to_hub(
         self,
@@ -202,6 +224,14 @@ class AmbiSegPipeline(DiffusionPipeline):
             extra["generator"] = generator
         return extra
 
+    def _set_preference_scale(self, scale: float | None) -> None:
+        adapters = getattr(self.unet, "peft_config", None) or {}
+        if PREFERENCE_ADAPTER not in adapters:
+            if scale is not None:
+                raise ValueError("`preference_scale` needs a TDG-DiffDPO checkpoint (a 'preference' LoRA adapter on the UNet).")
+            return
+        self.unet.set_adapters([PREFERENCE_ADAPTER], weights=[1.0 if scale is None else float(scale)])
+
     def _row_generators(self, generator, batch: int, num_samples: int):
         """A per-image generator list becomes a per-row list, so each image's samples are independent of batching."""
         if isinstance(generator, list):
@@ -226,6 +256,7 @@ class AmbiSegPipeline(DiffusionPipeline):
         guidance_scale: float = 1.0,
         prior_temperature: float = 1.0,
         eta: float = 0.0,
+        preference_scale: float | None = None,
     ) -> AmbiSegPipelineOutput | tuple:
         r"""
         Args:
@@ -242,6 +273,8 @@ class AmbiSegPipeline(DiffusionPipeline):
             guidance_scale: classifier-free guidance on the text (1 = off; needs a model trained with prompt dropout).
             prior_temperature: scales the prior's standard deviation (0 = always the prior mean).
             eta: DDIM's eta (ignored by other schedulers).
+            preference_scale: for a TDG-DiffDPO checkpoint (a "preference" LoRA adapter on the UNet), the knob between
+                the reference model (0) and the aligned model (1); values above 1 extrapolate. `None` = 1.
 
         Returns:
             [`AmbiSegPipelineOutput`] (or a tuple `(masks, probabilities, pixel_mean, pixel_variance)`).
@@ -261,6 +294,7 @@ class AmbiSegPipeline(DiffusionPipeline):
         if num_inference_steps is not None and num_inference_steps < 1:
             raise ValueError(f"`num_inference_steps` must be >= 1, got {num_inference_steps}.")
 
+        self._set_preference_scale(preference_scale)
         device = self._execution_device
         dtype = self.unet.dtype
         images = self.preprocess(image).to(device=device, dtype=dtype)

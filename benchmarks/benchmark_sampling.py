@@ -1,0 +1,145 @@
+#!/usr/bin/env python
+"""Sampling speed, side by side in one run, on the same model and images:
+
+1. the paper's protocol: 16 separate sampling calls of 1 sample each, DDIM-100;
+2. the pipeline's default: 16 samples in one batched call, the default few-step sampler
+   (also with bf16 autocast and with several images per call);
+3. the floor: the bare UNet forwards (2) needs (same batch, same steps), nothing else.
+
+Prints samples/s, the ratios 2 vs 1 and 3 vs 2, and the GED against the raters of (1), (2) and DDPM-1000 on the
+same validation images, so speed is never bought with quality unnoticed.
+
+    python benchmarks/benchmark_sampling.py --model checkpoints/ambiseg-lidc64
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+import torch
+
+from ambiseg_diffusers import AmbiSegPipeline
+from ambiseg_diffusers.lidc import eval_prompts, load_lidc64
+from ambiseg_diffusers.metrics import compute_metrics_batch
+from ambiseg_diffusers.training_utils import build_sampling_scheduler
+
+
+def timed(fn, repeats: int = 1):
+    fn()  # warm-up
+    started = time.perf_counter()
+    for _ in range(repeats):
+        result = fn()
+    return (time.perf_counter() - started) / repeats, result
+
+
+def with_scheduler(pipe, name: str):
+    clone = AmbiSegPipeline(**pipe.components, image_clip=pipe.config.image_clip,
+                            default_num_inference_steps=pipe.config.default_num_inference_steps)
+    clone.scheduler = build_sampling_scheduler(pipe.scheduler, name)
+    clone.set_progress_bar_config(disable=True)
+    return clone
+
+
+def sample(pipe, rows, indices, n, steps, separate=False, images_per_call=1, bf16=False):
+    """`(B, n, H, W)` masks for the rows; `separate` = one call per sample (the paper's protocol)."""
+    out = []
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        for start in range(0, len(indices), images_per_call):
+            chunk = list(range(start, min(start + images_per_call, len(indices))))
+            images = np.stack([np.asarray(rows["image"][i], np.float32) for i in chunk])
+            prompts = [eval_prompts({k: rows[k][i] for k in rows}, "annotator") for i in chunk]
+            if separate:
+                masks = [pipe(images, [[p[s % len(p)]] for p in prompts], num_samples=1, num_inference_steps=steps,
+                              generator=[torch.Generator().manual_seed(1000 * indices[i] + s) for i in chunk]).masks
+                         for s in range(n)]
+                out.append(np.concatenate(masks, axis=1))
+            else:
+                out.append(pipe(images, prompts, num_samples=n, num_inference_steps=steps,
+                                generator=[torch.Generator().manual_seed(indices[i]) for i in chunk]).masks)
+    return np.concatenate(out)
+
+
+def unet_floor(pipe, batch: int, steps: int, bf16: bool) -> float:
+    """Seconds for `steps` bare UNet calls on a batch of `batch` rows (text, z and image already prepared)."""
+    unet = pipe.unet
+    size = unet.config.sample_size
+    x = torch.randn(batch, unet.config.in_channels, size, size)
+    text = torch.randn(batch, 160, pipe.text_encoder.config.hidden_size)
+    z = torch.randn(batch, unet.latent_dim) if unet.latent_dim else None
+    t = torch.tensor(500)
+
+    def run():
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            for _ in range(steps):
+                unet(x, t, encoder_hidden_states=text, class_labels=z)
+
+    return timed(run)[0]
+
+
+def ged(masks, rows) -> float:
+    return float(compute_metrics_batch(masks, np.asarray(rows["masks"]).astype(bool))["ged"].mean())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="checkpoints/ambiseg-lidc64")
+    parser.add_argument("--num_images", type=int, default=8, help="validation images for the GED columns")
+    parser.add_argument("--timing_images", type=int, default=2, help="images timed for the slow paper protocol")
+    parser.add_argument("--num_samples", type=int, default=16)
+    parser.add_argument("--skip_ddpm", action="store_true", help="skip the DDPM-1000 quality reference")
+    args = parser.parse_args()
+
+    torch.set_grad_enabled(False)
+    pipe = AmbiSegPipeline.from_pretrained(args.model, dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    default_steps = pipe.config.default_num_inference_steps
+    paper = with_scheduler(pipe, "ddim")
+    rows = load_lidc64("validate")[: args.num_images]
+    indices = list(range(args.num_images))
+    n = args.num_samples
+    print(f"model {args.model}; default sampler {type(pipe.scheduler).__name__}-{default_steps}; "
+          f"{torch.get_num_threads()} threads; N = {n}")
+
+    timing = {k: rows[k][: args.timing_images] for k in rows}
+    t_idx = indices[: args.timing_images]
+    results = {}
+    s1, _ = timed(lambda: sample(paper, timing, t_idx, n, 100, separate=True))
+    results["1. paper: 16 calls x 1 sample, DDIM-100"] = s1
+    s2, _ = timed(lambda: sample(pipe, timing, t_idx, n, None), repeats=2)
+    results[f"2. pipeline: 1 call x 16 samples, default ({default_steps} steps)"] = s2
+    s2b, _ = timed(lambda: sample(pipe, timing, t_idx, n, None, bf16=True), repeats=2)
+    results["2b. same, bf16 autocast"] = s2b
+    s2c, _ = timed(lambda: sample(pipe, timing, t_idx, n, None, bf16=True, images_per_call=len(t_idx)), repeats=2)
+    results[f"2c. same, bf16, {len(t_idx)} images per call"] = s2c
+    floor = unet_floor(pipe, n, default_steps, bf16=False) * len(t_idx)
+    results["3. floor: bare UNet forwards of (2)"] = floor
+    floor_bf16 = unet_floor(pipe, n, default_steps, bf16=True) * len(t_idx)
+    results["3b. floor, bf16"] = floor_bf16
+
+    total = n * len(t_idx)
+    print("\n| configuration | s per image | samples/s |\n|---|---|---|")
+    for name, seconds in results.items():
+        print(f"| {name} | {seconds / len(t_idx):.2f} | {total / seconds:.1f} |")
+    print(f"\nspeed-up 2 vs 1: {s1 / s2:.1f}x   (bf16 2b vs 1: {s1 / s2b:.1f}x; 2c vs 1: {s1 / s2c:.1f}x)")
+    print(f"pipeline overhead over the floor: 2 vs 3 {s2 / floor:.3f}, 2b vs 3b {s2b / floor_bf16:.3f}")
+
+    quality = {
+        "1. DDIM-100": sample(paper, rows, indices, n, 100, images_per_call=4, bf16=True),
+        f"2. default ({default_steps} steps)": sample(pipe, rows, indices, n, None, images_per_call=4),
+        f"2b. default, bf16": sample(pipe, rows, indices, n, None, images_per_call=4, bf16=True),
+    }
+    if not args.skip_ddpm:
+        quality["DDPM-1000"] = sample(with_scheduler(pipe, "ddpm"), rows, indices, n, 1000, images_per_call=4, bf16=True)
+    print(f"\nGED against the raters, first {args.num_images} validation images, N = {n}:")
+    reference = ged(quality["DDPM-1000"], rows) if "DDPM-1000" in quality else None
+    for name, masks in quality.items():
+        value = ged(masks, rows)
+        relative = f" ({(value / reference - 1) * 100:+.1f}% vs DDPM-1000)" if reference else ""
+        print(f"  {name}: GED {value:.4f}{relative}, sample foreground {masks.mean():.4f}")
+    print(f"  raters' foreground {np.asarray(rows['masks']).mean():.4f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,148 @@
+"""TDG-DiffDPO preference pairs: rank the reference model's own samples by Dice against the raters.
+
+Strategies (the seed paper's):
+- `best_rater`: s_BR(y) = max over raters of Dice(y, g_m).
+- `mean_dice`: s_MD(y) = mean over raters of Dice(y, g_m) (the paper's best).
+- `stochastic_run` (SRP): two independent sampling runs (different seeds) pool 2K candidates, scored with s_BR.
+The winner is the highest-scoring candidate and the loser the lowest; an image whose candidates all tie gives no
+pair (it is counted in the build's report, never silently dropped).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from datasets import Array2D, Dataset, Features, Value, load_from_disk
+from tqdm.auto import tqdm
+
+from .metrics import pairwise_dice_iou
+
+STRATEGIES = ("best_rater", "mean_dice", "stochastic_run")
+
+
+def score_candidates(candidates: np.ndarray, raters: np.ndarray, strategy: str) -> np.ndarray:
+    """Scores `(K,)` in [0, 1] of candidate masks `(K, H, W)` against rater masks `(M, H, W)` (bool/{0,1})."""
+    if strategy not in STRATEGIES:
+        raise ValueError(f"`strategy` must be one of {STRATEGIES}, got {strategy!r}.")
+    dice, _ = pairwise_dice_iou(torch.as_tensor(np.asarray(candidates))[None], torch.as_tensor(np.asarray(raters))[None])
+    dice = dice[0].numpy()
+    return dice.mean(axis=1) if strategy == "mean_dice" else dice.max(axis=1)
+
+
+def pick_pair(scores: np.ndarray) -> tuple[int, int] | None:
+    """(winner, loser) indices: the highest and the lowest score; None when every candidate ties."""
+    if np.isclose(scores.max(), scores.min()):
+        return None
+    return int(np.argmax(scores)), int(np.argmin(scores))
+
+
+def preference_features(size: int) -> Features:
+    return Features({
+        "image": Array2D((size, size), "float32"), "prompt": Value("string"),
+        "winner": Array2D((size, size), "uint8"), "loser": Array2D((size, size), "uint8"),
+        "winner_score": Value("float32"), "loser_score": Value("float32"), "strategy": Value("string"),
+        "source_index": Value("int32"), "nodule_id": Value("string"), "slice": Value("int32"),
+    })
+
+
+def select_rows(num_rows: int, fraction: float, seed: int) -> list[int]:
+    """The seeded subset of training rows used for preferences (the paper uses 25%)."""
+    if not 0 < fraction <= 1:
+        raise ValueError(f"`fraction` must be in (0, 1], got {fraction}.")
+    count = max(1, round(num_rows * fraction))
+    return sorted(np.random.default_rng(seed).permutation(num_rows)[:count].tolist())
+
+
+def build_preferences(
+    pipeline, dataset, output_dir: str | os.PathLike, strategy: str = "mean_dice", num_candidates: int = 4,
+    fraction: float = 0.25, seed: int = 0, images_per_call: int = 4, num_inference_steps: int | None = None,
+) -> tuple[Dataset, dict]:
+    """Samples `num_candidates` masks per selected row with the reference `pipeline`, picks winner and loser, and
+    writes a `datasets.Dataset` to `output_dir` (atomically, at the end).
+
+    Resumable: each chunk of images is stored under `output_dir/parts/` as it finishes, and a rerun skips chunks
+    already there. The prompt of a row is one of its raters' prompts (seeded choice among the raters who read it).
+    Returns the dataset and a report {"images", "pairs", "ties", "strategy"}.
+    """
+    if strategy not in STRATEGIES:
+        raise ValueError(f"`strategy` must be one of {STRATEGIES}, got {strategy!r}.")
+    output_dir = Path(output_dir)
+    parts = output_dir.parent / f".{output_dir.name}.parts"
+    parts.mkdir(parents=True, exist_ok=True)
+    rows = select_rows(len(dataset), fraction, seed)
+    runs = 2 if strategy == "stochastic_run" else 1
+    chunks = [rows[i : i + images_per_call] for i in range(0, len(rows), images_per_call)]
+
+    for number, chunk in enumerate(tqdm(chunks, desc=f"preferences ({strategy})")):
+        part = parts / f"part-{number:05d}.json"
+        if part.exists():
+            continue
+        examples = dataset[chunk]
+        rng = np.random.default_rng([seed, *chunk])
+        prompts = []
+        for valid, per_rater in zip(examples["annotator_valid"], examples["prompts"]):
+            readers = [p for p, v in zip(per_rater, valid) if v]
+            prompts.append(readers[int(rng.integers(len(readers)))])
+        images = np.stack([np.asarray(x, np.float32) for x in examples["image"]])
+        candidates = np.concatenate([
+            pipeline(images, prompts, num_samples=num_candidates, num_inference_steps=num_inference_steps,
+                     generator=[torch.Generator().manual_seed(seed + 7919 * run + i) for i in chunk]).masks
+            for run in range(runs)
+        ], axis=1)
+        records = []
+        for j, index in enumerate(chunk):
+            raters = np.asarray(examples["masks"][j]).astype(bool)
+            scores = score_candidates(candidates[j], raters, strategy)
+            pair = pick_pair(scores)
+            record = {"source_index": index, "tie": pair is None}
+            if pair is not None:
+                w, l = pair
+                record.update(prompt=prompts[j], winner=np.flatnonzero(candidates[j, w]).tolist(),
+                              loser=np.flatnonzero(candidates[j, l]).tolist(),
+                              winner_score=float(scores[w]), loser_score=float(scores[l]))
+            records.append(record)
+        tmp = part.with_suffix(".tmp")
+        tmp.write_text(json.dumps(records))
+        os.replace(tmp, part)  # a chunk is either complete or absent
+
+    return _assemble(dataset, parts, output_dir, strategy)
+
+
+def _assemble(dataset, parts: Path, output_dir: Path, strategy: str) -> tuple[Dataset, dict]:
+    records = [r for part in sorted(parts.glob("part-*.json")) for r in json.loads(part.read_text())]
+    pairs = [r for r in records if not r["tie"]]
+    size = np.asarray(dataset[0]["image"]).shape[-1]
+
+    def unflatten(indices):
+        mask = np.zeros(size * size, np.uint8)
+        mask[indices] = 1
+        return mask.reshape(size, size)
+
+    sources = dataset[[r["source_index"] for r in pairs]] if pairs else {"image": [], "nodule_id": [], "slice": []}
+    columns = {
+        "image": [np.asarray(x, np.float32) for x in sources["image"]],
+        "prompt": [r["prompt"] for r in pairs],
+        "winner": [unflatten(r["winner"]) for r in pairs],
+        "loser": [unflatten(r["loser"]) for r in pairs],
+        "winner_score": [r["winner_score"] for r in pairs],
+        "loser_score": [r["loser_score"] for r in pairs],
+        "strategy": [strategy] * len(pairs),
+        "source_index": [r["source_index"] for r in pairs],
+        "nodule_id": list(sources.get("nodule_id", [""] * len(pairs))),
+        "slice": [int(s) for s in sources.get("slice", [-1] * len(pairs))],
+    }
+    result = Dataset.from_dict(columns, features=preference_features(size))
+    tmp = output_dir.parent / f".{output_dir.name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    result.save_to_disk(str(tmp))
+    report = {"strategy": strategy, "images": len(records), "pairs": len(pairs), "ties": len(records) - len(pairs)}
+    (tmp / "preference_report.json").write_text(json.dumps(report, indent=2))
+    shutil.rmtree(output_dir, ignore_errors=True)
+    os.replace(tmp, output_dir)
+    shutil.rmtree(parts)
+    return load_from_disk(str(output_dir)), report

@@ -1,0 +1,130 @@
+import numpy as np
+import pytest
+import torch
+
+from ambiseg_diffusers.image_processing import normalize_image
+from ambiseg_diffusers.lidc import (
+    RATING_MEANINGS, RATING_NAMES, augment, eval_prompts, load_cimd128, load_lidc64, make_train_transform,
+    nodule_ratings, ratings_to_prompt, resolve_data_dir,
+)
+
+try:
+    resolve_data_dir(None, "lidc64")
+    HAVE_DATA = True
+except FileNotFoundError:
+    HAVE_DATA = False
+needs_data = pytest.mark.skipif(not HAVE_DATA, reason="../shared/data/lidc64 not present (set AMBISEG_DATA_DIR)")
+
+BASE = {name: 1 for name in RATING_NAMES}
+
+
+@pytest.mark.parametrize("name", RATING_NAMES)
+def test_every_rating_value_has_its_lidc_meaning(name):
+    for value, meaning in enumerate(RATING_MEANINGS[name], start=1):
+        text = ratings_to_prompt({**BASE, name: value}, style="paper")
+        label = name[0].upper() + name[1:]
+        assert f"The {name} is {value}." in text and f"The {label} is {meaning}." in text
+        assert text.endswith("Please identify the boundaries of the lung nodule in this CT image.")
+        short = ratings_to_prompt({**BASE, name: value}, style="short")
+        assert short.startswith("A ") and short.endswith(".") and "nodule" in short
+
+
+def test_paper_prompt_matches_the_figure_5_template():
+    ratings = dict(zip(RATING_NAMES, [5, 1, 6, 3, 4, 1, 2, 5, 4]))
+    text = ratings_to_prompt(ratings)
+    assert text.startswith("The subtlety is 5. The internalStructure is 1. The calcification is 6.")
+    assert "The Subtlety is Obvious. The InternalStructure is Soft Tissue. The Calcification is Absent." in text
+    assert "The Malignancy is Moderately Suspicious." in text
+    assert ratings_to_prompt(ratings, "short") == "A solid, ovoid nodule with slight spiculation, no lobulation and a fairly sharp margin."
+
+
+@pytest.mark.parametrize("bad,match", [
+    ({**BASE, "margin": 6}, "margin"), ({**BASE, "subtlety": 0}, "subtlety"), ({**BASE, "texture": 2.5}, "texture"),
+    ({**BASE, "internalStructure": 5}, "internalStructure"), ({k: v for k, v in BASE.items() if k != "malignancy"}, "missing"),
+])
+def test_bad_ratings_raise(bad, match):
+    with pytest.raises(ValueError, match=match):
+        ratings_to_prompt(bad)
+
+
+def test_bad_style_raises():
+    with pytest.raises(ValueError, match="style"):
+        ratings_to_prompt(BASE, style="long")
+
+
+def test_nodule_ratings_use_the_valid_raters_median():
+    ratings = np.array([[3] * 9, [4] * 9, [0] * 9, [5] * 9])
+    valid = np.array([True, True, False, False])
+    assert nodule_ratings(ratings, valid)["margin"] == 4  # median of 3 and 4, rounded half up; slot 3 ignored
+    with pytest.raises(ValueError):
+        nodule_ratings(ratings, np.zeros(4, bool))
+
+
+def test_augment_keeps_image_and_masks_aligned():
+    generator = torch.Generator().manual_seed(0)
+    masks = (torch.rand(3, 8, 8, generator=generator) > 0.5).float()
+    image = masks[0][None] * 10 + torch.arange(64.0).reshape(1, 8, 8) * 1e-3  # asymmetric: every transform is visible
+    seen = set()
+    for _ in range(30):
+        new_image, new_masks = augment(image, masks, generator)
+        assert torch.equal(new_image.round() / 10, new_masks[0][None])
+        seen.add(tuple(new_image.flatten()[:5].tolist()))
+    assert len(seen) == 8  # the 8 symmetries of the square all occur
+
+
+def test_train_transform_normalises_resizes_and_keeps_alignment():
+    masks = np.zeros((4, 64, 64), np.uint8)
+    masks[:, 10:20, 30:40] = 1
+    image = masks[0].astype(np.float32) * 500 - 800
+    out = make_train_transform(resolution=32, seed=0)({"image": [image], "masks": [masks]})
+    pixel, mask = out["pixel_values"][0], out["mask_values"][0]
+    assert pixel.shape == (1, 32, 32) and mask.shape == (4, 32, 32)
+    assert pixel.min() >= -1 and pixel.max() <= 1 and set(mask.unique().tolist()) == {0.0, 1.0}
+    assert torch.equal((pixel[0] > 0).float(), mask[0])
+    # the pipeline's own normalisation, not a copy
+    plain = make_train_transform(random_augment=False)({"image": [image], "masks": [masks]})["pixel_values"][0]
+    assert torch.equal(plain, normalize_image(torch.from_numpy(image)[None, None])[0])
+
+
+@needs_data
+def test_lidc64_splits_and_columns():
+    sizes = {split: len(load_lidc64(split)) for split in ("train", "validate", "mini")}
+    assert sizes == {"train": 570, "validate": 114, "mini": 14}
+    ds = load_lidc64("mini").with_format("torch")
+    row = ds[0]
+    assert row["image"].shape == (64, 64) and row["masks"].shape == (4, 64, 64) and row["ratings"].shape == (4, 9)
+    assert len(row["prompts"]) == 4 and row["nodule_id"].count("_") == 1
+    train = load_lidc64("train")
+    validate = load_lidc64("validate")
+    assert not set(train["patient_id"]) & set(validate["patient_id"])  # patient-level split
+
+
+@needs_data
+def test_invalid_rater_slots_get_the_nodule_prompt_and_protocols():
+    ds = load_lidc64("validate")
+    found = False
+    for row in ds:
+        for prompt, valid, mask in zip(row["prompts"], row["annotator_valid"], np.asarray(row["masks"])):
+            if not valid:
+                assert prompt == row["nodule_prompt"] and mask.sum() == 0
+                found = True
+        annotator = eval_prompts(row, "annotator")
+        assert len(annotator) == sum(row["annotator_valid"]) >= 1
+    assert found
+    assert eval_prompts(ds[0], "nodule") == [ds[0]["nodule_prompt"]] and eval_prompts(ds[0], "none") == [""]
+    with pytest.raises(ValueError, match="protocol"):
+        eval_prompts(ds[0], "rater")
+
+
+@needs_data
+def test_cimd128_loads():
+    ds = load_cimd128()
+    assert len(ds) == 28 and len(load_cimd128("training")) == 19 and len(load_cimd128("testing")) == 9
+    assert np.asarray(ds[0]["masks"]).shape == (4, 128, 128)
+
+
+def test_missing_data_dir_says_where_to_get_it(tmp_path):
+    with pytest.raises(FileNotFoundError, match="AMBISEG_DATA_DIR"):
+        load_lidc64("mini", data_dir=tmp_path / "nowhere")
+    with pytest.raises(ValueError, match="split"):
+        load_lidc64("test")

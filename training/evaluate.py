@@ -1,0 +1,195 @@
+#!/usr/bin/env python
+"""Evaluate a checkpoint the way the paper does: N samples per image, the ambiguity metrics, figures.
+
+    accelerate launch training/evaluate.py --model checkpoints/ambiseg-lidc64 --split validate --num_samples 16 \\
+        --prompts annotator --scheduler ddim --steps 20 --output_dir runs/eval
+
+Writes per-image metrics (`per_image.jsonl`, `per_image.csv`), the paper-layout summary with 95% bootstrap
+intervals (`summary.md`, `summary.json`), the sample-count sweep (Table 4) computed from this one run of the
+largest N, and figures (`figure_samples.png`, `quality_vs_n.png`, optionally `prompt_control.png`).
+Images are split across accelerate processes; an interrupted run resumes from its partial results files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import PartialState
+from tqdm.auto import tqdm
+
+from ambiseg_diffusers import AmbiSegPipeline
+from ambiseg_diffusers.lidc import eval_prompts
+from ambiseg_diffusers.metrics import METRIC_NAMES, compute_metrics_batch, format_table, summarize
+from ambiseg_diffusers.training_utils import build_sampling_scheduler, load_training_dataset
+from ambiseg_diffusers.visualization import sample_grid
+
+N_SWEEP = (1, 2, 4, 8, 12, 16, 24, 32)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="pipeline folder or Hub id")
+    parser.add_argument("--dataset", default="lidc64")
+    parser.add_argument("--data_dir", default=None)
+    parser.add_argument("--split", default="validate")
+    parser.add_argument("--num_samples", type=int, default=16)
+    parser.add_argument("--prompts", default="annotator", choices=["annotator", "nodule", "none"])
+    parser.add_argument("--scheduler", default=None, help="ddpm, ddim, dpm, unipc or euler (default: the saved one)")
+    parser.add_argument("--steps", type=int, default=None, help="default: the pipeline's default")
+    parser.add_argument("--deterministic", action="store_true",
+                        help="baseline: z at the prior mean and one sample repeated num_samples times")
+    parser.add_argument("--guidance_scale", type=float, default=1.0)
+    parser.add_argument("--max_images", type=int, default=None)
+    parser.add_argument("--images_per_call", type=int, default=4)
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast (faster on CPUs with AVX-512 BF16 and on GPUs)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--output_dir", required=True)
+    parser.add_argument("--label", default=None, help="row label in summary.md")
+    parser.add_argument("--prompt_control", nargs=2, default=None, metavar=("PROMPT_A", "PROMPT_B"),
+                        help="also draw the paper's Figure 9 panel: 8 samples for each of two contradicting prompts")
+    return parser.parse_args(argv)
+
+
+def load_pipeline(args) -> AmbiSegPipeline:
+    pipe = AmbiSegPipeline.from_pretrained(args.model, dtype=torch.float32)
+    if args.scheduler:
+        pipe.scheduler = build_sampling_scheduler(pipe.scheduler, args.scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def sample_images(pipe, rows: dict, args, indices: list[int]) -> np.ndarray:
+    """`(B, N, H, W)` bool samples for a dict-of-lists chunk of dataset rows (their dataset `indices`).
+
+    Image `i` always uses the generator seeded `seed + i`, so its samples do not depend on batching or on resuming.
+    """
+    count = len(rows["image"])
+    examples = [{k: rows[k][i] for k in rows} for i in range(count)]
+    prompts = [eval_prompts(e, args.prompts) if "prompts" in e else [""] for e in examples]
+    generators = [torch.Generator().manual_seed(args.seed + i) for i in indices]
+    n = 1 if args.deterministic else args.num_samples
+    with torch.autocast("cuda" if torch.cuda.is_available() else "cpu", dtype=torch.bfloat16, enabled=args.bf16):
+        out = pipe(np.stack([np.asarray(e["image"], np.float32) for e in examples]), prompts, num_samples=n,
+                   num_inference_steps=args.steps, generator=generators, guidance_scale=args.guidance_scale,
+                   prior_temperature=0.0 if args.deterministic else 1.0)
+    masks = out.masks
+    return np.repeat(masks, args.num_samples, axis=1) if args.deterministic else masks
+
+
+def image_record(index: int, row: dict, samples: np.ndarray) -> dict:
+    """Metrics of one image for every N of the sweep up to the number of samples (the first N samples)."""
+    annotations = np.asarray(row["masks"]).astype(bool)[None]
+    record = {"index": index, "nodule_id": row.get("nodule_id", ""), "slice": int(row.get("slice", -1))}
+    for n in [n for n in N_SWEEP if n <= samples.shape[0]] + [samples.shape[0]]:
+        metrics = compute_metrics_batch(samples[None, :n], annotations)
+        record[f"n{n}"] = {k: float(v[0]) for k, v in metrics.items()}
+    record.update(record[f"n{samples.shape[0]}"])
+    record["sample_foreground"] = float(samples.mean())
+    return record
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    state = PartialState()
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    dataset = load_training_dataset(args.dataset, args.split, args.data_dir)
+    total = len(dataset) if args.max_images is None else min(args.max_images, len(dataset))
+    pipe = load_pipeline(args).to(state.device)
+
+    # Resumable: each process appends finished images to its own file and skips those already there.
+    part = output_dir / f"per_image.part{state.process_index}.jsonl"
+    done = {json.loads(line)["index"] for line in part.read_text().splitlines()} if part.exists() else set()
+    with state.split_between_processes(list(range(total))) as mine:
+        todo = [i for i in mine if i not in done]
+        with part.open("a") as sink, tqdm(total=len(mine), initial=len(mine) - len(todo), desc=f"evaluate[{state.process_index}]",
+                                           disable=not state.is_local_main_process) as bar:
+            for start in range(0, len(todo), args.images_per_call):
+                indices = todo[start : start + args.images_per_call]
+                rows = dataset[indices]
+                samples = sample_images(pipe, rows, args, indices)
+                for j, index in enumerate(indices):
+                    sink.write(json.dumps(image_record(index, dataset[index], samples[j])) + "\n")
+                sink.flush()
+                bar.update(len(indices))
+    state.wait_for_everyone()
+    if not state.is_main_process:
+        return {}
+    return write_reports(args, dataset, pipe, total)
+
+
+def write_reports(args, dataset, pipe, total: int) -> dict:
+    output_dir = Path(args.output_dir)
+    records = {}
+    for part in output_dir.glob("per_image.part*.jsonl"):
+        for line in part.read_text().splitlines():
+            record = json.loads(line)
+            records[record["index"]] = record
+    records = [records[i] for i in sorted(records) if i < total]
+    with (output_dir / "per_image.jsonl").open("w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+    with (output_dir / "per_image.csv").open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["index", "nodule_id", "slice", *METRIC_NAMES, "sample_foreground"])
+        writer.writerows([[r["index"], r["nodule_id"], r["slice"], *[r[k] for k in METRIC_NAMES], r["sample_foreground"]] for r in records])
+
+    label = args.label or f"{Path(args.model).name} ({args.prompts} prompts{', deterministic' if args.deterministic else ''})"
+    summary = summarize({k: np.array([r[k] for r in records]) for k in METRIC_NAMES})
+    sweep = {n: summarize({k: np.array([r[f"n{n}"][k] for r in records]) for k in METRIC_NAMES})
+             for n in N_SWEEP if f"n{n}" in records[0]}
+    text = f"## {label}: {args.split}, {len(records)} images, N = {args.num_samples}\n\n"
+    text += format_table({label: summary}, with_interval=True)
+    text += "\n### Number of samples (Table 4; the first N of the same samples)\n\n"
+    text += format_table({f"N = {n}": s for n, s in sweep.items()})
+    text += f"\nMean sample foreground {np.mean([r['sample_foreground'] for r in records]):.4f}\n"
+    (output_dir / "summary.md").write_text(text)
+    (output_dir / "summary.json").write_text(json.dumps({"label": label, "summary": summary, "n_sweep": sweep}, indent=2))
+    figures(args, dataset, pipe, sweep)
+    print(text)
+    return summary
+
+
+def figures(args, dataset, pipe, sweep: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    output_dir = Path(args.output_dir)
+    first = dataset[:4]
+    samples = sample_images(pipe, first, args, list(range(len(first["image"]))))
+    sample_grid(np.asarray(first["image"]), np.asarray(first["masks"]), samples).save(output_dir / "figure_samples.png")
+
+    fig, axes = plt.subplots(1, 3, figsize=(11, 3.2))
+    ns = sorted(sweep)
+    for ax, key, title in zip(axes, ("ged", "ci", "dmax"), ("GED (lower is better)", "CI", "D_max")):
+        ax.errorbar(ns, [sweep[n][key]["mean"] for n in ns],
+                    yerr=[[sweep[n][key]["mean"] - sweep[n][key]["low"] for n in ns], [sweep[n][key]["high"] - sweep[n][key]["mean"] for n in ns]],
+                    marker="o", capsize=3)
+        ax.set_xlabel("samples per image N")
+        ax.set_title(title)
+        ax.set_xscale("log", base=2)
+    fig.tight_layout()
+    fig.savefig(output_dir / "quality_vs_n.png", dpi=120)
+    plt.close(fig)
+
+    if args.prompt_control:
+        row = dataset[0]
+        image = np.asarray(row["image"], np.float32)
+        panels = []
+        for prompt in args.prompt_control:
+            out = pipe(image, prompt, num_samples=8, num_inference_steps=args.steps, generator=torch.Generator().manual_seed(args.seed))
+            panels.append(out.masks[0])
+        grid = sample_grid(np.stack([image, image]), np.stack([np.asarray(row["masks"])] * 2), np.stack(panels))
+        grid.save(output_dir / "prompt_control.png")
+        sizes = [float(p.mean()) for p in panels]
+        (output_dir / "prompt_control.json").write_text(json.dumps(dict(zip(args.prompt_control, sizes)), indent=2))
+
+
+if __name__ == "__main__":
+    main()
