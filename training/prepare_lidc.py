@@ -1,0 +1,202 @@
+#!/usr/bin/env python
+"""Build the paper's LIDC-IDRI training set from the raw DICOM scans (TCIA) with pylidc.
+
+    pip install "ambiseg-diffusers[lidc]"
+    python training/prepare_lidc.py --dicom_dir /data/LIDC-IDRI --output_dir data/lidc128 [--push_to_hub org/name]
+
+Every nodule (no size filter): its rater annotations clustered per nodule by pylidc, one 2-D sample per axial slice
+that any rater marked, exactly four mask slots (empty masks for raters who did not mark the nodule), each rater's
+nine ratings and prompt, and a seeded patient-level train/test split (80/20) with a validation fraction of the
+training patients. Crop geometries:
+- `paper` (default): a square of `--crop_mm` around the centre of the 50% consensus box, resized to 128x128
+  (bilinear image, nearest masks), HU clipped to [-1000, 400] and scaled to [-1, 1];
+- `lidc64`: 64x64 at native spacing with origin at the 50% consensus box centre minus 32 (the geometry of
+  ../shared/data/lidc64; `--crop_origins lidc64_nodules.json` reuses its recorded origins), image z-scored per slice.
+A scan that fails to load is reported and skipped; the dataset is written atomically (a temporary folder renamed at
+the end), so an interrupt never leaves half a dataset.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from datasets import DatasetDict, Dataset
+from tqdm.auto import tqdm
+
+from ambiseg_diffusers.lidc import RATING_NAMES, lidc64_features, slice_prompts
+
+warnings.filterwarnings("ignore", category=DeprecationWarning)
+MAX_RATERS = 4
+
+
+def _pylidc():
+    try:
+        import pylidc
+    except ImportError as error:  # pragma: no cover - message for users
+        raise ImportError('prepare_lidc.py needs pylidc: pip install "ambiseg-diffusers[lidc]"') from error
+    return pylidc
+
+
+def use_dicom_dir(dicom_dir: str) -> None:
+    """Point pylidc at the DICOM root without writing its ~/.pylidcrc."""
+    sys.modules["pylidc.Scan"]._get_dicom_file_path_from_config_file = lambda: str(dicom_dir)
+
+
+def dicom_volume(scan) -> np.ndarray:
+    """The scan in Hounsfield units, `(512, 512, slices)` int16, read by pylidc from the DICOM files."""
+    return scan.to_volume(verbose=False)
+
+
+def annotation_ratings(annotation) -> list[int]:
+    return [int(getattr(annotation, name)) for name in RATING_NAMES]
+
+
+def consensus_origin(annotations, size: int = 64, shape: tuple[int, int] = (512, 512)) -> tuple[int, int]:
+    """Crop origin (row, col): the 50% consensus box's centre minus size // 2, kept inside the slice."""
+    from pylidc.utils import consensus
+
+    _, box, _ = consensus(annotations, clevel=0.5)
+    origin = [(box[d].start + box[d].stop) // 2 - size // 2 for d in (0, 1)]
+    return tuple(int(np.clip(o, 0, s - size)) for o, s in zip(origin, shape))
+
+
+def nodule_samples(volume: np.ndarray, annotations: list, geometry: str = "paper", origin: tuple[int, int] | None = None,
+                   crop_mm: float = 64.0, resolution: int = 128) -> list[dict]:
+    """One sample per axial slice any rater marked: image, 4 mask slots, validity, ratings, slice index."""
+    annotations = sorted(annotations, key=lambda a: a.id)[:MAX_RATERS]
+    slices = sorted({int(k) for a in annotations for k in a.contour_slice_indices})
+    if geometry == "lidc64":
+        size = 64
+    elif geometry == "paper":
+        size = int(round(crop_mm / float(annotations[0].scan.pixel_spacing)))
+    else:
+        raise ValueError(f"`geometry` must be 'paper' or 'lidc64', got {geometry!r}.")
+    r0, c0 = origin if origin is not None else consensus_origin(annotations, size, volume.shape[:2])
+    box = np.array([[r0, r0 + size - 1], [c0, c0 + size - 1], [slices[0], slices[-1]]])
+    masks = np.zeros((MAX_RATERS, size, size, len(range(slices[0], slices[-1] + 1))), bool)
+    ratings = np.zeros((MAX_RATERS, len(RATING_NAMES)), np.int8)
+    valid = np.zeros(MAX_RATERS, bool)
+    for slot, annotation in enumerate(annotations):
+        masks[slot] = annotation.boolean_mask(bbox=box)
+        ratings[slot] = annotation_ratings(annotation)
+        valid[slot] = True
+
+    samples = []
+    for k in slices:
+        image = volume[r0 : r0 + size, c0 : c0 + size, k].astype(np.float32)
+        slot_masks = masks[..., k - slices[0]].astype(np.uint8)
+        if geometry == "lidc64":
+            image = (image - image.mean()) / max(float(image.std()), 1e-6)
+        else:
+            image = np.clip(image, -1000.0, 400.0) / 700.0 + 3.0 / 7.0  # [-1000, 400] HU -> [-1, 1]
+            image = torch.nn.functional.interpolate(torch.from_numpy(image)[None, None], size=resolution, mode="bilinear",
+                                                    align_corners=False)[0, 0].numpy()
+            slot_masks = torch.nn.functional.interpolate(torch.from_numpy(slot_masks)[None].float(), size=resolution,
+                                                         mode="nearest")[0].numpy().astype(np.uint8)
+        samples.append({"image": image, "masks": slot_masks, "annotator_valid": valid.copy(), "ratings": ratings.copy(),
+                        "slice": k - slices[0], "annotation_ids": [a.id for a in annotations]})
+    return samples
+
+
+def split_patients(patients: list[str], seed: int, test_fraction: float = 0.2, validation_fraction: float = 0.1) -> dict:
+    """Seeded patient-level split: {patient: "train" | "validation" | "test"}."""
+    order = sorted(set(patients))
+    order = [order[i] for i in np.random.default_rng(seed).permutation(len(order))]
+    n_test = int(round(len(order) * test_fraction))
+    n_validation = int(round((len(order) - n_test) * validation_fraction))
+    return {p: "test" if i < n_test else "validation" if i < n_test + n_validation else "train" for i, p in enumerate(order)}
+
+
+def build_dataset(scans, load_volume: Callable = dicom_volume, geometry: str = "paper", seed: int = 0,
+                  crop_origins: dict[frozenset, tuple[int, int]] | None = None, crop_mm: float = 64.0, resolution: int = 128,
+                  test_fraction: float = 0.2, validation_fraction: float = 0.1) -> tuple[DatasetDict, dict]:
+    """Samples of every nodule of `scans` (pylidc Scan objects) as a DatasetDict, and a report of skipped scans.
+
+    `crop_origins` maps a nodule's set of annotation ids to a recorded crop origin (else the consensus centre).
+    """
+    rows, failed = [], {}
+    for scan in tqdm(scans, desc="scans"):
+        try:
+            volume = load_volume(scan)
+        except Exception as error:  # one unreadable scan must not end a run over 1,018
+            failed[scan.patient_id + "/" + scan.series_instance_uid] = f"{type(error).__name__}: {error}"
+            tqdm.write(f"skipped {scan.patient_id}: {type(error).__name__}: {error}")
+            continue
+        for nodule_idx, annotations in enumerate(scan.cluster_annotations()):
+            nodule_id = f"{scan.patient_id[-4:]}_{nodule_idx}"
+            origin = (crop_origins or {}).get(frozenset(a.id for a in annotations))
+            for sample in nodule_samples(volume, annotations, geometry, origin, crop_mm, resolution):
+                sample.update(patient_id=scan.patient_id, nodule_id=nodule_id)
+                rows.append(sample)
+    assignment = split_patients([r["patient_id"] for r in rows], seed, test_fraction, validation_fraction)
+    splits = {}
+    for split in ("train", "validation", "test"):
+        chosen = [r for r in rows if assignment[r["patient_id"]] == split]
+        if not chosen:  # e.g. no validation patients in a small run; an empty split has no arrays to type
+            continue
+        prompts = [slice_prompts(r["ratings"], r["annotator_valid"]) for r in chosen]
+        size = chosen[0]["image"].shape[-1]
+        splits[split] = Dataset.from_dict({
+            "image": [r["image"] for r in chosen], "masks": [r["masks"] for r in chosen],
+            "annotator_valid": [r["annotator_valid"].tolist() for r in chosen], "ratings": [r["ratings"] for r in chosen],
+            "prompts": [p[0] for p in prompts], "nodule_prompt": [p[1] for p in prompts],
+            "patient_id": [r["patient_id"] for r in chosen], "nodule_id": [r["nodule_id"] for r in chosen],
+            "slice": [r["slice"] for r in chosen],
+        }, features=lidc64_features(size))
+    return DatasetDict(splits), {"failed_scans": failed, "samples": len(rows), "patients": len(assignment)}
+
+
+def save_atomically(dataset: DatasetDict, report: dict, output_dir: str) -> None:
+    output = Path(output_dir)
+    tmp = output.parent / f".{output.name}.partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    dataset.save_to_disk(str(tmp))
+    (tmp / "prepare_report.json").write_text(json.dumps(report, indent=2))
+    shutil.rmtree(output, ignore_errors=True)
+    os.replace(tmp, output)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dicom_dir", required=True, help="LIDC-IDRI root holding LIDC-IDRI-dddd folders")
+    parser.add_argument("--output_dir", required=True)
+    parser.add_argument("--geometry", default="paper", choices=["paper", "lidc64"])
+    parser.add_argument("--crop_mm", type=float, default=64.0, help="paper geometry: crop side in mm before resizing")
+    parser.add_argument("--resolution", type=int, default=128)
+    parser.add_argument("--crop_origins", default=None, help="lidc64_nodules.json: reuse its crop origins")
+    parser.add_argument("--patients", nargs="*", default=None, help="only these patient ids (default: all 1,018 scans)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--test_fraction", type=float, default=0.2)
+    parser.add_argument("--validation_fraction", type=float, default=0.1)
+    parser.add_argument("--push_to_hub", default=None, metavar="REPO_ID")
+    args = parser.parse_args(argv)
+
+    pl = _pylidc()
+    use_dicom_dir(args.dicom_dir)
+    scans = pl.query(pl.Scan)
+    if args.patients:
+        scans = scans.filter(pl.Scan.patient_id.in_(args.patients))
+    origins = None
+    if args.crop_origins:
+        recorded = json.loads(Path(args.crop_origins).read_text()).values()
+        origins = {frozenset(v["annotation_ids"]): tuple(v["crop_origin_rc"]) for v in recorded}
+    dataset, report = build_dataset(scans.all(), geometry=args.geometry, seed=args.seed, crop_origins=origins,
+                                    crop_mm=args.crop_mm, resolution=args.resolution, test_fraction=args.test_fraction,
+                                    validation_fraction=args.validation_fraction)
+    save_atomically(dataset, report, args.output_dir)
+    print({k: len(v) for k, v in dataset.items()}, f"{len(report['failed_scans'])} scans skipped")
+    if args.push_to_hub:
+        dataset.push_to_hub(args.push_to_hub)
+
+
+if __name__ == "__main__":
+    main()
