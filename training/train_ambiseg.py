@@ -63,7 +63,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--hub_model_id", default=None)
     parser.add_argument("--stop_after_steps", type=int, default=None,
                         help="exit without saving once this many steps ran in this process (simulates a kill; tests)")
-    parser.add_argument("--save_fp16", action="store_true", help="save the final UNet / prior weights in fp16")
+    parser.add_argument("--save_fp16", action="store_true", help="store the final weights in fp16 (half the size)")
     add_config_arguments(parser)
     return parser.parse_args(argv)
 
@@ -217,13 +217,12 @@ def main(argv=None) -> Path:
 
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        final = ema_copies()
-        if args.save_fp16:
-            final = [m.to(torch.float16) for m in final]
-        pipeline = make_pipeline(final)
-        pipeline.save_pretrained(output_dir)
         if validation is not None and not metrics:
             metrics = validate(config.max_train_steps)
+        pipeline = make_pipeline(ema_copies())
+        if args.save_fp16:
+            pipeline.to(torch.float16)  # storage only: from_pretrained loads float32 by default
+        pipeline.save_pretrained(output_dir)
         write_model_card(str(output_dir), "ambiseg.md", card_values(config, args, metrics, len(dataset)))
         if args.push_to_hub:
             from huggingface_hub import upload_folder, create_repo
