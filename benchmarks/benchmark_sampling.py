@@ -23,7 +23,7 @@ import torch
 from ambiseg_diffusers import AmbiSegPipeline
 from ambiseg_diffusers.lidc import eval_prompts, load_lidc64
 from ambiseg_diffusers.metrics import compute_metrics_batch
-from ambiseg_diffusers.training_utils import build_sampling_scheduler
+from ambiseg_diffusers.training_utils import build_sampling_scheduler, sample_rows
 
 
 def timed(fn, repeats: int = 1):
@@ -48,16 +48,16 @@ def sample(pipe, rows, indices, n, steps, separate=False, images_per_call=1, bf1
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         for start in range(0, len(indices), images_per_call):
             chunk = list(range(start, min(start + images_per_call, len(indices))))
-            images = np.stack([np.asarray(rows["image"][i], np.float32) for i in chunk])
-            prompts = [eval_prompts({k: rows[k][i] for k in rows}, "annotator") for i in chunk]
-            if separate:
+            part = {k: [rows[k][i] for i in chunk] for k in rows}
+            if separate:  # sample s of image i is its own call (seeded (i, s)) with prompt s round-robin
+                images = np.stack([np.asarray(x, np.float32) for x in part["image"]])
+                prompts = [eval_prompts({k: part[k][j] for k in part}, "annotator") for j in range(len(chunk))]
                 masks = [pipe(images, [[p[s % len(p)]] for p in prompts], num_samples=1, num_inference_steps=steps,
                               generator=[torch.Generator().manual_seed(1000 * indices[i] + s) for i in chunk]).masks
                          for s in range(n)]
                 out.append(np.concatenate(masks, axis=1))
             else:
-                out.append(pipe(images, prompts, num_samples=n, num_inference_steps=steps,
-                                generator=[torch.Generator().manual_seed(indices[i]) for i in chunk]).masks)
+                out.append(sample_rows(pipe, part, [indices[i] for i in chunk], n, "annotator", 0, steps))
     return np.concatenate(out)
 
 

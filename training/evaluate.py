@@ -23,9 +23,8 @@ from accelerate import PartialState
 from tqdm.auto import tqdm
 
 from ambiseg_diffusers import AmbiSegPipeline
-from ambiseg_diffusers.lidc import eval_prompts
 from ambiseg_diffusers.metrics import METRIC_NAMES, compute_metrics_batch, format_table, summarize
-from ambiseg_diffusers.training_utils import build_sampling_scheduler, load_training_dataset
+from ambiseg_diffusers.training_utils import build_sampling_scheduler, load_training_dataset, sample_rows
 from ambiseg_diffusers.visualization import sample_grid
 
 N_SWEEP = (1, 2, 4, 8, 12, 16, 24, 32)
@@ -64,21 +63,10 @@ def load_pipeline(args) -> AmbiSegPipeline:
 
 
 def sample_images(pipe, rows: dict, args, indices: list[int]) -> np.ndarray:
-    """`(B, N, H, W)` bool samples for a dict-of-lists chunk of dataset rows (their dataset `indices`).
-
-    Image `i` always uses the generator seeded `seed + i`, so its samples do not depend on batching or on resuming.
-    """
-    count = len(rows["image"])
-    examples = [{k: rows[k][i] for k in rows} for i in range(count)]
-    prompts = [eval_prompts(e, args.prompts) if "prompts" in e else [""] for e in examples]
-    generators = [torch.Generator().manual_seed(args.seed + i) for i in indices]
-    n = 1 if args.deterministic else args.num_samples
+    """`(B, N, H, W)` bool samples for a chunk of dataset rows, with this run's options."""
     with torch.autocast("cuda" if torch.cuda.is_available() else "cpu", dtype=torch.bfloat16, enabled=args.bf16):
-        out = pipe(np.stack([np.asarray(e["image"], np.float32) for e in examples]), prompts, num_samples=n,
-                   num_inference_steps=args.steps, generator=generators, guidance_scale=args.guidance_scale,
-                   prior_temperature=0.0 if args.deterministic else 1.0)
-    masks = out.masks
-    return np.repeat(masks, args.num_samples, axis=1) if args.deterministic else masks
+        return sample_rows(pipe, rows, indices, args.num_samples, args.prompts, args.seed, args.steps,
+                           deterministic=args.deterministic, guidance_scale=args.guidance_scale)
 
 
 def image_record(index: int, row: dict, samples: np.ndarray) -> dict:

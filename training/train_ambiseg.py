@@ -14,7 +14,7 @@ import argparse
 import copy
 import json
 import logging
-import math
+import resource
 import time
 from pathlib import Path
 
@@ -159,7 +159,7 @@ def main(argv=None) -> Path:
 
     progress = tqdm(range(first_step, config.max_train_steps), initial=first_step, total=config.max_train_steps,
                     disable=not accelerator.is_local_main_process, desc="train")
-    started, ran, metrics = time.time(), 0, {}
+    started, ran, metrics, warm = time.time(), 0, {}, None
     for step in range(first_step, config.max_train_steps):
         for model in trainable:
             model.train()
@@ -203,6 +203,8 @@ def main(argv=None) -> Path:
             accelerator.log(logs, step=done)
             progress.update()
             progress.set_postfix(loss=f"{logs['loss']:.4f}", kl=f"{logs.get('kl', 0):.2f}", s_per_step=f"{(time.time() - started) / ran:.2f}")
+            if ran == 3:
+                warm = time.time()  # the first steps pay for allocation (and compilation)
 
             if accelerator.is_main_process and done % args.checkpointing_steps == 0:
                 prune_checkpoints(str(output_dir), args.checkpoints_total_limit)
@@ -211,9 +213,11 @@ def main(argv=None) -> Path:
                 metrics = validate(done)
             if args.stop_after_steps == ran:
                 logger.info(f"stopping after {ran} steps (--stop_after_steps)")
+                log_throughput(ran, warm if ran > 3 else None, accelerator)
                 accelerator.end_training()
                 return output_dir
     progress.close()
+    log_throughput(ran, warm if ran > 3 else None, accelerator)
 
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
@@ -231,6 +235,15 @@ def main(argv=None) -> Path:
             upload_folder(repo_id=repo_id, folder_path=str(output_dir), ignore_patterns=["checkpoint-*", "logs/*"])
     accelerator.end_training()
     return output_dir
+
+
+def log_throughput(ran: int, warm: float | None, accelerator) -> None:
+    """One line for benchmarks/benchmark_training.py: steady-state seconds per step and peak memory."""
+    per_step = (time.time() - warm) / (ran - 3) if warm else float("nan")
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if torch.cuda.is_available():
+        peak = torch.cuda.max_memory_allocated() / 2**20
+    logger.info(f"THROUGHPUT steps={ran} s_per_step={per_step:.3f} peak_memory_mib={peak:.0f} device={accelerator.device}")
 
 
 def card_values(config: AmbiSegTrainingConfig, args, metrics: dict, num_rows: int) -> dict:

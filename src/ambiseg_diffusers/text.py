@@ -38,9 +38,11 @@ class PromptCache:
     """Memoises `encode_prompts` per distinct prompt: the text encoder is frozen, so training encodes each of the
     few hundred LIDC prompts once instead of once per step."""
 
-    def __init__(self, tokenizer, text_encoder):
+    def __init__(self, tokenizer, text_encoder, pad_to_multiple_of: int = 64):
         self.tokenizer = tokenizer
         self.text_encoder = text_encoder
+        # Few distinct sequence lengths keep `torch.compile` from recompiling for every batch.
+        self.pad_to_multiple_of = pad_to_multiple_of
         self._cache: dict[str, torch.Tensor] = {}
 
     def __call__(self, prompts: list[str], device=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -51,6 +53,7 @@ class PromptCache:
                 self._cache[prompt] = hidden[i, : int(mask[i].sum())].cpu()
         states = [self._cache[p] for p in prompts]
         length = max(s.shape[0] for s in states)
+        length = -(-length // self.pad_to_multiple_of) * self.pad_to_multiple_of
         hidden = torch.zeros(len(prompts), length, states[0].shape[-1])
         mask = torch.zeros(len(prompts), length, dtype=torch.long)
         for i, s in enumerate(states):

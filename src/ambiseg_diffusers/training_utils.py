@@ -142,32 +142,46 @@ def training_batch(dataset, indices: list[int], config: AmbiSegTrainingConfig, g
 
 
 # ----------------------------------------------------------------------------------------------- evaluation
+def sample_rows(
+    pipeline, rows: dict, indices: list[int], num_samples: int = 16, prompts: str = "annotator", seed: int = 0,
+    num_inference_steps: int | None = None, deterministic: bool = False, **call_kwargs,
+) -> np.ndarray:
+    """Samples for a dict-of-lists chunk of dataset `rows` (at dataset positions `indices`): `(B, N, H, W)` bool.
+
+    Image `i` always uses a generator seeded `seed + i`, so its samples do not depend on batching or resuming.
+    `deterministic`: the baseline of one sample at the prior mean, repeated `num_samples` times.
+    """
+    count = len(rows["image"])
+    examples = [{k: rows[k][i] for k in rows} for i in range(count)]
+    prompt_lists = [eval_prompts(e, prompts) if "prompts" in e else [""] for e in examples]
+    out = pipeline(
+        np.stack([np.asarray(e["image"], np.float32) for e in examples]), prompt_lists,
+        num_samples=1 if deterministic else num_samples, num_inference_steps=num_inference_steps,
+        generator=[torch.Generator().manual_seed(seed + i) for i in indices],
+        **({"prior_temperature": 0.0} if deterministic else {}), **call_kwargs,
+    )
+    return np.repeat(out.masks, num_samples, axis=1) if deterministic else out.masks
+
+
 def evaluate_pipeline(
     pipeline, dataset, num_samples: int = 16, num_inference_steps: int | None = None, prompts: str = "annotator",
     seed: int = 0, images_per_call: int = 4, max_images: int | None = None, **call_kwargs,
 ) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """Samples `num_samples` masks for each row and scores them against all the rater masks.
+    """Samples `num_samples` masks for each row (see `sample_rows`) and scores them against all the rater masks.
 
-    One generator per image (seeded `seed + row`) makes each image's samples independent of batching.
     Returns per-image metrics `{name: (B,)}` and the samples `(B, N, H, W)` bool.
     """
-    rows = len(dataset) if max_images is None else min(max_images, len(dataset))
+    total = len(dataset) if max_images is None else min(max_images, len(dataset))
     per_image: dict[str, list] = {}
     all_samples = []
-    for start in range(0, rows, images_per_call):
-        chunk = dataset[start : min(start + images_per_call, rows)]
-        count = len(chunk["image"])
-        examples = [{k: chunk[k][i] for k in chunk} for i in range(count)]
-        prompt_lists = [eval_prompts(e, prompts) if "prompts" in e else [""] for e in examples]
-        generators = [torch.Generator().manual_seed(seed + start + i) for i in range(count)]
-        out = pipeline(
-            np.stack([np.asarray(e["image"], np.float32) for e in examples]), prompt_lists, num_samples=num_samples,
-            num_inference_steps=num_inference_steps, generator=generators, **call_kwargs,
-        )
-        annotations = np.stack([np.asarray(e["masks"]) for e in examples]).astype(bool)
-        for key, values in compute_metrics_batch(out.masks, annotations).items():
+    for start in range(0, total, images_per_call):
+        indices = list(range(start, min(start + images_per_call, total)))
+        rows = dataset[indices]
+        masks = sample_rows(pipeline, rows, indices, num_samples, prompts, seed, num_inference_steps, **call_kwargs)
+        annotations = np.stack([np.asarray(m) for m in rows["masks"]]).astype(bool)
+        for key, values in compute_metrics_batch(masks, annotations).items():
             per_image.setdefault(key, []).extend(values.tolist())
-        all_samples.append(out.masks)
+        all_samples.append(masks)
     return {k: np.asarray(v) for k, v in per_image.items()}, np.concatenate(all_samples)
 
 
