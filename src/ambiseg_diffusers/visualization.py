@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import PIL.Image
+import PIL.ImageDraw
 
 
 def _to_uint8(array: np.ndarray) -> np.ndarray:
@@ -47,4 +48,17 @@ def sample_grid(
     width = max(r.shape[1] for r in rows)
     rows = [np.pad(r, ((0, 2), (0, width - r.shape[1]), (0, 0)), constant_values=255) for r in rows]
     picture = PIL.Image.fromarray(np.concatenate(rows, axis=0))
-    return picture.resize((picture.width * scale, picture.height * scale), PIL.Image.NEAREST)
+    picture = picture.resize((picture.width * scale, picture.height * scale), PIL.Image.NEAREST)
+    return _with_header(picture, images.shape[-1] * scale, 2 * scale, annotations.shape[1], min(samples.shape[1], max_samples))
+
+
+def _with_header(picture: PIL.Image.Image, tile: int, gap: int, raters: int, samples: int) -> PIL.Image.Image:
+    """Column labels above the grid, so the picture reads without a caption."""
+    labels = [(0, "image"), (1, f"{raters} raters"), (1 + raters, f"{samples} samples"),
+              (1 + raters + samples, "mean"), (2 + raters + samples, "majority"), (3 + raters + samples, "variance")]
+    out = PIL.Image.new("RGB", (picture.width, picture.height + 14), "white")
+    out.paste(picture, (0, 14))
+    draw = PIL.ImageDraw.Draw(out)
+    for column, text in labels:
+        draw.text((column * (tile + gap) + 2, 1), text, fill=(0, 0, 0))
+    return out
