@@ -39,7 +39,6 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    torch.set_grad_enabled(False)
     pipe = AmbiSegPipeline.from_pretrained(args.reference, dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
     dataset = load_training_dataset(args.dataset, args.split, args.data_dir)

@@ -37,7 +37,6 @@ def main(argv=None) -> dict:
     parser.add_argument("--output_dir", required=True)
     args = parser.parse_args(argv)
 
-    torch.set_grad_enabled(False)
     base = AmbiSegPipeline.from_pretrained(args.model)
     base.set_progress_bar_config(disable=True)
     dataset = load_training_dataset(args.dataset, args.split, args.data_dir)
