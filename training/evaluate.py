@@ -44,6 +44,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--deterministic", action="store_true",
                         help="baseline: z at the prior mean and one sample repeated num_samples times")
     parser.add_argument("--guidance_scale", type=float, default=1.0)
+    parser.add_argument("--prior_temperature", type=float, default=1.0, help="scale of the prior's std (0 = its mean)")
     parser.add_argument("--preference_scale", type=float, default=None,
                         help="TDG-DiffDPO checkpoints: 0 = reference ... 1 = aligned (default 1)")
     parser.add_argument("--max_images", type=int, default=None)
@@ -70,6 +71,7 @@ def sample_images(pipe, rows: dict, args, indices: list[int]) -> np.ndarray:
     with torch.autocast("cuda" if torch.cuda.is_available() else "cpu", dtype=torch.bfloat16, enabled=args.bf16):
         return sample_rows(pipe, rows, indices, args.num_samples, args.prompts, args.seed, args.steps,
                            deterministic=args.deterministic, guidance_scale=args.guidance_scale,
+                           **({} if args.deterministic else {"prior_temperature": args.prior_temperature}),
                            **({} if args.preference_scale is None else {"preference_scale": args.preference_scale}))
 
 
