@@ -13,15 +13,12 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import logging
 import resource
 import time
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import ProjectConfiguration, set_seed
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
@@ -32,9 +29,10 @@ from ambiseg_diffusers.losses import ambiseg_loss, diffusion_target
 from ambiseg_diffusers.metrics import TABLE_COLUMNS
 from ambiseg_diffusers.text import PromptCache
 from ambiseg_diffusers.training_utils import (
-    add_config_arguments, batch_indices, build_models, build_noise_scheduler, build_sampling_scheduler,
-    checkpoint_step, config_from_args, config_json, load_text_components, load_training_dataset, log_validation,
-    prune_checkpoints, resume_path, step_generator, training_batch, validation_report, write_model_card,
+    add_config_arguments, add_run_arguments, batch_indices, build_models, build_noise_scheduler,
+    build_sampling_scheduler, checkpoint_step, config_from_args, config_json, load_text_components,
+    load_training_dataset, log_validation, push_run, resume_path, save_checkpoint, start_run, step_generator,
+    training_batch, validation_report, write_model_card,
 )
 
 logger = get_logger(__name__)
@@ -42,28 +40,11 @@ logger = get_logger(__name__)
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dataset", default="lidc64", help="'lidc64' or a folder saved with Dataset.save_to_disk")
-    parser.add_argument("--data_dir", default=None, help="folder holding lidc64/ (default: $AMBISEG_DATA_DIR, ../shared/data)")
     parser.add_argument("--train_split", default="train")
-    parser.add_argument("--validation_split", default="mini")
-    parser.add_argument("--output_dir", required=True)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--gradient_accumulation_steps", type=int, default=1)
     parser.add_argument("--gradient_checkpointing", action="store_true")
     parser.add_argument("--torch_compile", action="store_true")
-    parser.add_argument("--mixed_precision", default=None, choices=["no", "fp16", "bf16"])
-    parser.add_argument("--checkpointing_steps", type=int, default=500)
-    parser.add_argument("--checkpoints_total_limit", type=int, default=2)
-    parser.add_argument("--resume_from_checkpoint", default=None, help="a checkpoint-N folder or 'latest'")
-    parser.add_argument("--validation_steps", type=int, default=500)
-    parser.add_argument("--num_validation_images", type=int, default=8)
-    parser.add_argument("--num_validation_samples", type=int, default=16)
-    parser.add_argument("--report_to", default="tensorboard")
-    parser.add_argument("--push_to_hub", action="store_true")
-    parser.add_argument("--hub_model_id", default=None)
-    parser.add_argument("--stop_after_steps", type=int, default=None,
-                        help="exit without saving once this many steps ran in this process (simulates a kill; tests)")
     parser.add_argument("--save_fp16", action="store_true", help="store the final weights in fp16 (half the size)")
+    add_run_arguments(parser, validation_steps=500, checkpointing_steps=500)
     add_config_arguments(parser)
     return parser.parse_args(argv)
 
@@ -72,17 +53,7 @@ def main(argv=None) -> Path:
     args = parse_args(argv)
     config: AmbiSegTrainingConfig = config_from_args(args)
     output_dir = Path(args.output_dir)
-    accelerator = Accelerator(
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        mixed_precision=args.mixed_precision,
-        log_with=args.report_to if args.report_to != "none" else None,
-        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
-    )
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    set_seed(args.seed)
-    if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / "training_config.json").write_text(config_json(config))
+    accelerator = start_run(args, config, "training_config.json")
 
     # Components. The text encoder is frozen: each distinct prompt is encoded once and cached.
     tokenizer, text_encoder = load_text_components(config.text_encoder)
@@ -207,8 +178,7 @@ def main(argv=None) -> Path:
                 warm = time.time()  # the first steps pay for allocation (and compilation)
 
             if accelerator.is_main_process and done % args.checkpointing_steps == 0:
-                prune_checkpoints(str(output_dir), args.checkpoints_total_limit)
-                accelerator.save_state(str(output_dir / f"checkpoint-{done}"))
+                save_checkpoint(accelerator, args, done)
             if validation is not None and accelerator.is_main_process and done % args.validation_steps == 0:
                 metrics = validate(done)
             if args.stop_after_steps == ran:
@@ -229,10 +199,7 @@ def main(argv=None) -> Path:
         pipeline.save_pretrained(output_dir)
         write_model_card(str(output_dir), "ambiseg.md", card_values(config, args, metrics, len(dataset)))
         if args.push_to_hub:
-            from huggingface_hub import upload_folder, create_repo
-
-            repo_id = create_repo(args.hub_model_id or output_dir.name, exist_ok=True).repo_id
-            upload_folder(repo_id=repo_id, folder_path=str(output_dir), ignore_patterns=["checkpoint-*", "logs/*"])
+            push_run(args)
     accelerator.end_training()
     return output_dir
 

@@ -24,17 +24,14 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import logging
 import os
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import ProjectConfiguration, set_seed
-from datasets import load_from_disk
+from datasets import load_dataset, load_from_disk
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
@@ -47,8 +44,9 @@ from ambiseg_diffusers.losses import diffusion_dpo_loss, predicted_noise
 from ambiseg_diffusers.pipelines.pipeline_ambiseg import PREFERENCE_ADAPTER, PREFERENCE_FILE
 from ambiseg_diffusers.text import PromptCache
 from ambiseg_diffusers.training_utils import (
-    add_config_arguments, batch_indices, checkpoint_step, config_from_args, config_json, load_training_dataset,
-    log_validation, prune_checkpoints, resume_path, step_generator, validation_report, write_model_card,
+    add_config_arguments, add_run_arguments, batch_indices, checkpoint_step, config_from_args, config_json,
+    load_training_dataset, log_validation, push_run, resume_path, save_checkpoint, start_run, step_generator,
+    validation_report, write_model_card,
 )
 
 logger = get_logger(__name__)
@@ -58,32 +56,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--reference", required=True, help="the pretrained AmbiSeg pipeline (folder or Hub id)")
     parser.add_argument("--preferences", required=True, help="folder written by build_preferences.py (or a Hub dataset)")
-    parser.add_argument("--output_dir", required=True)
-    parser.add_argument("--dataset", default="lidc64", help="for validation")
-    parser.add_argument("--data_dir", default=None)
-    parser.add_argument("--validation_split", default="mini")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--mixed_precision", default=None, choices=["no", "fp16", "bf16"])
-    parser.add_argument("--gradient_accumulation_steps", type=int, default=1)
-    parser.add_argument("--checkpointing_steps", type=int, default=50)
-    parser.add_argument("--checkpoints_total_limit", type=int, default=2)
-    parser.add_argument("--resume_from_checkpoint", default=None)
-    parser.add_argument("--validation_steps", type=int, default=0, help="0 = only at the end")
-    parser.add_argument("--num_validation_images", type=int, default=8)
-    parser.add_argument("--num_validation_samples", type=int, default=16)
-    parser.add_argument("--report_to", default="tensorboard")
-    parser.add_argument("--push_to_hub", action="store_true")
-    parser.add_argument("--hub_model_id", default=None)
-    parser.add_argument("--stop_after_steps", type=int, default=None, help="exit without saving (simulates a kill)")
+    add_run_arguments(parser, validation_steps=0, checkpointing_steps=50)
     add_config_arguments(parser, DPO_CONFIGS)
     return parser.parse_args(argv)
 
 
 def load_preferences(name: str):
-    return load_from_disk(name) if os.path.isdir(name) else __import__("datasets").load_dataset(name, split="train")
+    """A folder written by build_preferences.py, or a Hub dataset id."""
+    return load_from_disk(name) if os.path.isdir(name) else load_dataset(name, split="train")
 
 
-def pair_batch(pairs, indices, config: DPOTrainingConfig, generator) -> dict:
+def pair_batch(pairs, indices, image_clip: float, generator) -> dict:
     """Augmented pairs: image `(B, 1, H, W)` in [-1, 1], winner/loser `(B, 1, H, W)` in {-1, 1}, prompts."""
     rows = pairs[indices]
     images, winners, losers = [], [], []
@@ -94,7 +77,7 @@ def pair_batch(pairs, indices, config: DPOTrainingConfig, generator) -> dict:
         images.append(image)
         winners.append(masks[:1])
         losers.append(masks[1:])
-    return {"pixel_values": normalize_image(torch.stack(images), config.image_clip),
+    return {"pixel_values": normalize_image(torch.stack(images), image_clip),
             "winner": masks_to_model_range(torch.stack(winners)), "loser": masks_to_model_range(torch.stack(losers)),
             "prompts": list(rows["prompt"])}
 
@@ -103,16 +86,7 @@ def main(argv=None) -> Path:
     args = parse_args(argv)
     config: DPOTrainingConfig = config_from_args(args, DPO_CONFIGS)
     output_dir = Path(args.output_dir)
-    accelerator = Accelerator(
-        gradient_accumulation_steps=args.gradient_accumulation_steps, mixed_precision=args.mixed_precision,
-        log_with=args.report_to if args.report_to != "none" else None,
-        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
-    )
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    set_seed(args.seed)
-    if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / "dpo_config.json").write_text(config_json(config))
+    accelerator = start_run(args, config, "dpo_config.json")
 
     reference = AmbiSegPipeline.from_pretrained(args.reference, dtype=torch.float32)
     noise_scheduler = reference.scheduler
@@ -195,7 +169,8 @@ def main(argv=None) -> Path:
     for step in range(first_step, max_steps):
         unet.train()
         generator = step_generator(args.seed, step, accelerator.process_index)
-        batch = pair_batch(pairs, batch_indices(len(pairs), config.train_batch_size, args.seed, step), config, generator)
+        rows = batch_indices(len(pairs), config.train_batch_size, args.seed, step)
+        batch = pair_batch(pairs, rows, reference.config.image_clip, generator)
         images = batch["pixel_values"].to(accelerator.device)
         masks = torch.cat([batch["winner"], batch["loser"]]).to(accelerator.device)  # winners first, then losers
         size = images.shape[0]
@@ -231,8 +206,7 @@ def main(argv=None) -> Path:
             progress.set_postfix(loss=f"{logs['loss']:.4f}", acc=f"{logs['implicit_accuracy']:.2f}",
                                  s_per_step=f"{(time.time() - started) / ran:.2f}")
             if accelerator.is_main_process and done % args.checkpointing_steps == 0:
-                prune_checkpoints(str(output_dir), args.checkpoints_total_limit)
-                accelerator.save_state(str(output_dir / f"checkpoint-{done}"))
+                save_checkpoint(accelerator, args, done)
             if args.validation_steps and accelerator.is_main_process and done % args.validation_steps == 0:
                 metrics = validate(done)
             if args.stop_after_steps == ran:
@@ -251,10 +225,7 @@ def main(argv=None) -> Path:
             "metrics": json.dumps({k: round(v, 4) for k, v in metrics.items()}, indent=2),
         })
         if args.push_to_hub:
-            from huggingface_hub import create_repo, upload_folder
-
-            repo_id = create_repo(args.hub_model_id or output_dir.name, exist_ok=True).repo_id
-            upload_folder(repo_id=repo_id, folder_path=str(output_dir), ignore_patterns=["checkpoint-*", "logs/*"])
+            push_run(args)
     accelerator.end_training()
     return output_dir
 

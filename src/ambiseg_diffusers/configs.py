@@ -6,8 +6,17 @@ from __future__ import annotations
 from dataclasses import dataclass, fields, replace
 
 
+class _Recipe:
+    def override(self, **changes):
+        """A copy with the given fields changed (`None` values are ignored: flags the user did not pass)."""
+        unknown = set(changes) - {f.name for f in fields(self)}
+        if unknown:
+            raise ValueError(f"unknown config fields {sorted(unknown)}")
+        return replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+
 @dataclass
-class AmbiSegTrainingConfig:
+class AmbiSegTrainingConfig(_Recipe):
     # Model
     unet_preset: str = "cpu"  # see models.unet_ambiseg.UNET_PRESETS
     resolution: int = 64
@@ -38,12 +47,6 @@ class AmbiSegTrainingConfig:
     sampling_steps: int = 20
     image_clip: float = 3.0
 
-    def override(self, **changes) -> "AmbiSegTrainingConfig":
-        unknown = set(changes) - {f.name for f in fields(self)}
-        if unknown:
-            raise ValueError(f"unknown config fields {sorted(unknown)}")
-        return replace(self, **{k: v for k, v in changes.items() if v is not None})
-
 
 CONFIGS: dict[str, AmbiSegTrainingConfig] = {
     # A few thousand steps at batch 32 fit in an hour or two on 2 CPU cores (bf16). x0-prediction: see
@@ -61,7 +64,7 @@ CONFIGS: dict[str, AmbiSegTrainingConfig] = {
 
 
 @dataclass
-class DPOTrainingConfig:
+class DPOTrainingConfig(_Recipe):
     beta: float = 5000.0  # multiplies delta directly (see losses.diffusion_dpo_loss)
     learning_rate: float = 5e-7
     lr_scheduler: str = "constant"
@@ -73,13 +76,6 @@ class DPOTrainingConfig:
     ema_warmup: bool = False
     lora_rank: int = 0  # 0 = full fine-tune; > 0 = peft LoRA on the UNet's attention and ResNet projections
     lora_alpha: int = 0  # 0 = same as the rank
-    image_clip: float = 3.0
-
-    def override(self, **changes) -> "DPOTrainingConfig":
-        unknown = set(changes) - {f.name for f in fields(self)}
-        if unknown:
-            raise ValueError(f"unknown config fields {sorted(unknown)}")
-        return replace(self, **{k: v for k, v in changes.items() if v is not None})
 
 
 DPO_CONFIGS: dict[str, DPOTrainingConfig] = {

@@ -251,3 +251,61 @@ def config_json(config) -> str:
 
 def env_int(name: str, default: int) -> int:
     return int(os.environ.get(name, default))
+
+
+# ----------------------------------------------------------------------------------------------- run plumbing
+def add_run_arguments(parser: argparse.ArgumentParser, validation_steps: int, checkpointing_steps: int) -> None:
+    """The flags every training script shares: output, seed, precision, checkpoints, validation, tracking, Hub."""
+    parser.add_argument("--output_dir", required=True)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--mixed_precision", default=None, choices=["no", "fp16", "bf16"])
+    parser.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    parser.add_argument("--checkpointing_steps", type=int, default=checkpointing_steps)
+    parser.add_argument("--checkpoints_total_limit", type=int, default=2)
+    parser.add_argument("--resume_from_checkpoint", default=None, help="a checkpoint-N folder or 'latest'")
+    parser.add_argument("--dataset", default="lidc64", help="'lidc64' or a folder saved with Dataset.save_to_disk")
+    parser.add_argument("--data_dir", default=None, help="folder holding lidc64/ (default: $AMBISEG_DATA_DIR, ../shared/data)")
+    parser.add_argument("--validation_split", default="mini")
+    parser.add_argument("--validation_steps", type=int, default=validation_steps, help="0 = only at the end")
+    parser.add_argument("--num_validation_images", type=int, default=8)
+    parser.add_argument("--num_validation_samples", type=int, default=16)
+    parser.add_argument("--report_to", default="tensorboard")
+    parser.add_argument("--push_to_hub", action="store_true")
+    parser.add_argument("--hub_model_id", default=None)
+    parser.add_argument("--stop_after_steps", type=int, default=None,
+                        help="exit without saving once this many steps ran in this process (simulates a kill; tests)")
+
+
+def start_run(args: argparse.Namespace, config, config_file: str):
+    """The Accelerator (DDP, mixed precision, trackers' folder), logging, the seed, and the recipe saved beside
+    the run."""
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration, set_seed
+
+    output_dir = Path(args.output_dir)
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps, mixed_precision=args.mixed_precision,
+        log_with=args.report_to if args.report_to != "none" else None,
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
+    )
+    import logging
+
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    set_seed(args.seed)
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / config_file).write_text(config_json(config))
+    return accelerator
+
+
+def save_checkpoint(accelerator, args: argparse.Namespace, step: int) -> None:
+    prune_checkpoints(args.output_dir, args.checkpoints_total_limit)
+    accelerator.save_state(str(Path(args.output_dir) / f"checkpoint-{step}"))
+
+
+def push_run(args: argparse.Namespace) -> None:
+    """Uploads the finished run folder (pipeline or adapter, model card; no checkpoints or logs) to the Hub."""
+    from huggingface_hub import create_repo, upload_folder
+
+    repo_id = create_repo(args.hub_model_id or Path(args.output_dir).name, exist_ok=True).repo_id
+    upload_folder(repo_id=repo_id, folder_path=args.output_dir, ignore_patterns=["checkpoint-*", "logs/*"])
