@@ -31,7 +31,7 @@ from ambiseg_diffusers.text import PromptCache
 from ambiseg_diffusers.training_utils import (
     add_config_arguments, add_run_arguments, batch_indices, build_models, build_noise_scheduler,
     build_sampling_scheduler, checkpoint_step, config_from_args, config_json, load_text_components,
-    load_training_dataset, log_validation, push_run, resume_path, save_checkpoint, start_run, step_generator,
+    load_training_dataset, log_validation, optimizer_step, push_run, resume_path, save_checkpoint, start_run, step_generator,
     training_batch, validation_report, write_model_card,
 )
 
@@ -158,12 +158,7 @@ def main(argv=None) -> Path:
             ).sample
             target = diffusion_target(noise_scheduler, clean, noise, timesteps)
             loss, parts = ambiseg_loss(prediction, target, posterior_dist, prior_dist, config.kl_weight)
-            accelerator.backward(loss)
-            if accelerator.sync_gradients:
-                accelerator.clip_grad_norm_(params, config.max_grad_norm)
-            optimizer.step()
-            lr_scheduler.step()
-            optimizer.zero_grad()
+            optimizer_step(accelerator, loss, params, optimizer, lr_scheduler, config.max_grad_norm)
 
         if accelerator.sync_gradients:
             for model, ema in zip(trainable, ema_models):

@@ -45,7 +45,7 @@ from ambiseg_diffusers.pipelines.pipeline_ambiseg import PREFERENCE_ADAPTER, PRE
 from ambiseg_diffusers.text import PromptCache
 from ambiseg_diffusers.training_utils import (
     add_config_arguments, add_run_arguments, batch_indices, checkpoint_step, config_from_args, config_json,
-    load_training_dataset, log_validation, push_run, resume_path, save_checkpoint, start_run, step_generator,
+    load_training_dataset, log_validation, optimizer_step, push_run, resume_path, save_checkpoint, start_run, step_generator,
     validation_report, write_model_card,
 )
 
@@ -189,12 +189,7 @@ def main(argv=None) -> Path:
             policy = errors(unet, *inputs)
             ref = reference_errors(*inputs)
             loss, logs = diffusion_dpo_loss(policy[:size], policy[size:], ref[:size], ref[size:], beta=config.beta)
-            accelerator.backward(loss)
-            if accelerator.sync_gradients:
-                accelerator.clip_grad_norm_(params, config.max_grad_norm)
-            optimizer.step()
-            lr_scheduler.step()
-            optimizer.zero_grad()
+            optimizer_step(accelerator, loss, params, optimizer, lr_scheduler, config.max_grad_norm)
 
         if accelerator.sync_gradients:
             if ema is not None:

@@ -309,3 +309,13 @@ def push_run(args: argparse.Namespace) -> None:
 
     repo_id = create_repo(args.hub_model_id or Path(args.output_dir).name, exist_ok=True).repo_id
     upload_folder(repo_id=repo_id, folder_path=args.output_dir, ignore_patterns=["checkpoint-*", "logs/*"])
+
+
+def optimizer_step(accelerator, loss, params, optimizer, lr_scheduler, max_grad_norm: float) -> None:
+    """Backward, clip (when gradients sync), step the optimizer and the lr schedule, clear gradients."""
+    accelerator.backward(loss)
+    if accelerator.sync_gradients:
+        accelerator.clip_grad_norm_(params, max_grad_norm)
+    optimizer.step()
+    lr_scheduler.step()
+    optimizer.zero_grad()
