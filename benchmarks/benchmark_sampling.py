@@ -128,7 +128,7 @@ def main() -> None:
     quality = {
         "1. DDIM-100": sample(paper, rows, indices, n, 100, images_per_call=4, bf16=True),
         f"2. default ({default_steps} steps)": sample(pipe, rows, indices, n, None, images_per_call=4),
-        f"2b. default, bf16": sample(pipe, rows, indices, n, None, images_per_call=4, bf16=True),
+        "2b. default, bf16": sample(pipe, rows, indices, n, None, images_per_call=4, bf16=True),
     }
     if not args.skip_ddpm:
         quality["DDPM-1000"] = sample(with_scheduler(pipe, "ddpm"), rows, indices, n, 1000, images_per_call=4, bf16=True)

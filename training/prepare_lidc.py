@@ -131,10 +131,10 @@ def build_dataset(scans, load_volume: Callable = dicom_volume, geometry: str = "
             failed[scan.patient_id + "/" + scan.series_instance_uid] = f"{type(error).__name__}: {error}"
             tqdm.write(f"skipped {scan.patient_id}: {type(error).__name__}: {error}")
             continue
-        for nodule_idx, annotations in enumerate(scan.cluster_annotations()):
+        for nodule_idx, cluster in enumerate(scan.cluster_annotations()):
             nodule_id = f"{scan.patient_id[-4:]}_{nodule_idx}"
-            origin = (crop_origins or {}).get(frozenset(a.id for a in annotations))
-            for sample in nodule_samples(volume, annotations, geometry, origin, crop_mm, resolution):
+            origin = (crop_origins or {}).get(frozenset(a.id for a in cluster))
+            for sample in nodule_samples(volume, cluster, geometry, origin, crop_mm, resolution):
                 sample.update(patient_id=scan.patient_id, nodule_id=nodule_id)
                 rows.append(sample)
     assignment = split_patients([r["patient_id"] for r in rows], seed, test_fraction, validation_fraction)

@@ -31,8 +31,8 @@ from ambiseg_diffusers.text import PromptCache
 from ambiseg_diffusers.training_utils import (
     add_config_arguments, add_run_arguments, batch_indices, build_models, build_noise_scheduler,
     build_sampling_scheduler, checkpoint_step, config_from_args, config_json, load_text_components,
-    load_training_dataset, log_validation, optimizer_step, push_run, resume_path, save_checkpoint, start_run, step_generator,
-    training_batch, validation_report, write_model_card,
+    load_training_dataset, log_validation, optimizer_step, push_run, resume_path, save_checkpoint, start_run,
+    step_generator, training_batch, validation_report, write_model_card,
 )
 
 logger = get_logger(__name__)

@@ -45,8 +45,8 @@ from ambiseg_diffusers.pipelines.pipeline_ambiseg import PREFERENCE_ADAPTER, PRE
 from ambiseg_diffusers.text import PromptCache
 from ambiseg_diffusers.training_utils import (
     add_config_arguments, add_run_arguments, batch_indices, checkpoint_step, config_from_args, config_json,
-    load_training_dataset, log_validation, optimizer_step, push_run, resume_path, save_checkpoint, start_run, step_generator,
-    validation_report, write_model_card,
+    load_training_dataset, log_validation, optimizer_step, push_run, resume_path, save_checkpoint, start_run,
+    step_generator, validation_report, write_model_card,
 )
 
 logger = get_logger(__name__)

@@ -12,7 +12,7 @@ Prompt protocol (documented here because results depend on it):
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np

@@ -21,7 +21,7 @@ from transformers import AutoModel, AutoTokenizer
 from .configs import CONFIGS, AmbiSegTrainingConfig
 from .image_processing import masks_to_model_range, normalize_image
 from .lidc import augment, eval_prompts, load_lidc64
-from .metrics import compute_metrics_batch, summarize
+from .metrics import compute_metrics_batch
 from .models import AmbiguityEncoder, AmbiSegUNet
 from .text import resolve_text_encoder
 from .visualization import sample_grid
