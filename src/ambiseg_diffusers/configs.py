@@ -82,5 +82,5 @@ DPO_CONFIGS: dict[str, DPOTrainingConfig] = {
     # The paper's recipe: constant lr 5e-7, 3 epochs, beta 5000, EMA 0.9999 (full fine-tune).
     "paper": DPOTrainingConfig(),
     # A LoRA run that moves the model within minutes on 2 CPU cores (a few hundred pairs): higher lr, no EMA lag.
-    "cpu": DPOTrainingConfig(learning_rate=1e-4, num_epochs=3, ema_decay=0.0, lora_rank=8, train_batch_size=8),
+    "cpu": DPOTrainingConfig(learning_rate=5e-4, num_epochs=3, ema_decay=0.0, lora_rank=8, train_batch_size=8),
 }
