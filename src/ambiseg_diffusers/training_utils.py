@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import shutil
 from dataclasses import asdict, fields
@@ -247,10 +246,6 @@ def write_model_card(output_dir: str, template: str, values: dict) -> Path:
 
 def config_json(config) -> str:
     return json.dumps(asdict(config), indent=2)
-
-
-def env_int(name: str, default: int) -> int:
-    return int(os.environ.get(name, default))
 
 
 # ----------------------------------------------------------------------------------------------- run plumbing
