@@ -317,9 +317,13 @@ class AmbiSegPipeline(DiffusionPipeline):
         # 2. One ambiguity latent per sample, from the prior.
         row_z = None
         if self.unet.latent_dim:
-            prior = self.prior(row_images, text_states[row_prompt], text_mask[row_prompt])
-            noise = randn_tensor(prior.mean.shape, generator=row_generator, device=device, dtype=prior.mean.dtype)
-            row_z = prior.mean + prior_temperature * prior.std * noise
+            # The prior depends only on (image, prompt): evaluate it once per distinct pair, not once per sample.
+            row_pair = torch.arange(batch, device=device).repeat_interleave(num_samples) * len(unique) + row_prompt
+            pairs, pair_of_row = torch.unique(row_pair, return_inverse=True)
+            prior = self.prior(images[pairs // len(unique)], text_states[pairs % len(unique)], text_mask[pairs % len(unique)])
+            mean, std = prior.mean[pair_of_row], prior.std[pair_of_row]
+            noise = randn_tensor(mean.shape, generator=row_generator, device=device, dtype=mean.dtype)
+            row_z = mean + prior_temperature * std * noise
 
         # 3. Initial noise for every row at once, so results do not depend on `batch_size`.
         shape = (rows, self.unet.mask_channels, height, width)
