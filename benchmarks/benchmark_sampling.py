@@ -23,7 +23,7 @@ import torch
 from ambiseg_diffusers import AmbiSegPipeline
 from ambiseg_diffusers.lidc import eval_prompts, load_lidc64
 from ambiseg_diffusers.metrics import compute_metrics_batch
-from ambiseg_diffusers.training_utils import build_sampling_scheduler, sample_rows
+from ambiseg_diffusers.evaluation import build_sampling_scheduler, sample_rows
 
 
 def timed(fn, repeats: int = 1):

@@ -18,7 +18,7 @@ import torch
 from ambiseg_diffusers import AmbiSegPipeline
 from ambiseg_diffusers.lidc import load_lidc64
 from ambiseg_diffusers.metrics import format_table, summarize
-from ambiseg_diffusers.training_utils import evaluate_pipeline
+from ambiseg_diffusers.evaluation import evaluate_pipeline
 from ambiseg_diffusers.visualization import sample_grid
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -7,7 +7,7 @@ import torch
 
 from ambiseg_diffusers import AmbiSegPipeline
 
-from test_lidc import needs_data
+from conftest import needs_data
 
 CHECKPOINTS = Path(__file__).resolve().parents[1] / "checkpoints"
 

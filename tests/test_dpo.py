@@ -15,9 +15,8 @@ from ambiseg_diffusers.losses import diffusion_dpo_loss, predicted_noise
 from ambiseg_diffusers.preferences import build_preferences, pick_pair, score_candidates, select_rows
 
 from conftest import make_pipeline
-from test_lidc import needs_data
+from conftest import needs_data
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "training"))
 
 
 def test_dpo_loss_matches_hand_computation():

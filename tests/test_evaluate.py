@@ -4,11 +4,10 @@ import json
 import sys
 from pathlib import Path
 
-from test_lidc import needs_data
+from conftest import needs_data
 
 from conftest import make_pipeline
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "training"))
 
 
 @needs_data

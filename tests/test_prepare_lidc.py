@@ -11,11 +11,10 @@ import pytest
 
 from ambiseg_diffusers.lidc import resolve_data_dir
 
-from test_lidc import needs_data
+from conftest import needs_data
 
 warnings.filterwarnings("ignore", category=DeprecationWarning)
 pl = pytest.importorskip("pylidc")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "training"))
 import prepare_lidc  # noqa: E402
 
 

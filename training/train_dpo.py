@@ -1,22 +1,25 @@
 #!/usr/bin/env python
 """TDG-DiffDPO: Diffusion-DPO fine-tuning of an AmbiSeg reference on Dice-ranked preference pairs.
 
-    python training/build_preferences.py --reference checkpoints/ambiseg-lidc64 --output_dir runs/prefs-md
+    python scripts/build_preferences.py --reference checkpoints/ambiseg-lidc64 --output_dir runs/prefs-md
     accelerate launch training/train_dpo.py --reference checkpoints/ambiseg-lidc64 --preferences runs/prefs-md \\
         --config cpu --output_dir runs/tdg-diffdpo
 
 The policy starts from the reference; the reference stays frozen. With `--lora_rank > 0` the policy is a peft LoRA
 adapter on the reference UNet and the reference is the same UNet with the adapter disabled (no second copy in
-memory); the result is saved as the adapter plus a pointer to the reference folder, and the pipeline's
-`preference_scale` moves between reference (0) and aligned model (1).
+memory); the result is saved in diffusers' LoRA format (`pytorch_lora_weights.safetensors`) with `preference.json`
+naming the reference (`--base_model_id` on the Hub, and its folder relative to the output for checkouts), and the
+pipeline's `preference_scale` moves between reference (0) and aligned model (1). With `--lora_rank 0` the whole UNet
+is fine-tuned against a frozen copy and the result is a complete pipeline.
 
 The ambiguity latent: each mask of a pair is denoised with the posterior mean z of *that* mask, q(z | image, prompt,
 mask), and policy and reference share it. z is the pretraining's "which annotation" code: given it, the denoising
 error measures how well each model reconstructs that very mask, exactly the quantity pretraining optimised, and the
 comparison isolates the UNets (the prior and posterior are frozen).
 
-Errors are measured in epsilon space whatever the model predicts (x0 errors are weighted by SNR(t), which is exact),
-so beta = 5000 means what the paper means.
+Errors are measured in epsilon space whatever the model predicts (x0 errors are weighted by SNR(t), which is exact).
+The pairs of a global batch are split over the processes; the frozen reference runs under the same autocast as the
+policy, so at step 0 policy and reference errors are equal and the loss is log 2.
 """
 
 from __future__ import annotations
@@ -24,13 +27,17 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import logging
 import os
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
+from accelerate import Accelerator
 from accelerate.logging import get_logger
+from accelerate.utils import ProjectConfiguration, set_seed
 from datasets import load_dataset, load_from_disk
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
@@ -38,27 +45,73 @@ from tqdm.auto import tqdm
 
 from ambiseg_diffusers import AmbiSegPipeline
 from ambiseg_diffusers.configs import DPO_CONFIGS, DPOTrainingConfig
+from ambiseg_diffusers.evaluation import cpu_only, validation_report
+from ambiseg_diffusers.hub_utils import model_card, push_folder_to_hub
 from ambiseg_diffusers.image_processing import masks_to_model_range, normalize_image
-from ambiseg_diffusers.lidc import augment
+from ambiseg_diffusers.lidc import augment, load_split
 from ambiseg_diffusers.losses import diffusion_dpo_loss, predicted_noise
-from ambiseg_diffusers.pipelines.pipeline_ambiseg import PREFERENCE_ADAPTER, PREFERENCE_FILE
+from ambiseg_diffusers.pipelines.pipeline_ambiseg import ADAPTER_FILE, LORA_WEIGHT_NAME, PREFERENCE_ADAPTER
 from ambiseg_diffusers.text import PromptCache
 from ambiseg_diffusers.training_utils import (
-    add_config_arguments, add_run_arguments, batch_indices, checkpoint_step, config_from_args, config_json,
-    load_training_dataset, log_validation, optimizer_step, push_run, resume_path, save_checkpoint, start_run,
-    step_generator, validation_report, write_model_card,
+    batch_indices, checkpoint_step, load_ema, log_validation, recipe_from_args, resume_checkpoint, save_checkpoint,
+    save_ema, shard, step_generator, str2bool,
 )
 
 logger = get_logger(__name__)
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2", "time_emb_proj"]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--reference", required=True, help="the pretrained AmbiSeg pipeline (folder or Hub id)")
-    parser.add_argument("--preferences", required=True, help="folder written by build_preferences.py (or a Hub dataset)")
-    add_run_arguments(parser, validation_steps=0, checkpointing_steps=50)
-    add_config_arguments(parser, DPO_CONFIGS)
-    return parser.parse_args(argv)
+    data = parser.add_argument_group("data")
+    data.add_argument("--reference", required=True, help="the pretrained AmbiSeg pipeline (folder or Hub id)")
+    data.add_argument("--base_model_id", default=None,
+                      help="Hub id of the reference, written into preference.json and the card (default: --reference "
+                           "when it is a Hub id)")
+    data.add_argument("--preferences", required=True, help="folder written by scripts/build_preferences.py, or a Hub dataset")
+    data.add_argument("--dataset", default="lidc64", help="validation data: 'lidc64' or a save_to_disk folder")
+    data.add_argument("--data_dir", default=None, help="the lidc64 folder or the folder above it")
+    data.add_argument("--validation_split", default="mini", help="split the validation samples")
+
+    recipe = parser.add_argument_group("recipe (default: the --config preset's value)")
+    recipe.add_argument("--config", default="cpu", choices=sorted(DPO_CONFIGS), help="named recipe from configs.py")
+    recipe.add_argument("--beta", type=float, help="DPO beta, multiplying the error difference directly")
+    recipe.add_argument("--learning_rate", type=float, help="AdamW learning rate")
+    recipe.add_argument("--lr_scheduler", choices=["constant", "linear", "cosine"], help="diffusers get_scheduler name")
+    recipe.add_argument("--num_epochs", type=int, help="passes over the pairs (sets the step count)")
+    recipe.add_argument("--max_train_steps", type=int,
+                        help="optimizer steps; overrides --num_epochs (default: epochs x pairs / batch)")
+    recipe.add_argument("--train_batch_size", type=int, help="preference pairs per step (global, split over processes)")
+    recipe.add_argument("--max_grad_norm", type=float, help="gradient clipping norm")
+    recipe.add_argument("--adam_weight_decay", type=float, help="AdamW weight decay")
+    recipe.add_argument("--ema_decay", type=float, help="EMA decay of the trained weights; 0 = no EMA")
+    recipe.add_argument("--ema_warmup", type=str2bool, metavar="{true,false}",
+                        help="diffusers EMAModel warm-up")
+    recipe.add_argument("--lora_rank", type=int, help="0 = full fine-tune; > 0 = LoRA of this rank")
+    recipe.add_argument("--lora_alpha", type=int, help="LoRA alpha; 0 = the rank")
+
+    run = parser.add_argument_group("run")
+    run.add_argument("--output_dir", required=True, help="run folder: checkpoints, logs, the adapter or pipeline")
+    run.add_argument("--seed", type=int, default=0, help="seed of every random choice")
+    run.add_argument("--mixed_precision", default=None, choices=["no", "fp16", "bf16"],
+                     help="autocast precision of policy and reference (default: accelerate's config)")
+    run.add_argument("--checkpointing_steps", type=int, default=50, help="save a resumable checkpoint every N steps")
+    run.add_argument("--checkpoints_total_limit", type=int, default=2, help="keep at most this many checkpoints")
+    run.add_argument("--resume_from_checkpoint", default=None,
+                     help="a checkpoint-N folder, or 'latest' (the newest complete one in --output_dir)")
+    run.add_argument("--validation_steps", type=int, default=0, help="validate every N steps (0 = only at the end)")
+    run.add_argument("--num_validation_images", type=int, default=8, help="images validated (0 = no validation)")
+    run.add_argument("--num_validation_samples", type=int, default=16, help="samples per validation image")
+    run.add_argument("--report_to", default="tensorboard", choices=["tensorboard", "wandb", "none"], help="tracker")
+    run.add_argument("--push_to_hub", action="store_true", help="upload the adapter (or pipeline) and its card")
+    run.add_argument("--hub_model_id", default=None, help="Hub repo (default: the output folder's name)")
+    run.add_argument("--hub_token", default=None, help="Hub token (default: the logged-in one)")
+    run.add_argument("--stop_after_steps", type=int, default=None,
+                     help="stop without the final save after N steps in this process (simulates a kill; tests)")
+    args = parser.parse_args(argv)
+    if args.checkpointing_steps < 1:
+        parser.error("--checkpointing_steps must be >= 1")
+    return args
 
 
 def load_preferences(name: str):
@@ -82,13 +135,50 @@ def pair_batch(pairs, indices, image_clip: float, generator) -> dict:
             "prompts": list(rows["prompt"])}
 
 
+def denoising_errors(unet, inputs: dict, noise_scheduler) -> torch.Tensor:
+    """Per-row epsilon-space MSE `(2B,)` of `unet` on the stacked winner and loser rows."""
+    output = unet(inputs["model_input"], inputs["timesteps"], encoder_hidden_states=inputs["text"],
+                  encoder_attention_mask=inputs["text_mask"], class_labels=inputs["z"]).sample
+    eps = predicted_noise(noise_scheduler, output.float(), inputs["noisy"], inputs["timesteps"])
+    return ((eps - inputs["noise"]) ** 2).mean(dim=(1, 2, 3))
+
+
+def pair_inputs(batch, posterior, encode, noise_scheduler, generator, device) -> dict:
+    """Winner and loser rows noised with the same noise and timestep, with each mask's posterior-mean z."""
+    size = batch["pixel_values"].shape[0]
+    images = batch["pixel_values"].to(device).repeat(2, 1, 1, 1)
+    masks = torch.cat([batch["winner"], batch["loser"]]).to(device)  # winners first, then losers
+    text, text_mask = encode(batch["prompts"], device)
+    text, text_mask = text.repeat(2, 1, 1), text_mask.repeat(2, 1)
+    noise = torch.randn(batch["winner"].shape, generator=generator).repeat(2, 1, 1, 1).to(device)
+    timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (size,), generator=generator)
+    timesteps = timesteps.repeat(2).to(device)
+    z = None
+    if posterior is not None:
+        with torch.no_grad():
+            z = posterior(torch.cat([images, masks], 1), text, text_mask).mean
+    noisy = noise_scheduler.add_noise(masks, noise, timesteps)
+    return {"model_input": torch.cat([images, noisy], 1), "timesteps": timesteps, "text": text, "text_mask": text_mask,
+            "z": z, "noisy": noisy, "noise": noise}
+
+
 def main(argv=None) -> Path:
     args = parse_args(argv)
-    config: DPOTrainingConfig = config_from_args(args, DPO_CONFIGS)
+    config: DPOTrainingConfig = recipe_from_args(args, DPO_CONFIGS)
     output_dir = Path(args.output_dir)
-    accelerator = start_run(args, config, "dpo_config.json")
+    accelerator = Accelerator(
+        mixed_precision=args.mixed_precision, log_with=None if args.report_to == "none" else args.report_to,
+        cpu=cpu_only(), project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
+    )
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    set_seed(args.seed)
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "dpo_config.json").write_text(json.dumps(asdict(config), indent=2))
 
-    reference = AmbiSegPipeline.from_pretrained(args.reference, dtype=torch.float32)
+    # Every frozen module the steps, validation and saving touch lives on the accelerator's device.
+    reference = AmbiSegPipeline.from_pretrained(args.reference, dtype=torch.float32).to(accelerator.device)
+    reference.set_progress_bar_config(disable=True)
     noise_scheduler = reference.scheduler
     encode = PromptCache(reference.tokenizer, reference.text_encoder)
     posterior = reference.posterior.requires_grad_(False).eval() if reference.posterior is not None else None
@@ -97,10 +187,9 @@ def main(argv=None) -> Path:
         from peft import LoraConfig
 
         unet.requires_grad_(False)
-        unet.add_adapter(LoraConfig(
-            r=config.lora_rank, lora_alpha=config.lora_alpha or config.lora_rank, init_lora_weights="gaussian",
-            target_modules=["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2", "time_emb_proj"],
-        ), adapter_name=PREFERENCE_ADAPTER)
+        unet.add_adapter(LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha or config.lora_rank,
+                                    init_lora_weights="gaussian", target_modules=LORA_TARGETS),
+                         adapter_name=PREFERENCE_ADAPTER)
         reference_unet = None  # the same UNet with the adapter disabled
     else:
         reference_unet = copy.deepcopy(unet).requires_grad_(False).eval()
@@ -108,56 +197,58 @@ def main(argv=None) -> Path:
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.adam_weight_decay)
 
     pairs = load_preferences(args.preferences)
-    steps_per_epoch = max(len(pairs) // config.train_batch_size, 1)
-    max_steps = steps_per_epoch * config.num_epochs
-    lr_scheduler = get_scheduler(config.lr_scheduler, optimizer, num_training_steps=max_steps)
+    max_steps = config.max_train_steps or max(len(pairs) // config.train_batch_size, 1) * config.num_epochs
+    # accelerate steps a prepared scheduler once per process per optimizer step.
+    lr_scheduler = get_scheduler(config.lr_scheduler, optimizer, num_training_steps=max_steps * accelerator.num_processes)
     ema = EMAModel(params, decay=config.ema_decay, use_ema_warmup=config.ema_warmup) if config.ema_decay > 0 else None
     unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
     if ema is not None:
-        accelerator.register_for_checkpointing(ema)
-    validation = load_training_dataset(args.dataset, args.validation_split, args.data_dir)
+        ema.to(accelerator.device)
+        accelerator.register_save_state_pre_hook(lambda models, weights, folder: save_ema(ema, folder))
+        accelerator.register_load_state_pre_hook(lambda models, folder: load_ema(ema, folder))
+    validation = load_split(args.dataset, args.validation_split, args.data_dir) if args.num_validation_images else None
 
     first_step = 0
-    checkpoint = resume_path(str(output_dir), args.resume_from_checkpoint)
+    checkpoint = resume_checkpoint(output_dir, args.resume_from_checkpoint)
     if checkpoint:
-        accelerator.load_state(checkpoint)
+        accelerator.load_state(str(checkpoint))
         first_step = checkpoint_step(checkpoint)
+        logger.info(f"resumed from {checkpoint} at step {first_step}")
     if accelerator.is_main_process:
-        accelerator.init_trackers("tdg-diffdpo", config=json.loads(config_json(config)))
-    logger.info(f"{len(pairs)} pairs, {max_steps} steps ({config.num_epochs} epochs of batch {config.train_batch_size})")
+        accelerator.init_trackers("tdg-diffdpo", config=asdict(config))
+    logger.info(f"{len(pairs)} pairs, {max_steps} steps of batch {config.train_batch_size} on "
+                f"{accelerator.num_processes} process(es)")
 
-    def errors(model, inputs, timesteps, text, text_mask, z, noisy, noise):
-        """Per-row epsilon-space MSE `(2B,)` of `model` on the stacked winner and loser rows."""
-        output = model(inputs, timesteps, encoder_hidden_states=text, encoder_attention_mask=text_mask, class_labels=z).sample
-        eps = predicted_noise(noise_scheduler, output.float(), noisy, timesteps)
-        return ((eps - noise) ** 2).mean(dim=(1, 2, 3))
-
-    def reference_errors(*inputs):
-        with torch.no_grad():
+    def reference_errors(inputs: dict) -> torch.Tensor:
+        with torch.no_grad(), accelerator.autocast():
             if reference_unet is not None:
-                return errors(reference_unet, *inputs)
+                return denoising_errors(reference_unet, inputs, noise_scheduler)
             model = accelerator.unwrap_model(unet)
             model.disable_adapters()
             try:
-                return errors(model, *inputs)
+                return denoising_errors(model, inputs, noise_scheduler)
             finally:
                 model.enable_adapters()
 
     def aligned_pipeline() -> AmbiSegPipeline:
-        model = accelerator.unwrap_model(unet)
-        if ema is not None:
-            ema.store(params)
-            ema.copy_to(params)
-        pipe = AmbiSegPipeline(**{**reference.components, "unet": model}, image_clip=reference.config.image_clip,
+        """The reference's components with the policy UNet (carrying the EMA weights while validating)."""
+        pipe = AmbiSegPipeline(**{**reference.components, "unet": accelerator.unwrap_model(unet)},
+                               image_clip=reference.config.image_clip,
                                default_num_inference_steps=reference.config.default_num_inference_steps)
         pipe.set_progress_bar_config(disable=True)
         return pipe
 
     def validate(step: int) -> dict:
-        pipe = aligned_pipeline()
-        metrics, grid = validation_report(pipe, validation, args.num_validation_images, args.num_validation_samples, seed=args.seed)
         if ema is not None:
-            ema.restore(params)
+            ema.store(params)
+            ema.copy_to(params)
+        try:
+            with accelerator.autocast():
+                metrics, grid = validation_report(aligned_pipeline(), validation, args.num_validation_images,
+                                                  args.num_validation_samples, seed=args.seed)
+        finally:
+            if ema is not None:
+                ema.restore(params)
         log_validation(accelerator, metrics, grid, step)
         grid.save(output_dir / f"validation-{step:06d}.png")
         logger.info("validation step %d: %s", step, {k: round(v, 4) for k, v in metrics.items()})
@@ -169,72 +260,85 @@ def main(argv=None) -> Path:
     for step in range(first_step, max_steps):
         unet.train()
         generator = step_generator(args.seed, step, accelerator.process_index)
-        rows = batch_indices(len(pairs), config.train_batch_size, args.seed, step)
+        rows = shard(batch_indices(len(pairs), config.train_batch_size, args.seed, step), accelerator.process_index,
+                     accelerator.num_processes)
         batch = pair_batch(pairs, rows, reference.config.image_clip, generator)
-        images = batch["pixel_values"].to(accelerator.device)
-        masks = torch.cat([batch["winner"], batch["loser"]]).to(accelerator.device)  # winners first, then losers
-        size = images.shape[0]
-        text, text_mask = encode(batch["prompts"], accelerator.device)
-        text, text_mask, images2 = text.repeat(2, 1, 1), text_mask.repeat(2, 1), images.repeat(2, 1, 1, 1)
-        noise = torch.randn(batch["winner"].shape, generator=generator).repeat(2, 1, 1, 1).to(accelerator.device)
-        timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (size,), generator=generator).repeat(2).to(accelerator.device)
-        z = None
-        if posterior is not None:
-            with torch.no_grad():
-                z = posterior(torch.cat([images2, masks], 1), text, text_mask).mean
-        noisy = noise_scheduler.add_noise(masks, noise, timesteps)
-        inputs = (torch.cat([images2, noisy], 1), timesteps, text, text_mask, z, noisy, noise)
-
+        inputs = pair_inputs(batch, posterior, encode, noise_scheduler, generator, accelerator.device)
+        size = len(rows)
         with accelerator.accumulate(unet):
-            policy = errors(unet, *inputs)
-            ref = reference_errors(*inputs)
+            policy = denoising_errors(unet, inputs, noise_scheduler)
+            ref = reference_errors(inputs)
             loss, logs = diffusion_dpo_loss(policy[:size], policy[size:], ref[:size], ref[size:], beta=config.beta)
-            optimizer_step(accelerator, loss, params, optimizer, lr_scheduler, config.max_grad_norm)
+            accelerator.backward(loss)
+            if accelerator.sync_gradients:
+                accelerator.clip_grad_norm_(params, config.max_grad_norm)
+            optimizer.step()
+            lr_scheduler.step()
+            optimizer.zero_grad()
 
-        if accelerator.sync_gradients:
-            if ema is not None:
-                ema.step(params)
-            done, ran = step + 1, ran + 1
-            logs = {"loss": loss.item(), **{k: v.item() for k, v in logs.items()}}
-            accelerator.log(logs, step=done)
-            progress.update()
-            progress.set_postfix(loss=f"{logs['loss']:.4f}", acc=f"{logs['implicit_accuracy']:.2f}",
-                                 s_per_step=f"{(time.time() - started) / ran:.2f}")
-            if accelerator.is_main_process and done % args.checkpointing_steps == 0:
-                save_checkpoint(accelerator, args, done)
-            if args.validation_steps and accelerator.is_main_process and done % args.validation_steps == 0:
+        if ema is not None:
+            ema.step(params)
+        done, ran = step + 1, ran + 1
+        logs = {"loss": loss.item(), "lr": lr_scheduler.get_last_lr()[0], **{k: v.item() for k, v in logs.items()}}
+        accelerator.log(logs, step=done)
+        progress.update()
+        progress.set_postfix(loss=f"{logs['loss']:.4f}", acc=f"{logs['implicit_accuracy']:.2f}",
+                             s_per_step=f"{(time.time() - started) / ran:.2f}")
+        if accelerator.is_main_process and done % args.checkpointing_steps == 0:
+            save_checkpoint(accelerator, output_dir, done, args.checkpoints_total_limit)
+        if validation is not None and args.validation_steps and done % args.validation_steps == 0:
+            if accelerator.is_main_process:
                 metrics = validate(done)
-            if args.stop_after_steps == ran:
-                accelerator.end_training()
-                return output_dir
+            accelerator.wait_for_everyone()
+        if args.stop_after_steps == ran:
+            logger.info(f"stopping after {ran} steps (--stop_after_steps)")
+            accelerator.end_training()
+            return output_dir
     progress.close()
 
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        if not metrics:
+        if validation is not None and not metrics:
             metrics = validate(max_steps)
-        save_aligned(aligned_pipeline(), args, config, output_dir)
-        write_model_card(str(output_dir), "tdg-diffdpo.md", {
-            "reference": args.reference, "preferences": args.preferences, "num_pairs": len(pairs),
-            "config_json": config_json(config), "hub_model_id": args.hub_model_id or output_dir.name,
-            "metrics": json.dumps({k: round(v, 4) for k, v in metrics.items()}, indent=2),
-        })
+        if ema is not None:
+            ema.copy_to(params)
+        base_model_id = save_aligned(aligned_pipeline(), args, config, output_dir)
+        repo_id = args.hub_model_id or output_dir.name
+        model_card(
+            "tdg-diffdpo.md", repo_id, base_model=base_model_id, extra_tags=["tdg-diffdpo", "diffusion-dpo", "lora"],
+            preferences=args.preferences, num_pairs=len(pairs), config_json=json.dumps(asdict(config), indent=2),
+            metrics=json.dumps({k: round(v, 4) for k, v in metrics.items()}, indent=2),
+        ).save(output_dir / "README.md")
         if args.push_to_hub:
-            push_run(args)
+            push_folder_to_hub(output_dir, repo_id, token=args.hub_token)
     accelerator.end_training()
     return output_dir
 
 
-def save_aligned(pipe: AmbiSegPipeline, args, config: DPOTrainingConfig, output_dir: Path) -> None:
-    """LoRA: the adapter and a pointer to the reference (relative when both are folders). Full: the whole pipeline."""
-    if config.lora_rank > 0:
-        pipe.unet.save_lora_adapter(str(output_dir / "unet_lora"), adapter_name=PREFERENCE_ADAPTER)
-        reference = args.reference
-        if os.path.isdir(reference):
-            reference = os.path.relpath(os.path.abspath(reference), os.path.abspath(output_dir))
-        (output_dir / PREFERENCE_FILE).write_text(json.dumps({"reference": reference, "adapter": PREFERENCE_ADAPTER}, indent=2))
-    else:
-        pipe.save_pretrained(output_dir)
+def save_aligned(pipe: AmbiSegPipeline, args, config: DPOTrainingConfig, output_dir: Path) -> str | None:
+    """LoRA: the adapter in diffusers' format and `preference.json` naming the reference (its Hub id, and its folder
+    relative to the output for checkouts). Full fine-tune: the whole pipeline. Returns the reference's Hub id."""
+    from huggingface_hub.utils import validate_repo_id
+
+    base_model_id = args.base_model_id
+    if base_model_id is None and not os.path.isdir(args.reference):
+        validate_repo_id(args.reference)
+        base_model_id = args.reference
+    if config.lora_rank == 0:
+        pipe.to("cpu").save_pretrained(output_dir)
+        return base_model_id
+    from peft.utils import get_peft_model_state_dict
+
+    unet = pipe.unet
+    AmbiSegPipeline.save_lora_weights(
+        output_dir, unet_lora_layers=get_peft_model_state_dict(unet, adapter_name=PREFERENCE_ADAPTER),
+        weight_name=LORA_WEIGHT_NAME, unet_lora_adapter_metadata=unet.peft_config[PREFERENCE_ADAPTER].to_dict(),
+    )
+    info = {"adapter_name": PREFERENCE_ADAPTER, "base_model": base_model_id}
+    if os.path.isdir(args.reference):
+        info["base_model_path"] = os.path.relpath(os.path.abspath(args.reference), os.path.abspath(output_dir))
+    (output_dir / ADAPTER_FILE).write_text(json.dumps(info, indent=2))
+    return base_model_id
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
-"""Training recipes in one place: the paper's and one sized for a 2-core CPU. Every field is a CLI flag of the
-training scripts (`--config cpu --learning_rate 1e-4 ...`)."""
+"""Training recipes in one place: the paper's and one sized for a 2-core CPU. Each field has a flag of the same
+name in the training scripts, which overrides the named recipe (`--config cpu --learning_rate 1e-4 ...`)."""
 
 from __future__ import annotations
 
@@ -69,6 +69,7 @@ class DPOTrainingConfig(_Recipe):
     learning_rate: float = 5e-7
     lr_scheduler: str = "constant"
     num_epochs: int = 3
+    max_train_steps: int = 0  # > 0 overrides num_epochs
     train_batch_size: int = 8  # preference pairs per step
     max_grad_norm: float = 1.0
     adam_weight_decay: float = 0.0

@@ -19,7 +19,6 @@ import numpy as np
 import torch
 from datasets import Array2D, Array3D, Dataset, Features, Sequence as SequenceFeature, Value
 
-from .image_processing import normalize_image
 
 RATING_NAMES = (
     "subtlety", "internalStructure", "calcification", "sphericity", "margin",
@@ -120,25 +119,56 @@ LIDC64_SPLITS = {"train": ("train_a", "train_b"), "train_a": ("train_a",), "trai
                  "validate": ("validate",), "mini": ("mini",)}
 
 
+DATA_MARKERS = {"lidc64": "lidc64_*.npz", "cimd128": "cimd_lidc128_4rater.npz"}
+
+
+def _holds(folder: Path, name: str) -> bool:
+    return folder.is_dir() and any(folder.glob(DATA_MARKERS.get(name, "*")))
+
+
 def resolve_data_dir(data_dir: str | os.PathLike | None, name: str) -> Path:
-    """`data_dir`, else `$AMBISEG_DATA_DIR/<name>`, else `../shared/data/<name>` (from the working directory or this
-    checkout) when present."""
-    candidates = []
-    if data_dir is not None:
-        candidates.append(Path(data_dir))
-    else:
-        if os.environ.get("AMBISEG_DATA_DIR"):
-            candidates.append(Path(os.environ["AMBISEG_DATA_DIR"]) / name)
-        candidates.append(Path.cwd().parent / "shared" / "data" / name)
-        candidates.append(Path(__file__).resolve().parents[3] / "shared" / "data" / name)
-    for path in candidates:
-        if path.is_dir():
-            return path
+    """The folder holding the `name` data set ("lidc64" or "cimd128").
+
+    `data_dir` (else `$AMBISEG_DATA_DIR`) may be that folder itself or the folder above it; without either, the
+    default is `../shared/data/<name>` (from the working directory, then from this checkout). A `data_dir` or
+    `AMBISEG_DATA_DIR` that holds neither is an error, never a silent fall-back to another folder.
+    """
+    given, origin = (data_dir, "`data_dir`") if data_dir is not None else (os.environ.get("AMBISEG_DATA_DIR"), "AMBISEG_DATA_DIR")
+    if given:
+        for folder in (Path(given), Path(given) / name):
+            if _holds(folder, name):
+                return folder
+        raise FileNotFoundError(
+            f"{origin} = {str(given)!r} holds no {name} data ({DATA_MARKERS.get(name)}), neither itself nor in "
+            f"{name}/. Point it at the {name} folder or the folder above it. The crops come from LIDC-IDRI (TCIA, "
+            "CC BY 3.0); build your own from the DICOM scans with scripts/prepare_lidc.py."
+        )
+    candidates = [Path.cwd().parent / "shared" / "data" / name, Path(__file__).resolve().parents[3] / "shared" / "data" / name]
+    for folder in candidates:
+        if _holds(folder, name):
+            return folder
     raise FileNotFoundError(
         f"LIDC data folder {name!r} not found (looked in {[str(c) for c in candidates]}). Pass `data_dir`, or set "
-        f"AMBISEG_DATA_DIR to the folder holding {name}/. The crops come from LIDC-IDRI (TCIA, CC BY 3.0); "
-        "build your own from the DICOM scans with training/prepare_lidc.py."
+        f"AMBISEG_DATA_DIR to the {name} folder or the folder above it. The crops come from LIDC-IDRI (TCIA, "
+        "CC BY 3.0); build your own from the DICOM scans with scripts/prepare_lidc.py."
     )
+
+
+def load_split(dataset: str, split: str, data_dir: str | os.PathLike | None = None) -> Dataset:
+    """`dataset="lidc64"` (the shared crops, see `load_lidc64`) or a folder written by `Dataset(Dict).save_to_disk`
+    (e.g. by scripts/prepare_lidc.py), and one of its splits."""
+    if dataset == "lidc64":
+        return load_lidc64(split, data_dir)
+    from datasets import load_from_disk
+
+    if not os.path.isdir(dataset):
+        raise FileNotFoundError(f"`dataset` must be 'lidc64' or a folder saved with `save_to_disk`; {dataset!r} is neither.")
+    loaded = load_from_disk(dataset)
+    if not hasattr(loaded, "keys"):
+        return loaded
+    if split not in loaded:
+        raise ValueError(f"`split` {split!r} is not in {dataset!r}; it has {sorted(loaded)}.")
+    return loaded[split]
 
 
 def lidc64_features(size: int = 64, raters: int = 4) -> Features:
@@ -218,31 +248,3 @@ def augment(image: torch.Tensor, masks: torch.Tensor, generator: torch.Generator
     if flip:
         image, masks = image.flip(-1), masks.flip(-1)
     return image, masks
-
-
-def make_train_transform(resolution: int | None = None, image_clip: float = 3.0, random_augment: bool = True,
-                         seed: int | None = None):
-    """A `Dataset.set_transform` function: random flips / rotations (same for image and masks), optional resize to
-    `resolution` (bilinear for the image, nearest for masks) and the pipeline's image normalisation.
-
-    Adds `pixel_values` `(1, R, R)` in [-1, 1] and `mask_values` `(M, R, R)` float {0, 1}.
-    """
-    generator = torch.Generator().manual_seed(seed) if seed is not None else None
-
-    def transform(batch: dict) -> dict:
-        pixel_values, mask_values = [], []
-        for image, masks in zip(batch["image"], batch["masks"]):
-            image = torch.as_tensor(np.asarray(image), dtype=torch.float32)[None]
-            masks = torch.as_tensor(np.asarray(masks), dtype=torch.float32)
-            if random_augment:
-                image, masks = augment(image, masks, generator)
-            if resolution is not None and image.shape[-1] != resolution:
-                image = torch.nn.functional.interpolate(image[None], size=resolution, mode="bilinear", align_corners=False)[0]
-                masks = torch.nn.functional.interpolate(masks[None], size=resolution, mode="nearest")[0]
-            pixel_values.append(normalize_image(image[None], image_clip)[0])
-            mask_values.append(masks)
-        batch["pixel_values"] = pixel_values
-        batch["mask_values"] = mask_values
-        return batch
-
-    return transform

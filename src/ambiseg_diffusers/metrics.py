@@ -51,9 +51,24 @@ def _distinct_range(distance: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     return values.min(-1).values, values.max(-1).values
 
 
+def _binary(masks: torch.Tensor, name: str) -> torch.Tensor:
+    """bool masks from bool or {0, 1} input; anything else (probabilities, {-1, 1} masks, NaN) is refused rather
+    than silently thresholded at "non-zero"."""
+    if masks.dtype == torch.bool:
+        return masks
+    if masks.is_floating_point() and not torch.isfinite(masks).all():
+        raise ValueError(f"`{name}` contains NaN or inf; expected binary masks (bool or 0/1).")
+    if not ((masks == 0) | (masks == 1)).all():
+        values = torch.unique(masks)[:6].tolist()
+        raise ValueError(f"`{name}` must be binary masks (bool or 0/1), got values such as {values}; threshold "
+                         "probabilities first (e.g. `out.masks`, or `probabilities > 0.5`).")
+    return masks.bool()
+
+
 def compute_metrics_batch(samples, annotations) -> dict[str, np.ndarray]:
-    """Metrics for a batch of images: `samples` `(B, N, H, W)` and `annotations` `(B, M, H, W)`, bool/{0,1},
-    numpy or torch. Returns a dict of float64 arrays of shape `(B,)` keyed by `METRIC_NAMES`."""
+    """Metrics for a batch of images: `samples` `(B, N, H, W)` and `annotations` `(B, M, H, W)`, binary (bool or
+    0/1; anything else raises ValueError), numpy or torch. Returns a dict of float64 arrays of shape `(B,)` keyed by
+    `METRIC_NAMES`."""
     samples = torch.as_tensor(np.asarray(samples) if not torch.is_tensor(samples) else samples)
     annotations = torch.as_tensor(np.asarray(annotations) if not torch.is_tensor(annotations) else annotations)
     if samples.ndim != 4 or annotations.ndim != 4:
@@ -65,8 +80,8 @@ def compute_metrics_batch(samples, annotations) -> dict[str, np.ndarray]:
         raise ValueError(f"shape mismatch: `samples` {tuple(samples.shape)} vs `annotations` {tuple(annotations.shape)}.")
     if samples.shape[1] < 1 or annotations.shape[1] < 1:
         raise ValueError("need at least one sample and one annotation per image.")
-    s = samples.bool()
-    g = annotations.bool()
+    s = _binary(samples, "samples")
+    g = _binary(annotations, "annotations")
 
     dice_sg, iou_sg = pairwise_dice_iou(s, g)
     dice_ss, iou_ss = pairwise_dice_iou(s, s)
@@ -102,7 +117,7 @@ def compute_metrics_batch(samples, annotations) -> dict[str, np.ndarray]:
 
 
 def compute_metrics(samples, annotations) -> dict[str, float]:
-    """Metrics for one image: `samples` `(N, H, W)` and `annotations` `(M, H, W)`, bool/{0,1}, numpy or torch.
+    """Metrics for one image: `samples` `(N, H, W)` and `annotations` `(M, H, W)`, binary (bool or 0/1), numpy or torch.
 
     Returns floats keyed "ged", "ged_iou", "sc", "dmax", "da", "ci", "avg_dice", "avg_iou" (see module docstring).
     """

@@ -58,22 +58,35 @@ def select_rows(num_rows: int, fraction: float, seed: int) -> list[int]:
     return sorted(np.random.default_rng(seed).permutation(num_rows)[:count].tolist())
 
 
+def candidate_generator(seed: int, run: int, row: int) -> torch.Generator:
+    """The generator of one row's candidates in one sampling run: independent of chunking and of the other rows."""
+    return torch.Generator().manual_seed(int(np.random.default_rng([seed, run, row]).integers(2**63 - 1)))
+
+
 def build_preferences(
     pipeline, dataset, output_dir: str | os.PathLike, strategy: str = "mean_dice", num_candidates: int = 4,
     fraction: float = 0.25, seed: int = 0, images_per_call: int = 4, num_inference_steps: int | None = None,
+    source: dict | None = None, overwrite: bool = False,
 ) -> tuple[Dataset, dict]:
     """Samples `num_candidates` masks per selected row with the reference `pipeline`, picks winner and loser, and
     writes a `datasets.Dataset` to `output_dir` (atomically, at the end).
 
-    Resumable: each chunk of images is stored under `output_dir/parts/` as it finishes, and a rerun skips chunks
-    already there. The prompt of a row is one of its raters' prompts (seeded choice among the raters who read it).
+    Resumable: each chunk of images is stored in `.<output_dir>.parts/` beside it as it finishes, and a rerun with
+    the same arguments (these, the reference's weights and `source`, e.g. the dataset's name and split) skips chunks
+    already there; other arguments are refused (ValueError) unless `overwrite` starts over. The prompt of a row is
+    one of its raters' prompts (seeded choice among the raters who read it).
     Returns the dataset and a report {"images", "pairs", "ties", "strategy"}.
     """
+    from .run_records import check_resumable, pipeline_fingerprint
+
     if strategy not in STRATEGIES:
         raise ValueError(f"`strategy` must be one of {STRATEGIES}, got {strategy!r}.")
     output_dir = Path(output_dir)
     parts = output_dir.parent / f".{output_dir.name}.parts"
-    parts.mkdir(parents=True, exist_ok=True)
+    arguments = {"reference_sha256": pipeline_fingerprint(pipeline), "rows": len(dataset), "strategy": strategy,
+                 "num_candidates": num_candidates, "fraction": fraction, "seed": seed, "images_per_call": images_per_call,
+                 "num_inference_steps": num_inference_steps, **(source or {})}
+    check_resumable(parts, arguments, sorted(parts.glob("part-*.json")), overwrite)
     rows = select_rows(len(dataset), fraction, seed)
     runs = 2 if strategy == "stochastic_run" else 1
     chunks = [rows[i : i + images_per_call] for i in range(0, len(rows), images_per_call)]
@@ -83,15 +96,14 @@ def build_preferences(
         if part.exists():
             continue
         examples = dataset[chunk]
-        rng = np.random.default_rng([seed, *chunk])
         prompts = []
-        for valid, per_rater in zip(examples["annotator_valid"], examples["prompts"]):
+        for index, valid, per_rater in zip(chunk, examples["annotator_valid"], examples["prompts"]):
             readers = [p for p, v in zip(per_rater, valid) if v]
-            prompts.append(readers[int(rng.integers(len(readers)))])
+            prompts.append(readers[int(np.random.default_rng([seed, index]).integers(len(readers)))])
         images = np.stack([np.asarray(x, np.float32) for x in examples["image"]])
         candidates = np.concatenate([
             pipeline(images, prompts, num_samples=num_candidates, num_inference_steps=num_inference_steps,
-                     generator=[torch.Generator().manual_seed(seed + 7919 * run + i) for i in chunk]).masks
+                     generator=[candidate_generator(seed, run, i) for i in chunk]).masks
             for run in range(runs)
         ], axis=1)
         records = []
@@ -142,6 +154,7 @@ def _assemble(dataset, parts: Path, output_dir: Path, strategy: str) -> tuple[Da
     result.save_to_disk(str(tmp))
     report = {"strategy": strategy, "images": len(records), "pairs": len(pairs), "ties": len(records) - len(pairs)}
     (tmp / "preference_report.json").write_text(json.dumps(report, indent=2))
+    shutil.copy(parts / "run_arguments.json", tmp / "run_arguments.json")
     shutil.rmtree(output_dir, ignore_errors=True)
     os.replace(tmp, output_dir)
     shutil.rmtree(parts)

@@ -21,7 +21,8 @@ def encode_prompts(tokenizer, text_encoder, prompts: list[str], device=None) -> 
     device = device or text_encoder.device
     max_length = min(tokenizer.model_max_length, MAX_TOKENS)
     tokens = tokenizer(prompts, padding="longest", truncation=True, max_length=max_length, return_tensors="pt")
-    untruncated = tokenizer(prompts, padding=False, truncation=False)["input_ids"]
+    # verbose=False: this length check is ours, the tokenizer's own "too long" warning would only contradict it.
+    untruncated = tokenizer(prompts, padding=False, truncation=False, verbose=False)["input_ids"]
     too_long = [p for p, ids in zip(prompts, untruncated) if len(ids) > max_length]
     if too_long:
         logger.warning(
@@ -48,9 +49,11 @@ class PromptCache:
     def __call__(self, prompts: list[str], device=None) -> tuple[torch.Tensor, torch.Tensor]:
         missing = sorted({p for p in prompts if p not in self._cache})
         if missing:
-            hidden, mask = encode_prompts(self.tokenizer, self.text_encoder, missing, device="cpu")
+            # On the encoder's own device (the GPU in training); the cache itself lives on the CPU.
+            hidden, mask = encode_prompts(self.tokenizer, self.text_encoder, missing, device=self.text_encoder.device)
+            hidden, mask = hidden.cpu(), mask.cpu()
             for i, prompt in enumerate(missing):
-                self._cache[prompt] = hidden[i, : int(mask[i].sum())].cpu()
+                self._cache[prompt] = hidden[i, : int(mask[i].sum())]
         states = [self._cache[p] for p in prompts]
         length = max(s.shape[0] for s in states)
         length = -(-length // self.pad_to_multiple_of) * self.pad_to_multiple_of

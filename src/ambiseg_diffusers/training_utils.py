@@ -1,51 +1,50 @@
-"""Pieces shared by the training scripts (pretraining and DPO): component loading, deterministic batches,
-validation, checkpoint bookkeeping and model cards."""
+"""Pure helpers of the training scripts (`training/train_ambiseg.py`, `training/train_dpo.py`): flag parsing, component
+building, deterministic batches, crash-safe checkpoints and the EMA in safetensors. Each script keeps its own
+arguments, loop, validation and saving."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
+import os
 import re
 import shutil
-from dataclasses import asdict, fields
 from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers import (
-    DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, UniPCMultistepScheduler,
-)
+from diffusers import DDPMScheduler
+from safetensors.torch import load_file, save_file
 from transformers import AutoModel, AutoTokenizer
 
-from .configs import CONFIGS, AmbiSegTrainingConfig
+from .configs import AmbiSegTrainingConfig
 from .image_processing import masks_to_model_range, normalize_image
-from .lidc import augment, eval_prompts, load_lidc64
-from .metrics import compute_metrics_batch
+from .lidc import augment
 from .models import AmbiguityEncoder, AmbiSegUNet
 from .text import resolve_text_encoder
-from .visualization import sample_grid
 
-SAMPLING_SCHEDULERS = {
-    "ddpm": DDPMScheduler, "ddim": DDIMScheduler, "dpm": DPMSolverMultistepScheduler, "unipc": UniPCMultistepScheduler,
-    "euler": EulerDiscreteScheduler,
-}
+logger = logging.getLogger(__name__)
 
-
-# ----------------------------------------------------------------------------------------------- configuration
-def add_config_arguments(parser: argparse.ArgumentParser, configs: dict = CONFIGS) -> None:
-    """`--config NAME` plus one flag per config field (default: the named config's value)."""
-    parser.add_argument("--config", default="cpu", choices=sorted(configs), help="training recipe (configs.py)")
-    for f in fields(next(iter(configs.values()))):
-        kind = type(f.default)
-        if kind is bool:
-            parser.add_argument(f"--{f.name}", type=lambda s: s.lower() in ("1", "true", "yes"), default=None)
-        else:
-            parser.add_argument(f"--{f.name}", type=kind, default=None)
+CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
+COMPLETE_FILE = "checkpoint_complete.json"  # written last: a checkpoint folder without it is incomplete
 
 
-def config_from_args(args: argparse.Namespace, configs: dict = CONFIGS):
-    base = configs[args.config]
-    return base.override(**{f.name: getattr(args, f.name) for f in fields(base)})
+# ----------------------------------------------------------------------------------------------- flags
+def str2bool(value: str) -> bool:
+    """argparse type for boolean flags: only true/false spellings, anything else is an error (not False)."""
+    lowered = str(value).strip().lower()
+    if lowered in ("true", "1", "yes", "y", "on"):
+        return True
+    if lowered in ("false", "0", "no", "n", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
+
+
+def recipe_from_args(args: argparse.Namespace, recipes: dict):
+    """The named recipe (`--config`) with every recipe flag the user passed (not None) applied on top."""
+    base = recipes[args.config]
+    return base.override(**{name: getattr(args, name) for name in base.__dataclass_fields__ if hasattr(args, name)})
 
 
 # ----------------------------------------------------------------------------------------------- components
@@ -65,18 +64,6 @@ def build_noise_scheduler(config: AmbiSegTrainingConfig) -> DDPMScheduler:
     )
 
 
-def build_sampling_scheduler(noise_scheduler, name: str = "ddim"):
-    """A sampler on the training noise schedule, clipping to the mask range [-1, 1] where the scheduler can."""
-    if name not in SAMPLING_SCHEDULERS:
-        raise ValueError(f"`scheduler` must be one of {sorted(SAMPLING_SCHEDULERS)}, got {name!r}.")
-    extra = {"thresholding": True, "sample_max_value": 1.0} if name in ("dpm", "unipc") else {"clip_sample": True}
-    if name == "euler":
-        extra = {}  # no clipping option; the pipeline clamps x0-predictions itself
-    if name == "ddim":
-        extra["timestep_spacing"] = "trailing"  # starts at t = T - 1, where the training noise is
-    return SAMPLING_SCHEDULERS[name].from_config(noise_scheduler.config, **extra)
-
-
 def build_models(config: AmbiSegTrainingConfig, text_embed_dim: int):
     """Fresh UNet, prior and posterior (the latter two None when `latent_dim == 0`)."""
     unet = AmbiSegUNet.from_preset(
@@ -90,27 +77,27 @@ def build_models(config: AmbiSegTrainingConfig, text_embed_dim: int):
 
 
 # ----------------------------------------------------------------------------------------------- data
-def load_training_dataset(name: str, split: str, data_dir: str | None):
-    """`lidc64` (the shared crops) or a folder written by `Dataset.save_to_disk` (e.g. by prepare_lidc.py)."""
-    if name == "lidc64":
-        return load_lidc64(split, data_dir)
-    from datasets import load_from_disk
-
-    dataset = load_from_disk(name)
-    return dataset[split] if hasattr(dataset, "keys") else dataset
-
-
 def step_generator(seed: int, step: int, process_index: int = 0) -> torch.Generator:
     """Every random choice of one training step comes from (seed, step, process): a resumed run repeats it exactly."""
-    return torch.Generator().manual_seed(seed * 1_000_003 + step * 101 + process_index)
+    state = int(np.random.default_rng([seed, step, process_index]).integers(2**63 - 1))
+    return torch.Generator().manual_seed(state)
 
 
 def batch_indices(num_rows: int, batch_size: int, seed: int, step: int) -> list[int]:
     """Rows of step `step`: epochs are seeded permutations, so the data order depends only on (seed, step)."""
     per_epoch = max(num_rows // batch_size, 1)
     epoch, position = divmod(step, per_epoch)
-    order = torch.randperm(num_rows, generator=torch.Generator().manual_seed(seed + 7919 * epoch))
+    order = np.random.default_rng([seed, epoch]).permutation(num_rows)
     return order[position * batch_size : (position + 1) * batch_size].tolist()
+
+
+def shard(rows: list[int], process_index: int, num_processes: int) -> list[int]:
+    """This process's equal share of a global batch (the global batch must divide evenly)."""
+    if len(rows) % num_processes:
+        raise ValueError(f"a batch of {len(rows)} rows does not split over {num_processes} processes; make "
+                         "`--train_batch_size` a multiple of the number of processes.")
+    per_process = len(rows) // num_processes
+    return rows[process_index * per_process : (process_index + 1) * per_process]
 
 
 def training_batch(dataset, indices: list[int], config: AmbiSegTrainingConfig, generator: torch.Generator) -> dict:
@@ -140,59 +127,82 @@ def training_batch(dataset, indices: list[int], config: AmbiSegTrainingConfig, g
     }
 
 
-# ----------------------------------------------------------------------------------------------- evaluation
-def sample_rows(
-    pipeline, rows: dict, indices: list[int], num_samples: int = 16, prompts: str = "annotator", seed: int = 0,
-    num_inference_steps: int | None = None, deterministic: bool = False, **call_kwargs,
-) -> np.ndarray:
-    """Samples for a dict-of-lists chunk of dataset `rows` (at dataset positions `indices`): `(B, N, H, W)` bool.
-
-    Image `i` always uses a generator seeded `seed + i`, so its samples do not depend on batching or resuming.
-    `deterministic`: the baseline of one sample at the prior mean, repeated `num_samples` times.
-    """
-    count = len(rows["image"])
-    examples = [{k: rows[k][i] for k in rows} for i in range(count)]
-    prompt_lists = [eval_prompts(e, prompts) if "prompts" in e else [""] for e in examples]
-    out = pipeline(
-        np.stack([np.asarray(e["image"], np.float32) for e in examples]), prompt_lists,
-        num_samples=1 if deterministic else num_samples, num_inference_steps=num_inference_steps,
-        generator=[torch.Generator().manual_seed(seed + i) for i in indices],
-        **({"prior_temperature": 0.0} if deterministic else {}), **call_kwargs,
-    )
-    return np.repeat(out.masks, num_samples, axis=1) if deterministic else out.masks
+# ----------------------------------------------------------------------------------------------- checkpoints
+def checkpoint_step(path: str | os.PathLike) -> int:
+    match = CHECKPOINT_PATTERN.match(Path(path).name)
+    if not match:
+        raise ValueError(f"`--resume_from_checkpoint` must name a checkpoint-<step> folder or 'latest', got {str(path)!r}.")
+    return int(match.group(1))
 
 
-def evaluate_pipeline(
-    pipeline, dataset, num_samples: int = 16, num_inference_steps: int | None = None, prompts: str = "annotator",
-    seed: int = 0, images_per_call: int = 4, max_images: int | None = None, **call_kwargs,
-) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """Samples `num_samples` masks for each row (see `sample_rows`) and scores them against all the rater masks.
-
-    Returns per-image metrics `{name: (B,)}` and the samples `(B, N, H, W)` bool.
-    """
-    total = len(dataset) if max_images is None else min(max_images, len(dataset))
-    per_image: dict[str, list] = {}
-    all_samples = []
-    for start in range(0, total, images_per_call):
-        indices = list(range(start, min(start + images_per_call, total)))
-        rows = dataset[indices]
-        masks = sample_rows(pipeline, rows, indices, num_samples, prompts, seed, num_inference_steps, **call_kwargs)
-        annotations = np.stack([np.asarray(m) for m in rows["masks"]]).astype(bool)
-        for key, values in compute_metrics_batch(masks, annotations).items():
-            per_image.setdefault(key, []).extend(values.tolist())
-        all_samples.append(masks)
-    return {k: np.asarray(v) for k, v in per_image.items()}, np.concatenate(all_samples)
+def is_complete(checkpoint: Path) -> bool:
+    return (checkpoint / COMPLETE_FILE).is_file()
 
 
-def validation_report(pipeline, dataset, num_images: int, num_samples: int = 16, seed: int = 0, **kwargs):
-    """Metrics summary (means) and a sample grid for the first `num_images` rows: what training logs."""
-    per_image, samples = evaluate_pipeline(pipeline, dataset, num_samples, max_images=num_images, seed=seed, **kwargs)
-    subset = dataset[: len(samples)]
-    grid = sample_grid(np.asarray(subset["image"])[:4], np.asarray(subset["masks"])[:4], samples[:4])
-    means = {k: float(v.mean()) for k, v in per_image.items()}
-    means["sample_foreground"] = float(samples.mean())
-    means["rater_foreground"] = float(np.asarray(subset["masks"]).mean())
-    return means, grid
+def _checkpoints(output_dir: str | os.PathLike) -> list[Path]:
+    folders = [p for p in Path(output_dir).glob("checkpoint-*") if p.is_dir() and CHECKPOINT_PATTERN.match(p.name)]
+    return sorted(folders, key=checkpoint_step)
+
+
+def resume_checkpoint(output_dir: str | os.PathLike, resume_from_checkpoint: str | None) -> Path | None:
+    """`latest` -> the newest *complete* `checkpoint-N` in `output_dir` (None when there is none; newer incomplete
+    ones are reported and skipped); a path -> that checkpoint, which must exist and be complete."""
+    if not resume_from_checkpoint:
+        return None
+    if resume_from_checkpoint != "latest":
+        path = Path(resume_from_checkpoint)
+        checkpoint_step(path)
+        if not path.is_dir():
+            raise FileNotFoundError(f"`--resume_from_checkpoint` {str(path)!r} does not exist.")
+        if not is_complete(path):
+            raise ValueError(f"`--resume_from_checkpoint` {str(path)!r} is incomplete (no {COMPLETE_FILE}: the run "
+                             "stopped while writing it); pass 'latest' to take the newest complete one.")
+        return path
+    for path in reversed(_checkpoints(output_dir)):
+        if is_complete(path):
+            return path
+        logger.warning(f"skipping {path}: incomplete checkpoint (no {COMPLETE_FILE}; the run stopped while writing it)")
+    return None
+
+
+def save_checkpoint(accelerator, output_dir: str | os.PathLike, step: int, total_limit: int | None) -> Path:
+    """`accelerator.save_state` into a temporary folder, marked complete and renamed `checkpoint-<step>` only once
+    everything is written; only after that are incomplete checkpoints and the oldest beyond `total_limit` removed."""
+    output_dir = Path(output_dir)
+    final = output_dir / f"checkpoint-{step}"
+    partial = output_dir / f".checkpoint-{step}.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    accelerator.save_state(str(partial))
+    (partial / COMPLETE_FILE).write_text(json.dumps({"step": step}))
+    if final.exists():  # an incomplete leftover of the same step
+        shutil.rmtree(final)
+    os.replace(partial, final)
+    # Only now that a complete checkpoint exists: drop incomplete leftovers and what exceeds the limit.
+    complete = [p for p in _checkpoints(output_dir) if is_complete(p) and p != final]
+    stale = [p for p in _checkpoints(output_dir) if not is_complete(p)]
+    if total_limit:
+        stale += [p for p in complete if checkpoint_step(p) < step][: max(len(complete) - (total_limit - 1), 0)]
+    for path in stale:
+        logger.info(f"removing {path}")
+        shutil.rmtree(path)
+    return final
+
+
+def save_ema(ema, folder: str | os.PathLike, name: str = "ema") -> None:
+    """An `EMAModel`'s state as safetensors (shadow weights) + JSON (decay and step counters): nothing pickled."""
+    state = ema.state_dict()
+    shadow = state.pop("shadow_params")
+    save_file({f"{i}": p.detach().contiguous().clone() for i, p in enumerate(shadow)}, str(Path(folder) / f"{name}.safetensors"))
+    (Path(folder) / f"{name}.json").write_text(json.dumps(state, indent=2))
+
+
+def load_ema(ema, folder: str | os.PathLike, name: str = "ema") -> None:
+    """Restores what `save_ema` wrote, on the device of the EMA's current shadow weights."""
+    state = json.loads((Path(folder) / f"{name}.json").read_text())
+    tensors = load_file(str(Path(folder) / f"{name}.safetensors"))
+    device = ema.shadow_params[0].device if ema.shadow_params else "cpu"
+    state["shadow_params"] = [tensors[f"{i}"].to(device) for i in range(len(tensors))]
+    ema.load_state_dict(state)
 
 
 def log_validation(accelerator, metrics: dict, grid, step: int) -> None:
@@ -200,117 +210,3 @@ def log_validation(accelerator, metrics: dict, grid, step: int) -> None:
     for tracker in accelerator.trackers:
         if tracker.name == "tensorboard":
             tracker.writer.add_image("validation/samples", np.asarray(grid), step, dataformats="HWC")
-
-
-# ----------------------------------------------------------------------------------------------- checkpoints
-def resume_path(output_dir: str, resume_from_checkpoint: str | None) -> str | None:
-    """`latest` -> the newest `checkpoint-N` folder in `output_dir` (None when there is none), else the path."""
-    if not resume_from_checkpoint:
-        return None
-    if resume_from_checkpoint != "latest":
-        return resume_from_checkpoint
-    checkpoints = sorted(Path(output_dir).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
-    return str(checkpoints[-1]) if checkpoints else None
-
-
-def checkpoint_step(path: str) -> int:
-    match = re.search(r"checkpoint-(\d+)$", str(path).rstrip("/"))
-    if not match:
-        raise ValueError(f"`--resume_from_checkpoint` must name a checkpoint-<step> folder, got {path!r}.")
-    return int(match.group(1))
-
-
-def prune_checkpoints(output_dir: str, total_limit: int | None) -> None:
-    """Keep at most `total_limit - 1` old checkpoints, so that the one about to be saved makes `total_limit`."""
-    if not total_limit:
-        return
-    checkpoints = sorted(Path(output_dir).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
-    for old in checkpoints[: max(len(checkpoints) - total_limit + 1, 0)]:
-        shutil.rmtree(old)
-
-
-# ----------------------------------------------------------------------------------------------- model cards
-MODEL_CARDS_DIR = Path(__file__).resolve().parents[2] / "model_cards"
-
-
-def write_model_card(output_dir: str, template: str, values: dict) -> Path:
-    """Fills `model_cards/<template>` (`{name}` placeholders) and writes `output_dir/README.md`."""
-    template_path = Path(template) if Path(template).is_file() else MODEL_CARDS_DIR / template
-    if not template_path.is_file():
-        raise FileNotFoundError(f"model card template {template!r} not found (looked in {MODEL_CARDS_DIR})")
-    text = template_path.read_text().format(**values)
-    path = Path(output_dir) / "README.md"
-    path.write_text(text)
-    return path
-
-
-def config_json(config) -> str:
-    return json.dumps(asdict(config), indent=2)
-
-
-# ----------------------------------------------------------------------------------------------- run plumbing
-def add_run_arguments(parser: argparse.ArgumentParser, validation_steps: int, checkpointing_steps: int) -> None:
-    """The flags every training script shares: output, seed, precision, checkpoints, validation, tracking, Hub."""
-    parser.add_argument("--output_dir", required=True)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--mixed_precision", default=None, choices=["no", "fp16", "bf16"])
-    parser.add_argument("--gradient_accumulation_steps", type=int, default=1)
-    parser.add_argument("--checkpointing_steps", type=int, default=checkpointing_steps)
-    parser.add_argument("--checkpoints_total_limit", type=int, default=2)
-    parser.add_argument("--resume_from_checkpoint", default=None, help="a checkpoint-N folder or 'latest'")
-    parser.add_argument("--dataset", default="lidc64", help="'lidc64' or a folder saved with Dataset.save_to_disk")
-    parser.add_argument("--data_dir", default=None, help="folder holding lidc64/ (default: $AMBISEG_DATA_DIR, ../shared/data)")
-    parser.add_argument("--validation_split", default="mini")
-    parser.add_argument("--validation_steps", type=int, default=validation_steps, help="0 = only at the end")
-    parser.add_argument("--num_validation_images", type=int, default=8)
-    parser.add_argument("--num_validation_samples", type=int, default=16)
-    parser.add_argument("--report_to", default="tensorboard")
-    parser.add_argument("--push_to_hub", action="store_true")
-    parser.add_argument("--hub_model_id", default=None)
-    parser.add_argument("--stop_after_steps", type=int, default=None,
-                        help="exit without saving once this many steps ran in this process (simulates a kill; tests)")
-
-
-def start_run(args: argparse.Namespace, config, config_file: str):
-    """The Accelerator (DDP, mixed precision, trackers' folder), logging, the seed, and the recipe saved beside
-    the run."""
-    from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration, set_seed
-
-    output_dir = Path(args.output_dir)
-    accelerator = Accelerator(
-        gradient_accumulation_steps=args.gradient_accumulation_steps, mixed_precision=args.mixed_precision,
-        log_with=args.report_to if args.report_to != "none" else None,
-        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
-    )
-    import logging
-
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    set_seed(args.seed)
-    if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / config_file).write_text(config_json(config))
-    return accelerator
-
-
-def save_checkpoint(accelerator, args: argparse.Namespace, step: int) -> None:
-    prune_checkpoints(args.output_dir, args.checkpoints_total_limit)
-    accelerator.save_state(str(Path(args.output_dir) / f"checkpoint-{step}"))
-
-
-def push_run(args: argparse.Namespace) -> None:
-    """Uploads the finished run folder (pipeline or adapter, model card; no checkpoints or logs) to the Hub."""
-    from huggingface_hub import create_repo, upload_folder
-
-    repo_id = create_repo(args.hub_model_id or Path(args.output_dir).name, exist_ok=True).repo_id
-    upload_folder(repo_id=repo_id, folder_path=args.output_dir, ignore_patterns=["checkpoint-*", "logs/*"])
-
-
-def optimizer_step(accelerator, loss, params, optimizer, lr_scheduler, max_grad_norm: float) -> None:
-    """Backward, clip (when gradients sync), step the optimizer and the lr schedule, clear gradients."""
-    accelerator.backward(loss)
-    if accelerator.sync_gradients:
-        accelerator.clip_grad_norm_(params, max_grad_norm)
-    optimizer.step()
-    lr_scheduler.step()
-    optimizer.zero_grad()

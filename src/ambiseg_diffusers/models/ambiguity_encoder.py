@@ -22,10 +22,19 @@ class DiagonalGaussian:
     def std(self) -> torch.Tensor:
         return torch.exp(0.5 * self.logvar)
 
-    def sample(self, generator: torch.Generator | list[torch.Generator] | None = None) -> torch.Tensor:
-        """Reparameterised sample (differentiable w.r.t. `mean` and `logvar`)."""
-        noise = randn_tensor(self.mean.shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype)
-        return self.mean + self.std * noise
+    def select(self, index: torch.Tensor) -> "DiagonalGaussian":
+        """The distributions at rows `index` (e.g. one per sample from one per (image, prompt) pair)."""
+        return DiagonalGaussian(mean=self.mean[index], logvar=self.logvar[index])
+
+    def sample(
+        self, generator: torch.Generator | list[torch.Generator] | None = None, temperature: float = 1.0,
+        noise: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Reparameterised sample `mean + temperature * std * noise` (differentiable w.r.t. `mean` and `logvar`);
+        `noise` `(B, latent_dim)` is drawn from `generator` unless given."""
+        if noise is None:
+            noise = randn_tensor(self.mean.shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype)
+        return self.mean + temperature * self.std * noise.to(self.mean)
 
     def kl(self, other: "DiagonalGaussian") -> torch.Tensor:
         """KL(self || other), summed over the latent dimensions: shape `(B,)`."""

@@ -2,20 +2,25 @@
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import inspect
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Union
+from typing import Any, Union
 
 import numpy as np
 import PIL.Image
 import torch
 from diffusers import DiffusionPipeline
+from diffusers.loaders import StableDiffusionLoraLoaderMixin
 from diffusers.schedulers import KarrasDiffusionSchedulers
 from diffusers.utils import BaseOutput, logging
 from diffusers.utils.torch_utils import randn_tensor
 
+from ..hub_utils import DOWNLOAD_KWARGS, model_card, resolve_pretrained_path
 from ..image_processing import ImageInput, normalize_image, prepare_image
 from ..models import AmbiguityEncoder, AmbiSegUNet
 from ..text import encode_prompts
@@ -23,26 +28,30 @@ from ..text import encode_prompts
 logger = logging.get_logger(__name__)
 
 PromptInput = Union[str, list[str], list[list[str]], None]
-PREFERENCE_FILE = "preference.json"
+# A folder holding a LoRA adapter (`pytorch_lora_weights.safetensors`) says which adapter it is and, when the base
+# pipeline is not in the same folder, which base it belongs to.
+ADAPTER_FILE = "preference.json"
 PREFERENCE_ADAPTER = "preference"
-OUTPUT_TYPES = ("np", "pt", "pil")
+LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+OUTPUT_TYPES = ("np", "pt", "pil", "latent")
 
 
 @dataclass
 class AmbiSegPipelineOutput(BaseOutput):
     """
     Args:
-        masks: bool `(batch, num_samples, H, W)`: the sampled segmentations.
-        probabilities: float in [0, 1], same shape: each sample before thresholding.
+        masks: bool `(batch, num_samples, H, W)`: the sampled segmentations. With `output_type="latent"`: the final
+            denoised samples `(batch * num_samples, mask_channels, H, W)` in [-1, 1], before thresholding.
+        probabilities: float in [0, 1], `(batch, num_samples, H, W)`: each sample before thresholding.
         pixel_mean: float in [0, 1] `(batch, H, W)`: mean of `probabilities` over the samples.
         pixel_variance: float in [0, 0.25] `(batch, H, W)`: variance of `probabilities` over the samples, an
             uncertainty map (largest where the samples disagree).
     """
 
     masks: Union[np.ndarray, torch.Tensor, list]
-    probabilities: Union[np.ndarray, torch.Tensor, list]
-    pixel_mean: Union[np.ndarray, torch.Tensor]
-    pixel_variance: Union[np.ndarray, torch.Tensor]
+    probabilities: Union[np.ndarray, torch.Tensor, list, None] = None
+    pixel_mean: Union[np.ndarray, torch.Tensor, None] = None
+    pixel_variance: Union[np.ndarray, torch.Tensor, None] = None
 
 
 def normalize_prompts(prompt: PromptInput, batch_size: int) -> list[list[str]]:
@@ -64,116 +73,133 @@ def normalize_prompts(prompt: PromptInput, batch_size: int) -> list[list[str]]:
     return per_image
 
 
-LIDC_ATTRIBUTION = (
-    "LIDC-IDRI, distributed by The Cancer Imaging Archive under CC BY 3.0. Armato III, S. G., et al. (2011) \"The Lung "
-    "Image Database Consortium (LIDC) and Image Database Resource Initiative (IDRI)\", Medical Physics 38(2); and "
-    "Armato III, S. G., et al. (2015) Data from LIDC-IDRI, TCIA, doi:10.7937/K9/TCIA.2015.LO9QL9SX."
-)
+def _pad_tokens(states: torch.Tensor, mask: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pads `(R, L, D)` states and their `(R, L)` mask to `length` tokens (padding is masked out)."""
+    extra = length - states.shape[1]
+    if extra <= 0:
+        return states, mask
+    return torch.nn.functional.pad(states, (0, 0, 0, extra)), torch.nn.functional.pad(mask, (0, extra))
 
 
-def default_model_card(repo_id: str) -> str:
-    """A minimal model card for `push_to_hub` (the training scripts write richer ones from `model_cards/`)."""
-    return f"""---
-library_name: ambiseg-diffusers
-license: apache-2.0
-pipeline_tag: image-segmentation
-tags:
-- ambiseg-diffusers
-- diffusers
-- medical-imaging
-- ambiguous-segmentation
----
-
-# {repo_id}
-
-An `AmbiSegPipeline` (ambiguous segmentation by mask diffusion) saved with ambiseg-diffusers.
-
-```python
-from ambiseg_diffusers import AmbiSegPipeline
-
-pipe = AmbiSegPipeline.from_pretrained("{repo_id}")
-out = pipe(image, prompt, num_samples=16)  # out.masks: (batch, 16, H, W) bool
-```
-
-**Research use only; not a medical device and not for clinical decisions.**
-
-If trained on LIDC-IDRI: {LIDC_ATTRIBUTION}
-"""
-
-
-class AmbiSegPipeline(DiffusionPipeline):
+class AmbiSegPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
     r"""Ambiguous segmentation by mask diffusion (AmbiSeg).
 
     The image is a fixed condition concatenated to the noisy mask; the prompt steers the denoiser through
     cross-attention; each sample draws its own ambiguity latent `z ~ p(z | image, prompt)` from the prior.
 
-    Components:
+    Components (any may be `None` at construction; `__call__` says which one it needs):
         unet ([`AmbiSegUNet`]): the mask denoiser.
         scheduler: any diffusers scheduler (DDPM, DDIM, DPM-Solver++, UniPC, Euler, ...).
         text_encoder ([`~transformers.PreTrainedModel`]): frozen BERT-style encoder; its last hidden states are used.
         tokenizer ([`~transformers.PreTrainedTokenizer`]).
-        prior ([`AmbiguityEncoder`], optional): p(z | image, prompt); required when the UNet takes a latent.
+        prior ([`AmbiguityEncoder`], optional): p(z | image, prompt); needed when the UNet takes a latent.
         posterior ([`AmbiguityEncoder`], optional): q(z | image, prompt, mask), used by training only.
         image_clip (`float`): the image normalisation used in training (see [`normalize_image`]).
         default_num_inference_steps (`int`): steps used when `__call__` gets `num_inference_steps=None`.
+
+    LoRA adapters load the diffusers way (`load_lora_weights`, `set_adapters`, `fuse_lora`, `unload_lora_weights`).
+    A TDG-DiffDPO checkpoint is such an adapter, named "preference"; `preference_scale` sets its weight.
+
+    Samples, not images per prompt: where diffusers pipelines take `num_images_per_prompt`, this one takes
+    `num_samples`, and its outputs keep them on their own axis, `(batch, num_samples, H, W)`, because every metric of
+    ambiguous segmentation (GED, coverage, ...) is computed over one image's set of samples.
     """
 
     model_cpu_offload_seq = "text_encoder->prior->unet"
-    _optional_components = ["prior", "posterior"]
+    _optional_components = ["unet", "scheduler", "text_encoder", "tokenizer", "prior", "posterior"]
+    _callback_tensor_inputs = ["latents", "prompt_embeds", "negative_prompt_embeds", "ambiguity_latents"]
 
     def __init__(
         self,
-        unet: AmbiSegUNet,
-        scheduler: KarrasDiffusionSchedulers,
-        text_encoder,
-        tokenizer,
+        unet: AmbiSegUNet | None = None,
+        scheduler: KarrasDiffusionSchedulers | None = None,
+        text_encoder=None,
+        tokenizer=None,
         prior: AmbiguityEncoder | None = None,
         posterior: AmbiguityEncoder | None = None,
         image_clip: float = 3.0,
         default_num_inference_steps: int = 20,
     ):
         super().__init__()
-        if unet.config.projection_class_embeddings_input_dim and prior is None:
-            raise ValueError("`prior` is required: this `unet` is conditioned on an ambiguity latent.")
         self.register_modules(
             unet=unet, scheduler=scheduler, text_encoder=text_encoder, tokenizer=tokenizer, prior=prior, posterior=posterior
         )
         self.register_to_config(image_clip=image_clip, default_num_inference_steps=default_num_inference_steps)
 
+    # ---------------------------------------------------------------------------------------------- loading, saving
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> "AmbiSegPipeline":
         """Loads from a local folder or a Hub repo id, as float32 unless `dtype` is given (checkpoints may be stored
         in fp16 to stay small; CPUs compute in float32 or bf16 autocast).
 
         diffusers' own download step only accepts components from diffusers or transformers, so a Hub repo is
-        first fetched whole with `huggingface_hub.snapshot_download` (which honours `HF_HUB_OFFLINE` and the cache).
+        fetched whole with `huggingface_hub.snapshot_download` (which honours `HF_HUB_OFFLINE` and the cache).
+
+        A LoRA folder (`preference.json` + `pytorch_lora_weights.safetensors`, as TDG-DiffDPO writes) loads its base
+        pipeline first: the one in the same folder, else `base_model_path` (relative to the folder, for checkouts)
+        when it exists, else the Hub repo `base_model`; `base_model=...` overrides all three.
         """
-        path = str(pretrained_model_name_or_path)
+        download_kwargs = {k: kwargs.pop(k) for k in DOWNLOAD_KWARGS if k in kwargs}
+        base_override = kwargs.pop("base_model", None)
         if "torch_dtype" not in kwargs:
             kwargs.setdefault("dtype", torch.float32)
-        if not os.path.isdir(path):
-            from huggingface_hub import snapshot_download
+        path = resolve_pretrained_path(pretrained_model_name_or_path, **download_kwargs)
+        adapter_file = os.path.join(path, ADAPTER_FILE)
+        if not os.path.isfile(adapter_file):
+            return super().from_pretrained(path, **kwargs)
 
-            download_keys = ("cache_dir", "revision", "token", "local_files_only", "force_download", "proxies")
-            download_kwargs = {k: kwargs.pop(k) for k in download_keys if k in kwargs}
-            path = snapshot_download(path, **download_kwargs)
-        if os.path.isfile(os.path.join(path, PREFERENCE_FILE)):
-            return cls._from_preference_folder(path, **kwargs)
-        return super().from_pretrained(path, **kwargs)
+        with open(adapter_file) as f:
+            info = json.load(f)
+        if base_override is not None:
+            base = base_override
+        elif os.path.isfile(os.path.join(path, "model_index.json")):
+            base = path
+        else:
+            local = os.path.normpath(os.path.join(path, info["base_model_path"])) if info.get("base_model_path") else None
+            base = local if local and os.path.isdir(local) else info.get("base_model")
+            if base is None:
+                raise ValueError(f"{adapter_file} names no `base_model`; pass `base_model=` (a folder or Hub id).")
+        if base == path:
+            pipe = super().from_pretrained(path, **kwargs)
+        else:
+            pipe = cls.from_pretrained(base, **kwargs, **download_kwargs)
+        pipe.load_lora_weights(path, weight_name=LORA_WEIGHT_NAME, adapter_name=info.get("adapter_name", PREFERENCE_ADAPTER))
+        return pipe
 
     @classmethod
-    def _from_preference_folder(cls, path: str, **kwargs) -> "AmbiSegPipeline":
-        """A TDG-DiffDPO LoRA checkpoint: `preference.json` names the reference pipeline (a folder relative to this
-        one, or a Hub id) and `unet_lora/` holds the adapter, loaded as adapter "preference" (scale 1)."""
-        with open(os.path.join(path, PREFERENCE_FILE)) as f:
-            info = json.load(f)
-        reference = os.path.normpath(os.path.join(path, info["reference"]))
-        pipe = cls.from_pretrained(reference if os.path.isdir(reference) else info["reference"], **kwargs)
-        pipe.unet.load_lora_adapter(
-            os.path.join(path, "unet_lora"), prefix=None, adapter_name=PREFERENCE_ADAPTER,
-            weight_name="pytorch_lora_weights.safetensors",
+    def load_lora_into_text_encoder(cls, state_dict, network_alphas, text_encoder, prefix=None, *args, **kwargs):
+        """The text encoder is frozen and never adapted: skip it (quietly) unless the file has keys for it."""
+        prefix = prefix or cls.text_encoder_name
+        if any(key.startswith(f"{prefix}.") for key in state_dict):
+            super().load_lora_into_text_encoder(state_dict, network_alphas, text_encoder, prefix, *args, **kwargs)
+
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> None:
+        """Saves every component (safetensors). A LoRA adapter on the UNet is saved the standard way beside the base
+        weights (`pytorch_lora_weights.safetensors` + `preference.json`), never folded into the UNet's keys; to
+        save one merged model instead, `fuse_lora()` and `unload_lora_weights()` first."""
+        adapters = list(getattr(self.unet, "peft_config", None) or {})
+        if not adapters:
+            return super().save_pretrained(save_directory, **kwargs)
+        if len(adapters) > 1:
+            raise ValueError(f"the UNet carries several LoRA adapters {adapters}; delete all but one "
+                             "(`delete_adapters`) or fuse them (`fuse_lora`, `unload_lora_weights`) before saving.")
+        from peft.utils import get_peft_model_state_dict
+
+        name = adapters[0]
+        with_adapter = self.unet
+        base = copy.deepcopy(with_adapter)
+        base.unload_lora()  # the base weights, without peft's wrapping
+        try:
+            self.unet = base
+            super().save_pretrained(save_directory, **kwargs)
+        finally:
+            self.unet = with_adapter
+        self.save_lora_weights(
+            save_directory, unet_lora_layers=get_peft_model_state_dict(with_adapter, adapter_name=name),
+            weight_name=LORA_WEIGHT_NAME, unet_lora_adapter_metadata=with_adapter.peft_config[name].to_dict(),
         )
-        return pipe
+        with open(os.path.join(save_directory, ADAPTER_FILE), "w") as f:
+            json.dump({"adapter_name": name}, f, indent=2)
 
     def push_to_hub(
         self,
@@ -184,8 +210,8 @@ class AmbiSegPipeline(DiffusionPipeline):
         create_pr: bool = False,
         model_card: str | None = None,
     ) -> str:
-        """Saves the pipeline (safetensors) with a model card (`model_card` text, or a generic one with this
-        package's `library_name`, tags, the clinical-use warning and the LIDC-IDRI attribution) and uploads it."""
+        """Saves the pipeline (safetensors) with a model card (`model_card` text, or one built from this package's
+        template: `library_name`, tags, the clinical-use warning, the LIDC-IDRI attribution) and uploads it."""
         import tempfile
 
         from huggingface_hub import create_repo, upload_folder
@@ -193,7 +219,7 @@ class AmbiSegPipeline(DiffusionPipeline):
         repo_id = create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
         with tempfile.TemporaryDirectory() as folder:
             self.save_pretrained(folder)
-            card = model_card if model_card is not None else default_model_card(repo_id)
+            card = model_card if model_card is not None else str(_default_card(repo_id))
             with open(os.path.join(folder, "README.md"), "w") as f:
                 f.write(card)
             return upload_folder(
@@ -201,7 +227,24 @@ class AmbiSegPipeline(DiffusionPipeline):
                 commit_message=commit_message or "Upload AmbiSegPipeline",
             )
 
-    # ----------------------------------------------------------------------------------------------------------
+    # ---------------------------------------------------------------------------------------------- properties
+    @property
+    def guidance_scale(self) -> float:
+        return self._guidance_scale
+
+    @property
+    def do_classifier_free_guidance(self) -> bool:
+        return self._guidance_scale > 1.0
+
+    @property
+    def num_timesteps(self) -> int:
+        return self._num_timesteps
+
+    @property
+    def interrupt(self) -> bool:
+        return self._interrupt
+
+    # ---------------------------------------------------------------------------------------------- building blocks
     def preprocess(self, image: ImageInput) -> torch.Tensor:
         """Images as stored (any range) -> the model's normalised input `(B, C, H, W)` in [-1, 1]."""
         image = prepare_image(image, self.unet.image_channels)
@@ -210,9 +253,69 @@ class AmbiSegPipeline(DiffusionPipeline):
             raise ValueError(f"`image` height and width must be multiples of {depth}, got {tuple(image.shape[-2:])}.")
         return normalize_image(image, self.config.image_clip)
 
-    def encode_prompt(self, prompts: list[str], device=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Encodes each prompt once: `(P, L, D)` hidden states and `(P, L)` attention mask."""
-        return encode_prompts(self.tokenizer, self.text_encoder, prompts, device=device or self._execution_device)
+    def encode_prompt(
+        self,
+        prompt: PromptInput,
+        device: torch.device | None = None,
+        num_samples: int = 1,
+        do_classifier_free_guidance: bool = False,
+        negative_prompt: str | list[str] | None = None,
+        batch_size: int | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """Encodes the prompt of every sample row, each distinct prompt once.
+
+        `prompt` as in `__call__` (a string, one per image, or a list per image spread round-robin over the samples).
+        Returns `prompt_embeds` `(batch * num_samples, L, D)`, `prompt_attention_mask` `(batch * num_samples, L)` (1 =
+        token, 0 = padding) and, with guidance, the negative prompt's (default: the empty prompt, what the model saw
+        on prompt dropout) of the same shape, else `None` twice: exactly what `__call__` accepts.
+        """
+        device = device or self._execution_device
+        if batch_size is None:
+            batch_size = 1 if prompt is None or isinstance(prompt, str) else len(prompt)
+        per_image = normalize_prompts(prompt, batch_size)
+        row_prompts = [p[s % len(p)] for p in per_image for s in range(num_samples)]
+        embeds, mask = self._encode_rows(row_prompts, device)
+        if not do_classifier_free_guidance:
+            return embeds, mask, None, None
+        negative = normalize_prompts(negative_prompt if negative_prompt is not None else "", batch_size)
+        negative_embeds, negative_mask = self._encode_rows([p[0] for p in negative for _ in range(num_samples)], device)
+        length = max(embeds.shape[1], negative_embeds.shape[1])
+        return (*_pad_tokens(embeds, mask, length), *_pad_tokens(negative_embeds, negative_mask, length))
+
+    def _encode_rows(self, row_prompts: list[str], device) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.text_encoder is None or self.tokenizer is None:
+            raise ValueError("this pipeline has no `text_encoder`/`tokenizer`; pass `prompt_embeds` instead of `prompt`.")
+        unique = sorted(set(row_prompts))
+        states, mask = encode_prompts(self.tokenizer, self.text_encoder, unique, device=device)
+        index = torch.tensor([unique.index(p) for p in row_prompts], device=states.device)
+        return states[index], mask[index]
+
+    def prepare_ambiguity_latents(
+        self, images: torch.Tensor, prompt_embeds: torch.Tensor, prompt_attention_mask: torch.Tensor,
+        num_samples: int, prior_temperature: float, generator,
+    ) -> torch.Tensor:
+        """One `z ~ p(z | image, prompt)` per sample row: `(batch * num_samples, latent_dim)`.
+
+        The prior depends only on (image, prompt), so it runs once per distinct pair, not once per sample.
+        """
+        if self.prior is None:
+            raise ValueError("this UNet is conditioned on an ambiguity latent but the pipeline has no `prior`; "
+                             "set `pipe.prior` or pass `ambiguity_latents`.")
+        rows = images.shape[0] * num_samples
+        text_key = torch.cat([prompt_embeds.flatten(1), prompt_attention_mask.to(prompt_embeds.dtype)], dim=1)
+        _, prompt_id = torch.unique(text_key, dim=0, return_inverse=True)
+        pair = torch.arange(images.shape[0], device=images.device).repeat_interleave(num_samples) * rows + prompt_id
+        pairs, pair_of_row = torch.unique(pair, return_inverse=True)
+        first_row = torch.zeros_like(pairs).scatter_(0, pair_of_row, torch.arange(rows, device=images.device))
+        prior = self.prior(images[pairs // rows], prompt_embeds[first_row], prompt_attention_mask[first_row])
+        return prior.select(pair_of_row).sample(generator=generator, temperature=prior_temperature)
+
+    def prepare_latents(self, shape: tuple, dtype, device, generator, latents: torch.Tensor | None = None) -> torch.Tensor:
+        if latents is None:
+            latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+        else:
+            latents = latents.to(device=device, dtype=dtype)
+        return latents * self.scheduler.init_noise_sigma
 
     def prepare_extra_step_kwargs(self, generator, eta: float) -> dict:
         # Only some schedulers take `eta` (DDIM) or a `generator` (the stochastic ones).
@@ -224,13 +327,75 @@ class AmbiSegPipeline(DiffusionPipeline):
             extra["generator"] = generator
         return extra
 
-    def _set_preference_scale(self, scale: float | None) -> None:
-        adapters = getattr(self.unet, "peft_config", None) or {}
-        if PREFERENCE_ADAPTER not in adapters:
-            if scale is not None:
-                raise ValueError("`preference_scale` needs a TDG-DiffDPO checkpoint (a 'preference' LoRA adapter on the UNet).")
+    def check_inputs(
+        self, image, prompt, num_samples, num_inference_steps, output_type, batch_size, threshold, prior_temperature,
+        prompt_embeds, prompt_attention_mask, negative_prompt_embeds, negative_prompt_attention_mask,
+        callback_on_step_end_tensor_inputs,
+    ) -> None:
+        """Raises `ValueError` naming the argument that is wrong, and the component a call needs but lacks."""
+        for component in ("unet", "scheduler"):
+            if getattr(self, component, None) is None:
+                raise ValueError(f"this pipeline has no `{component}`; set `pipe.{component} = ...` before calling it.")
+        if image is None:
+            raise ValueError("`image` is required: the CT image (or batch) to segment.")
+        if not isinstance(num_samples, int) or isinstance(num_samples, bool) or num_samples < 1:
+            raise ValueError(f"`num_samples` must be an integer >= 1, got {num_samples!r}.")
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"`output_type` must be one of {OUTPUT_TYPES}, got {output_type!r}.")
+        if batch_size < 1:
+            raise ValueError(f"`batch_size` must be >= 1, got {batch_size}.")
+        if not 0.0 <= threshold <= 1.0:
+            raise ValueError(f"`threshold` must be in [0, 1], got {threshold}.")
+        if prior_temperature < 0:
+            raise ValueError(f"`prior_temperature` must be >= 0, got {prior_temperature}.")
+        if num_inference_steps is not None and num_inference_steps < 1:
+            raise ValueError(f"`num_inference_steps` must be >= 1, got {num_inference_steps}.")
+        if prompt is not None and prompt_embeds is not None:
+            raise ValueError("pass either `prompt` or `prompt_embeds`, not both.")
+        for embeds, mask, name in ((prompt_embeds, prompt_attention_mask, "prompt"),
+                                   (negative_prompt_embeds, negative_prompt_attention_mask, "negative_prompt")):
+            if embeds is None:
+                continue
+            if mask is None:
+                raise ValueError(f"`{name}_embeds` needs its `{name}_attention_mask` (what `encode_prompt` returns).")
+            if embeds.ndim != 3 or mask.shape != embeds.shape[:2]:
+                raise ValueError(f"`{name}_embeds` must be (rows, L, D) with `{name}_attention_mask` (rows, L); got "
+                                 f"{tuple(embeds.shape)} and {tuple(mask.shape)}.")
+        if negative_prompt_embeds is not None and prompt_embeds is None:
+            raise ValueError("`negative_prompt_embeds` goes with `prompt_embeds`.")
+        unknown = set(callback_on_step_end_tensor_inputs or []) - set(self._callback_tensor_inputs)
+        if unknown:
+            raise ValueError(f"`callback_on_step_end_tensor_inputs` must be among {self._callback_tensor_inputs}, got "
+                             f"{sorted(unknown)}.")
+
+    def _rows_of(self, tensor: torch.Tensor | None, name: str, batch: int, num_samples: int) -> torch.Tensor | None:
+        """A per-image `(batch, ...)` tensor repeated for each sample, or a per-row `(batch * num_samples, ...)` one."""
+        if tensor is None or tensor.shape[0] == batch * num_samples:
+            return tensor
+        if tensor.shape[0] == batch:
+            return tensor.repeat_interleave(num_samples, dim=0)
+        raise ValueError(f"`{name}` has {tensor.shape[0]} rows; expected one per image ({batch}) or one per sample "
+                         f"({batch * num_samples}).")
+
+    @contextlib.contextmanager
+    def _preference_scale(self, scale: float | None):
+        """Scales the "preference" LoRA adapter by `scale` for one call and restores it after (None: leave the
+        adapters as `set_adapters` left them)."""
+        if scale is None:
+            yield
             return
-        self.unet.set_adapters([PREFERENCE_ADAPTER], weights=[1.0 if scale is None else float(scale)])
+        layers = [m for m in (self.unet.modules() if self.unet is not None else [])
+                  if hasattr(m, "set_scale") and PREFERENCE_ADAPTER in getattr(m, "scaling", {})]
+        if not layers:
+            raise ValueError("`preference_scale` needs a TDG-DiffDPO checkpoint (a 'preference' LoRA adapter on the UNet).")
+        previous = [m.scaling[PREFERENCE_ADAPTER] for m in layers]
+        for m in layers:
+            m.set_scale(PREFERENCE_ADAPTER, float(scale))
+        try:
+            yield
+        finally:
+            for m, value in zip(layers, previous):
+                m.scaling[PREFERENCE_ADAPTER] = value
 
     def _row_generators(self, generator, batch: int, num_samples: int):
         """A per-image generator list becomes a per-row list, so each image's samples are independent of batching."""
@@ -240,23 +405,48 @@ class AmbiSegPipeline(DiffusionPipeline):
             return [g for g in generator for _ in range(num_samples)]
         return generator
 
-    # ----------------------------------------------------------------------------------------------------------
+    def _denoise_rows(self, latent_input, t, images, embeds, mask, z, negative_embeds, negative_mask) -> torch.Tensor:
+        """One UNet evaluation for a chunk of rows, with classifier-free guidance when negative embeddings are given."""
+        if negative_embeds is not None:
+            # Unconditional rows (negative prompt, same image and z) after the conditional ones.
+            latent_input, images = torch.cat([latent_input, latent_input]), torch.cat([images, images])
+            embeds, mask = torch.cat([embeds, negative_embeds]), torch.cat([mask, negative_mask])
+            z = None if z is None else torch.cat([z, z])
+        output = self.unet(
+            torch.cat([images, latent_input], dim=1), t, encoder_hidden_states=embeds, encoder_attention_mask=mask,
+            class_labels=z,
+        ).sample
+        if negative_embeds is not None:
+            conditional, unconditional = output.chunk(2)
+            output = unconditional + self.guidance_scale * (conditional - unconditional)
+        return output
+
+    # ---------------------------------------------------------------------------------------------- sampling
     @torch.no_grad()
     def __call__(
         self,
-        image: ImageInput,
+        image: ImageInput = None,
         prompt: PromptInput = None,
         num_samples: int = 16,
         num_inference_steps: int | None = None,
-        generator: torch.Generator | list[torch.Generator] | None = None,
-        output_type: str = "np",
-        return_dict: bool = True,
-        batch_size: int = 64,
-        threshold: float = 0.5,
         guidance_scale: float = 1.0,
+        negative_prompt: str | list[str] | None = None,
         prior_temperature: float = 1.0,
         eta: float = 0.0,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        ambiguity_latents: torch.Tensor | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        prompt_attention_mask: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_attention_mask: torch.Tensor | None = None,
+        threshold: float = 0.5,
+        batch_size: int = 64,
         preference_scale: float | None = None,
+        output_type: str = "np",
+        return_dict: bool = True,
+        callback_on_step_end: Callable[[Any, int, Any, dict], dict] | None = None,
+        callback_on_step_end_tensor_inputs: list[str] = ("latents",),
     ) -> AmbiSegPipelineOutput | tuple:
         r"""
         Args:
@@ -264,136 +454,162 @@ class AmbiSegPipeline(DiffusionPipeline):
                 (B, 1, H, W), (B, H, W, 1) or a list of images; any value range (normalised here).
             prompt: a string for every image, a list with one string per image, or a list of lists (several
                 prompts per image; sample `s` uses prompt `s % len(prompts)`). `None` = the empty prompt.
-            num_samples: masks to sample per image (>= 1).
+            num_samples: masks to sample per image (>= 1); diffusers' `num_images_per_prompt` for this task.
             num_inference_steps: denoising steps; `None` = the pipeline's `default_num_inference_steps`.
-            generator: a `torch.Generator`, or one per image for per-image reproducibility.
-            output_type: "np", "pt" or "pil" (a list per image of `PIL.Image` masks).
-            batch_size: rows (image x sample) denoised per UNet call; lower it to save memory.
-            threshold: on the [0, 1] probabilities.
             guidance_scale: classifier-free guidance on the text (1 = off; needs a model trained with prompt dropout).
+            negative_prompt: the unconditional prompt of guidance (default: the empty prompt).
             prior_temperature: scales the prior's standard deviation (0 = always the prior mean).
             eta: DDIM's eta (ignored by other schedulers).
+            generator: a `torch.Generator`, or one per image for per-image reproducibility.
+            latents: pre-drawn initial noise `(batch * num_samples, mask_channels, H, W)`, row `b * num_samples + s`
+                for sample `s` of image `b`; `None` = drawn from `generator`.
+            ambiguity_latents: the ambiguity latents `z` `(batch * num_samples, latent_dim)`; `None` = drawn from the
+                prior with `generator` (before `latents`, so a given generator reproduces both).
+            prompt_embeds, prompt_attention_mask: pre-computed text states `(rows, L, D)` and mask `(rows, L)`, rows
+                one per image or one per sample (as `encode_prompt` returns); instead of `prompt`.
+            negative_prompt_embeds, negative_prompt_attention_mask: the same for the guidance's unconditional branch.
+            threshold: on the [0, 1] probabilities.
+            batch_size: rows (image x sample) per UNet call; lower it to save memory (results do not change).
             preference_scale: for a TDG-DiffDPO checkpoint (a "preference" LoRA adapter on the UNet), the knob between
-                the reference model (0) and the aligned model (1); values above 1 extrapolate. `None` = 1.
+                the reference model (0) and the aligned model (1), for this call; values above 1 extrapolate. `None` =
+                the adapters as they are (weight 1 after loading, or what `set_adapters` set).
+            output_type: "np", "pt", "pil" (a list per image of `PIL.Image` masks) or "latent" (the raw samples).
+            return_dict: an [`AmbiSegPipelineOutput`] (True) or a tuple.
+            callback_on_step_end: called after every denoising step as `callback(pipe, step, timestep, kwargs)` with
+                `kwargs` holding the tensors named in `callback_on_step_end_tensor_inputs`; the dict it returns may
+                replace them. Set `pipe._interrupt = True` in it to skip the remaining steps.
 
         Returns:
             [`AmbiSegPipelineOutput`] (or a tuple `(masks, probabilities, pixel_mean, pixel_variance)`).
         """
-        if not isinstance(num_samples, int) or num_samples < 1:
-            raise ValueError(f"`num_samples` must be an integer >= 1, got {num_samples!r}.")
-        if output_type not in OUTPUT_TYPES:
-            raise ValueError(f"`output_type` must be one of {OUTPUT_TYPES}, got {output_type!r}.")
-        if batch_size < 1:
-            raise ValueError(f"`batch_size` must be >= 1, got {batch_size}.")
+        # 0. Check inputs. Raise an error naming the argument if not correct.
+        self.check_inputs(
+            image, prompt, num_samples, num_inference_steps, output_type, batch_size, threshold, prior_temperature,
+            prompt_embeds, prompt_attention_mask, negative_prompt_embeds, negative_prompt_attention_mask,
+            callback_on_step_end_tensor_inputs,
+        )
         if guidance_scale < 1.0:
             raise ValueError(f"`guidance_scale` must be >= 1 (1 = no guidance), got {guidance_scale}.")
-        if not 0.0 <= threshold <= 1.0:
-            raise ValueError(f"`threshold` must be in [0, 1], got {threshold}.")
-        if prior_temperature < 0:
-            raise ValueError(f"`prior_temperature` must be >= 0, got {prior_temperature}.")
-        if num_inference_steps is not None and num_inference_steps < 1:
-            raise ValueError(f"`num_inference_steps` must be >= 1, got {num_inference_steps}.")
+        self._guidance_scale = guidance_scale
+        self._interrupt = False
 
-        self._set_preference_scale(preference_scale)
-        device = self._execution_device
-        dtype = self.unet.dtype
-        images = self.preprocess(image).to(device=device, dtype=dtype)
-        batch, _, height, width = images.shape
-        prompts = normalize_prompts(prompt, batch)
-        do_guidance = guidance_scale > 1.0
+        # 1. Define call parameters.
+        with self._preference_scale(preference_scale):
+            device = self._execution_device
+            dtype = self.unet.dtype
+            images = self.preprocess(image).to(device=device, dtype=dtype)
+            batch, _, height, width = images.shape
+            rows = batch * num_samples
+            row_images = images.repeat_interleave(num_samples, dim=0)
+            generator = self._row_generators(generator, batch, num_samples)
 
-        # 1. Encode each distinct prompt once.
-        unique = sorted({p for per_image in prompts for p in per_image} | ({""} if do_guidance else set()))
-        text_states, text_mask = self.encode_prompt(unique, device)
-        text_states = text_states.to(dtype)
-        row_prompt = torch.tensor(
-            [unique.index(prompts[b][s % len(prompts[b])]) for b in range(batch) for s in range(num_samples)],
-            device=device,
-        )
-        rows = batch * num_samples
-        row_images = images.repeat_interleave(num_samples, dim=0)
-        row_generator = self._row_generators(generator, batch, num_samples)
-
-        # 2. One ambiguity latent per sample, from the prior.
-        row_z = None
-        if self.unet.latent_dim:
-            # The prior depends only on (image, prompt): evaluate it once per distinct pair, not once per sample.
-            row_pair = torch.arange(batch, device=device).repeat_interleave(num_samples) * len(unique) + row_prompt
-            pairs, pair_of_row = torch.unique(row_pair, return_inverse=True)
-            prior = self.prior(images[pairs // len(unique)], text_states[pairs % len(unique)], text_mask[pairs % len(unique)])
-            mean, std = prior.mean[pair_of_row], prior.std[pair_of_row]
-            noise = randn_tensor(mean.shape, generator=row_generator, device=device, dtype=mean.dtype)
-            row_z = mean + prior_temperature * std * noise
-
-        # 3. Initial noise for every row at once, so results do not depend on `batch_size`.
-        shape = (rows, self.unet.mask_channels, height, width)
-        noise = randn_tensor(shape, generator=row_generator, device=device, dtype=dtype)
-        steps = num_inference_steps or self.config.default_num_inference_steps
-        extra_step_kwargs = self.prepare_extra_step_kwargs(row_generator, eta)
-
-        outputs = []
-        with self.progress_bar(total=steps * ((rows + batch_size - 1) // batch_size)) as progress_bar:
-            for start in range(0, rows, batch_size):
-                chunk = slice(start, min(start + batch_size, rows))
-                if isinstance(row_generator, list) and "generator" in extra_step_kwargs:
-                    extra_step_kwargs["generator"] = row_generator[chunk]
-                outputs.append(
-                    self._denoise(
-                        noise[chunk], row_images[chunk], text_states, text_mask, row_prompt[chunk],
-                        None if row_z is None else row_z[chunk], steps, guidance_scale, unique.index("") if do_guidance else None,
-                        extra_step_kwargs, progress_bar,
-                    )
+            # 2. Encode the prompts (each distinct prompt once), or take the given embeddings.
+            if prompt_embeds is None:
+                prompt_embeds, prompt_attention_mask, negative_prompt_embeds, negative_prompt_attention_mask = self.encode_prompt(
+                    prompt, device, num_samples, self.do_classifier_free_guidance, negative_prompt, batch_size=batch
                 )
-        sample = torch.cat(outputs).float()
+            else:
+                prompt_embeds = self._rows_of(prompt_embeds, "prompt_embeds", batch, num_samples)
+                prompt_attention_mask = self._rows_of(prompt_attention_mask, "prompt_attention_mask", batch, num_samples)
+                if self.do_classifier_free_guidance and negative_prompt_embeds is None:
+                    _, _, negative_prompt_embeds, negative_prompt_attention_mask = self.encode_prompt(
+                        None, device, num_samples, True, negative_prompt, batch_size=batch
+                    )
+                negative_prompt_embeds = self._rows_of(negative_prompt_embeds, "negative_prompt_embeds", batch, num_samples)
+                negative_prompt_attention_mask = self._rows_of(
+                    negative_prompt_attention_mask, "negative_prompt_attention_mask", batch, num_samples
+                )
+                if negative_prompt_embeds is not None:
+                    length = max(prompt_embeds.shape[1], negative_prompt_embeds.shape[1])
+                    prompt_embeds, prompt_attention_mask = _pad_tokens(prompt_embeds, prompt_attention_mask, length)
+                    negative_prompt_embeds, negative_prompt_attention_mask = _pad_tokens(
+                        negative_prompt_embeds, negative_prompt_attention_mask, length
+                    )
+            if not self.do_classifier_free_guidance:
+                negative_prompt_embeds = negative_prompt_attention_mask = None
+            prompt_embeds = prompt_embeds.to(device=device, dtype=dtype)
+            prompt_attention_mask = prompt_attention_mask.to(device)
+            if negative_prompt_embeds is not None:
+                negative_prompt_embeds = negative_prompt_embeds.to(device=device, dtype=dtype)
+                negative_prompt_attention_mask = negative_prompt_attention_mask.to(device)
 
-        probabilities = ((sample + 1.0) / 2.0).clamp(0.0, 1.0).reshape(batch, num_samples, height, width)
-        masks = probabilities > threshold
-        pixel_mean = probabilities.mean(dim=1)
-        pixel_variance = probabilities.var(dim=1, unbiased=False)
-        self.maybe_free_model_hooks()
+            # 3. Prepare timesteps.
+            steps = num_inference_steps or self.config.default_num_inference_steps
+            self.scheduler.set_timesteps(steps, device=device)
+            timesteps = self.scheduler.timesteps
+            self._num_timesteps = len(timesteps)
 
-        if output_type == "np":
-            masks, probabilities = masks.cpu().numpy(), probabilities.cpu().numpy()
-            pixel_mean, pixel_variance = pixel_mean.cpu().numpy(), pixel_variance.cpu().numpy()
-        elif output_type == "pil":
-            masks = [[PIL.Image.fromarray(m.cpu().numpy().astype(np.uint8) * 255) for m in per] for per in masks]
-            probabilities = [[PIL.Image.fromarray((p.cpu().numpy() * 255).round().astype(np.uint8)) for p in per] for per in probabilities]
-            pixel_mean, pixel_variance = pixel_mean.cpu().numpy(), pixel_variance.cpu().numpy()
-        if not return_dict:
-            return masks, probabilities, pixel_mean, pixel_variance
-        return AmbiSegPipelineOutput(masks=masks, probabilities=probabilities, pixel_mean=pixel_mean, pixel_variance=pixel_variance)
+            # 4. One ambiguity latent per sample, from the prior.
+            if ambiguity_latents is not None:
+                ambiguity_latents = self._rows_of(ambiguity_latents, "ambiguity_latents", batch, num_samples).to(device, dtype)
+            elif self.unet.latent_dim:
+                ambiguity_latents = self.prepare_ambiguity_latents(
+                    images, prompt_embeds, prompt_attention_mask, num_samples, prior_temperature, generator
+                )
 
-    def _denoise(
-        self, latents, images, text_states, text_mask, prompt_index, z, steps, guidance_scale, empty_index,
-        extra_step_kwargs, progress_bar,
-    ) -> torch.Tensor:
-        """The denoising loop for one chunk of rows: `(R, mask_channels, H, W)` noise -> samples in [-1, 1]."""
-        # Multistep solvers keep a history; resetting the timesteps per chunk starts each chunk clean.
-        self.scheduler.set_timesteps(steps, device=latents.device)
-        latents = latents * self.scheduler.init_noise_sigma
-        hidden, attention_mask = text_states[prompt_index], text_mask[prompt_index]
-        if empty_index is not None:
-            # Classifier-free guidance: unconditional rows (empty prompt, same image and z) after the conditional ones.
-            hidden = torch.cat([hidden, text_states[empty_index].expand_as(hidden)])
-            attention_mask = torch.cat([attention_mask, text_mask[empty_index].expand_as(attention_mask)])
-            images = torch.cat([images, images])
-            z = None if z is None else torch.cat([z, z])
-        is_x0 = self.scheduler.config.prediction_type == "sample"
+            # 5. Initial noise for every row at once, so results do not depend on `batch_size`.
+            shape = (rows, self.unet.mask_channels, height, width)
+            if latents is not None and tuple(latents.shape) != shape:
+                raise ValueError(f"`latents` must have shape {shape} (batch * num_samples, mask_channels, H, W), got "
+                                 f"{tuple(latents.shape)}.")
+            latents = self.prepare_latents(shape, dtype, device, generator, latents)
 
-        for t in self.scheduler.timesteps:
-            model_input = self.scheduler.scale_model_input(latents, t)
-            if empty_index is not None:
-                model_input = torch.cat([model_input, model_input])
-            model_input = torch.cat([images, model_input], dim=1)
-            model_output = self.unet(
-                model_input, t, encoder_hidden_states=hidden, encoder_attention_mask=attention_mask, class_labels=z
-            ).sample
-            if empty_index is not None:
-                conditional, unconditional = model_output.chunk(2)
-                model_output = unconditional + guidance_scale * (conditional - unconditional)
-            if is_x0:
-                # A predicted mask lives in [-1, 1]: clamping it works with every scheduler, Euler included.
-                model_output = model_output.clamp(-1.0, 1.0)
-            latents = self.scheduler.step(model_output, t, latents, **extra_step_kwargs, return_dict=False)[0]
-            progress_bar.update()
-        return latents
+            # 6. Prepare extra step kwargs.
+            extra_step_kwargs = self.prepare_extra_step_kwargs(generator, eta)
+
+            # 7. Denoising loop: every row steps together; the UNet sees `batch_size` rows per call.
+            predicts_clean_mask = self.scheduler.config.prediction_type == "sample"
+            chunks = [slice(start, min(start + batch_size, rows)) for start in range(0, rows, batch_size)]
+            with self.progress_bar(total=len(timesteps)) as progress_bar:
+                for i, t in enumerate(timesteps):
+                    if self.interrupt:
+                        continue
+                    latent_input = self.scheduler.scale_model_input(latents, t)
+                    model_output = torch.cat([
+                        self._denoise_rows(
+                            latent_input[c], t, row_images[c], prompt_embeds[c], prompt_attention_mask[c],
+                            None if ambiguity_latents is None else ambiguity_latents[c],
+                            None if negative_prompt_embeds is None else negative_prompt_embeds[c],
+                            None if negative_prompt_attention_mask is None else negative_prompt_attention_mask[c],
+                        )
+                        for c in chunks
+                    ])
+                    if predicts_clean_mask:
+                        # A predicted mask lives in [-1, 1]: clamping it works with every scheduler, Euler included.
+                        model_output = model_output.clamp(-1.0, 1.0)
+                    latents = self.scheduler.step(model_output, t, latents, **extra_step_kwargs, return_dict=False)[0]
+
+                    if callback_on_step_end is not None:
+                        callback_kwargs = {}
+                        for k in callback_on_step_end_tensor_inputs:
+                            callback_kwargs[k] = locals()[k]
+                        callback_outputs = callback_on_step_end(self, i, t, callback_kwargs) or {}
+                        latents = callback_outputs.pop("latents", latents)
+                        prompt_embeds = callback_outputs.pop("prompt_embeds", prompt_embeds)
+                        negative_prompt_embeds = callback_outputs.pop("negative_prompt_embeds", negative_prompt_embeds)
+                        ambiguity_latents = callback_outputs.pop("ambiguity_latents", ambiguity_latents)
+                    progress_bar.update()
+
+            # 8. Post-process: [-1, 1] samples -> probabilities, masks and the per-pixel statistics.
+            self.maybe_free_model_hooks()
+            if output_type == "latent":
+                return AmbiSegPipelineOutput(masks=latents) if return_dict else (latents,)
+            probabilities = ((latents.float() + 1.0) / 2.0).clamp(0.0, 1.0).reshape(batch, num_samples, height, width)
+            masks = probabilities > threshold
+            pixel_mean = probabilities.mean(dim=1)
+            pixel_variance = probabilities.var(dim=1, unbiased=False)
+            if output_type in ("np", "pil"):
+                pixel_mean, pixel_variance = pixel_mean.cpu().numpy(), pixel_variance.cpu().numpy()
+            if output_type == "np":
+                masks, probabilities = masks.cpu().numpy(), probabilities.cpu().numpy()
+            elif output_type == "pil":
+                masks = [[PIL.Image.fromarray(m.cpu().numpy().astype(np.uint8) * 255) for m in per] for per in masks]
+                probabilities = [[PIL.Image.fromarray((p.cpu().numpy() * 255).round().astype(np.uint8)) for p in per]
+                                 for per in probabilities]
+            if not return_dict:
+                return masks, probabilities, pixel_mean, pixel_variance
+            return AmbiSegPipelineOutput(masks=masks, probabilities=probabilities, pixel_mean=pixel_mean, pixel_variance=pixel_variance)
+
+
+def _default_card(repo_id: str):
+    return model_card("pipeline.md", repo_id)

@@ -1,13 +1,18 @@
 #!/usr/bin/env python
 """Evaluate a checkpoint the way the paper does: N samples per image, the ambiguity metrics, figures.
 
-    accelerate launch training/evaluate.py --model checkpoints/ambiseg-lidc64 --split validate --num_samples 16 \\
+    python scripts/evaluate.py --model checkpoints/ambiseg-lidc64 --split validate --num_samples 16 \\
         --prompts annotator --scheduler ddim --steps 20 --output_dir runs/eval
+    torchrun --nproc_per_node 2 scripts/evaluate.py ...                     # several processes (CPU or GPUs)
+    accelerate launch --multi_gpu --num_processes 4 scripts/evaluate.py ...  # the same through accelerate
 
 Writes per-image metrics (`per_image.jsonl`, `per_image.csv`), the paper-layout summary with 95% bootstrap
 intervals (`summary.md`, `summary.json`), the sample-count sweep (Table 4) computed from this one run of the
 largest N, and figures (`figure_samples.png`, `quality_vs_n.png`, optionally `prompt_control.png`).
-Images are split across accelerate processes; an interrupted run resumes from its partial results files.
+Images are split across the launcher's processes, each writing its own `per_image.rank<r>.jsonl`; the main process
+merges them once and records `num_processes` in `summary.json`. An interrupted run resumes from those files when
+run again with the same arguments and model (recorded in `run_arguments.json`); other arguments are refused unless
+`--overwrite` starts over.
 """
 
 from __future__ import annotations
@@ -23,8 +28,10 @@ from accelerate import PartialState
 from tqdm.auto import tqdm
 
 from ambiseg_diffusers import AmbiSegPipeline
+from ambiseg_diffusers.evaluation import SAMPLING_SCHEDULERS, build_sampling_scheduler, cpu_only, sample_rows
+from ambiseg_diffusers.lidc import load_split
 from ambiseg_diffusers.metrics import METRIC_NAMES, compute_metrics_batch, format_table, summarize
-from ambiseg_diffusers.training_utils import build_sampling_scheduler, load_training_dataset, sample_rows
+from ambiseg_diffusers.run_records import check_resumable, pipeline_fingerprint
 from ambiseg_diffusers.visualization import sample_grid
 
 N_SWEEP = (1, 2, 4, 8, 12, 16, 24, 32)
@@ -34,12 +41,14 @@ FIGURE_IMAGES = 4
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="pipeline folder or Hub id")
-    parser.add_argument("--dataset", default="lidc64")
-    parser.add_argument("--data_dir", default=None)
-    parser.add_argument("--split", default="validate")
-    parser.add_argument("--num_samples", type=int, default=16)
-    parser.add_argument("--prompts", default="annotator", choices=["annotator", "nodule", "none"])
-    parser.add_argument("--scheduler", default=None, help="ddpm, ddim, dpm, unipc or euler (default: the saved one)")
+    parser.add_argument("--dataset", default="lidc64", help="'lidc64' or a folder saved with save_to_disk")
+    parser.add_argument("--data_dir", default=None, help="the lidc64 folder or the folder above it")
+    parser.add_argument("--split", default="validate", help="split to evaluate (lidc64: validate, mini, train, ...)")
+    parser.add_argument("--num_samples", type=int, default=16, help="samples per image N")
+    parser.add_argument("--prompts", default="annotator", choices=["annotator", "nodule", "none"],
+                        help="prompt protocol (see ambiseg_diffusers.lidc)")
+    parser.add_argument("--scheduler", default=None, choices=sorted(SAMPLING_SCHEDULERS),
+                        help="sampler (default: the saved one)")
     parser.add_argument("--steps", type=int, default=None, help="default: the pipeline's default")
     parser.add_argument("--deterministic", action="store_true",
                         help="baseline: z at the prior mean and one sample repeated num_samples times")
@@ -47,11 +56,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--prior_temperature", type=float, default=1.0, help="scale of the prior's std (0 = its mean)")
     parser.add_argument("--preference_scale", type=float, default=None,
                         help="TDG-DiffDPO checkpoints: 0 = reference ... 1 = aligned (default 1)")
-    parser.add_argument("--max_images", type=int, default=None)
-    parser.add_argument("--images_per_call", type=int, default=4)
+    parser.add_argument("--max_images", type=int, default=None, help="only the first N images")
+    parser.add_argument("--images_per_call", type=int, default=4, help="images per pipeline call (memory only)")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast (faster on CPUs with AVX-512 BF16 and on GPUs)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="image i samples with a generator seeded seed + i")
     parser.add_argument("--output_dir", required=True)
+    parser.add_argument("--overwrite", action="store_true",
+                        help="delete partial results made with other arguments and start over")
     parser.add_argument("--label", default=None, help="row label in summary.md")
     parser.add_argument("--prompt_control", nargs=2, default=None, metavar=("PROMPT_A", "PROMPT_B"),
                         help="also draw the paper's Figure 9 panel: 8 samples for each of two contradicting prompts")
@@ -87,19 +98,33 @@ def image_record(index: int, row: dict, samples: np.ndarray) -> dict:
     return record
 
 
+def result_arguments(args, pipe, total: int) -> dict:
+    """What defines the numbers of this run (not how it is split into calls or processes)."""
+    keys = ("dataset", "split", "num_samples", "prompts", "scheduler", "steps", "deterministic", "guidance_scale",
+            "prior_temperature", "preference_scale", "bf16", "seed")
+    return {"model": args.model, "model_sha256": pipeline_fingerprint(pipe), "images": total,
+            **{k: getattr(args, k) for k in keys}}
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    state = PartialState()
+    state = PartialState(cpu=cpu_only())
     output_dir = Path(args.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    dataset = load_training_dataset(args.dataset, args.split, args.data_dir)
+    dataset = load_split(args.dataset, args.split, args.data_dir)
     total = len(dataset) if args.max_images is None else min(args.max_images, len(dataset))
     pipe = load_pipeline(args).to(state.device)
+    if state.is_main_process:
+        print(f"evaluating {total} images on {state.num_processes} process(es)", flush=True)
 
-    # Resumable: each process appends finished images to its own file and skips those already there.
-    part = output_dir / f"per_image.part{state.process_index}.jsonl"
-    done = {json.loads(line)["index"] for line in part.read_text().splitlines()} if part.exists() else set()
-    kept: dict[int, np.ndarray] = {}  # samples of the figure's images, when this run draws them
+    # Resumable: each process appends finished images to its own file; a rerun skips the images in any of them.
+    partial = sorted(output_dir.glob("per_image.rank*.jsonl"))
+    check_resumable(output_dir, result_arguments(args, pipe, total), partial, args.overwrite, write=state.is_main_process)
+    state.wait_for_everyone()
+    done = {json.loads(line)["index"] for path in output_dir.glob("per_image.rank*.jsonl")
+            for line in path.read_text().splitlines()}
+    state.wait_for_everyone()  # every process has read the files before any appends
+    part = output_dir / f"per_image.rank{state.process_index}.jsonl"
+    kept: dict[int, np.ndarray] = {}  # samples of the figure's images, when this process draws them
     with state.split_between_processes(list(range(total))) as mine:
         todo = [i for i in mine if i not in done]
         with part.open("a") as sink, tqdm(total=len(mine), initial=len(mine) - len(todo), desc=f"evaluate[{state.process_index}]",
@@ -116,17 +141,20 @@ def main(argv=None) -> dict:
     state.wait_for_everyone()
     if not state.is_main_process:
         return {}
-    return write_reports(args, dataset, pipe, total, kept)
+    return write_reports(args, dataset, pipe, total, kept, state.num_processes)
 
 
-def write_reports(args, dataset, pipe, total: int, kept: dict) -> dict:
+def write_reports(args, dataset, pipe, total: int, kept: dict, num_processes: int) -> dict:
     output_dir = Path(args.output_dir)
     records = {}
-    for part in output_dir.glob("per_image.part*.jsonl"):
+    for part in sorted(output_dir.glob("per_image.rank*.jsonl")):
         for line in part.read_text().splitlines():
             record = json.loads(line)
             records[record["index"]] = record
-    records = [records[i] for i in sorted(records) if i < total]
+    missing = sorted(set(range(total)) - set(records))
+    if missing:
+        raise RuntimeError(f"{len(missing)} images have no results (e.g. {missing[:5]}); run again to finish them.")
+    records = [records[i] for i in range(total)]
     with (output_dir / "per_image.jsonl").open("w") as f:
         f.writelines(json.dumps(r) + "\n" for r in records)
     with (output_dir / "per_image.csv").open("w", newline="") as f:
@@ -144,7 +172,9 @@ def write_reports(args, dataset, pipe, total: int, kept: dict) -> dict:
     text += format_table({f"N = {n}": s for n, s in sweep.items()})
     text += f"\nMean sample foreground {np.mean([r['sample_foreground'] for r in records]):.4f}\n"
     (output_dir / "summary.md").write_text(text)
-    (output_dir / "summary.json").write_text(json.dumps({"label": label, "summary": summary, "n_sweep": sweep}, indent=2))
+    (output_dir / "summary.json").write_text(json.dumps(
+        {"label": label, "summary": summary, "n_sweep": sweep, "num_processes": num_processes, "images": len(records)},
+        indent=2))
     figures(args, dataset, pipe, sweep, kept)
     print(text)
     return summary

@@ -2,7 +2,7 @@
 """Build the paper's LIDC-IDRI training set from the raw DICOM scans (TCIA) with pylidc.
 
     pip install "ambiseg-diffusers[lidc]"
-    python training/prepare_lidc.py --dicom_dir /data/LIDC-IDRI --output_dir data/lidc128 [--push_to_hub org/name]
+    python scripts/prepare_lidc.py --dicom_dir /data/LIDC-IDRI --output_dir data/lidc128 [--push_to_hub org/name]
 
 Every nodule (no size filter): its rater annotations clustered per nodule by pylidc, one 2-D sample per axial slice
 that any rater marked, exactly four mask slots (empty masks for raters who did not mark the nodule), each rater's
@@ -12,8 +12,10 @@ training patients. Crop geometries:
   (bilinear image, nearest masks), HU clipped to [-1000, 400] and scaled to [-1, 1];
 - `lidc64`: 64x64 at native spacing with origin at the 50% consensus box centre minus 32 (the geometry of
   ../shared/data/lidc64; `--crop_origins lidc64_nodules.json` reuses its recorded origins), image z-scored per slice.
-A scan that fails to load is reported and skipped; the dataset is written atomically (a temporary folder renamed at
-the end), so an interrupt never leaves half a dataset.
+A scan that fails to load is reported and skipped (a run where none loads fails and writes nothing). Each scan's
+samples are kept beside the output as they finish, so a rerun with the same arguments resumes per scan (other
+arguments are refused unless `--overwrite`); the dataset is written atomically (a temporary folder swapped in at the
+end), so an interrupt never leaves half a dataset and nothing replaces a dataset with an empty one.
 """
 
 from __future__ import annotations
@@ -32,7 +34,9 @@ import torch
 from datasets import DatasetDict, Dataset
 from tqdm.auto import tqdm
 
+from ambiseg_diffusers.hub_utils import dataset_card, push_dataset_to_hub
 from ambiseg_diffusers.lidc import RATING_NAMES, lidc64_features, slice_prompts
+from ambiseg_diffusers.run_records import check_resumable
 
 warnings.filterwarnings("ignore", category=DeprecationWarning)
 MAX_RATERS = 4
@@ -116,71 +120,129 @@ def split_patients(patients: list[str], seed: int, test_fraction: float = 0.2, v
     return {p: "test" if i < n_test else "validation" if i < n_test + n_validation else "train" for i, p in enumerate(order)}
 
 
+def scan_key(scan) -> str:
+    return f"{scan.patient_id}_{scan.series_instance_uid}"
+
+
+def scan_samples(scan, volume: np.ndarray, geometry: str, crop_origins: dict | None, crop_mm: float,
+                 resolution: int) -> list[dict]:
+    """The samples of every nodule of one scan."""
+    samples = []
+    for nodule_idx, cluster in enumerate(scan.cluster_annotations()):
+        origin = (crop_origins or {}).get(frozenset(a.id for a in cluster))
+        for sample in nodule_samples(volume, cluster, geometry, origin, crop_mm, resolution):
+            sample.update(patient_id=scan.patient_id, nodule_id=f"{scan.patient_id[-4:]}_{nodule_idx}")
+            samples.append(sample)
+    return samples
+
+
+def save_scan_part(path: Path, samples: list[dict]) -> None:
+    """One scan's samples as plain arrays (no pickle), written atomically: a part is complete or absent."""
+    arrays = {key: np.stack([s[key] for s in samples]) if samples else np.zeros(0)
+              for key in ("image", "masks", "annotator_valid", "ratings", "slice")}
+    arrays["patient_id"] = np.array([s["patient_id"] for s in samples], dtype=str)
+    arrays["nodule_id"] = np.array([s["nodule_id"] for s in samples], dtype=str)
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez(tmp, **arrays)
+    os.replace(tmp, path)
+
+
+def load_scan_part(path: Path) -> list[dict]:
+    with np.load(path, allow_pickle=False) as part:
+        if part["patient_id"].size == 0:
+            return []
+        keys = ("image", "masks", "annotator_valid", "ratings", "slice", "patient_id", "nodule_id")
+        return [{k: part[k][i] for k in keys} for i in range(len(part["patient_id"]))]
+
+
 def build_dataset(scans, load_volume: Callable = dicom_volume, geometry: str = "paper", seed: int = 0,
                   crop_origins: dict[frozenset, tuple[int, int]] | None = None, crop_mm: float = 64.0, resolution: int = 128,
-                  test_fraction: float = 0.2, validation_fraction: float = 0.1) -> tuple[DatasetDict, dict]:
+                  test_fraction: float = 0.2, validation_fraction: float = 0.1,
+                  parts_dir: str | os.PathLike | None = None) -> tuple[DatasetDict, dict]:
     """Samples of every nodule of `scans` (pylidc Scan objects) as a DatasetDict, and a report of skipped scans.
 
     `crop_origins` maps a nodule's set of annotation ids to a recorded crop origin (else the consensus centre).
+    With `parts_dir`, each scan's samples are stored there as it finishes and a rerun skips the scans already done
+    (failed scans are retried). Raises RuntimeError when no scan could be read.
     """
-    rows, failed = [], {}
+    parts = Path(parts_dir) if parts_dir is not None else None
+    rows, failed, reused = [], {}, 0
     for scan in tqdm(scans, desc="scans"):
+        part = parts / f"{scan_key(scan)}.npz" if parts is not None else None
+        if part is not None and part.exists():
+            rows += load_scan_part(part)
+            reused += 1
+            continue
         try:
             volume = load_volume(scan)
         except Exception as error:  # one unreadable scan must not end a run over 1,018
             failed[scan.patient_id + "/" + scan.series_instance_uid] = f"{type(error).__name__}: {error}"
             tqdm.write(f"skipped {scan.patient_id}: {type(error).__name__}: {error}")
             continue
-        for nodule_idx, cluster in enumerate(scan.cluster_annotations()):
-            nodule_id = f"{scan.patient_id[-4:]}_{nodule_idx}"
-            origin = (crop_origins or {}).get(frozenset(a.id for a in cluster))
-            for sample in nodule_samples(volume, cluster, geometry, origin, crop_mm, resolution):
-                sample.update(patient_id=scan.patient_id, nodule_id=nodule_id)
-                rows.append(sample)
-    assignment = split_patients([r["patient_id"] for r in rows], seed, test_fraction, validation_fraction)
+        samples = scan_samples(scan, volume, geometry, crop_origins, crop_mm, resolution)
+        if part is not None:
+            save_scan_part(part, samples)
+        rows += samples
+    if not rows:
+        example = next(iter(failed.values()), "no scans given")
+        raise RuntimeError(f"no samples: {len(failed)} of {len(scans)} scans could not be read (e.g. {example}); "
+                           "check --dicom_dir and --patients.")
+    assignment = split_patients([str(r["patient_id"]) for r in rows], seed, test_fraction, validation_fraction)
     splits = {}
     for split in ("train", "validation", "test"):
-        chosen = [r for r in rows if assignment[r["patient_id"]] == split]
+        chosen = [r for r in rows if assignment[str(r["patient_id"])] == split]
         if not chosen:  # e.g. no validation patients in a small run; an empty split has no arrays to type
             continue
-        prompts = [slice_prompts(r["ratings"], r["annotator_valid"]) for r in chosen]
+        prompts = [slice_prompts(r["ratings"], np.asarray(r["annotator_valid"])) for r in chosen]
         size = chosen[0]["image"].shape[-1]
         splits[split] = Dataset.from_dict({
             "image": [r["image"] for r in chosen], "masks": [r["masks"] for r in chosen],
-            "annotator_valid": [r["annotator_valid"].tolist() for r in chosen], "ratings": [r["ratings"] for r in chosen],
-            "prompts": [p[0] for p in prompts], "nodule_prompt": [p[1] for p in prompts],
-            "patient_id": [r["patient_id"] for r in chosen], "nodule_id": [r["nodule_id"] for r in chosen],
-            "slice": [r["slice"] for r in chosen],
+            "annotator_valid": [np.asarray(r["annotator_valid"]).tolist() for r in chosen],
+            "ratings": [r["ratings"] for r in chosen], "prompts": [p[0] for p in prompts],
+            "nodule_prompt": [p[1] for p in prompts], "patient_id": [str(r["patient_id"]) for r in chosen],
+            "nodule_id": [str(r["nodule_id"]) for r in chosen], "slice": [int(r["slice"]) for r in chosen],
         }, features=lidc64_features(size))
-    return DatasetDict(splits), {"failed_scans": failed, "samples": len(rows), "patients": len(assignment)}
+    report = {"failed_scans": failed, "samples": len(rows), "patients": len(assignment), "scans_resumed": reused}
+    return DatasetDict(splits), report
 
 
 def save_atomically(dataset: DatasetDict, report: dict, output_dir: str) -> None:
+    """Writes beside `output_dir` and swaps it in only when complete; an empty dataset never replaces anything."""
+    if sum(len(split) for split in dataset.values()) == 0:
+        raise RuntimeError(f"refusing to write an empty dataset to {output_dir}.")
     output = Path(output_dir)
     tmp = output.parent / f".{output.name}.partial"
     shutil.rmtree(tmp, ignore_errors=True)
     dataset.save_to_disk(str(tmp))
     (tmp / "prepare_report.json").write_text(json.dumps(report, indent=2))
-    shutil.rmtree(output, ignore_errors=True)
+    old = output.parent / f".{output.name}.old"
+    shutil.rmtree(old, ignore_errors=True)
+    if output.exists():
+        os.replace(output, old)
     os.replace(tmp, output)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dicom_dir", required=True, help="LIDC-IDRI root holding LIDC-IDRI-dddd folders")
-    parser.add_argument("--output_dir", required=True)
-    parser.add_argument("--geometry", default="paper", choices=["paper", "lidc64"])
+    parser.add_argument("--output_dir", required=True, help="where the DatasetDict is saved (save_to_disk)")
+    parser.add_argument("--geometry", default="paper", choices=["paper", "lidc64"], help="crop geometry (see above)")
     parser.add_argument("--crop_mm", type=float, default=64.0, help="paper geometry: crop side in mm before resizing")
-    parser.add_argument("--resolution", type=int, default=128)
+    parser.add_argument("--resolution", type=int, default=128, help="paper geometry: output size in pixels")
     parser.add_argument("--crop_origins", default=None, help="lidc64_nodules.json: reuse its crop origins")
     parser.add_argument("--patients", nargs="*", default=None, help="only these patient ids (default: all 1,018 scans)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--test_fraction", type=float, default=0.2)
-    parser.add_argument("--validation_fraction", type=float, default=0.1)
-    parser.add_argument("--push_to_hub", default=None, metavar="REPO_ID")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the patient split")
+    parser.add_argument("--test_fraction", type=float, default=0.2, help="patients held out for testing")
+    parser.add_argument("--validation_fraction", type=float, default=0.1, help="of the other patients, for validation")
+    parser.add_argument("--overwrite", action="store_true", help="discard per-scan results made with other arguments")
+    parser.add_argument("--push_to_hub", default=None, metavar="REPO_ID",
+                        help="also upload the dataset with a card carrying the CC BY 3.0 attribution")
     args = parser.parse_args(argv)
 
     pl = _pylidc()
+    if not Path(args.dicom_dir).is_dir():
+        parser.error(f"--dicom_dir {args.dicom_dir!r} is not a folder")
     use_dicom_dir(args.dicom_dir)
     scans = pl.query(pl.Scan)
     if args.patients:
@@ -189,13 +251,29 @@ def main(argv=None):
     if args.crop_origins:
         recorded = json.loads(Path(args.crop_origins).read_text()).values()
         origins = {frozenset(v["annotation_ids"]): tuple(v["crop_origin_rc"]) for v in recorded}
-    dataset, report = build_dataset(scans.all(), geometry=args.geometry, seed=args.seed, crop_origins=origins,
-                                    crop_mm=args.crop_mm, resolution=args.resolution, test_fraction=args.test_fraction,
-                                    validation_fraction=args.validation_fraction)
+    output = Path(args.output_dir)
+    parts = output.parent / f".{output.name}.scans"
+    defining = {k: v for k, v in vars(args).items() if k not in ("output_dir", "overwrite", "push_to_hub")}
+    defining["dicom_dir"] = os.path.abspath(args.dicom_dir)
+    check_resumable(parts, defining, sorted(parts.glob("*.npz")), args.overwrite)
+    try:
+        dataset, report = build_dataset(scans.all(), geometry=args.geometry, seed=args.seed, crop_origins=origins,
+                                        crop_mm=args.crop_mm, resolution=args.resolution, test_fraction=args.test_fraction,
+                                        validation_fraction=args.validation_fraction, parts_dir=parts)
+    except RuntimeError as error:
+        sys.exit(f"prepare_lidc.py: {error}")
     save_atomically(dataset, report, args.output_dir)
+    shutil.rmtree(parts)
     print({k: len(v) for k, v in dataset.items()}, f"{len(report['failed_scans'])} scans skipped")
     if args.push_to_hub:
-        dataset.push_to_hub(args.push_to_hub)
+        card = dataset_card(
+            "LIDC-IDRI nodule crops with four rater masks and rating prompts",
+            f"{report['samples']} axial slices of every LIDC-IDRI nodule in the scans read ({args.geometry} geometry), "
+            "each with four radiologist mask slots (empty for raters who did not mark the nodule), their nine LIDC "
+            "ratings and the prompts built from them, split by patient.",
+            "python scripts/prepare_lidc.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        )
+        push_dataset_to_hub(dataset, args.push_to_hub, card)
 
 
 if __name__ == "__main__":

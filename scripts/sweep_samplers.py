@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Quality against sampler and steps (the paper's DDPM-1000 / DDIM-100 against few-step solvers) on the same images.
 
-    python training/sweep_samplers.py --model checkpoints/ambiseg-lidc64 --split mini --output_dir runs/sweep \\
+    python scripts/sweep_samplers.py --model checkpoints/ambiseg-lidc64 --split mini --output_dir runs/sweep \\
         --configs ddpm:1000 ddim:100 ddim:50 ddim:20 ddim:10 dpm:20 dpm:10 unipc:20 unipc:10
 
 Writes `sweep.md` (paper-layout table, seconds per image) and `quality_vs_steps.png`.
@@ -18,7 +18,8 @@ import torch
 
 from ambiseg_diffusers import AmbiSegPipeline
 from ambiseg_diffusers.metrics import format_table, summarize
-from ambiseg_diffusers.training_utils import build_sampling_scheduler, evaluate_pipeline, load_training_dataset
+from ambiseg_diffusers.evaluation import build_sampling_scheduler, evaluate_pipeline
+from ambiseg_diffusers.lidc import load_split
 
 
 def main(argv=None) -> dict:
@@ -38,7 +39,7 @@ def main(argv=None) -> dict:
 
     base = AmbiSegPipeline.from_pretrained(args.model)
     base.set_progress_bar_config(disable=True)
-    dataset = load_training_dataset(args.dataset, args.split, args.data_dir)
+    dataset = load_split(args.dataset, args.split, args.data_dir)
     count = len(dataset) if args.max_images is None else min(args.max_images, len(dataset))
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)

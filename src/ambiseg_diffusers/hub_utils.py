@@ -1,0 +1,98 @@
+"""The Hugging Face Hub side: resolving a local folder or a repo id, model and dataset cards, uploads.
+
+Cards are built with `huggingface_hub.ModelCard` / `DatasetCard` from the templates in `model_cards/`, which ship
+inside the package (a wheel install finds them too).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from importlib import resources
+from pathlib import Path
+
+from huggingface_hub import DatasetCard, DatasetCardData, ModelCard, ModelCardData
+
+LIDC_ATTRIBUTION = (
+    "LIDC-IDRI, distributed by The Cancer Imaging Archive under CC BY 3.0. Armato III, S. G., et al. (2011) \"The Lung "
+    "Image Database Consortium (LIDC) and Image Database Resource Initiative (IDRI)\", Medical Physics 38(2); and "
+    "Armato III, S. G., et al. (2015) Data from LIDC-IDRI, TCIA, doi:10.7937/K9/TCIA.2015.LO9QL9SX."
+)
+# `library_name` must be one the Hub knows; this package is named in the tags.
+CARD_TAGS = ["ambiseg-diffusers", "medical-imaging", "ambiguous-segmentation", "lidc-idri"]
+DOWNLOAD_KWARGS = ("cache_dir", "revision", "token", "local_files_only", "force_download", "proxies")
+_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
+
+
+def looks_local(name_or_path: str) -> bool:
+    """True for what can only be a path: absolute, `./`, `../`, `~`, several `/`, or not a valid repo id."""
+    return (
+        os.path.isabs(name_or_path) or name_or_path.startswith((".", "~")) or name_or_path.count("/") > 1
+        or "\\" in name_or_path or not _REPO_ID.match(name_or_path)
+    )
+
+
+def resolve_pretrained_path(name_or_path: str | os.PathLike, **download_kwargs) -> str:
+    """A local folder as is, else the folder of a Hub snapshot (`snapshot_download`, honouring `HF_HUB_OFFLINE` and the
+    cache). A missing path that can only be local is reported as such before any Hub call."""
+    name = str(name_or_path)
+    if os.path.isdir(name):
+        return name
+    if looks_local(name):
+        raise FileNotFoundError(f"`pretrained_model_name_or_path` {name!r} is not a folder (resolved to "
+                                f"{os.path.abspath(os.path.expanduser(name))!r}) and cannot be a Hub repo id.")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(name, **download_kwargs)
+    except Exception as error:
+        raise OSError(
+            f"{name!r} is neither a local folder (none at {os.path.abspath(name)!r}) nor a Hub repo that could be "
+            f"fetched: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+        ) from error
+
+
+def _template(name: str) -> str:
+    return resources.files("ambiseg_diffusers").joinpath("model_cards", name).read_text()
+
+
+def model_card(
+    template: str, repo_id: str, base_model: str | None = None, extra_tags: list[str] | None = None, **values
+) -> ModelCard:
+    """A model card from `model_cards/<template>` (Jinja `{{ name }}` fields filled from `values`), with the Hub
+    metadata: `library_name: diffusers`, this package in `tags`, `base_model` when given, LIDC-IDRI attribution."""
+    data = ModelCardData(
+        library_name="diffusers", license="apache-2.0", pipeline_tag="image-segmentation", base_model=base_model,
+        tags=CARD_TAGS + (extra_tags or []),
+    )
+    return ModelCard.from_template(
+        data, template_str=_template(template), repo_id=repo_id, base_model=base_model, attribution=LIDC_ATTRIBUTION,
+        **values,
+    )
+
+
+def dataset_card(title: str, description: str, command: str, extra_tags: list[str] | None = None) -> DatasetCard:
+    """A dataset card for data derived from LIDC-IDRI: licence CC BY 3.0 and the attribution it requires."""
+    data = DatasetCardData(license="cc-by-3.0", tags=CARD_TAGS + (extra_tags or []), task_categories=["image-segmentation"])
+    return DatasetCard.from_template(
+        data, template_str=_template("dataset.md"), title=title, description=description, command=command,
+        attribution=LIDC_ATTRIBUTION,
+    )
+
+
+def push_dataset_to_hub(dataset, repo_id: str, card: DatasetCard, token: str | None = None) -> None:
+    """`Dataset(Dict).push_to_hub` followed by the card (the datasets library writes a bare one)."""
+    dataset.push_to_hub(repo_id, token=token)
+    card.push_to_hub(repo_id, repo_type="dataset", token=token)
+
+
+def push_folder_to_hub(folder: str | os.PathLike, repo_id: str, token: str | None = None, private: bool | None = None,
+                       commit_message: str = "Upload with ambiseg-diffusers") -> str:
+    """Uploads a finished run folder (weights and card; never checkpoints, logs or validation pictures)."""
+    from huggingface_hub import create_repo, upload_folder
+
+    repo_id = create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
+    return upload_folder(
+        repo_id=repo_id, folder_path=str(Path(folder)), token=token, commit_message=commit_message,
+        ignore_patterns=["checkpoint-*", ".checkpoint-*", "logs/*", "validation-*.png"],
+    )
