@@ -166,6 +166,8 @@ def build_dataset(scans, load_volume: Callable = dicom_volume, geometry: str = "
     (failed scans are retried). Raises RuntimeError when no scan could be read.
     """
     parts = Path(parts_dir) if parts_dir is not None else None
+    if parts is not None:
+        parts.mkdir(parents=True, exist_ok=True)
     rows, failed, reused = [], {}, 0
     for scan in tqdm(scans, desc="scans"):
         part = parts / f"{scan_key(scan)}.npz" if parts is not None else None

@@ -88,3 +88,13 @@ def pipe(tokenizer) -> AmbiSegPipeline:
 @pytest.fixture
 def image() -> np.ndarray:
     return np.random.default_rng(0).normal(size=(SIZE, SIZE)).astype(np.float32) * 200 - 600  # HU-like range
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """accelerate keeps one process-wide state; each test's scripts start from a clean one (precision, device)."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)

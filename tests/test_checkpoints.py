@@ -1,5 +1,7 @@
-"""The committed checkpoints load offline in one line and sample nodule-sized masks on a real slice."""
+"""The committed checkpoints load offline in one line (from the checkout and from a Hub cache) and sample
+nodule-sized masks on a real slice."""
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -32,3 +34,24 @@ def test_committed_checkpoints_load_and_sample():
     aligned.set_progress_bar_config(disable=True)
     same = aligned(image, prompts, num_samples=4, generator=torch.Generator().manual_seed(0), preference_scale=0.0)
     np.testing.assert_allclose(same.probabilities, out.probabilities, atol=1e-5)
+
+
+@needs_data
+def test_committed_dpo_checkpoint_loads_from_the_hub_by_its_base_model_id(tmp_path):
+    """As published: the adapter repo names its reference by Hub id (`preference.json`, card `base_model`)."""
+    from huggingface_hub import ModelCard
+
+    from test_pipeline import fill_hub_cache, run_offline
+
+    adapter = CHECKPOINTS / "tdg-diffdpo-lidc64"
+    info = json.loads((adapter / "preference.json").read_text())
+    assert ModelCard.load(adapter / "README.md").data.base_model == info["base_model"]
+    fill_hub_cache(CHECKPOINTS / "ambiseg-lidc64", tmp_path / "hub", info["base_model"])
+    fill_hub_cache(adapter, tmp_path / "hub", "ambiseg-diffusers/tdg-diffdpo-lidc64")
+    result = run_offline("""
+        from ambiseg_diffusers import AmbiSegPipeline
+        pipe = AmbiSegPipeline.from_pretrained("ambiseg-diffusers/tdg-diffdpo-lidc64")
+        print("ADAPTERS", sorted(pipe.unet.peft_config), pipe.unet.peft_config["preference"].r)
+    """, tmp_path / "hub", tmp_path / "home")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "ADAPTERS ['preference'] 8" in result.stdout

@@ -2,7 +2,6 @@
 
 import json
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,10 +11,12 @@ from diffusers import DDPMScheduler
 
 from ambiseg_diffusers import AmbiSegPipeline
 from ambiseg_diffusers.losses import diffusion_dpo_loss, predicted_noise
+from datasets import load_from_disk
+
+import train_dpo
 from ambiseg_diffusers.preferences import build_preferences, pick_pair, score_candidates, select_rows
 
-from conftest import make_pipeline
-from conftest import needs_data
+from conftest import make_pipeline, needs_data
 
 
 
@@ -68,10 +69,30 @@ def test_scores_pairs_and_ties():
     assert select_rows(100, 0.25, 0) == select_rows(100, 0.25, 0) and len(select_rows(100, 0.25, 0)) == 25
 
 
+@pytest.fixture
+def reference_and_pairs(tokenizer, tmp_path):
+    """A tiny saved reference and mean-Dice pairs from all 14 mini slices."""
+    from ambiseg_diffusers.lidc import load_lidc64
+
+    reference = make_pipeline(tokenizer)
+    reference.save_pretrained(tmp_path / "reference")
+    build_preferences(reference, load_lidc64("mini"), tmp_path / "prefs", num_candidates=2, fraction=1.0,
+                      num_inference_steps=2)
+    return reference, tmp_path / "reference", tmp_path / "prefs"
+
+
+def dpo_args(reference: Path, prefs: Path, *extra) -> list:
+    return ["--reference", str(reference), "--preferences", str(prefs), "--config", "cpu", "--train_batch_size", "2",
+            "--num_epochs", "1", "--report_to", "none", "--checkpointing_steps", "2", "--num_validation_images", "1",
+            "--num_validation_samples", "2", "--mixed_precision", "no", *extra]
+
+
 @needs_data
 def test_build_preferences_and_train_dpo_end_to_end(tokenizer, tmp_path):
+    from huggingface_hub import ModelCard
+    from safetensors.torch import load_file
+
     from ambiseg_diffusers.lidc import load_lidc64
-    import train_dpo
 
     reference = make_pipeline(tokenizer)
     reference.save_pretrained(tmp_path / "reference")
@@ -82,12 +103,15 @@ def test_build_preferences_and_train_dpo_end_to_end(tokenizer, tmp_path):
     assert (pairs["winner_score"][0] > pairs["loser_score"][0]) and set(pairs["strategy"]) == {"stochastic_run"}
     assert np.asarray(pairs[0]["winner"]).shape == (64, 64)
 
-    args = ["--reference", str(tmp_path / "reference"), "--preferences", str(tmp_path / "prefs"),
-            "--config", "cpu", "--train_batch_size", "2", "--num_epochs", "1", "--num_validation_images", "1",
-            "--num_validation_samples", "2", "--report_to", "none", "--checkpointing_steps", "1", "--mixed_precision", "no"]
-    out = train_dpo.main(args + ["--output_dir", str(tmp_path / "dpo")])
-    assert json.loads((out / "preference.json").read_text())["reference"] == "../reference"
-    assert "tdg-diffdpo" in (out / "README.md").read_text()
+    out = train_dpo.main(dpo_args(tmp_path / "reference", tmp_path / "prefs", "--max_train_steps", "3",
+                                  "--base_model_id", "org/tiny-reference", "--output_dir", str(tmp_path / "dpo")))
+    assert json.loads((out / "preference.json").read_text()) == {
+        "adapter_name": "preference", "base_model": "org/tiny-reference", "base_model_path": "../reference"}
+    assert all(k.startswith("unet.") and "lora" in k for k in load_file(str(out / "pytorch_lora_weights.safetensors")))
+    card = ModelCard.load(out / "README.md")
+    assert card.data.base_model == "org/tiny-reference" and card.data.library_name == "diffusers"
+    assert "tdg-diffdpo" in card.data.tags and "CC BY 3.0" in card.text
+    assert json.loads((out / "dpo_config.json").read_text())["max_train_steps"] == 3
 
     aligned = AmbiSegPipeline.from_pretrained(out)
     aligned.set_progress_bar_config(disable=True)
@@ -96,26 +120,91 @@ def test_build_preferences_and_train_dpo_end_to_end(tokenizer, tmp_path):
                                generator=torch.Generator().manual_seed(0), **kw).probabilities
     ref = reference(image, "a nodule", num_samples=2, num_inference_steps=2, generator=torch.Generator().manual_seed(0)).probabilities
     np.testing.assert_allclose(run(preference_scale=0.0), ref, atol=1e-5)  # scale 0 = the reference exactly
-    assert not np.allclose(run(preference_scale=1.0), ref)  # the adapter trained
+    assert np.abs(run(preference_scale=1.0) - ref).max() > 1e-4  # the adapter trained
     with pytest.raises(ValueError, match="preference_scale"):
         reference(image, num_samples=1, preference_scale=0.5)
 
 
 @needs_data
-def test_dpo_resume_after_kill_matches(tokenizer, tmp_path):
-    from ambiseg_diffusers.lidc import load_lidc64
+def test_dpo_resume_after_kill_matches(reference_and_pairs, tmp_path):
     from safetensors.numpy import load_file
-    import train_dpo
 
-    reference = make_pipeline(tokenizer)
-    reference.save_pretrained(tmp_path / "reference")
-    build_preferences(reference, load_lidc64("mini"), tmp_path / "prefs", num_candidates=2, fraction=1.0, num_inference_steps=2)
-    args = ["--reference", str(tmp_path / "reference"), "--preferences", str(tmp_path / "prefs"), "--config", "cpu",
-            "--train_batch_size", "2", "--num_epochs", "1", "--report_to", "none", "--checkpointing_steps", "2",
-            "--num_validation_images", "1", "--num_validation_samples", "1", "--mixed_precision", "no"]
+    _, reference, prefs = reference_and_pairs
+    args = dpo_args(reference, prefs, "--num_validation_images", "0")
     straight = train_dpo.main(args + ["--output_dir", str(tmp_path / "a")])
     train_dpo.main(args + ["--output_dir", str(tmp_path / "b"), "--stop_after_steps", "3"])
+    assert not (tmp_path / "b" / "pytorch_lora_weights.safetensors").exists()
     resumed = train_dpo.main(args + ["--output_dir", str(tmp_path / "b"), "--resume_from_checkpoint", "latest"])
-    a = load_file(str(straight / "unet_lora" / "pytorch_lora_weights.safetensors"))
-    b = load_file(str(resumed / "unet_lora" / "pytorch_lora_weights.safetensors"))
+    a = load_file(str(straight / "pytorch_lora_weights.safetensors"))
+    b = load_file(str(resumed / "pytorch_lora_weights.safetensors"))
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+@needs_data
+@pytest.mark.parametrize("lora_rank", ["8", "0"])
+def test_every_dpo_module_is_on_the_accelerator_device(reference_and_pairs, tmp_path, monkeypatch, lora_rank):
+    from test_training import run_on_meta
+
+    _, reference, prefs = reference_and_pairs
+    seen = run_on_meta(monkeypatch, train_dpo, "diffusion_dpo_loss", dpo_args(
+        reference, prefs, "--lora_rank", lora_rank, "--validation_steps", "1", "--stop_after_steps", "1",
+        "--checkpointing_steps", "100", "--output_dir", str(tmp_path / "meta")))
+    assert seen == {"encoder": {"meta"}, "loss": "meta", "validation": {"meta"}}
+
+
+@needs_data
+def test_frozen_reference_runs_under_the_policy_autocast(reference_and_pairs, tmp_path, monkeypatch):
+    """At step 0 the policy is the reference: in bf16 both must give the same errors (delta 0, loss log 2)."""
+    _, reference, prefs = reference_and_pairs
+    deltas = []
+    real_loss = train_dpo.diffusion_dpo_loss
+
+    def recording(policy_w, policy_l, ref_w, ref_l, beta):
+        deltas.append(((policy_w - ref_w) - (policy_l - ref_l)).abs().max().item())
+        return real_loss(policy_w, policy_l, ref_w, ref_l, beta)
+
+    monkeypatch.setattr(train_dpo, "diffusion_dpo_loss", recording)
+    train_dpo.main(dpo_args(reference, prefs, "--lora_rank", "0", "--mixed_precision", "bf16", "--stop_after_steps", "1",
+                            "--num_validation_images", "0", "--output_dir", str(tmp_path / "bf16")))
+    assert deltas == [0.0]
+
+
+@needs_data
+def test_preference_builds_resume_only_with_the_same_arguments(reference_and_pairs, tmp_path, monkeypatch):
+    from ambiseg_diffusers.lidc import load_lidc64
+
+    reference, _, complete = reference_and_pairs  # built with the arguments below, uninterrupted
+    mini = load_lidc64("mini")
+    kwargs = dict(num_candidates=2, fraction=1.0, num_inference_steps=2)
+    calls = []
+    original = AmbiSegPipeline.__call__
+
+    def killed_on_third_call(self, *args, **kw):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt("killed")
+        return original(self, *args, **kw)
+
+    monkeypatch.setattr(AmbiSegPipeline, "__call__", killed_on_third_call)
+    with pytest.raises(KeyboardInterrupt):
+        build_preferences(reference, mini, tmp_path / "pairs", **kwargs)
+    monkeypatch.setattr(AmbiSegPipeline, "__call__", original)
+    assert len(list((tmp_path / ".pairs.parts").glob("part-*.json"))) == 2
+
+    for other in (dict(strategy="best_rater"), dict(images_per_call=2), dict(num_candidates=3)):
+        with pytest.raises(ValueError, match="other arguments"):
+            build_preferences(reference, mini, tmp_path / "pairs", **{**kwargs, **other})
+    resumed, report = build_preferences(reference, mini, tmp_path / "pairs", **kwargs)
+    expected = load_from_disk(str(complete))
+    assert report["images"] == 14 and len(resumed) == len(expected)
+    assert resumed["source_index"] == expected["source_index"] and set(resumed["strategy"]) == {"mean_dice"}
+    np.testing.assert_array_equal(np.asarray(resumed["winner"]), np.asarray(expected["winner"]))
+
+    calls.clear()
+    monkeypatch.setattr(AmbiSegPipeline, "__call__", killed_on_third_call)
+    with pytest.raises(KeyboardInterrupt):
+        build_preferences(reference, mini, tmp_path / "again", **kwargs)
+    monkeypatch.setattr(AmbiSegPipeline, "__call__", original)
+    relabelled, _ = build_preferences(reference, mini, tmp_path / "again", **{**kwargs, "strategy": "best_rater"},
+                                      overwrite=True)
+    assert set(relabelled["strategy"]) == {"best_rater"} and len(set(relabelled["source_index"])) == len(relabelled)

@@ -1,57 +1,111 @@
-"""The evaluation and sweep scripts end to end on the real mini split, with a tiny pipeline."""
+"""The evaluation and sweep scripts end to end on the real mini split, with a tiny pipeline: reports, figures,
+resuming only with the same arguments, and several processes giving the one-process result."""
 
 import json
+import os
+import shutil
+import subprocess
 import sys
-from pathlib import Path
 
-from conftest import needs_data
+import pytest
 
-from conftest import make_pipeline
+import evaluate
+import sweep_samplers
+
+from conftest import ROOT, make_pipeline, needs_data
+
+pytestmark = needs_data
 
 
+def records(folder) -> list:
+    return [json.loads(line) for line in (folder / "per_image.jsonl").read_text().splitlines()]
 
-@needs_data
-def test_evaluate_writes_reports_figures_and_resumes(tokenizer, tmp_path):
-    import evaluate
 
+@pytest.fixture
+def model(tokenizer, tmp_path):
     make_pipeline(tokenizer).save_pretrained(tmp_path / "model")
-    args = ["--model", str(tmp_path / "model"), "--split", "mini", "--num_samples", "4", "--steps", "2",
-            "--max_images", "5", "--output_dir", str(tmp_path / "eval"), "--images_per_call", "2",
-            "--prompt_control", "a solid round nodule", "a ground glass nodule"]
-    summary = evaluate.main(args)
+    return tmp_path / "model"
+
+
+def eval_args(model, output, *extra) -> list:
+    return ["--model", str(model), "--split", "mini", "--num_samples", "4", "--steps", "2", "--max_images", "5",
+            "--output_dir", str(output), "--images_per_call", "2", *extra]
+
+
+def test_evaluate_writes_reports_figures_and_resumes(model, tmp_path):
     out = tmp_path / "eval"
-    records = [json.loads(line) for line in (out / "per_image.jsonl").read_text().splitlines()]
-    assert [r["index"] for r in records] == [0, 1, 2, 3, 4]
-    assert set(records[0]) >= {"ged", "ci", "dmax", "sc", "da", "avg_dice", "n1", "n2", "n4"}
-    assert 0 <= summary["ged"]["low"] <= summary["ged"]["mean"] <= summary["ged"]["high"]
+    args = eval_args(model, out)
+    summary = evaluate.main(args + ["--prompt_control", "a solid round nodule", "a ground glass nodule"])
+    first = records(out)
+    assert [r["index"] for r in first] == [0, 1, 2, 3, 4]
+    assert set(first[0]) >= {"ged", "ci", "dmax", "sc", "da", "avg_dice", "n1", "n2", "n4"}
+    assert summary["ged"]["low"] < summary["ged"]["mean"] < summary["ged"]["high"]
     text = (out / "summary.md").read_text()
     assert "avg_dice" in text and "N = 4" in text
+    assert json.loads((out / "summary.json").read_text())["num_processes"] == 1
     for figure in ("figure_samples.png", "quality_vs_n.png", "prompt_control.png"):
         assert (out / figure).stat().st_size > 1000
     # With one sample, D_max (mean over raters of the best sample's Dice) is the average Dice.
-    assert all(abs(r["n1"]["dmax"] - r["n1"]["avg_dice"]) < 1e-9 for r in records)
+    assert all(abs(r["n1"]["dmax"] - r["n1"]["avg_dice"]) < 1e-9 for r in first)
 
     # Resume: a partial results file is continued, not recomputed.
-    part = out / "per_image.part0.jsonl"
-    lines = part.read_text().splitlines()
-    part.write_text("\n".join(lines[:3]) + "\n")
-    evaluate.main(args[:-3])
+    part = out / "per_image.rank0.jsonl"
+    part.write_text("\n".join(part.read_text().splitlines()[:3]) + "\n")
+    evaluate.main(args)
     again = [json.loads(line) for line in part.read_text().splitlines()]
     assert [r["index"] for r in again] == [0, 1, 2, 3, 4]
-    assert again[3]["ged"] == records[3]["ged"]  # per-image seeds: the same samples after a resume
+    assert again[3]["ged"] == first[3]["ged"]  # per-image seeds: the same samples after a resume
 
-    evaluate.main(args[:-3] + ["--deterministic", "--output_dir", str(tmp_path / "det")])
-    det = [json.loads(line) for line in (tmp_path / "det" / "per_image.jsonl").read_text().splitlines()]
+    evaluate.main(eval_args(model, tmp_path / "det", "--deterministic"))
+    det = records(tmp_path / "det")
     # One sample repeated: more copies change nothing.
     assert all(abs(r["n4"]["ged"] - r["n1"]["ged"]) < 1e-9 and r["n4"]["sc"] == r["n1"]["sc"] for r in det)
 
 
-@needs_data
-def test_sampler_sweep(tokenizer, tmp_path):
-    import sweep_samplers
+def test_evaluate_refuses_to_resume_with_other_arguments_or_another_model(model, tokenizer, tmp_path):
+    out = tmp_path / "eval"
+    evaluate.main(eval_args(model, out))
+    part = out / "per_image.rank0.jsonl"
+    part.write_text(part.read_text().splitlines()[0] + "\n")
+    for changed in (["--prompts", "none"], ["--num_samples", "2"], ["--scheduler", "dpm"], ["--seed", "1"]):
+        with pytest.raises(ValueError, match="other arguments"):
+            evaluate.main(eval_args(model, out, *changed))
+    other = make_pipeline(tokenizer)
+    other.prior.head[-1].bias.data += 0.5
+    other.save_pretrained(model)  # same folder, other weights
+    with pytest.raises(ValueError, match="model_sha256"):
+        evaluate.main(eval_args(model, out))
+    evaluate.main(eval_args(model, out, "--prompts", "none", "--overwrite"))
+    assert [r["index"] for r in records(out)] == [0, 1, 2, 3, 4]
+    assert json.loads((out / "run_arguments.json").read_text())["prompts"] == "none"
 
-    make_pipeline(tokenizer).save_pretrained(tmp_path / "model")
-    rows = sweep_samplers.main(["--model", str(tmp_path / "model"), "--max_images", "2", "--num_samples", "2",
+    stale = tmp_path / "stale"
+    stale.mkdir()
+    shutil.copy(part, stale / "per_image.rank0.jsonl")  # results of unknown origin
+    with pytest.raises(ValueError, match="no record"):
+        evaluate.main(eval_args(model, stale))
+
+
+def test_two_processes_give_the_one_process_result(model, tmp_path):
+    single = tmp_path / "single"
+    evaluate.main(eval_args(model, single))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT / "scripts"))
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               str(ROOT / "scripts" / "evaluate.py"), *eval_args(model, tmp_path / "two")]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "on 2 process(es)" in result.stdout
+    assert sorted(p.name for p in (tmp_path / "two").glob("per_image.rank*.jsonl")) == [
+        "per_image.rank0.jsonl", "per_image.rank1.jsonl"]
+    two = records(tmp_path / "two")
+    assert [r["index"] for r in two] == [0, 1, 2, 3, 4]
+    for a, b in zip(records(single), two):
+        assert a == b
+    assert json.loads((tmp_path / "two" / "summary.json").read_text())["num_processes"] == 2
+
+
+def test_sampler_sweep(model, tmp_path):
+    rows = sweep_samplers.main(["--model", str(model), "--max_images", "2", "--num_samples", "2",
                                 "--configs", "ddim:2", "dpm:2", "unipc:3", "--output_dir", str(tmp_path / "sweep")])
     assert set(rows) == {"ddim:2", "dpm:2", "unipc:3"}
     assert (tmp_path / "sweep" / "quality_vs_steps.png").exists() and "s/image" in (tmp_path / "sweep" / "sweep.md").read_text()

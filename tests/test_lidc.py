@@ -1,10 +1,7 @@
-import os
-
 import numpy as np
 import pytest
 import torch
 
-from ambiseg_diffusers.image_processing import normalize_image
 from ambiseg_diffusers.lidc import (
     RATING_MEANINGS, RATING_NAMES, augment, eval_prompts, load_cimd128, load_lidc64,
     nodule_ratings, ratings_to_prompt, resolve_data_dir,
@@ -107,7 +104,21 @@ def test_cimd128_loads():
 
 
 def test_missing_data_dir_says_where_to_get_it(tmp_path):
-    with pytest.raises(FileNotFoundError, match="AMBISEG_DATA_DIR"):
+    with pytest.raises(FileNotFoundError, match="prepare_lidc.py"):
         load_lidc64("mini", data_dir=tmp_path / "nowhere")
     with pytest.raises(ValueError, match="split"):
         load_lidc64("test")
+
+
+@needs_data
+def test_data_dir_may_be_the_lidc64_folder_or_its_parent_and_never_falls_back(tmp_path, monkeypatch):
+    folder = resolve_data_dir(None, "lidc64")
+    assert resolve_data_dir(folder, "lidc64") == folder
+    assert resolve_data_dir(folder.parent, "lidc64") == folder
+    monkeypatch.setenv("AMBISEG_DATA_DIR", str(folder))  # the lidc64 folder itself
+    assert len(load_lidc64("mini")) == 14
+    monkeypatch.setenv("AMBISEG_DATA_DIR", str(tmp_path))  # holds nothing: an error, not ../shared/data
+    with pytest.raises(FileNotFoundError, match="AMBISEG_DATA_DIR"):
+        load_lidc64("mini")
+    with pytest.raises(FileNotFoundError, match="`data_dir`"):
+        load_lidc64("mini", data_dir=tmp_path)

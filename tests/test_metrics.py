@@ -83,6 +83,24 @@ def test_bad_shapes_raise():
         compute_metrics_batch(np.zeros((1, 2, 4, 4)), np.zeros((1, 2, 5, 5)))
 
 
+@pytest.mark.parametrize("bad,match", [
+    (np.full((1, 2, 4, 4), 0.7), "binary"),             # probabilities
+    (np.where(np.eye(4) > 0, 1, -1)[None, None].repeat(2, 1), "binary"),  # {-1, 1} model-range masks
+    (np.full((1, 2, 4, 4), np.nan), "NaN"),
+    (torch.full((1, 2, 4, 4), 2.0), "binary"),
+])
+def test_non_binary_or_nan_masks_are_refused(bad, match):
+    good = np.zeros((1, 2, 4, 4), bool)
+    with pytest.raises(ValueError, match=f"`samples`.*{match}|{match}.*`samples`"):
+        compute_metrics_batch(bad, good)
+    with pytest.raises(ValueError, match=f"`annotations`.*{match}|{match}.*`annotations`"):
+        compute_metrics_batch(good, bad)
+    # 0/1 integers and floats are binary masks too, and give the bool result.
+    ones = np.zeros((1, 2, 4, 4))
+    ones[0, 0, :2, :2] = 1
+    assert compute_metrics_batch(ones, ones.astype(np.uint8)) == compute_metrics_batch(ones > 0, ones > 0)
+
+
 def test_summary_and_table():
     summary = summarize({k: np.array([0.2, 0.4]) for k in ("ged", "ged_iou", "sc", "dmax", "da", "ci", "avg_dice", "avg_iou")})
     assert summary["ged"]["mean"] == pytest.approx(0.3)

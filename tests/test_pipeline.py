@@ -292,14 +292,17 @@ def test_missing_local_paths_are_reported_before_any_hub_call(tmp_path, monkeypa
             AmbiSegPipeline.from_pretrained(path)
 
 
-def test_a_missing_repo_or_folder_names_both_possibilities(tmp_path):
-    result = run_offline("""
-        from ambiseg_diffusers import AmbiSegPipeline
+def test_a_missing_repo_or_folder_names_both_possibilities(monkeypatch):
+    import huggingface_hub
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    def offline(repo_id, **kwargs):
+        raise LocalEntryNotFoundError("Cannot find an appropriate cached snapshot folder")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    with pytest.raises(OSError, match="neither a local folder .* nor a Hub repo") as error:
         AmbiSegPipeline.from_pretrained("checkpoints/not-here")
-    """, tmp_path / "hub", tmp_path / "home")
-    assert result.returncode != 0
-    last = result.stderr.strip().splitlines()[-1]
-    assert "neither a local folder" in last and "checkpoints/not-here" in last
+    assert "checkpoints/not-here" in str(error.value) and "cached snapshot" in str(error.value)
 
 
 def test_push_to_hub_uploads_the_pipeline_with_a_model_card(pipe, monkeypatch):
