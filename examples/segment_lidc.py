@@ -44,7 +44,8 @@ def main() -> None:
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
     pipe.to(device_type)
     with torch.autocast(device_type, dtype=torch.bfloat16, enabled=not args.fp32):
-        per_image, samples = evaluate_pipeline(pipe, dataset, args.num_samples, prompts=args.prompts, images_per_call=4)
+        per_image, samples = evaluate_pipeline(pipe, dataset, args.num_samples, prompts=args.prompts, images_per_call=4,
+                                               progress=True)
     seconds = time.time() - started
 
     table = format_table({f"{Path(args.model).name} ({args.prompts} prompts)": summarize(per_image)}, with_interval=True)

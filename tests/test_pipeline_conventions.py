@@ -14,7 +14,7 @@ from ambiseg_diffusers import AmbiSegPipeline
 from ambiseg_diffusers.pipelines.pipeline_ambiseg import LORA_WEIGHT_NAME
 
 from conftest import LATENT_DIM, SIZE, make_pipeline
-from test_pipeline import fill_hub_cache, run_offline
+from test_pipeline import fill_hub_cache, sample_offline
 
 
 def seeded(seed: int = 0):
@@ -208,14 +208,4 @@ def test_adapter_folder_loads_its_base_from_a_hub_snapshot_offline(tokenizer, im
 
     fill_hub_cache(tmp_path / "base", tmp_path / "hub", "org/tiny-base")
     fill_hub_cache(adapter, tmp_path / "hub", "org/tiny-dpo")
-    np.save(tmp_path / "image.npy", image)
-    result = run_offline(f"""
-        import numpy as np, torch
-        from ambiseg_diffusers import AmbiSegPipeline
-        pipe = AmbiSegPipeline.from_pretrained("org/tiny-dpo")
-        pipe.set_progress_bar_config(disable=True)
-        out = pipe(np.load("{tmp_path / 'image.npy'}"), "a nodule", num_samples=2, generator=torch.Generator().manual_seed(0))
-        np.save("{tmp_path / 'out.npy'}", out.probabilities)
-    """, tmp_path / "hub", tmp_path / "home")
-    assert result.returncode == 0, result.stderr[-3000:]
-    np.testing.assert_allclose(np.load(tmp_path / "out.npy"), expected, atol=1e-5)
+    np.testing.assert_allclose(sample_offline("org/tiny-dpo", image, tmp_path), expected, atol=1e-5)

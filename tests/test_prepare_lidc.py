@@ -2,9 +2,7 @@
 the DICOM pixels; its masks must equal the real shared lidc64 masks exactly, for every nodule there."""
 
 import json
-import sys
 import warnings
-from pathlib import Path
 
 import numpy as np
 import pytest

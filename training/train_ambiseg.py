@@ -268,11 +268,11 @@ def main(argv=None) -> Path:
             accelerator.wait_for_everyone()
         if args.stop_after_steps == ran:
             logger.info(f"stopping after {ran} steps (--stop_after_steps)")
+            log_throughput(started, warm, ran, accelerator.device)
             accelerator.end_training()
             return output_dir
     progress.close()
-    logger.info(f"THROUGHPUT steps={ran} s_per_step={seconds_per_step(started, warm, ran):.3f} "
-                f"peak_memory_mib={peak_memory_mib():.0f} device={accelerator.device}")
+    log_throughput(started, warm, ran, accelerator.device)
 
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
@@ -303,10 +303,12 @@ def seconds_per_step(started: float, warm: float | None, ran: int) -> float:
     return (time.time() - started) / max(ran, 1)
 
 
-def peak_memory_mib() -> float:
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def log_throughput(started: float, warm: float | None, ran: int, device) -> None:
+    """One line for benchmarks/benchmark_training.py: steady-state seconds per step and peak memory."""
+    peak = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else \
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    logger.info(f"THROUGHPUT steps={ran} s_per_step={seconds_per_step(started, warm, ran):.3f} "
+                f"peak_memory_mib={peak:.0f} device={device}")
 
 
 def metrics_table(metrics: dict) -> str:
