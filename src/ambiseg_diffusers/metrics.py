@@ -59,7 +59,7 @@ def _binary(masks: torch.Tensor, name: str) -> torch.Tensor:
     if masks.is_floating_point() and not torch.isfinite(masks).all():
         raise ValueError(f"`{name}` contains NaN or inf; expected binary masks (bool or 0/1).")
     if not ((masks == 0) | (masks == 1)).all():
-        values = torch.unique(masks)[:6].tolist()
+        values = [round(v, 4) for v in torch.unique(masks)[:6].tolist()]
         raise ValueError(f"`{name}` must be binary masks (bool or 0/1), got values such as {values}; threshold "
                          "probabilities first (e.g. `out.masks`, or `probabilities > 0.5`).")
     return masks.bool()
