@@ -279,8 +279,10 @@ def main(argv=None) -> Path:
         if validation is not None and not metrics:
             metrics = validate(config.max_train_steps)
         pipeline = ema_pipeline().to("cpu")
-        if args.save_fp16:
-            pipeline.to(torch.float16)  # storage only: from_pretrained loads float32 by default
+        if args.save_fp16:  # storage only: from_pretrained loads float32 by default
+            for component in pipeline.components.values():
+                if isinstance(component, torch.nn.Module):
+                    component.half()  # (ModelMixin.to(dtype) would warn about an empty list of fp32 modules)
         pipeline.save_pretrained(output_dir)
         repo_id = args.hub_model_id or output_dir.name
         model_card(

@@ -6,12 +6,14 @@ inside the package (a wheel install finds them too).
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from importlib import resources
 from pathlib import Path
 
 from huggingface_hub import DatasetCard, DatasetCardData, ModelCard, ModelCardData
+from safetensors import safe_open
 
 LIDC_ATTRIBUTION = (
     "LIDC-IDRI, distributed by The Cancer Imaging Archive under CC BY 3.0. Armato III, S. G., et al. (2011) \"The Lung "
@@ -50,6 +52,32 @@ def resolve_pretrained_path(name_or_path: str | os.PathLike, **download_kwargs) 
             f"{name!r} is neither a local folder (none at {os.path.abspath(name)!r}) nor a Hub repo that could be "
             f"fetched: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
         ) from error
+
+
+def check_weight_files(folder: str | os.PathLike) -> None:
+    """Before loading a pipeline folder: every model component (a sub-folder with `config.json`) must hold its
+    safetensors weights, readable. Raises FileNotFoundError / OSError naming the component and the file."""
+    folder = Path(folder)
+    index = folder / "model_index.json"
+    if not index.is_file():
+        return  # not a pipeline folder; diffusers' own loader reports that
+    for name, spec in json.loads(index.read_text()).items():
+        component = folder / name
+        if name.startswith("_") or not isinstance(spec, list) or spec[0] is None or not (component / "config.json").is_file():
+            continue  # configuration entries, absent components, schedulers and tokenizers
+        expected = component / ("model.safetensors" if spec[0] == "transformers" else "diffusion_pytorch_model.safetensors")
+        shards = sorted(component.glob("*.safetensors"))
+        if not expected.is_file() and not list(component.glob("*.safetensors.index.json")):
+            found = sorted(p.name for p in component.iterdir())
+            raise FileNotFoundError(f"component `{name}`: its weights {expected} are missing (found {found}); "
+                                    "this package loads safetensors only.")
+        for path in shards:
+            try:
+                with safe_open(str(path), framework="pt") as weights:
+                    weights.keys()
+            except Exception as error:
+                raise OSError(f"component `{name}`: {path} is not a readable safetensors file ({error}); the file is "
+                              "corrupted or truncated: download or save it again.") from error
 
 
 def _template(name: str) -> str:

@@ -6,6 +6,7 @@ import contextlib
 import copy
 import inspect
 import json
+import numbers
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ from diffusers.schedulers import KarrasDiffusionSchedulers
 from diffusers.utils import BaseOutput, logging
 from diffusers.utils.torch_utils import randn_tensor
 
-from ..hub_utils import DOWNLOAD_KWARGS, model_card, resolve_pretrained_path
+from ..hub_utils import DOWNLOAD_KWARGS, check_weight_files, model_card, resolve_pretrained_path
 from ..image_processing import ImageInput, normalize_image, prepare_image
 from ..models import AmbiguityEncoder, AmbiSegUNet
 from ..text import encode_prompts
@@ -146,7 +147,7 @@ class AmbiSegPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         path = resolve_pretrained_path(pretrained_model_name_or_path, **download_kwargs)
         adapter_file = os.path.join(path, ADAPTER_FILE)
         if not os.path.isfile(adapter_file):
-            return super().from_pretrained(path, **kwargs)
+            return cls._load_checked(path, **kwargs)
 
         with open(adapter_file) as f:
             info = json.load(f)
@@ -160,10 +161,25 @@ class AmbiSegPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
             if base is None:
                 raise ValueError(f"{adapter_file} names no `base_model`; pass `base_model=` (a folder or Hub id).")
         if base == path:
-            pipe = super().from_pretrained(path, **kwargs)
+            pipe = cls._load_checked(path, **kwargs)
         else:
             pipe = cls.from_pretrained(base, **kwargs, **download_kwargs)
         pipe.load_lora_weights(path, weight_name=LORA_WEIGHT_NAME, adapter_name=info.get("adapter_name", PREFERENCE_ADAPTER))
+        return pipe
+
+    @classmethod
+    def _load_checked(cls, path: str, **kwargs) -> "AmbiSegPipeline":
+        """diffusers' loading, between two cheap checks: weight files present and readable before, every weight
+        finite after (a corrupted file must not load silently and give empty masks)."""
+        check_weight_files(path)
+        pipe = super().from_pretrained(path, **kwargs)
+        for name, component in pipe.components.items():
+            if not isinstance(component, torch.nn.Module):
+                continue
+            for key, tensor in component.state_dict().items():
+                if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                    raise ValueError(f"component `{name}` loaded from {os.path.join(path, name)} holds non-finite "
+                                     f"weights (NaN or inf) in `{key}`: the file is corrupted; download or save it again.")
         return pipe
 
     @classmethod
@@ -330,7 +346,7 @@ class AmbiSegPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
     def check_inputs(
         self, image, prompt, num_samples, num_inference_steps, output_type, batch_size, threshold, prior_temperature,
         prompt_embeds, prompt_attention_mask, negative_prompt_embeds, negative_prompt_attention_mask,
-        callback_on_step_end_tensor_inputs,
+        callback_on_step_end_tensor_inputs, generator=None,
     ) -> None:
         """Raises `ValueError` naming the argument that is wrong, and the component a call needs but lacks."""
         for component in ("unet", "scheduler"):
@@ -338,8 +354,13 @@ class AmbiSegPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
                 raise ValueError(f"this pipeline has no `{component}`; set `pipe.{component} = ...` before calling it.")
         if image is None:
             raise ValueError("`image` is required: the CT image (or batch) to segment.")
-        if not isinstance(num_samples, int) or isinstance(num_samples, bool) or num_samples < 1:
+        if not isinstance(num_samples, numbers.Integral) or isinstance(num_samples, bool) or num_samples < 1:
             raise ValueError(f"`num_samples` must be an integer >= 1, got {num_samples!r}.")
+        valid = generator is None or isinstance(generator, torch.Generator) or (
+            isinstance(generator, list) and all(isinstance(g, torch.Generator) for g in generator))
+        if not valid:
+            raise ValueError(f"`generator` must be a torch.Generator or a list of them (one per image), got "
+                             f"{type(generator).__name__}; e.g. `generator=torch.Generator().manual_seed(0)`.")
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"`output_type` must be one of {OUTPUT_TYPES}, got {output_type!r}.")
         if batch_size < 1:
@@ -486,8 +507,9 @@ class AmbiSegPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         self.check_inputs(
             image, prompt, num_samples, num_inference_steps, output_type, batch_size, threshold, prior_temperature,
             prompt_embeds, prompt_attention_mask, negative_prompt_embeds, negative_prompt_attention_mask,
-            callback_on_step_end_tensor_inputs,
+            callback_on_step_end_tensor_inputs, generator,
         )
+        num_samples = int(num_samples)
         if guidance_scale < 1.0:
             raise ValueError(f"`guidance_scale` must be >= 1 (1 = no guidance), got {guidance_scale}.")
         self._guidance_scale = guidance_scale
