@@ -103,7 +103,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     run.add_argument("--resume_from_checkpoint", default=None,
                      help="a checkpoint-N folder, or 'latest' (the newest complete one in --output_dir)")
     run.add_argument("--validation_steps", type=int, default=500, help="validate every N steps (0 = only at the end)")
-    run.add_argument("--num_validation_images", type=int, default=8, help="images validated (0 = no validation)")
+    run.add_argument("--num_validation_images", type=int, default=4,
+                     help="images validated each time (0 = no validation); the cost is images x samples x steps")
     run.add_argument("--num_validation_samples", type=int, default=16, help="samples per validation image")
     run.add_argument("--report_to", default="tensorboard", choices=["tensorboard", "wandb", "none"], help="tracker")
     run.add_argument("--save_fp16", action="store_true", help="store the final weights in fp16 (half the size)")
@@ -217,6 +218,8 @@ def main(argv=None) -> Path:
         ).to(accelerator.device)
 
     def validate(step: int) -> dict:
+        logger.info(f"validating {args.num_validation_images} images x {args.num_validation_samples} samples "
+                    "(--num_validation_images 0 skips it)")
         pipeline = ema_pipeline()
         pipeline.set_progress_bar_config(disable=True)
         with accelerator.autocast():

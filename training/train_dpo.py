@@ -100,7 +100,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     run.add_argument("--resume_from_checkpoint", default=None,
                      help="a checkpoint-N folder, or 'latest' (the newest complete one in --output_dir)")
     run.add_argument("--validation_steps", type=int, default=0, help="validate every N steps (0 = only at the end)")
-    run.add_argument("--num_validation_images", type=int, default=8, help="images validated (0 = no validation)")
+    run.add_argument("--num_validation_images", type=int, default=4,
+                     help="images validated each time (0 = no validation); the cost is images x samples x steps")
     run.add_argument("--num_validation_samples", type=int, default=16, help="samples per validation image")
     run.add_argument("--report_to", default="tensorboard", choices=["tensorboard", "wandb", "none"], help="tracker")
     run.add_argument("--push_to_hub", action="store_true", help="upload the adapter (or pipeline) and its card")
@@ -239,6 +240,8 @@ def main(argv=None) -> Path:
         return pipe
 
     def validate(step: int) -> dict:
+        logger.info(f"validating {args.num_validation_images} images x {args.num_validation_samples} samples "
+                    "(--num_validation_images 0 skips it)")
         if ema is not None:
             ema.store(params)
             ema.copy_to(params)
