@@ -7,20 +7,23 @@ import PIL.Image
 import PIL.ImageDraw
 
 
-def _to_uint8(array: np.ndarray) -> np.ndarray:
+def to_uint8(array: np.ndarray) -> np.ndarray:
+    """An image of any range -> uint8 grey, stretched between its 1st and 99th percentiles."""
     array = np.asarray(array, dtype=np.float32)
     low, high = np.percentile(array, 1), np.percentile(array, 99)
     return (np.clip((array - low) / max(high - low, 1e-6), 0, 1) * 255).astype(np.uint8)
 
 
-def _overlay(image_u8: np.ndarray, mask: np.ndarray, color=(255, 60, 60)) -> np.ndarray:
+def overlay(image_u8: np.ndarray, mask: np.ndarray, color=(255, 60, 60)) -> np.ndarray:
+    """A mask `(H, W)` drawn in `color` over a uint8 grey image `(H, W)` -> RGB `(H, W, 3)` uint8."""
     rgb = np.repeat(image_u8[..., None], 3, axis=-1).astype(np.float32)
     mask = np.asarray(mask, dtype=bool)
     rgb[mask] = 0.45 * rgb[mask] + 0.55 * np.array(color, dtype=np.float32)
     return rgb.astype(np.uint8)
 
 
-def _heat(values: np.ndarray, vmax: float) -> np.ndarray:
+def heat_map(values: np.ndarray, vmax: float) -> np.ndarray:
+    """Values in [0, vmax] `(H, W)` -> RGB `(H, W, 3)` uint8 heat map."""
     v = np.clip(np.asarray(values, dtype=np.float32) / max(vmax, 1e-6), 0, 1)
     # black -> red -> yellow -> white, readable without a colour bar
     return (np.stack([np.clip(3 * v, 0, 1), np.clip(3 * v - 1, 0, 1), np.clip(3 * v - 2, 0, 1)], -1) * 255).astype(np.uint8)
@@ -36,13 +39,13 @@ def sample_grid(
     """
     rows = []
     for image, raters, masks in zip(images, annotations, samples):
-        base = _to_uint8(image)
+        base = to_uint8(image)
         masks = np.asarray(masks, dtype=np.float32)[:max_samples]
         mean = masks.mean(0)
         tiles = [np.repeat(base[..., None], 3, -1)]
-        tiles += [_overlay(base, r) for r in raters]
-        tiles += [_overlay(base, m) for m in masks]
-        tiles += [_heat(mean, 1.0), _overlay(base, mean > 0.5), _heat(mean * (1 - mean), 0.25)]
+        tiles += [overlay(base, r) for r in raters]
+        tiles += [overlay(base, m) for m in masks]
+        tiles += [heat_map(mean, 1.0), overlay(base, mean > 0.5), heat_map(mean * (1 - mean), 0.25)]
         gap = np.full((base.shape[0], 2, 3), 255, np.uint8)
         rows.append(np.concatenate([t for tile in tiles for t in (tile, gap)][:-1], axis=1))
     width = max(r.shape[1] for r in rows)

@@ -1,0 +1,129 @@
+"""The Gradio demo (examples/space/app.py): its API through gradio_client on a tiny model, bad uploads, and the
+whole page in a real headless Chromium on the committed checkpoint."""
+
+import os
+import shutil
+import socket
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import ROOT, make_pipeline, needs_data
+
+gr = pytest.importorskip("gradio")
+sys.path.insert(0, str(ROOT / "examples" / "space"))
+import app  # noqa: E402
+
+pytestmark = [needs_data, pytest.mark.filterwarnings("ignore::DeprecationWarning")]
+BROWSER = shutil.which("chromium") or shutil.which("chromium-browser")
+DRIVER = shutil.which("chromedriver")
+if os.environ.get("AMBISEG_REQUIRE_BROWSER") == "1" and not (BROWSER and DRIVER):
+    raise RuntimeError("AMBISEG_REQUIRE_BROWSER=1 but chromium or chromedriver is missing")  # CI: never skip
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def serve(pipe, nodules):
+    demo = app.build_demo(pipe, nodules)
+    port = free_port()
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    return demo, f"http://127.0.0.1:{port}/"
+
+
+def test_api_endpoint_returns_the_metrics_of_the_direct_call(tokenizer):
+    from gradio_client import Client
+
+    from ambiseg_diffusers.lidc import load_lidc64
+
+    pipe, mini = make_pipeline(tokenizer), load_lidc64("mini")
+    demo, url = serve(pipe, mini)
+    try:
+        result = Client(url, verbose=False).predict(3, "a solid round nodule", 4, 2, 7, 1.0, 1.0,
+                                                    api_name="/segment_nodule")
+    finally:
+        demo.close()
+    *_, rows, out = app.segment(pipe, np.asarray(mini[3]["image"]), "a solid round nodule", 4, 2, 7,
+                                raters=np.asarray(mini[3]["masks"]))
+    assert result == {"metrics": dict(rows), "sample_foreground": float(out.masks.mean())}
+    assert set(result["metrics"]) == {"ged", "ged_iou", "ci", "dmax", "sc", "da", "avg_dice", "avg_iou"}
+
+
+def test_uploads_are_read_or_refused_with_a_message(tmp_path):
+    np.save(tmp_path / "ok.npy", np.random.default_rng(0).normal(size=(64, 64)).astype(np.float32))
+    assert app.read_upload(str(tmp_path / "ok.npy")).shape == (64, 64)
+    np.save(tmp_path / "odd.npy", np.zeros((63, 64)))
+    (tmp_path / "notes.png").write_text("not an image")
+    np.save(tmp_path / "rgb.npy", np.zeros((64, 64, 3)))
+    for name, match in (("odd.npy", "multiples of 4"), ("notes.png", "Could not read notes.png"),
+                        ("rgb.npy", "one 2-D grey image")):
+        with pytest.raises(gr.Error, match=match):
+            app.read_upload(str(tmp_path / name))
+    assert app.prompt_from_choices("short", *[app.rating_choices(n)[0] for n in app.RATING_NAMES]).startswith(
+        "A ground-glass, linear nodule")
+
+
+def drive(url: str, screenshot: Path) -> dict:
+    """Picks the first nodule, sets its margin to "Poorly Defined", samples, and reads what the page shows."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ready
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    options = webdriver.ChromeOptions()
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1400,1700"):
+        options.add_argument(flag)
+    options.binary_location = BROWSER
+    driver = webdriver.Chrome(options=options, service=Service(DRIVER))
+    wait = WebDriverWait(driver, 60)
+    try:
+        driver.get(url)
+        wait.until(ready.element_to_be_clickable((By.CSS_SELECTOR, "#nodules button.thumbnail-item"))).click()
+        wait.until(ready.presence_of_element_located((By.CSS_SELECTOR, "#input-image img")))
+        margin = driver.find_element(By.CSS_SELECTOR, "#rating-margin input")
+        margin.click()
+        wait.until(ready.element_to_be_clickable(
+            (By.XPATH, "//li[@role='option' and contains(., 'Poorly Defined') and not(contains(., 'Near'))]"))).click()
+        wait.until(lambda d: "poorly defined margin" in d.find_element(By.CSS_SELECTOR, "#prompt textarea")
+                   .get_attribute("value"))
+        prompt = driver.find_element(By.CSS_SELECTOR, "#prompt textarea").get_attribute("value")
+        started = time.time()
+        driver.find_element(By.ID, "sample").click()
+        wait.until(ready.presence_of_element_located((By.CSS_SELECTOR, "#samples img")))
+        wait.until(lambda d: "ged" in d.find_element(By.ID, "metrics").text)
+        seconds = time.time() - started
+        time.sleep(0.5)
+        driver.set_window_size(1400, driver.execute_script("return document.body.scrollHeight") + 200)
+        driver.save_screenshot(str(screenshot))
+        return {"prompt": prompt, "metrics": driver.find_element(By.ID, "metrics").text, "seconds": seconds,
+                "images": [img.get_attribute("src") for sel in ("#samples", "#mean", "#uncertainty")
+                           for img in driver.find_elements(By.CSS_SELECTOR, f"{sel} img")]}
+    finally:
+        driver.quit()
+
+
+@pytest.mark.skipif(not (BROWSER and DRIVER), reason="no chromium/chromedriver installed (apt-get install chromium "
+                    "chromium-driver); .ci/run installs them")
+def test_the_demo_in_a_real_browser(tmp_path):
+    from ambiseg_diffusers import AmbiSegPipeline
+
+    pipe = AmbiSegPipeline.from_pretrained(app.LOCAL_MODEL)
+    demo, url = serve(pipe, app.load_nodules(None))
+    try:
+        seen = drive(url, tmp_path / "demo.png")
+    finally:
+        demo.close()
+    assert "poorly defined margin" in seen["prompt"]
+    assert "ged" in seen["metrics"] and "avg_dice" in seen["metrics"]
+    assert len(seen["images"]) == 3 and all(seen["images"])
+    assert (tmp_path / "demo.png").stat().st_size > 50_000
+    print(f"first sampling of 16 masks, click to table: {seen['seconds']:.1f} s")
+    if os.environ.get("AMBISEG_DEMO_SCREENSHOT"):  # regenerate the README's picture
+        shutil.copy(tmp_path / "demo.png", os.environ["AMBISEG_DEMO_SCREENSHOT"])
