@@ -1,13 +1,14 @@
 #!/usr/bin/env python
 """Sampling speed, side by side in one run, on the same model and images:
 
-1. the paper's protocol: 16 separate sampling calls of 1 sample each, DDIM-100;
-2. the pipeline's default: 16 samples in one batched call, the default few-step sampler
-   (also with bf16 autocast and with several images per call);
-3. the floor: the bare UNet forwards (2) needs (same batch, same steps), nothing else.
+1. the paper's protocol: 16 separate sampling calls of 1 sample each, DDIM-100, float32;
+2. the default call `pipe(image, prompt, num_samples=16)`: one batched call, the default steps, the default precision
+   (`autocast="auto"`: bf16 where the CPU or GPU computes it natively);
+   2a-2c. the same with each speed option off: float32, the previous default of 5 steps, one image per call;
+3. the floor: the bare UNet forwards (2) needs (same batch, steps and precision), nothing else.
 
-Prints samples/s, the ratios 2 vs 1 and 3 vs 2, and the GED against the raters of (1), (2) and DDPM-1000 on the
-same validation images, so speed is never bought with quality unnoticed.
+Prints samples/s, the ratios 2 vs 1 (the claim) and 2 vs 3, and the GED against the raters of (1), (2), (2a) and
+DDPM-1000 on the same validation images, so speed is never bought with quality unnoticed.
 
     python benchmarks/benchmark_sampling.py --model checkpoints/ambiseg-lidc64
 """
@@ -21,6 +22,7 @@ import numpy as np
 import torch
 
 from ambiseg_diffusers import AmbiSegPipeline
+from ambiseg_diffusers.pipelines.pipeline_ambiseg import native_bf16
 from ambiseg_diffusers.lidc import eval_prompts, load_lidc64
 from ambiseg_diffusers.metrics import compute_metrics_batch
 from ambiseg_diffusers.evaluation import build_sampling_scheduler, sample_rows
@@ -35,28 +37,29 @@ def timed(fn, repeats: int = 1):
 
 def with_scheduler(pipe, name: str):
     clone = AmbiSegPipeline(**pipe.components, image_clip=pipe.config.image_clip,
-                            default_num_inference_steps=pipe.config.default_num_inference_steps)
+                            default_num_inference_steps=pipe.config.default_num_inference_steps,
+                            autocast=pipe.config.autocast)
     clone.scheduler = build_sampling_scheduler(pipe.scheduler, name)
     clone.set_progress_bar_config(disable=True)
     return clone
 
 
-def sample(pipe, rows, indices, n, steps, separate=False, images_per_call=1, bf16=False):
+def sample(pipe, rows, indices, n, steps, separate=False, images_per_call=1, autocast=None):
     """`(B, n, H, W)` masks for the rows; `separate` = one call per sample (the paper's protocol)."""
     out = []
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-        for start in range(0, len(indices), images_per_call):
-            chunk = list(range(start, min(start + images_per_call, len(indices))))
-            part = {k: [rows[k][i] for i in chunk] for k in rows}
-            if separate:  # sample s of image i is its own call (seeded (i, s)) with prompt s round-robin
-                images = np.stack([np.asarray(x, np.float32) for x in part["image"]])
-                prompts = [eval_prompts({k: part[k][j] for k in part}, "annotator") for j in range(len(chunk))]
-                masks = [pipe(images, [[p[s % len(p)]] for p in prompts], num_samples=1, num_inference_steps=steps,
-                              generator=[torch.Generator().manual_seed(1000 * indices[i] + s) for i in chunk]).masks
-                         for s in range(n)]
-                out.append(np.concatenate(masks, axis=1))
-            else:
-                out.append(sample_rows(pipe, part, [indices[i] for i in chunk], n, "annotator", 0, steps))
+    for start in range(0, len(indices), images_per_call):
+        chunk = list(range(start, min(start + images_per_call, len(indices))))
+        part = {k: [rows[k][i] for i in chunk] for k in rows}
+        if separate:  # sample s of image i is its own call (seeded (i, s)) with prompt s round-robin
+            images = np.stack([np.asarray(x, np.float32) for x in part["image"]])
+            prompts = [eval_prompts({k: part[k][j] for k in part}, "annotator") for j in range(len(chunk))]
+            masks = [pipe(images, [[p[s % len(p)]] for p in prompts], num_samples=1, num_inference_steps=steps,
+                          generator=[torch.Generator().manual_seed(1000 * indices[i] + s) for i in chunk],
+                          autocast=autocast).masks
+                     for s in range(n)]
+            out.append(np.concatenate(masks, axis=1))
+        else:
+            out.append(sample_rows(pipe, part, [indices[i] for i in chunk], n, "annotator", 0, steps, autocast=autocast))
     return np.concatenate(out)
 
 
@@ -103,36 +106,38 @@ def main() -> None:
 
     timing = {k: rows[k][: args.timing_images] for k in rows}
     t_idx = indices[: args.timing_images]
+    bf16 = native_bf16(torch.device("cpu"))
     sample(pipe, timing, t_idx, 2, 2)  # warm-up: allocator and thread pools
-    sample(pipe, timing, t_idx, 2, 2, bf16=True)
+    sample(pipe, timing, t_idx, 2, 2, autocast="no")
     results = {}
-    s1, _ = timed(lambda: sample(paper, timing, t_idx, n, 100, separate=True))
-    results["1. paper: 16 calls x 1 sample, DDIM-100"] = s1
-    s2, _ = timed(lambda: sample(pipe, timing, t_idx, n, None), repeats=2)
-    results[f"2. pipeline: 1 call x 16 samples, default ({default_steps} steps)"] = s2
-    s2b, _ = timed(lambda: sample(pipe, timing, t_idx, n, None, bf16=True), repeats=2)
-    results["2b. same, bf16 autocast"] = s2b
-    s2c, _ = timed(lambda: sample(pipe, timing, t_idx, n, None, bf16=True, images_per_call=len(t_idx)), repeats=2)
-    results[f"2c. same, bf16, {len(t_idx)} images per call"] = s2c
-    floor = unet_floor(pipe, n, default_steps, bf16=False) * len(t_idx)
-    results["3. floor: bare UNet forwards of (2)"] = floor
-    floor_bf16 = unet_floor(pipe, n, default_steps, bf16=True) * len(t_idx)
-    results["3b. floor, bf16"] = floor_bf16
+    s1, _ = timed(lambda: sample(paper, timing, t_idx, n, 100, separate=True, autocast="no"))
+    results["1. paper: 16 calls x 1 sample, DDIM-100, float32"] = s1
+    s2, _ = timed(lambda: sample(pipe, timing, t_idx, n, None), repeats=3)
+    results[f"2. default call: 1 x 16 samples, {default_steps} steps, {'bf16' if bf16 else 'float32'} (auto)"] = s2
+    s2a, _ = timed(lambda: sample(pipe, timing, t_idx, n, None, autocast="no"), repeats=3)
+    results["2a. default, bf16 off (float32)"] = s2a
+    s2b, _ = timed(lambda: sample(pipe, timing, t_idx, n, 5), repeats=3)
+    results["2b. default, 5 steps (the previous default)"] = s2b
+    s2c, _ = timed(lambda: sample(pipe, timing, t_idx, n, None, images_per_call=len(t_idx)), repeats=3)
+    results[f"2c. default, {len(t_idx)} images per call"] = s2c
+    floor = unet_floor(pipe, n, default_steps, bf16=bf16) * len(t_idx)
+    results["3. floor: the bare UNet forwards of (2)"] = floor
 
     total = n * len(t_idx)
-    print("\n| configuration | s per image | samples/s |\n|---|---|---|")
+    print("\n| configuration | s per image | samples/s | vs paper |\n|---|---|---|---|")
     for name, seconds in results.items():
-        print(f"| {name} | {seconds / len(t_idx):.2f} | {total / seconds:.1f} |")
-    print(f"\nspeed-up 2 vs 1: {s1 / s2:.1f}x   (bf16 2b vs 1: {s1 / s2b:.1f}x; 2c vs 1: {s1 / s2c:.1f}x)")
-    print(f"pipeline overhead over the floor: 2 vs 3 {s2 / floor:.3f}, 2b vs 3b {s2b / floor_bf16:.3f}")
+        print(f"| {name} | {seconds / len(t_idx):.3f} | {total / seconds:.1f} | {s1 / seconds:.1f}x |")
+    print(f"\nspeed-up of the default call over the paper's protocol: {s1 / s2:.1f}x "
+          f"(float32 {s1 / s2a:.1f}x, 5 steps {s1 / s2b:.1f}x)")
+    print(f"default call over the bare-UNet floor: {s2 / floor:.3f} ({(s2 - floor) / len(t_idx):.3f} s per image)")
 
     quality = {
-        "1. DDIM-100": sample(paper, rows, indices, n, 100, images_per_call=4, bf16=True),
-        f"2. default ({default_steps} steps)": sample(pipe, rows, indices, n, None, images_per_call=4),
-        "2b. default, bf16": sample(pipe, rows, indices, n, None, images_per_call=4, bf16=True),
+        "1. DDIM-100": sample(paper, rows, indices, n, 100, images_per_call=4),
+        f"2. default ({default_steps} steps, auto precision)": sample(pipe, rows, indices, n, None, images_per_call=4),
+        "2a. default, float32": sample(pipe, rows, indices, n, None, images_per_call=4, autocast="no"),
     }
     if not args.skip_ddpm:
-        quality["DDPM-1000"] = sample(with_scheduler(pipe, "ddpm"), rows, indices, n, 1000, images_per_call=4, bf16=True)
+        quality["DDPM-1000"] = sample(with_scheduler(pipe, "ddpm"), rows, indices, n, 1000, images_per_call=4)
     print(f"\nGED against the raters, first {args.num_images} validation images, N = {n}:")
     reference = ged(quality["DDPM-1000"], rows) if "DDPM-1000" in quality else None
     for name, masks in quality.items():

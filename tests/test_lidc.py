@@ -122,3 +122,11 @@ def test_data_dir_may_be_the_lidc64_folder_or_its_parent_and_never_falls_back(tm
         load_lidc64("mini")
     with pytest.raises(FileNotFoundError, match="`data_dir`"):
         load_lidc64("mini", data_dir=tmp_path)
+
+
+@needs_data
+def test_selection_split_is_a_seeded_patient_level_tenth_of_train():
+    selection, fit, train = load_lidc64("selection"), load_lidc64("train_fit"), load_lidc64("train")
+    assert (len(selection), len(fit)) == (66, 504) and len(selection) + len(fit) == len(train)
+    assert len(set(selection["patient_id"])) == 6 and not set(selection["patient_id"]) & set(fit["patient_id"])
+    assert not set(selection["patient_id"]) & set(load_lidc64("validate")["patient_id"])

@@ -335,3 +335,18 @@ def test_push_to_hub_uploads_the_pipeline_with_a_model_card(pipe, monkeypatch):
     assert card.data.library_name == "diffusers" and "ambiseg-diffusers" in card.data.tags
     assert "CC BY 3.0" in call["card"] and "not a medical device" in call["card"]
     assert 'AmbiSegPipeline.from_pretrained("user/ambiseg-test")' in call["card"]
+
+
+def test_autocast_modes(pipe, image, monkeypatch):
+    from ambiseg_diffusers.pipelines import pipeline_ambiseg
+
+    call = lambda **kw: pipe(image, num_samples=2, generator=torch.Generator().manual_seed(0), **kw).probabilities  # noqa: E731
+    fp32, bf16 = call(), call(autocast="bf16")
+    assert 1e-4 < np.abs(fp32 - bf16).max() < 0.2  # another precision, the same model
+    np.testing.assert_array_equal(call(autocast="bf16"), bf16)  # bit-reproducible per generator and mode
+    monkeypatch.setattr(pipeline_ambiseg, "native_bf16", lambda device: True)
+    np.testing.assert_array_equal(call(autocast="auto"), bf16)
+    monkeypatch.setattr(pipeline_ambiseg, "native_bf16", lambda device: False)
+    np.testing.assert_array_equal(call(autocast="auto"), fp32)
+    with pytest.raises(ValueError, match="autocast"):
+        call(autocast="fp16")

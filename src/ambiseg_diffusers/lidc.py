@@ -116,7 +116,19 @@ def eval_prompts(example: Mapping, protocol: str) -> list[str]:
 
 # ---------------------------------------------------------------------------------------------------------------
 LIDC64_SPLITS = {"train": ("train_a", "train_b"), "train_a": ("train_a",), "train_b": ("train_b",),
-                 "validate": ("validate",), "mini": ("mini",)}
+                 "validate": ("validate",), "mini": ("mini",),
+                 "selection": ("train_a", "train_b"), "train_fit": ("train_a", "train_b")}
+# Every choice (checkpoint step, learning rate, sampler, steps, knob values) is made on "selection", a seeded
+# patient-level 10% of the training patients; "train_fit" is the rest. Validate reports, never chooses.
+SELECTION_FRACTION = 0.1
+SELECTION_SEED = 0
+
+
+def selection_patients(patients) -> set[str]:
+    """The seeded ~10% of the (training) patients that form the selection split."""
+    unique = sorted({str(p) for p in patients})
+    count = max(1, round(len(unique) * SELECTION_FRACTION))
+    return {unique[i] for i in np.random.default_rng(SELECTION_SEED).permutation(len(unique))[:count]}
 
 
 DATA_MARKERS = {"lidc64": "lidc64_*.npz", "cimd128": "cimd_lidc128_4rater.npz"}
@@ -188,7 +200,9 @@ def lidc64_features(size: int = 64, raters: int = 4) -> Features:
 def load_lidc64(split: str = "train", data_dir: str | os.PathLike | None = None, prompt_style: str = "paper") -> Dataset:
     """The real LIDC-IDRI 64x64 multi-rater crops as a `datasets.Dataset`.
 
-    `split`: "train" (train_a + train_b, 570 slices), "train_a", "train_b", "validate" (114), "mini" (14).
+    `split`: "train" (train_a + train_b, 570 slices), "train_a", "train_b", "validate" (114), "mini" (14), and the
+    patient-level partition of "train" into "selection" (6 of its 55 patients, seeded; for every choice) and
+    "train_fit" (the other 49).
     Columns: image `(64, 64)` float32 (z-scored per slice, as stored), masks `(4, 64, 64)` uint8 {0, 1},
     annotator_valid `(4,)` bool, ratings `(4, 9)` int8 (0 where not valid), prompts (4 str, see module docstring),
     nodule_prompt, patient_id, nodule_id ("<patient>_<nodule index>"), slice.
@@ -198,6 +212,12 @@ def load_lidc64(split: str = "train", data_dir: str | os.PathLike | None = None,
     folder = resolve_data_dir(data_dir, "lidc64")
     parts = [np.load(folder / f"lidc64_{part}.npz") for part in LIDC64_SPLITS[split]]
     stack = lambda key: np.concatenate([p[key] for p in parts])  # noqa: E731
+    keep = slice(None)
+    if split in ("selection", "train_fit"):
+        chosen = selection_patients(stack("patient_id"))
+        in_selection = np.array([str(p) in chosen for p in stack("patient_id")])
+        keep = in_selection if split == "selection" else ~in_selection
+    stack = lambda key, _stack=stack: _stack(key)[keep]  # noqa: E731
     valid, ratings, patients = stack("annotator_valid"), stack("ratings"), stack("patient_id")
     prompts = [slice_prompts(r, v, prompt_style) for r, v in zip(ratings, valid)]
     columns = {

@@ -35,6 +35,17 @@ ADAPTER_FILE = "preference.json"
 PREFERENCE_ADAPTER = "preference"
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 OUTPUT_TYPES = ("np", "pt", "pil", "latent")
+AUTOCAST_MODES = ("auto", "bf16", "no")
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether `device` computes bf16 natively, so autocast speeds it up instead of emulating."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+        return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+    return False
 
 
 @dataclass
@@ -97,6 +108,8 @@ class AmbiSegPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         posterior ([`AmbiguityEncoder`], optional): q(z | image, prompt, mask), used by training only.
         image_clip (`float`): the image normalisation used in training (see [`normalize_image`]).
         default_num_inference_steps (`int`): steps used when `__call__` gets `num_inference_steps=None`.
+        autocast (`str`): the default precision of a call: "auto" (bf16 autocast where the hardware computes bf16
+            natively: CUDA GPUs that support it, CPUs with AVX512-BF16 or AMX; float32 elsewhere), "bf16" or "no".
 
     LoRA adapters load the diffusers way (`load_lora_weights`, `set_adapters`, `fuse_lora`, `unload_lora_weights`).
     A TDG-DiffDPO checkpoint is such an adapter, named "preference"; `preference_scale` sets its weight.
@@ -120,12 +133,16 @@ class AmbiSegPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         posterior: AmbiguityEncoder | None = None,
         image_clip: float = 3.0,
         default_num_inference_steps: int = 20,
+        autocast: str = "auto",
     ):
         super().__init__()
+        if autocast not in AUTOCAST_MODES:
+            raise ValueError(f"`autocast` must be one of {AUTOCAST_MODES}, got {autocast!r}.")
         self.register_modules(
             unet=unet, scheduler=scheduler, text_encoder=text_encoder, tokenizer=tokenizer, prior=prior, posterior=posterior
         )
-        self.register_to_config(image_clip=image_clip, default_num_inference_steps=default_num_inference_steps)
+        self.register_to_config(image_clip=image_clip, default_num_inference_steps=default_num_inference_steps,
+                                autocast=autocast)
 
     # ---------------------------------------------------------------------------------------------- loading, saving
     @classmethod
@@ -464,6 +481,7 @@ class AmbiSegPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         threshold: float = 0.5,
         batch_size: int = 64,
         preference_scale: float | None = None,
+        autocast: str | None = None,
         output_type: str = "np",
         return_dict: bool = True,
         callback_on_step_end: Callable[[Any, int, Any, dict], dict] | None = None,
@@ -494,6 +512,8 @@ class AmbiSegPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
             preference_scale: for a TDG-DiffDPO checkpoint (a "preference" LoRA adapter on the UNet), the knob between
                 the reference model (0) and the aligned model (1), for this call; values above 1 extrapolate. `None` =
                 the adapters as they are (weight 1 after loading, or what `set_adapters` set).
+            autocast: "auto", "bf16" or "no" for this call; `None` = the pipeline's `autocast` config ("auto": bf16
+                where the hardware computes it natively). Results are bit-reproducible for a given generator and mode.
             output_type: "np", "pt", "pil" (a list per image of `PIL.Image` masks) or "latent" (the raw samples).
             return_dict: an [`AmbiSegPipelineOutput`] (True) or a tuple.
             callback_on_step_end: called after every denoising step as `callback(pipe, step, timestep, kwargs)` with
@@ -516,8 +536,12 @@ class AmbiSegPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         self._interrupt = False
 
         # 1. Define call parameters.
-        with self._preference_scale(preference_scale):
-            device = self._execution_device
+        device = self._execution_device
+        mode = autocast or self.config.get("autocast", "auto")
+        if mode not in AUTOCAST_MODES:
+            raise ValueError(f"`autocast` must be one of {AUTOCAST_MODES}, got {mode!r}.")
+        use_bf16 = mode == "bf16" or (mode == "auto" and native_bf16(device))
+        with self._preference_scale(preference_scale), torch.autocast(device.type, torch.bfloat16, enabled=use_bf16):
             dtype = self.unet.dtype
             images = self.preprocess(image).to(device=device, dtype=dtype)
             batch, _, height, width = images.shape
