@@ -5,7 +5,11 @@
 2. the default call `pipe(image, prompt, num_samples=16)`: one batched call, the default steps, the default precision
    (`autocast="auto"`: bf16 where the CPU or GPU computes it natively);
    2a-2c. the same with each speed option off: float32, the previous default of 5 steps, one image per call;
-3. the floor: the bare UNet forwards (2) needs (same batch, steps and precision), nothing else.
+   2d-2f. options tried and not made default unless they win here: a `channels_last` UNet, a `torch.compile`d UNet
+   (compilation excluded from its time, printed apart), and prompt embeddings computed once and passed as
+   `prompt_embeds` (what a caller who segments many slices with one prompt can do);
+3. the floor: the bare UNet forwards (2) needs (same batch, steps and precision), nothing else; and the parts of
+   (2) that are not UNet forwards, timed alone: prompt encoding and the prior.
 
 Prints samples/s, the ratios 2 vs 1 (the claim) and 2 vs 3, and the GED against the raters of (1), (2), (2a) and
 DDPM-1000 on the same validation images, so speed is never bought with quality unnoticed.
@@ -16,6 +20,7 @@ DDPM-1000 on the same validation images, so speed is never bought with quality u
 from __future__ import annotations
 
 import argparse
+import copy
 import time
 
 import numpy as np
@@ -35,13 +40,41 @@ def timed(fn, repeats: int = 1):
     return (time.perf_counter() - started) / repeats, result
 
 
-def with_scheduler(pipe, name: str):
-    clone = AmbiSegPipeline(**pipe.components, image_clip=pipe.config.image_clip,
+def variant(pipe, **components):
+    """A pipeline sharing `pipe`'s weights and config, with some components replaced."""
+    clone = AmbiSegPipeline(**{**pipe.components, **components}, image_clip=pipe.config.image_clip,
                             default_num_inference_steps=pipe.config.default_num_inference_steps,
                             autocast=pipe.config.autocast)
-    clone.scheduler = build_sampling_scheduler(pipe.scheduler, name)
     clone.set_progress_bar_config(disable=True)
     return clone
+
+
+def with_scheduler(pipe, name: str):
+    return variant(pipe, scheduler=build_sampling_scheduler(pipe.scheduler, name))
+
+
+def sample_with_embeds(pipe, rows, indices, n, cache: dict):
+    """The default call per image with `prompt_embeds` encoded once per image and reused (`cache`)."""
+    out = []
+    for j, i in enumerate(indices):
+        if i not in cache:
+            prompts = eval_prompts({k: rows[k][j] for k in rows}, "annotator")
+            cache[i] = pipe.encode_prompt([prompts], pipe.device, n, batch_size=1)[:2]
+        embeds, mask = cache[i]
+        out.append(pipe(np.asarray(rows["image"][j], np.float32), prompt_embeds=embeds, prompt_attention_mask=mask,
+                        num_samples=n, generator=torch.Generator().manual_seed(i)).masks)
+    return np.concatenate(out)
+
+
+def overhead_parts(pipe, rows, indices, n, bf16: bool) -> tuple[float, float]:
+    """Seconds per image of prompt encoding and of the prior inside the default call, timed alone."""
+    images = [pipe.preprocess(np.asarray(rows["image"][j], np.float32)) for j in range(len(indices))]
+    prompts = [[eval_prompts({k: rows[k][j] for k in rows}, "annotator")] for j in range(len(indices))]
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        encode, embeds = timed(lambda: [pipe.encode_prompt(p, pipe.device, n, batch_size=1)[:2] for p in prompts], 3)
+        prior, _ = timed(lambda: [pipe.prepare_ambiguity_latents(x, e, m, n, 1.0, torch.Generator().manual_seed(0))
+                                  for x, (e, m) in zip(images, embeds)], 3)
+    return encode / len(indices), prior / len(indices)
 
 
 def sample(pipe, rows, indices, n, steps, separate=False, images_per_call=1, autocast=None):
@@ -120,8 +153,18 @@ def main() -> None:
     results["2b. default, 5 steps (the previous default)"] = s2b
     s2c, _ = timed(lambda: sample(pipe, timing, t_idx, n, None, images_per_call=len(t_idx)), repeats=3)
     results[f"2c. default, {len(t_idx)} images per call"] = s2c
+    channels_last = variant(pipe, unet=copy.deepcopy(pipe.unet).to(memory_format=torch.channels_last))
+    sample(channels_last, timing, t_idx, n, None)
+    results["2d. default, channels_last UNet"] = timed(lambda: sample(channels_last, timing, t_idx, n, None), repeats=3)[0]
+    compiled = variant(pipe, unet=torch.compile(copy.deepcopy(pipe.unet)))
+    compile_seconds, _ = timed(lambda: sample(compiled, timing, t_idx, n, None))  # compiles once for these shapes
+    results["2e. default, torch.compile UNet (after compiling)"] = timed(lambda: sample(compiled, timing, t_idx, n, None), repeats=3)[0]
+    embeds: dict = {}
+    sample_with_embeds(pipe, timing, t_idx, n, embeds)
+    results["2f. default, prompt_embeds passed (encoded once)"] = timed(lambda: sample_with_embeds(pipe, timing, t_idx, n, embeds), repeats=3)[0]
     floor = unet_floor(pipe, n, default_steps, bf16=bf16) * len(t_idx)
     results["3. floor: the bare UNet forwards of (2)"] = floor
+    encode_part, prior_part = overhead_parts(pipe, timing, t_idx, n, bf16)
 
     total = n * len(t_idx)
     print("\n| configuration | s per image | samples/s | vs paper |\n|---|---|---|---|")
@@ -129,7 +172,9 @@ def main() -> None:
         print(f"| {name} | {seconds / len(t_idx):.3f} | {total / seconds:.1f} | {s1 / seconds:.1f}x |")
     print(f"\nspeed-up of the default call over the paper's protocol: {s1 / s2:.1f}x "
           f"(float32 {s1 / s2a:.1f}x, 5 steps {s1 / s2b:.1f}x)")
-    print(f"default call over the bare-UNet floor: {s2 / floor:.3f} ({(s2 - floor) / len(t_idx):.3f} s per image)")
+    print(f"default call over the bare-UNet floor: {s2 / floor:.3f} ({(s2 - floor) / len(t_idx):.3f} s per image), of "
+          f"which prompt encoding {encode_part:.3f} s and the prior {prior_part:.3f} s per image (timed alone)")
+    print(f"torch.compile took {compile_seconds:.1f} s for the first call")
 
     quality = {
         "1. DDIM-100": sample(paper, rows, indices, n, 100, images_per_call=4),

@@ -27,7 +27,7 @@ import torch
 from accelerate import PartialState
 from tqdm.auto import tqdm
 
-from ambiseg_diffusers import AmbiSegPipeline
+from ambiseg_diffusers import load_pipeline
 from ambiseg_diffusers.evaluation import SAMPLING_SCHEDULERS, build_sampling_scheduler, cpu_only, sample_rows
 from ambiseg_diffusers.lidc import load_split
 from ambiseg_diffusers.metrics import METRIC_NAMES, compute_metrics_batch, format_table, summarize
@@ -58,6 +58,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="TDG-DiffDPO checkpoints: 0 = reference ... 1 = aligned (default 1)")
     parser.add_argument("--max_images", type=int, default=None, help="only the first N images")
     parser.add_argument("--images_per_call", type=int, default=4, help="images per pipeline call (memory only)")
+    parser.add_argument("--batch_size", type=int, default=None,
+                        help="rows (image x sample) per UNet call, default: the pipeline's (memory and speed only)")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast (faster on CPUs with AVX-512 BF16 and on GPUs)")
     parser.add_argument("--seed", type=int, default=0, help="image i samples with a generator seeded seed + i")
     parser.add_argument("--output_dir", required=True)
@@ -69,8 +71,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def load_pipeline(args) -> AmbiSegPipeline:
-    pipe = AmbiSegPipeline.from_pretrained(args.model, dtype=torch.float32)
+def load_model(args):
+    """AmbiSegPipeline, a TDG-DiffDPO adapter or ProbUNetPipeline: the class named in the folder's model_index.json."""
+    pipe = load_pipeline(args.model, dtype=torch.float32)
     if args.scheduler:
         pipe.scheduler = build_sampling_scheduler(pipe.scheduler, args.scheduler)
     pipe.set_progress_bar_config(disable=True)
@@ -81,8 +84,11 @@ def sample_images(pipe, rows: dict, args, indices: list[int]) -> np.ndarray:
     """`(B, N, H, W)` bool samples for a chunk of dataset rows, with this run's options."""
     with torch.autocast("cuda" if torch.cuda.is_available() else "cpu", dtype=torch.bfloat16, enabled=args.bf16):
         return sample_rows(pipe, rows, indices, args.num_samples, args.prompts, args.seed, args.steps,
-                           deterministic=args.deterministic, guidance_scale=args.guidance_scale,
-                           **({} if args.deterministic else {"prior_temperature": args.prior_temperature}),
+                           deterministic=args.deterministic,
+                           # only the options a run sets, so pipelines without them (ProbUNetPipeline) run too
+                           **({} if args.guidance_scale == 1.0 else {"guidance_scale": args.guidance_scale}),
+                           **({} if args.batch_size is None else {"batch_size": args.batch_size}),
+                           **({} if args.deterministic or args.prior_temperature == 1.0 else {"prior_temperature": args.prior_temperature}),
                            **({} if args.preference_scale is None else {"preference_scale": args.preference_scale}))
 
 
@@ -112,7 +118,7 @@ def main(argv=None) -> dict:
     output_dir = Path(args.output_dir)
     dataset = load_split(args.dataset, args.split, args.data_dir)
     total = len(dataset) if args.max_images is None else min(args.max_images, len(dataset))
-    pipe = load_pipeline(args).to(state.device)
+    pipe = load_model(args).to(state.device)
     if state.is_main_process:
         print(f"evaluating {total} images on {state.num_processes} process(es)", flush=True)
 

@@ -55,3 +55,29 @@ def test_committed_dpo_checkpoint_loads_from_the_hub_by_its_base_model_id(tmp_pa
     """, tmp_path / "hub", tmp_path / "home")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "ADAPTERS ['preference'] 8" in result.stdout
+
+
+@needs_data
+def test_committed_prob_unet_baseline_loads_in_one_line_and_segments(tmp_path):
+    from ambiseg_diffusers import ProbUNetPipeline, load_pipeline
+    from ambiseg_diffusers.lidc import load_lidc64
+
+    from test_pipeline import fill_hub_cache, run_offline
+
+    row = load_lidc64("mini")[0]
+    pipe = ProbUNetPipeline.from_pretrained(CHECKPOINTS / "prob-unet-lidc64")
+    assert type(load_pipeline(str(CHECKPOINTS / "prob-unet-lidc64"))) is ProbUNetPipeline
+    out = pipe(np.asarray(row["image"]), num_samples=16, generator=torch.Generator().manual_seed(0))
+    raters = np.asarray(row["masks"]).astype(bool)
+    assert out.masks.shape == (1, 16, 64, 64)
+    assert 0.002 < out.masks.mean() < 0.2 and (out.masks[0].any(0) & raters.any(0)).sum() > 0
+    assert len({m.tobytes() for m in out.masks[0]}) > 1  # a distribution, not one mask repeated
+
+    fill_hub_cache(CHECKPOINTS / "prob-unet-lidc64", tmp_path / "hub", "ambiseg-diffusers/prob-unet-lidc64")
+    result = run_offline("""
+        from ambiseg_diffusers import ProbUNetPipeline
+        pipe = ProbUNetPipeline.from_pretrained("ambiseg-diffusers/prob-unet-lidc64")
+        print("LATENT", pipe.prob_unet.config.latent_dim)
+    """, tmp_path / "hub", tmp_path / "home")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "LATENT 6" in result.stdout

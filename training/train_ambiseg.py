@@ -40,9 +40,9 @@ from ambiseg_diffusers.metrics import TABLE_COLUMNS
 from ambiseg_diffusers.models.unet_ambiseg import UNET_PRESETS
 from ambiseg_diffusers.text import PromptCache
 from ambiseg_diffusers.training_utils import (
-    batch_indices, build_models, build_noise_scheduler, checkpoint_step, load_ema, load_text_components,
-    log_validation, recipe_from_args, resume_checkpoint, save_checkpoint, save_ema, shard, step_generator, str2bool,
-    training_batch,
+    TrainingClock, batch_indices, build_models, build_noise_scheduler, checkpoint_step, checkpoint_train_seconds,
+    load_ema, load_text_components, log_validation, recipe_from_args, resume_checkpoint, save_checkpoint,
+    save_ema, shard, step_generator, str2bool, training_batch, warm_start,
 )
 
 logger = get_logger(__name__)
@@ -93,6 +93,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     run = parser.add_argument_group("run")
     run.add_argument("--output_dir", required=True, help="run folder: checkpoints, logs, the final pipeline")
     run.add_argument("--seed", type=int, default=0, help="seed of every random choice")
+    run.add_argument("--init_from", default=None, help="warm start: a pipeline folder or Hub id whose unet, prior and "
+                     "posterior weights (and their configs) replace the fresh models; the recipe's other fields apply")
+    run.add_argument("--max_train_minutes", type=float, default=None,
+                     help="wall-clock budget: stop after this many minutes of training steps (validation and saving "
+                          "not counted; carried across resumes) even before --max_train_steps")
+    run.add_argument("--snapshot_minutes", type=float, default=None,
+                     help="every this many minutes of training, save the EMA pipeline to snapshots/step-N (the "
+                          "candidates scripts/select_checkpoint.py chooses from on the selection split)")
     run.add_argument("--mixed_precision", default=None, choices=["no", "fp16", "bf16"],
                      help="autocast precision (default: accelerate's config)")
     run.add_argument("--gradient_accumulation_steps", type=int, default=1, help="micro-batches per optimizer step")
@@ -161,6 +169,8 @@ def main(argv=None) -> Path:
     text_encoder.to(accelerator.device)
     encode = PromptCache(tokenizer, text_encoder)
     unet, prior, posterior = build_models(config, text_encoder.config.hidden_size)
+    if args.init_from:
+        unet, prior, posterior = warm_start(args.init_from, config)
     noise_scheduler = build_noise_scheduler(config)
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
@@ -193,11 +203,13 @@ def main(argv=None) -> Path:
     validation = load_split(args.dataset, args.validation_split, args.data_dir) if args.num_validation_images else None
 
     first_step = 0
+    clock = TrainingClock(args.max_train_minutes, args.snapshot_minutes)
     checkpoint = resume_checkpoint(output_dir, args.resume_from_checkpoint)
     if checkpoint:
         accelerator.load_state(str(checkpoint))
         first_step = checkpoint_step(checkpoint)
-        logger.info(f"resumed from {checkpoint} at step {first_step}")
+        clock.seconds = checkpoint_train_seconds(checkpoint)
+        logger.info(f"resumed from {checkpoint} at step {first_step} ({clock.seconds / 60:.1f} min of training)")
     if accelerator.is_main_process:
         accelerator.init_trackers("ambiseg", config=asdict(config))
     logger.info(f"{len(dataset)} training rows, {config.max_train_steps} steps of batch {config.train_batch_size} "
@@ -234,7 +246,12 @@ def main(argv=None) -> Path:
     progress = tqdm(range(first_step, config.max_train_steps), initial=first_step, total=config.max_train_steps,
                     disable=not accelerator.is_local_main_process, desc="train")
     started, ran, metrics, warm = time.time(), 0, {}, None
+    done, metrics_step = first_step, None
     for step in range(first_step, config.max_train_steps):
+        if clock.expired:
+            logger.info(f"stopping at step {step}: --max_train_minutes {args.max_train_minutes} spent")
+            break
+        step_started = time.perf_counter()
         for model in trainable:
             model.train()
         for micro in range(args.gradient_accumulation_steps):
@@ -255,6 +272,7 @@ def main(argv=None) -> Path:
         for model, ema in zip(trainable, ema_models):
             ema.step(accelerator.unwrap_model(model).parameters())
         done, ran = step + 1, ran + 1
+        snapshot_due = clock.add(time.perf_counter() - step_started)
         logs = {"loss": loss.detach().item(), "lr": lr_scheduler.get_last_lr()[0], **{k: v.item() for k, v in parts.items()}}
         accelerator.log(logs, step=done)
         progress.update()
@@ -264,10 +282,12 @@ def main(argv=None) -> Path:
                              s_per_step=f"{seconds_per_step(started, warm, ran):.2f}")
 
         if accelerator.is_main_process and done % args.checkpointing_steps == 0:
-            save_checkpoint(accelerator, output_dir, done, args.checkpoints_total_limit)
+            save_checkpoint(accelerator, output_dir, done, args.checkpoints_total_limit, clock.seconds)
+        if accelerator.is_main_process and snapshot_due:
+            ema_pipeline().to("cpu").save_pretrained(output_dir / "snapshots" / f"step-{done:06d}")
         if validation is not None and args.validation_steps and done % args.validation_steps == 0:
             if accelerator.is_main_process:
-                metrics = validate(done)
+                metrics, metrics_step = validate(done), done
             accelerator.wait_for_everyone()
         if args.stop_after_steps == ran:
             logger.info(f"stopping after {ran} steps (--stop_after_steps)")
@@ -279,19 +299,21 @@ def main(argv=None) -> Path:
 
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        if validation is not None and not metrics:
-            metrics = validate(config.max_train_steps)
+        if validation is not None and metrics_step != done:
+            metrics = validate(done)
         pipeline = ema_pipeline().to("cpu")
         if args.save_fp16:  # storage only: from_pretrained loads float32 by default
             for component in pipeline.components.values():
                 if isinstance(component, torch.nn.Module):
                     component.half()  # (ModelMixin.to(dtype) would warn about an empty list of fp32 modules)
         pipeline.save_pretrained(output_dir)
+        (output_dir / "training_summary.json").write_text(json.dumps(
+            {"steps": done, "train_minutes": round(clock.seconds / 60, 2), "metrics": metrics}, indent=2))
         repo_id = args.hub_model_id or output_dir.name
         model_card(
             "ambiseg.md", repo_id, extra_tags=["lung-nodule"], config_name=args.config,
             config_json=json.dumps(asdict(config), indent=2), dataset=args.dataset, train_split=args.train_split,
-            num_rows=len(dataset), max_train_steps=config.max_train_steps, validation_split=args.validation_split,
+            num_rows=len(dataset), max_train_steps=done, validation_split=args.validation_split,
             num_validation_images=args.num_validation_images, num_validation_samples=args.num_validation_samples,
             metrics_table=metrics_table(metrics), text_encoder=config.text_encoder,
         ).save(output_dir / "README.md")

@@ -4,10 +4,11 @@ __version__ = "0.1.0"
 
 from .image_processing import normalize_image, prepare_image
 from .metrics import compute_metrics, compute_metrics_batch
-from .models import AmbiguityEncoder, AmbiSegUNet, DiagonalGaussian
-from .pipelines import AmbiSegPipeline, AmbiSegPipelineOutput
+from .models import AmbiguityEncoder, AmbiSegUNet, DiagonalGaussian, ProbUNetModel
+from .pipelines import AmbiSegPipeline, AmbiSegPipelineOutput, ProbUNetPipeline, load_pipeline
 
 __all__ = [
     "AmbiSegPipeline", "AmbiSegPipelineOutput", "AmbiSegUNet", "AmbiguityEncoder", "DiagonalGaussian",
-    "compute_metrics", "compute_metrics_batch", "normalize_image", "prepare_image",
+    "ProbUNetModel", "ProbUNetPipeline", "compute_metrics", "compute_metrics_batch", "load_pipeline",
+    "normalize_image", "prepare_image",
 ]

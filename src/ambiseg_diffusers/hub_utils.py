@@ -80,6 +80,20 @@ def check_weight_files(folder: str | os.PathLike) -> None:
                               "corrupted or truncated: download or save it again.") from error
 
 
+def check_finite_weights(pipe, folder: str | os.PathLike) -> None:
+    """Raises `ValueError` naming the component and tensor when a loaded weight is NaN or inf (a corrupted file must
+    not load silently and give empty masks)."""
+    import torch
+
+    for name, component in pipe.components.items():
+        if not isinstance(component, torch.nn.Module):
+            continue
+        for key, tensor in component.state_dict().items():
+            if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                raise ValueError(f"component `{name}` loaded from {os.path.join(folder, name)} holds non-finite "
+                                 f"weights (NaN or inf) in `{key}`: the file is corrupted; download or save it again.")
+
+
 def _template(name: str) -> str:
     return resources.files("ambiseg_diffusers").joinpath("model_cards", name).read_text()
 

@@ -23,7 +23,9 @@ def pipeline_fingerprint(pipeline) -> str:
             for key, tensor in sorted(component.state_dict().items()):
                 digest.update(f"{name}.{key}".encode())
                 digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
-    digest.update(json.dumps(dict(pipeline.scheduler.config), sort_keys=True, default=str).encode())
+    scheduler = getattr(pipeline, "scheduler", None)  # a Probabilistic U-Net has none
+    if scheduler is not None:
+        digest.update(json.dumps(dict(scheduler.config), sort_keys=True, default=str).encode())
     digest.update(json.dumps({k: v for k, v in pipeline.config.items() if not k.startswith("_")}, sort_keys=True,
                              default=str).encode())
     return digest.hexdigest()

@@ -52,7 +52,8 @@ def load_text_components(name_or_path: str):
     """Tokenizer and frozen (eval, no grad) text encoder."""
     path = resolve_text_encoder(name_or_path)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    text_encoder = AutoModel.from_pretrained(path).eval().requires_grad_(False)
+    # float32 whatever the stored dtype (pipelines store it in half precision to stay small)
+    text_encoder = AutoModel.from_pretrained(path, dtype=torch.float32).eval().requires_grad_(False)
     return tokenizer, text_encoder
 
 
@@ -74,6 +75,18 @@ def build_models(config: AmbiSegTrainingConfig, text_embed_dim: int):
     prior = AmbiguityEncoder(in_channels=1, latent_dim=config.latent_dim, text_embed_dim=text_embed_dim)
     posterior = AmbiguityEncoder(in_channels=2, latent_dim=config.latent_dim, text_embed_dim=text_embed_dim)
     return unet, prior, posterior
+
+
+def warm_start(name_or_path: str, config: AmbiSegTrainingConfig):
+    """The UNet, prior and posterior of a saved pipeline, to continue training from (`--init_from`). Their
+    architecture is the saved one; it must match the recipe's `latent_dim`."""
+    from .pipelines import AmbiSegPipeline
+
+    pipe = AmbiSegPipeline.from_pretrained(name_or_path)
+    if pipe.unet.latent_dim != config.latent_dim:
+        raise ValueError(f"`--init_from` {name_or_path!r} has latent_dim {pipe.unet.latent_dim}, the recipe "
+                         f"{config.latent_dim}; pass --latent_dim {pipe.unet.latent_dim}.")
+    return pipe.unet.train(), pipe.prior, pipe.posterior
 
 
 # ----------------------------------------------------------------------------------------------- data
@@ -165,15 +178,18 @@ def resume_checkpoint(output_dir: str | os.PathLike, resume_from_checkpoint: str
     return None
 
 
-def save_checkpoint(accelerator, output_dir: str | os.PathLike, step: int, total_limit: int | None) -> Path:
+def save_checkpoint(
+    accelerator, output_dir: str | os.PathLike, step: int, total_limit: int | None, train_seconds: float = 0.0
+) -> Path:
     """`accelerator.save_state` into a temporary folder, marked complete and renamed `checkpoint-<step>` only once
-    everything is written; only after that are incomplete checkpoints and the oldest beyond `total_limit` removed."""
+    everything is written; only after that are incomplete checkpoints and the oldest beyond `total_limit` removed.
+    `train_seconds` (the training time so far, for `--max_train_minutes`) is recorded in the completion file."""
     output_dir = Path(output_dir)
     final = output_dir / f"checkpoint-{step}"
     partial = output_dir / f".checkpoint-{step}.partial"
     shutil.rmtree(partial, ignore_errors=True)
     accelerator.save_state(str(partial))
-    (partial / COMPLETE_FILE).write_text(json.dumps({"step": step}))
+    (partial / COMPLETE_FILE).write_text(json.dumps({"step": step, "train_seconds": train_seconds}))
     if final.exists():  # an incomplete leftover of the same step
         shutil.rmtree(final)
     os.replace(partial, final)
@@ -186,6 +202,35 @@ def save_checkpoint(accelerator, output_dir: str | os.PathLike, step: int, total
         logger.info(f"removing {path}")
         shutil.rmtree(path)
     return final
+
+
+def checkpoint_train_seconds(checkpoint: str | os.PathLike) -> float:
+    """The training time recorded in a complete checkpoint (0 for checkpoints written before it was recorded)."""
+    return float(json.loads((Path(checkpoint) / COMPLETE_FILE).read_text()).get("train_seconds", 0.0))
+
+
+class TrainingClock:
+    """Training time (the steps only: validation and saving are not counted), carried across resumes through the
+    checkpoints, for a wall-clock budget (`--max_train_minutes`) and timed pipeline snapshots (`--snapshot_minutes`)
+    from which a checkpoint is chosen on the selection split afterwards."""
+
+    def __init__(self, max_minutes: float | None = None, snapshot_minutes: float | None = None, seconds: float = 0.0):
+        for name, value in (("--max_train_minutes", max_minutes), ("--snapshot_minutes", snapshot_minutes)):
+            if value is not None and value <= 0:
+                raise ValueError(f"`{name}` must be > 0, got {value}.")
+        self.max_minutes, self.snapshot_minutes, self.seconds = max_minutes, snapshot_minutes, seconds
+
+    def add(self, seconds: float) -> bool:
+        """Counts one step's time; True when it crossed a multiple of `snapshot_minutes` (time for a snapshot)."""
+        before, self.seconds = self.seconds, self.seconds + seconds
+        if not self.snapshot_minutes:
+            return False
+        period = 60.0 * self.snapshot_minutes
+        return int(before // period) != int(self.seconds // period)
+
+    @property
+    def expired(self) -> bool:
+        return self.max_minutes is not None and self.seconds >= 60.0 * self.max_minutes
 
 
 def save_ema(ema, folder: str | os.PathLike, name: str = "ema") -> None:

@@ -59,6 +59,8 @@ class AmbiguityEncoder(ModelMixin, ConfigMixin):
 
     Inputs: `image` `(B, in_channels, H, W)` in [-1, 1] (image and mask channels concatenated for the posterior);
     `encoder_hidden_states` `(B, L, text_embed_dim)`, `encoder_attention_mask` `(B, L)` with 1 = real token.
+    `text_embed_dim=0` builds an image-only encoder (the Probabilistic U-Net's prior and posterior nets), which
+    takes `encoder_hidden_states=None`.
     Output: [`DiagonalGaussian`] with `(B, latent_dim)` mean and log-variance.
     """
 
@@ -85,8 +87,9 @@ class AmbiguityEncoder(ModelMixin, ConfigMixin):
             ]
             channels = width
         self.conv = nn.Sequential(*layers)
-        self.text_proj = nn.Linear(text_embed_dim, channels)
-        self.head = nn.Sequential(nn.Linear(2 * channels, channels), nn.SiLU(), nn.Linear(channels, 2 * latent_dim))
+        self.text_proj = nn.Linear(text_embed_dim, channels) if text_embed_dim else None
+        features = 2 * channels if text_embed_dim else channels
+        self.head = nn.Sequential(nn.Linear(features, channels), nn.SiLU(), nn.Linear(channels, 2 * latent_dim))
         # Start at N(0, I) whatever the input, so an untrained prior samples like the standard normal.
         nn.init.zeros_(self.head[-1].weight)
         nn.init.zeros_(self.head[-1].bias)
@@ -94,15 +97,20 @@ class AmbiguityEncoder(ModelMixin, ConfigMixin):
     def forward(
         self,
         image: torch.Tensor,
-        encoder_hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
         encoder_attention_mask: torch.Tensor | None = None,
     ) -> DiagonalGaussian:
         if image.ndim != 4 or image.shape[1] != self.config.in_channels:
             raise ValueError(
                 f"`image` must be (B, {self.config.in_channels}, H, W), got {tuple(image.shape)}."
             )
+        if (encoder_hidden_states is None) != (self.text_proj is None):
+            expected = "None (an image-only encoder)" if self.text_proj is None else "(B, L, text_embed_dim) prompt states"
+            raise ValueError(f"`encoder_hidden_states` must be {expected}.")
         features = self.conv(image).mean(dim=(2, 3))
-        text = self.text_proj(masked_mean(encoder_hidden_states, encoder_attention_mask))
-        mean, logvar = self.head(torch.cat([features, text], dim=-1)).chunk(2, dim=-1)
+        if self.text_proj is not None:
+            text = self.text_proj(masked_mean(encoder_hidden_states, encoder_attention_mask))
+            features = torch.cat([features, text], dim=-1)
+        mean, logvar = self.head(features).chunk(2, dim=-1)
         # Bounded log-variance keeps the KL finite early in training.
         return DiagonalGaussian(mean=mean, logvar=logvar.clamp(-10.0, 5.0))

@@ -1,3 +1,26 @@
-from .pipeline_ambiseg import AmbiSegPipeline, AmbiSegPipelineOutput
+import json
+import os
 
-__all__ = ["AmbiSegPipeline", "AmbiSegPipelineOutput"]
+from .pipeline_ambiseg import AmbiSegPipeline, AmbiSegPipelineOutput
+from .pipeline_prob_unet import ProbUNetPipeline
+
+__all__ = ["AmbiSegPipeline", "AmbiSegPipelineOutput", "ProbUNetPipeline", "load_pipeline"]
+
+PIPELINE_CLASSES = {cls.__name__: cls for cls in (AmbiSegPipeline, ProbUNetPipeline)}
+
+
+def load_pipeline(pretrained_model_name_or_path: str | os.PathLike, **kwargs):
+    """Any pipeline of this package from a folder or Hub id, the class read from its `model_index.json` (a LoRA
+    folder without one is a TDG-DiffDPO adapter: an `AmbiSegPipeline`). `kwargs` go to `from_pretrained`."""
+    from ..hub_utils import DOWNLOAD_KWARGS, resolve_pretrained_path
+
+    download_kwargs = {k: kwargs[k] for k in DOWNLOAD_KWARGS if k in kwargs}
+    path = resolve_pretrained_path(pretrained_model_name_or_path, **download_kwargs)
+    index = os.path.join(path, "model_index.json")
+    name = "AmbiSegPipeline"
+    if os.path.isfile(index):
+        with open(index) as f:
+            name = json.load(f).get("_class_name", name)
+    if name not in PIPELINE_CLASSES:
+        raise ValueError(f"{index} names the pipeline class {name!r}; this package loads {sorted(PIPELINE_CLASSES)}.")
+    return PIPELINE_CLASSES[name].from_pretrained(path, **{k: v for k, v in kwargs.items() if k not in download_kwargs})

@@ -21,7 +21,7 @@ from diffusers.schedulers import KarrasDiffusionSchedulers
 from diffusers.utils import BaseOutput, logging
 from diffusers.utils.torch_utils import randn_tensor
 
-from ..hub_utils import DOWNLOAD_KWARGS, check_weight_files, model_card, resolve_pretrained_path
+from ..hub_utils import DOWNLOAD_KWARGS, check_finite_weights, check_weight_files, model_card, resolve_pretrained_path
 from ..image_processing import ImageInput, normalize_image, prepare_image
 from ..models import AmbiguityEncoder, AmbiSegUNet
 from ..text import encode_prompts
@@ -64,6 +64,24 @@ class AmbiSegPipelineOutput(BaseOutput):
     probabilities: Union[np.ndarray, torch.Tensor, list, None] = None
     pixel_mean: Union[np.ndarray, torch.Tensor, None] = None
     pixel_variance: Union[np.ndarray, torch.Tensor, None] = None
+
+
+def format_samples(probabilities: torch.Tensor, threshold: float, output_type: str, return_dict: bool):
+    """Samples as probabilities `(batch, num_samples, H, W)` in [0, 1] -> the pipeline output of `output_type`."""
+    masks = probabilities > threshold
+    pixel_mean = probabilities.mean(dim=1)
+    pixel_variance = probabilities.var(dim=1, unbiased=False)
+    if output_type in ("np", "pil"):
+        pixel_mean, pixel_variance = pixel_mean.cpu().numpy(), pixel_variance.cpu().numpy()
+    if output_type == "np":
+        masks, probabilities = masks.cpu().numpy(), probabilities.cpu().numpy()
+    elif output_type == "pil":
+        masks = [[PIL.Image.fromarray(m.cpu().numpy().astype(np.uint8) * 255) for m in per] for per in masks]
+        probabilities = [[PIL.Image.fromarray((p.cpu().numpy() * 255).round().astype(np.uint8)) for p in per]
+                         for per in probabilities]
+    if not return_dict:
+        return masks, probabilities, pixel_mean, pixel_variance
+    return AmbiSegPipelineOutput(masks=masks, probabilities=probabilities, pixel_mean=pixel_mean, pixel_variance=pixel_variance)
 
 
 def normalize_prompts(prompt: PromptInput, batch_size: int) -> list[list[str]]:
@@ -190,13 +208,7 @@ class AmbiSegPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         finite after (a corrupted file must not load silently and give empty masks)."""
         check_weight_files(path)
         pipe = super().from_pretrained(path, **kwargs)
-        for name, component in pipe.components.items():
-            if not isinstance(component, torch.nn.Module):
-                continue
-            for key, tensor in component.state_dict().items():
-                if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-                    raise ValueError(f"component `{name}` loaded from {os.path.join(path, name)} holds non-finite "
-                                     f"weights (NaN or inf) in `{key}`: the file is corrupted; download or save it again.")
+        check_finite_weights(pipe, path)
         return pipe
 
     @classmethod
@@ -641,20 +653,7 @@ class AmbiSegPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
             if output_type == "latent":
                 return AmbiSegPipelineOutput(masks=latents) if return_dict else (latents,)
             probabilities = ((latents.float() + 1.0) / 2.0).clamp(0.0, 1.0).reshape(batch, num_samples, height, width)
-            masks = probabilities > threshold
-            pixel_mean = probabilities.mean(dim=1)
-            pixel_variance = probabilities.var(dim=1, unbiased=False)
-            if output_type in ("np", "pil"):
-                pixel_mean, pixel_variance = pixel_mean.cpu().numpy(), pixel_variance.cpu().numpy()
-            if output_type == "np":
-                masks, probabilities = masks.cpu().numpy(), probabilities.cpu().numpy()
-            elif output_type == "pil":
-                masks = [[PIL.Image.fromarray(m.cpu().numpy().astype(np.uint8) * 255) for m in per] for per in masks]
-                probabilities = [[PIL.Image.fromarray((p.cpu().numpy() * 255).round().astype(np.uint8)) for p in per]
-                                 for per in probabilities]
-            if not return_dict:
-                return masks, probabilities, pixel_mean, pixel_variance
-            return AmbiSegPipelineOutput(masks=masks, probabilities=probabilities, pixel_mean=pixel_mean, pixel_variance=pixel_variance)
+            return format_samples(probabilities, threshold, output_type, return_dict)
 
 
 def _default_card(repo_id: str):

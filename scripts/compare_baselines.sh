@@ -1,0 +1,96 @@
+#!/usr/bin/env bash
+# The comparison table of the README (paper Tables 2 and 5 on our data): every row trained from scratch on the same
+# slices for the same wall-clock budget, its checkpoint chosen on the selection split, then scored once on validate
+# (N = 16, the same seeds, 95% bootstrap intervals).
+#
+#   RUNS=~/ambiseg-runs/compare BUDGET_MIN=45 bash scripts/compare_baselines.sh          # rows one after another
+#   RUNS=/tmp/compare BUDGET_MIN=5 PARALLEL=1 bash scripts/compare_baselines.sh          # rows side by side (a GPU)
+#
+# Rows: AmbiSeg (x0, text, ambiguity latent); w/o text; w/o ambiguity latent; CIMD-style (epsilon, no text, DDPM-1000
+# sampling); Probabilistic U-Net. STRONG=1 adds the warm-started AmbiSeg variants of the "stronger AmbiSeg" issue,
+# chosen together with the committed checkpoint on the selection split. Knobs (environment):
+#   BUDGET_MIN   training minutes per row (steps only)        SNAPSHOT_MIN  minutes between checkpoint candidates
+#   SLOW_SNAPSHOT_MIN  the same for the CIMD-style row (DDPM-1000 makes each candidate expensive to score)
+#   PARALLEL     1 = train/evaluate rows concurrently          TEXT_ENCODER  frozen encoder (default offline-minilm)
+#   SELECT_IMAGES / VALIDATE_IMAGES  cap the images (smoke tests only; empty = whole split)
+#   DATA_DIR     the lidc64 folder or its parent               IMAGES_PER_CALL  images per pipeline call
+#   ONLY         a space-separated subset of the rows (default: all)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+RUNS=${RUNS:?set RUNS to a folder outside the work tree}
+BUDGET_MIN=${BUDGET_MIN:-45}
+SNAPSHOT_MIN=${SNAPSHOT_MIN:-$(python -c "print($BUDGET_MIN / 6)")}
+# CIMD-style candidates cost 1000 UNet passes each to score: fewer of them
+SLOW_SNAPSHOT_MIN=${SLOW_SNAPSHOT_MIN:-$(python -c "print($BUDGET_MIN / 2.2)")}
+PARALLEL=${PARALLEL:-0}
+STRONG=${STRONG:-0}
+TEXT_ENCODER=${TEXT_ENCODER:-offline-minilm}
+IMAGES_PER_CALL=${IMAGES_PER_CALL:-16}
+BATCH=$((IMAGES_PER_CALL * 16))  # every row of a call in one UNet pass
+SELECT_CAP=${SELECT_IMAGES:+--max_images $SELECT_IMAGES}
+VALIDATE_CAP=${VALIDATE_IMAGES:+--max_images $VALIDATE_IMAGES}
+DATA=${DATA_DIR:+--data_dir $DATA_DIR}
+mkdir -p "$RUNS"
+
+budget=(--max_train_steps 100000000 --max_train_minutes "$BUDGET_MIN" --snapshot_minutes "$SNAPSHOT_MIN"
+        --num_validation_images 0 --mixed_precision bf16 --report_to none --checkpointing_steps 5000 $DATA)
+ambiseg=(python training/train_ambiseg.py --lr_scheduler constant --text_encoder "$TEXT_ENCODER" "${budget[@]}")
+
+declare -A TRAIN PROMPTS LABEL
+TRAIN[ambiseg]="${ambiseg[*]}"
+TRAIN[no-text]="${ambiseg[*]} --use_text false"
+TRAIN[no-ambiguity]="${ambiseg[*]} --latent_dim 0"
+TRAIN[cimd-style]="${ambiseg[*]} --prediction_type epsilon --use_text false --sampling_scheduler ddpm --sampling_steps 1000 --snapshot_minutes $SLOW_SNAPSHOT_MIN"
+TRAIN[prob-unet]="python training/train_prob_unet.py ${budget[*]}"
+PROMPTS=([ambiseg]=annotator [no-text]=none [no-ambiguity]=annotator [cimd-style]=none [prob-unet]=none)
+LABEL=([ambiseg]="AmbiSeg (x0, text, latent)" [no-text]="w/o text" [no-ambiguity]="w/o ambiguity latent"
+       [cimd-style]="CIMD-style (epsilon, no text, DDPM-1000)" [prob-unet]="Probabilistic U-Net")
+ROWS=(ambiseg no-text no-ambiguity cimd-style prob-unet)
+if [[ -n ${ONLY:-} ]]; then
+  read -r -a ROWS <<<"$ONLY"
+  for name in "${!TRAIN[@]}"; do [[ " $ONLY " == *" $name "* ]] || unset "TRAIN[$name]"; done
+fi
+if [[ $STRONG == 1 ]]; then
+  warm=("${ambiseg[@]}" --init_from checkpoints/ambiseg-lidc64 --learning_rate 1e-4)
+  TRAIN[strong-b32]="${warm[*]}"
+  TRAIN[strong-b128]="${warm[*]} --train_batch_size 128"
+fi
+
+run() {  # run LOG COMMAND...: in the background when PARALLEL=1, output to LOG
+  local log=$1; shift
+  mkdir -p "$(dirname "$log")"
+  if [[ $PARALLEL == 1 ]]; then "$@" >"$log" 2>&1 & else "$@" >"$log" 2>&1 || { tail -20 "$log"; exit 1; }; fi
+}
+
+echo "== training: ${BUDGET_MIN} min per row"
+for name in "${!TRAIN[@]}"; do
+  if [[ -f $RUNS/$name/training_summary.json ]]; then echo "   $name: done before"; continue; fi
+  # shellcheck disable=SC2086
+  run "$RUNS/$name/train.log" ${TRAIN[$name]} --output_dir "$RUNS/$name" --resume_from_checkpoint latest
+done
+wait
+for name in "${!TRAIN[@]}"; do [[ -f $RUNS/$name/training_summary.json ]] || { tail -20 "$RUNS/$name/train.log"; exit 1; }; echo "   $name: $(cat "$RUNS/$name/training_summary.json" | tr -d '\n ' | cut -c1-60)"; done
+
+echo "== choosing checkpoints on the selection split"
+select_cap=(--num_samples 16 --bf16 --images_per_call "$IMAGES_PER_CALL" --batch_size "$BATCH" $SELECT_CAP $DATA)
+for name in "${ROWS[@]}"; do
+  run "$RUNS/$name/select.log" python scripts/select_checkpoint.py --run_dir "$RUNS/$name" --prompts "${PROMPTS[$name]}" "${select_cap[@]}"
+done
+if [[ $STRONG == 1 ]]; then
+  run "$RUNS/strong/select.log" python scripts/select_checkpoint.py --run_dir "$RUNS/strong-b32" "$RUNS/strong-b128" \
+      --extra checkpoints/ambiseg-lidc64 --output "$RUNS/strong/selection.json" "${select_cap[@]}"
+fi
+wait
+
+echo "== validate, once, on the chosen checkpoints"
+validate_rows=("${ROWS[@]}")
+[[ $STRONG == 1 ]] && validate_rows+=(strong) && LABEL[strong]="AmbiSeg, warm-started (chosen)" && PROMPTS[strong]=annotator
+for name in "${validate_rows[@]}"; do
+  best=$(python -c "import json,sys; print(json.load(open(sys.argv[1]))['best'])" "$RUNS/$name/selection.json")
+  run "$RUNS/$name/validate.log" python scripts/evaluate.py --model "$best" --split validate --num_samples 16 --bf16 \
+      --prompts "${PROMPTS[$name]}" --images_per_call "$IMAGES_PER_CALL" --batch_size "$BATCH" --output_dir "$RUNS/$name/validate" \
+      --label "${LABEL[$name]}" --overwrite $VALIDATE_CAP $DATA
+done
+wait
+python scripts/results_table.py --runs "$RUNS" --rows "${validate_rows[@]}" --budget_min "$BUDGET_MIN" | tee "$RUNS/table.md"

@@ -1,0 +1,133 @@
+"""ProbUNetPipeline: the Probabilistic U-Net baseline, loaded, saved and called like `AmbiSegPipeline`."""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+from diffusers import DiffusionPipeline
+from diffusers.utils import logging
+from diffusers.utils.torch_utils import randn_tensor
+
+from ..hub_utils import DOWNLOAD_KWARGS, check_finite_weights, check_weight_files, resolve_pretrained_path
+from ..image_processing import ImageInput, normalize_image, prepare_image
+from ..models.prob_unet import ProbUNetModel
+from .pipeline_ambiseg import OUTPUT_TYPES, AmbiSegPipelineOutput, PromptInput, format_samples
+
+logger = logging.get_logger(__name__)
+
+
+class ProbUNetPipeline(DiffusionPipeline):
+    r"""Samples plausible masks from a Probabilistic U-Net (Kohl et al. 2018): one U-Net pass per image, then one
+    cheap 1x1 "fcomb" pass per latent z ~ p(z | image). The baseline of the README's comparison table.
+
+    Args:
+        prob_unet ([`ProbUNetModel`]): the U-Net with its prior and posterior nets.
+        image_clip (`float`): the image normalisation used in training (see [`normalize_image`]).
+    """
+
+    model_cpu_offload_seq = "prob_unet"
+
+    def __init__(self, prob_unet: ProbUNetModel, image_clip: float = 3.0):
+        super().__init__()
+        self.register_modules(prob_unet=prob_unet)
+        self.register_to_config(image_clip=image_clip)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> "ProbUNetPipeline":
+        """Loads from a local folder or a Hub repo id (fetched whole with `snapshot_download`, which honours
+        `HF_HUB_OFFLINE` and the cache), as float32 unless `dtype` is given; weight files are checked before
+        loading and every weight is checked finite after."""
+        download_kwargs = {k: kwargs.pop(k) for k in DOWNLOAD_KWARGS if k in kwargs}
+        if "torch_dtype" not in kwargs:
+            kwargs.setdefault("dtype", torch.float32)
+        path = resolve_pretrained_path(pretrained_model_name_or_path, **download_kwargs)
+        check_weight_files(path)
+        pipe = super().from_pretrained(path, **kwargs)
+        check_finite_weights(pipe, path)
+        return pipe
+
+    def preprocess(self, image: ImageInput) -> torch.Tensor:
+        """Images as stored (any range) -> the model's normalised input `(B, C, H, W)` in [-1, 1]."""
+        return normalize_image(prepare_image(image, self.prob_unet.config.image_channels), self.config.image_clip)
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        image: ImageInput,
+        prompt: PromptInput = None,
+        num_samples: int = 16,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        prior_temperature: float = 1.0,
+        threshold: float = 0.5,
+        num_inference_steps: int | None = None,
+        batch_size: int | None = None,
+        output_type: str = "np",
+        return_dict: bool = True,
+    ) -> AmbiSegPipelineOutput | tuple:
+        r"""
+        Args:
+            image: one image or a batch, as [`prepare_image`] documents; stored values (the pipeline normalises).
+            prompt: accepted for a drop-in swap with [`AmbiSegPipeline`] and **ignored**: the Probabilistic U-Net
+                has no text input (a warning says so when a non-empty prompt is given).
+            num_samples (`int`): masks per image, each from its own z ~ p(z | image).
+            generator: one `torch.Generator`, or one per image (then each image's samples do not depend on the
+                others in the batch).
+            prior_temperature (`float` >= 0): scale of the prior's standard deviation; 0 gives the prior mean.
+            threshold (`float` in (0, 1)): probability above which a pixel is foreground.
+            num_inference_steps: must be `None` (there are no denoising steps); accepted so that evaluation code
+                written for diffusion pipelines runs unchanged.
+            batch_size: samples decoded per 1x1-head call (memory only; default: all of an image's at once).
+            output_type: "np" (default), "pt" or "pil".
+
+        Returns:
+            [`AmbiSegPipelineOutput`]: `masks` bool `(batch, num_samples, H, W)`, `probabilities` in [0, 1] of the
+            same shape, `pixel_mean` and `pixel_variance` `(batch, H, W)`.
+        """
+        if not isinstance(num_samples, int) or isinstance(num_samples, bool) or num_samples < 1:
+            raise ValueError(f"`num_samples` must be a positive integer, got {num_samples!r}.")
+        if not 0.0 < threshold < 1.0:
+            raise ValueError(f"`threshold` must be in (0, 1), got {threshold!r}.")
+        if prior_temperature < 0:
+            raise ValueError(f"`prior_temperature` must be >= 0, got {prior_temperature!r}.")
+        if batch_size is not None and batch_size < 1:
+            raise ValueError(f"`batch_size` must be >= 1, got {batch_size!r}.")
+        if num_inference_steps is not None:
+            raise ValueError("`num_inference_steps` must be None: the Probabilistic U-Net samples in one pass.")
+        if output_type not in OUTPUT_TYPES or output_type == "latent":
+            raise ValueError(f"`output_type` must be 'np', 'pt' or 'pil', got {output_type!r}.")
+        if prompt not in (None, "") and any(p for p in _flatten(prompt)):
+            _warn_prompt_ignored()
+
+        model = self.prob_unet
+        device = self._execution_device
+        images = self.preprocess(image).to(device=device, dtype=model.dtype)
+        batch = images.shape[0]
+        if isinstance(generator, list) and len(generator) != batch:
+            raise ValueError(f"`generator` is a list of {len(generator)}; expected one per image ({batch}).")
+        generators = generator if isinstance(generator, list) else [generator] * batch
+
+        features = model.features(images)
+        prior = model.prior_distribution(images)
+        probabilities = []
+        for i in range(batch):
+            noise = randn_tensor((num_samples, model.config.latent_dim), generator=generators[i], device=device,
+                                 dtype=images.dtype)
+            z = prior.mean[i] + prior_temperature * prior.std[i] * noise
+            chunks = z.split(batch_size or num_samples)
+            logits = torch.cat([model.decode(features[i : i + 1].expand(len(c), -1, -1, -1), c) for c in chunks])
+            probabilities.append(torch.sigmoid(logits.float())[:, 0])
+        return format_samples(torch.stack(probabilities), threshold, output_type, return_dict)
+
+
+@functools.lru_cache(maxsize=1)
+def _warn_prompt_ignored() -> None:
+    """Once per process: evaluation code passes prompts on every call."""
+    logger.warning("ProbUNetPipeline ignores `prompt`: the Probabilistic U-Net sees the image only.")
+
+
+def _flatten(prompt) -> list[str]:
+    if isinstance(prompt, str):
+        return [prompt]
+    return [p for item in prompt for p in _flatten(item)]

@@ -1,0 +1,153 @@
+"""The Probabilistic U-Net baseline: its ELBO against a hand computation, the pipeline contract it shares with
+AmbiSegPipeline, saving/loading through `load_pipeline`, and its training script (exact resume, wall-clock budget,
+snapshots) on the real mini split, scored by the unchanged evaluation CLI and the checkpoint selection."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from safetensors.numpy import load_file
+
+from ambiseg_diffusers import ProbUNetModel, ProbUNetPipeline, load_pipeline
+from ambiseg_diffusers.training_utils import TrainingClock
+
+from conftest import needs_data
+
+TINY = dict(latent_dim=2, block_out_channels=(4, 8), convs_per_block=1, num_1x1_convs=1,
+            encoder_block_out_channels=(4, 4), norm_num_groups=2)
+
+
+def tiny_model() -> ProbUNetModel:
+    torch.manual_seed(0)
+    return ProbUNetModel(**TINY).eval()
+
+
+def test_elbo_is_summed_pixel_cross_entropy_plus_beta_kl():
+    model = tiny_model()
+    last = model.fcomb[-1]
+    torch.nn.init.zeros_(last.weight)
+    torch.nn.init.constant_(last.bias, 0.5)  # every pixel's logit is 0.5
+    with torch.no_grad():  # a prior that differs from the (zero-initialised, N(0, I)) posterior
+        model.prior.head[-1].bias.copy_(torch.tensor([1.0, -1.0, math.log(4.0), 0.0]))
+    image = torch.zeros(2, 1, 8, 8)
+    mask = -torch.ones(2, 1, 8, 8)
+    mask[0, 0, :2, :3] = 1.0  # 6 foreground pixels in image 0, none in image 1
+    loss, parts = model(image, mask, kl_weight=2.0, noise=torch.zeros(2, 2))
+
+    softplus = lambda x: math.log1p(math.exp(x))  # noqa: E731
+    expected_bce = ((6 * softplus(-0.5) + 58 * softplus(0.5)) + 64 * softplus(0.5)) / 2
+    # KL(N(0, I) || N((1, -1), diag(4, 1))) = 0.5 * sum(var_q/var_p + (mu_p - mu_q)^2/var_p - 1 - log(var_q/var_p))
+    expected_kl = 0.5 * ((1 / 4 + 1 / 4 - 1 + math.log(4)) + (1 + 1 - 1 - 0))
+    assert parts["reconstruction"].item() == pytest.approx(expected_bce, rel=1e-6)
+    assert parts["kl"].item() == pytest.approx(expected_kl, rel=1e-6)
+    assert loss.item() == pytest.approx(expected_bce + 2.0 * expected_kl, rel=1e-6)
+
+
+def test_the_latent_changes_the_mask_and_the_generator_fixes_it():
+    model = tiny_model()
+    with torch.no_grad():
+        model.prior.head[-1].bias.copy_(torch.tensor([0.0, 0.0, 2.0, 2.0]))  # a wide prior
+    pipe = ProbUNetPipeline(prob_unet=model)
+    image = np.random.default_rng(0).normal(size=(2, 16, 16)).astype(np.float32)
+    out = pipe(image, num_samples=4, generator=[torch.Generator().manual_seed(0), torch.Generator().manual_seed(1)])
+    again = pipe(image[:1], num_samples=4, generator=torch.Generator().manual_seed(0))
+    assert out.masks.shape == out.probabilities.shape == (2, 4, 16, 16) and out.masks.dtype == bool
+    np.testing.assert_allclose(out.probabilities[0], again.probabilities[0], atol=1e-6)  # image 0 ignores image 1
+    assert np.ptp(out.probabilities[0], axis=0).max() > 1e-3  # samples differ: z reaches the logits
+    mean_only = pipe(image, num_samples=3, prior_temperature=0.0)
+    np.testing.assert_array_equal(mean_only.probabilities[:, 0], mean_only.probabilities[:, 2])
+    chunked = pipe(image[:1], num_samples=4, generator=torch.Generator().manual_seed(0), batch_size=3)
+    np.testing.assert_allclose(chunked.probabilities, again.probabilities, atol=1e-6)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"num_inference_steps": 5}, "num_inference_steps"), ({"num_samples": 0}, "num_samples"),
+    ({"threshold": 1.0}, "threshold"), ({"output_type": "latent"}, "output_type"),
+    ({"prior_temperature": -1.0}, "prior_temperature"), ({"batch_size": 0}, "batch_size"),
+])
+def test_bad_arguments_are_refused_by_name(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        ProbUNetPipeline(prob_unet=tiny_model())(np.zeros((16, 16), np.float32), **kwargs)
+
+
+def test_save_and_load_through_the_generic_loader(tmp_path, caplog):
+    pipe = ProbUNetPipeline(prob_unet=tiny_model(), image_clip=2.0)
+    pipe.save_pretrained(tmp_path)
+    loaded = load_pipeline(str(tmp_path))
+    assert isinstance(loaded, ProbUNetPipeline) and loaded.config.image_clip == 2.0
+    image = np.random.default_rng(1).normal(size=(16, 16)).astype(np.float32)
+    a = pipe(image, num_samples=2, generator=torch.Generator().manual_seed(3)).probabilities
+    b = loaded(image, "a solid nodule", num_samples=2, generator=torch.Generator().manual_seed(3)).probabilities
+    np.testing.assert_array_equal(a, b)
+    assert "ignores `prompt`" in caplog.text
+
+
+def test_training_clock_counts_snapshots_and_the_budget():
+    clock = TrainingClock(max_minutes=1.0, snapshot_minutes=0.25)
+    due = [clock.add(6.0) for _ in range(10)]  # 6 s steps: a snapshot every 15 s, crossed at 18, 30, 48, 60 s
+    assert due == [False, False, True, False, True, False, False, True, False, True]
+    assert clock.expired
+    assert not TrainingClock(max_minutes=2.0, seconds=119.0).expired
+    with pytest.raises(ValueError, match="max_train_minutes"):
+        TrainingClock(max_minutes=0)
+
+
+@needs_data
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_train_resume_budget_snapshots_evaluate_and_select(tmp_path):
+    import evaluate
+    import select_checkpoint
+    import train_prob_unet
+
+    fast = ["--train_split", "mini", "--train_batch_size", "2", "--max_train_steps", "4", "--checkpointing_steps", "2",
+            "--num_validation_images", "0", "--report_to", "none", "--mixed_precision", "no", "--latent_dim", "2"]
+    straight = train_prob_unet.main(fast + ["--output_dir", str(tmp_path / "straight")])
+    killed = tmp_path / "killed"
+    train_prob_unet.main(fast + ["--output_dir", str(killed), "--stop_after_steps", "3"])
+    assert not (killed / "model_index.json").exists()
+    train_prob_unet.main(fast + ["--output_dir", str(killed), "--resume_from_checkpoint", "latest"])
+    a = load_file(str(straight / "prob_unet" / "diffusion_pytorch_model.safetensors"))
+    b = load_file(str(killed / "prob_unet" / "diffusion_pytorch_model.safetensors"))
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    assert json.loads((straight / "training_summary.json").read_text())["steps"] == 4
+
+    # A budget shorter than one step stops after the first step; every step past the first snapshot period saves one.
+    budget = train_prob_unet.main(fast + ["--output_dir", str(tmp_path / "budget"), "--max_train_minutes", "1e-6",
+                                          "--snapshot_minutes", "1e-6"])
+    assert json.loads((budget / "training_summary.json").read_text())["steps"] == 1
+    assert [p.name for p in (budget / "snapshots").iterdir()] == ["step-000001"]
+
+    summary = evaluate.main(["--model", str(straight), "--split", "mini", "--max_images", "2", "--num_samples", "4",
+                             "--prompts", "none", "--output_dir", str(tmp_path / "eval")])
+    record = select_checkpoint.main(["--run_dir", str(straight), str(budget), "--split", "mini", "--max_images", "2",
+                                     "--num_samples", "4", "--prompts", "none"])
+    scores = {c["path"]: c["ged"] for c in record["candidates"]}
+    assert set(scores) == {str(budget / "snapshots" / "step-000001"), str(budget), str(straight)}
+    assert scores[str(straight)] == pytest.approx(summary["ged"]["mean"], abs=1e-12)  # the same seeds as evaluate.py
+    assert record["best"] == min(scores, key=scores.get)
+    with pytest.raises(SystemExit):
+        select_checkpoint.main(["--run_dir", str(straight), "--split", "validate"])
+
+
+def test_results_table_reads_each_rows_validate_summary_and_its_selection(tmp_path):
+    import results_table
+
+    def row(name: str, label: str, best: str, ged: float) -> None:
+        folder = tmp_path / name
+        (folder / "validate").mkdir(parents=True)
+        metric = {"mean": ged, "low": ged - 0.01, "high": ged + 0.01}
+        summary = {k: metric for k in ("avg_dice", "avg_iou", "ged", "ged_iou", "ci", "dmax", "sc", "da")}
+        (folder / "validate" / "summary.json").write_text(json.dumps({"label": label, "summary": summary, "images": 114}))
+        candidates = [{"path": best, "ged": 0.2}, {"path": str(folder), "ged": 0.3}]
+        (folder / "selection.json").write_text(json.dumps({"candidates": candidates, "best": best}))
+
+    row("a", "AmbiSeg", str(tmp_path / "a" / "snapshots" / "step-001200"), 0.25)
+    (tmp_path / "b" / "final").mkdir(parents=True)
+    (tmp_path / "b" / "final" / "training_summary.json").write_text(json.dumps({"steps": 3456}))
+    row("b", "Probabilistic U-Net", str(tmp_path / "b" / "final"), 0.5)
+    text = results_table.table(tmp_path, ["a", "b"], budget_min=45)
+    assert "45 min of training per row" in text
+    assert "| AmbiSeg | 0.250 [0.240, 0.260]" in text
+    assert "| AmbiSeg | 1200 | 2 | 0.200 | 114 |" in text and "| Probabilistic U-Net | 3456 | 2 | 0.200 | 114 |" in text
