@@ -40,9 +40,9 @@ from ambiseg_diffusers.metrics import TABLE_COLUMNS
 from ambiseg_diffusers.models.unet_ambiseg import UNET_PRESETS
 from ambiseg_diffusers.text import PromptCache
 from ambiseg_diffusers.training_utils import (
-    TrainingClock, batch_indices, build_models, build_noise_scheduler, checkpoint_step, checkpoint_train_seconds,
-    load_ema, load_text_components, log_validation, recipe_from_args, resume_checkpoint, save_checkpoint,
-    save_ema, shard, step_generator, str2bool, training_batch, warm_start,
+    TrainingClock, batch_indices, build_models, build_noise_scheduler, load_ema, load_text_components, log_validation,
+    recipe_from_args, resume_training, save_checkpoint, save_ema, shard, step_generator, str2bool, training_batch,
+    warm_start,
 )
 
 logger = get_logger(__name__)
@@ -202,14 +202,8 @@ def main(argv=None) -> Path:
     dataset = load_split(args.dataset, args.train_split, args.data_dir)
     validation = load_split(args.dataset, args.validation_split, args.data_dir) if args.num_validation_images else None
 
-    first_step = 0
-    clock = TrainingClock(args.max_train_minutes, args.snapshot_minutes)
-    checkpoint = resume_checkpoint(output_dir, args.resume_from_checkpoint)
-    if checkpoint:
-        accelerator.load_state(str(checkpoint))
-        first_step = checkpoint_step(checkpoint)
-        clock.seconds = checkpoint_train_seconds(checkpoint)
-        logger.info(f"resumed from {checkpoint} at step {first_step} ({clock.seconds / 60:.1f} min of training)")
+    first_step, seconds = resume_training(accelerator, output_dir, args.resume_from_checkpoint)
+    clock = TrainingClock(args.max_train_minutes, args.snapshot_minutes, seconds)
     if accelerator.is_main_process:
         accelerator.init_trackers("ambiseg", config=asdict(config))
     logger.info(f"{len(dataset)} training rows, {config.max_train_steps} steps of batch {config.train_batch_size} "

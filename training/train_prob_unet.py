@@ -32,8 +32,8 @@ from ambiseg_diffusers.evaluation import cpu_only, validation_report
 from ambiseg_diffusers.hub_utils import model_card, push_folder_to_hub
 from ambiseg_diffusers.lidc import load_split
 from ambiseg_diffusers.training_utils import (
-    TrainingClock, batch_indices, checkpoint_step, checkpoint_train_seconds, log_validation, recipe_from_args,
-    resume_checkpoint, save_checkpoint, shard, step_generator, training_batch,
+    TrainingClock, batch_indices, log_validation, recipe_from_args, resume_training, save_checkpoint, shard,
+    step_generator, training_batch,
 )
 
 logger = get_logger(__name__)
@@ -112,13 +112,8 @@ def main(argv=None) -> Path:
     dataset = load_split(args.dataset, args.train_split, args.data_dir)
     validation = load_split(args.dataset, args.validation_split, args.data_dir) if args.num_validation_images else None
 
-    first_step = 0
-    clock = TrainingClock(args.max_train_minutes, args.snapshot_minutes)
-    checkpoint = resume_checkpoint(output_dir, args.resume_from_checkpoint)
-    if checkpoint:
-        accelerator.load_state(str(checkpoint))
-        first_step, clock.seconds = checkpoint_step(checkpoint), checkpoint_train_seconds(checkpoint)
-        logger.info(f"resumed from {checkpoint} at step {first_step} ({clock.seconds / 60:.1f} min of training)")
+    first_step, seconds = resume_training(accelerator, output_dir, args.resume_from_checkpoint)
+    clock = TrainingClock(args.max_train_minutes, args.snapshot_minutes, seconds)
     if accelerator.is_main_process:
         accelerator.init_trackers("prob-unet", config={k: str(v) for k, v in asdict(config).items()})
 
@@ -158,9 +153,10 @@ def main(argv=None) -> Path:
         optimizer.zero_grad()
         done = step + 1
         snapshot_due = clock.add(time.perf_counter() - started)
-        accelerator.log({"loss": loss.item(), **{k: v.item() for k, v in parts.items()}}, step=done)
+        logs = {"loss": loss.item(), **{k: v.item() for k, v in parts.items()}}  # one device sync per step
+        accelerator.log(logs, step=done)
         progress.update()
-        progress.set_postfix(loss=f"{loss.item():.1f}", kl=f"{parts['kl'].item():.2f}")
+        progress.set_postfix(loss=f"{logs['loss']:.1f}", kl=f"{logs['kl']:.2f}")
 
         if accelerator.is_main_process and done % args.checkpointing_steps == 0:
             save_checkpoint(accelerator, output_dir, done, args.checkpoints_total_limit, clock.seconds)

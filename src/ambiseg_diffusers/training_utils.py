@@ -209,6 +209,18 @@ def checkpoint_train_seconds(checkpoint: str | os.PathLike) -> float:
     return float(json.loads((Path(checkpoint) / COMPLETE_FILE).read_text()).get("train_seconds", 0.0))
 
 
+def resume_training(accelerator, output_dir: str | os.PathLike, resume_from_checkpoint: str | None) -> tuple[int, float]:
+    """Loads the checkpoint `resume_from_checkpoint` names (see `resume_checkpoint`) into `accelerator`: returns the
+    step to continue from and the training seconds spent so far, `(0, 0.0)` when there is nothing to resume."""
+    checkpoint = resume_checkpoint(output_dir, resume_from_checkpoint)
+    if checkpoint is None:
+        return 0, 0.0
+    accelerator.load_state(str(checkpoint))
+    step, seconds = checkpoint_step(checkpoint), checkpoint_train_seconds(checkpoint)
+    logger.info(f"resumed from {checkpoint} at step {step} ({seconds / 60:.1f} min of training)")
+    return step, seconds
+
+
 class TrainingClock:
     """Training time (the steps only: validation and saving are not counted), carried across resumes through the
     checkpoints, for a wall-clock budget (`--max_train_minutes`) and timed pipeline snapshots (`--snapshot_minutes`)
