@@ -28,7 +28,7 @@ import torch
 
 from ambiseg_diffusers import AmbiSegPipeline
 from ambiseg_diffusers.pipelines.pipeline_ambiseg import native_bf16
-from ambiseg_diffusers.lidc import eval_prompts, load_lidc64
+from ambiseg_diffusers.lidc import eval_prompts, load_lidc64, pipeline_prompt_style
 from ambiseg_diffusers.metrics import compute_metrics_batch
 from ambiseg_diffusers.evaluation import build_sampling_scheduler, sample_rows
 
@@ -44,7 +44,7 @@ def variant(pipe, **components):
     """A pipeline sharing `pipe`'s weights and config, with some components replaced."""
     clone = AmbiSegPipeline(**{**pipe.components, **components}, image_clip=pipe.config.image_clip,
                             default_num_inference_steps=pipe.config.default_num_inference_steps,
-                            autocast=pipe.config.autocast)
+                            autocast=pipe.config.autocast, prompt_style=pipe.config.prompt_style)
     clone.set_progress_bar_config(disable=True)
     return clone
 
@@ -131,7 +131,7 @@ def main() -> None:
     pipe.set_progress_bar_config(disable=True)
     default_steps = pipe.config.default_num_inference_steps
     paper = with_scheduler(pipe, "ddim")
-    rows = load_lidc64("validate")[: args.num_images]
+    rows = load_lidc64("validate", prompt_style=pipeline_prompt_style(pipe))[: args.num_images]
     indices = list(range(args.num_images))
     n = args.num_samples
     print(f"model {args.model}; default sampler {type(pipe.scheduler).__name__}-{default_steps}; "

@@ -19,7 +19,7 @@ import torch
 
 from ambiseg_diffusers import AmbiSegPipeline
 from ambiseg_diffusers.evaluation import evaluate_pipeline
-from ambiseg_diffusers.lidc import load_lidc64
+from ambiseg_diffusers.lidc import load_lidc64, pipeline_prompt_style
 
 PAPER_NODULES = 3072
 
@@ -36,7 +36,7 @@ def main(argv=None) -> dict:
 
     pipe = AmbiSegPipeline.from_pretrained(args.model).to(args.device)
     pipe.set_progress_bar_config(disable=True)
-    dataset = load_lidc64("validate")
+    dataset = load_lidc64("validate", prompt_style=pipeline_prompt_style(pipe))
     count = len(dataset) if args.max_images is None else min(args.max_images, len(dataset))
     evaluate_pipeline(pipe, dataset, 2, max_images=min(count, args.images_per_call))  # warm-up
     if args.device == "cuda":

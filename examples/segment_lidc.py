@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from ambiseg_diffusers import AmbiSegPipeline
-from ambiseg_diffusers.lidc import load_lidc64
+from ambiseg_diffusers.lidc import load_lidc64, pipeline_prompt_style
 from ambiseg_diffusers.metrics import format_table, summarize
 from ambiseg_diffusers.evaluation import evaluate_pipeline
 from ambiseg_diffusers.visualization import sample_grid
@@ -36,7 +36,7 @@ def main() -> None:
     args = parser.parse_args()
 
     pipe = AmbiSegPipeline.from_pretrained(args.model)
-    dataset = load_lidc64(args.split, args.data_dir)
+    dataset = load_lidc64(args.split, args.data_dir, pipeline_prompt_style(pipe))
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
 

@@ -33,7 +33,8 @@ VALIDATE_CAP=${VALIDATE_IMAGES:+--max_images $VALIDATE_IMAGES}
 DATA=${DATA_DIR:+--data_dir $DATA_DIR}
 mkdir -p "$RUNS"
 
-budget=(--max_train_steps 100000000 --max_train_minutes "$BUDGET_MIN" --snapshot_minutes "$SNAPSHOT_MIN"
+# train_fit: the training patients outside the selection split, so the checkpoint choice is made on unseen patients
+budget=(--train_split train_fit --max_train_steps 100000000 --max_train_minutes "$BUDGET_MIN" --snapshot_minutes "$SNAPSHOT_MIN"
         --num_validation_images 0 --mixed_precision bf16 --report_to none --checkpointing_steps 5000 $DATA)
 ambiseg=(python training/train_ambiseg.py --lr_scheduler constant --text_encoder "$TEXT_ENCODER" "${budget[@]}")
 

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from ambiseg_diffusers import load_pipeline
 from ambiseg_diffusers.evaluation import SAMPLING_SCHEDULERS, build_sampling_scheduler, cpu_only, sample_rows
-from ambiseg_diffusers.lidc import load_split
+from ambiseg_diffusers.lidc import load_split, pipeline_prompt_style
 from ambiseg_diffusers.metrics import METRIC_NAMES, compute_metrics_batch, format_table, summarize
 from ambiseg_diffusers.run_records import check_resumable, pipeline_fingerprint
 from ambiseg_diffusers.visualization import sample_grid
@@ -116,9 +116,9 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     state = PartialState(cpu=cpu_only())
     output_dir = Path(args.output_dir)
-    dataset = load_split(args.dataset, args.split, args.data_dir)
-    total = len(dataset) if args.max_images is None else min(args.max_images, len(dataset))
     pipe = load_model(args).to(state.device)
+    dataset = load_split(args.dataset, args.split, args.data_dir, pipeline_prompt_style(pipe))
+    total = len(dataset) if args.max_images is None else min(args.max_images, len(dataset))
     if state.is_main_process:
         print(f"evaluating {total} images on {state.num_processes} process(es)", flush=True)
 

@@ -89,10 +89,13 @@ def nodule_samples(volume: np.ndarray, annotations: list, geometry: str = "paper
     masks = np.zeros((MAX_RATERS, size, size, len(range(slices[0], slices[-1] + 1))), bool)
     ratings = np.zeros((MAX_RATERS, len(RATING_NAMES)), np.int8)
     valid = np.zeros(MAX_RATERS, bool)
+    diameter_mm, volume_mm3 = np.zeros(MAX_RATERS, np.float32), np.zeros(MAX_RATERS, np.float32)
     for slot, annotation in enumerate(annotations):
         masks[slot] = annotation.boolean_mask(bbox=box)
         ratings[slot] = annotation_ratings(annotation)
         valid[slot] = True
+        # pylidc's own measurements of this reading (mm, mm3), for the paper's prompt
+        diameter_mm[slot], volume_mm3[slot] = annotation.diameter, annotation.volume
 
     samples = []
     for k in slices:
@@ -107,7 +110,8 @@ def nodule_samples(volume: np.ndarray, annotations: list, geometry: str = "paper
             slot_masks = torch.nn.functional.interpolate(torch.from_numpy(slot_masks)[None].float(), size=resolution,
                                                          mode="nearest")[0].numpy().astype(np.uint8)
         samples.append({"image": image, "masks": slot_masks, "annotator_valid": valid.copy(), "ratings": ratings.copy(),
-                        "slice": k - slices[0], "annotation_ids": [a.id for a in annotations]})
+                        "diameter_mm": diameter_mm.copy(), "volume_mm3": volume_mm3.copy(), "slice": k - slices[0],
+                        "annotation_ids": [a.id for a in annotations]})
     return samples
 
 
@@ -136,10 +140,13 @@ def scan_samples(scan, volume: np.ndarray, geometry: str, crop_origins: dict | N
     return samples
 
 
+SAMPLE_ARRAYS = ("image", "masks", "annotator_valid", "ratings", "diameter_mm", "volume_mm3", "slice")
+
+
 def save_scan_part(path: Path, samples: list[dict]) -> None:
     """One scan's samples as plain arrays (no pickle), written atomically: a part is complete or absent."""
     arrays = {key: np.stack([s[key] for s in samples]) if samples else np.zeros(0)
-              for key in ("image", "masks", "annotator_valid", "ratings", "slice")}
+              for key in SAMPLE_ARRAYS}
     arrays["patient_id"] = np.array([s["patient_id"] for s in samples], dtype=str)
     arrays["nodule_id"] = np.array([s["nodule_id"] for s in samples], dtype=str)
     tmp = path.with_name(path.name + ".tmp.npz")
@@ -147,11 +154,14 @@ def save_scan_part(path: Path, samples: list[dict]) -> None:
     os.replace(tmp, path)
 
 
-def load_scan_part(path: Path) -> list[dict]:
+def load_scan_part(path: Path) -> list[dict] | None:
+    """A stored scan's samples; None for a part written before the size arrays existed (the scan is redone)."""
     with np.load(path, allow_pickle=False) as part:
         if part["patient_id"].size == 0:
             return []
-        keys = ("image", "masks", "annotator_valid", "ratings", "slice", "patient_id", "nodule_id")
+        if "diameter_mm" not in part:
+            return None
+        keys = (*SAMPLE_ARRAYS, "patient_id", "nodule_id")
         return [{k: part[k][i] for k in keys} for i in range(len(part["patient_id"]))]
 
 
@@ -171,8 +181,9 @@ def build_dataset(scans, load_volume: Callable = dicom_volume, geometry: str = "
     rows, failed, reused = [], {}, 0
     for scan in tqdm(scans, desc="scans"):
         part = parts / f"{scan_key(scan)}.npz" if parts is not None else None
-        if part is not None and part.exists():
-            rows += load_scan_part(part)
+        stored = load_scan_part(part) if part is not None and part.exists() else None
+        if stored is not None:
+            rows += stored
             reused += 1
             continue
         try:
@@ -195,12 +206,14 @@ def build_dataset(scans, load_volume: Callable = dicom_volume, geometry: str = "
         chosen = [r for r in rows if assignment[str(r["patient_id"])] == split]
         if not chosen:  # e.g. no validation patients in a small run; an empty split has no arrays to type
             continue
-        prompts = [slice_prompts(r["ratings"], np.asarray(r["annotator_valid"])) for r in chosen]
+        prompts = [slice_prompts(r["ratings"], np.asarray(r["annotator_valid"]), "paper", r["diameter_mm"], r["volume_mm3"])
+                   for r in chosen]
         size = chosen[0]["image"].shape[-1]
         splits[split] = Dataset.from_dict({
             "image": [r["image"] for r in chosen], "masks": [r["masks"] for r in chosen],
             "annotator_valid": [np.asarray(r["annotator_valid"]).tolist() for r in chosen],
-            "ratings": [r["ratings"] for r in chosen], "prompts": [p[0] for p in prompts],
+            "ratings": [r["ratings"] for r in chosen], "diameter_mm": [r["diameter_mm"] for r in chosen],
+            "volume_mm3": [r["volume_mm3"] for r in chosen], "prompts": [p[0] for p in prompts],
             "nodule_prompt": [p[1] for p in prompts], "patient_id": [str(r["patient_id"]) for r in chosen],
             "nodule_id": [str(r["nodule_id"]) for r in chosen], "slice": [int(r["slice"]) for r in chosen],
         }, features=lidc64_features(size))

@@ -20,7 +20,7 @@ import torch
 
 from ambiseg_diffusers import load_pipeline
 from ambiseg_diffusers.evaluation import evaluate_pipeline
-from ambiseg_diffusers.lidc import load_split
+from ambiseg_diffusers.lidc import load_split, pipeline_prompt_style
 
 SELECTION_FILE = "selection.json"
 
@@ -38,13 +38,14 @@ def candidates(run_dir: Path) -> list[Path]:
 def select(paths: list[Path], output: Path, split: str = "selection", num_samples: int = 16,
            max_images: int | None = None, images_per_call: int = 16, bf16: bool = False, data_dir: str | None = None,
            seed: int = 0, prompts: str = "annotator", batch_size: int | None = None) -> dict:
-    """Scores every pipeline folder in `paths` on `split` and writes the record, with the lowest-GED one as `best`."""
+    """Scores every pipeline folder in `paths` on `split` and writes the record, with the lowest-GED one as `best`.
+    Each pipeline gets the prompts in its own `prompt_style`."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    dataset = load_split("lidc64", split, data_dir)
     rows = []
     for path in paths:
         pipe = load_pipeline(str(path)).to(device)
         pipe.set_progress_bar_config(disable=True)
+        dataset = load_split("lidc64", split, data_dir, pipeline_prompt_style(pipe))
         with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
             per_image, _ = evaluate_pipeline(pipe, dataset, num_samples, seed=seed, images_per_call=images_per_call,
                                              max_images=max_images, prompts=prompts,

@@ -23,18 +23,10 @@ import torch
 
 from ambiseg_diffusers import AmbiSegPipeline
 from ambiseg_diffusers.evaluation import SAMPLING_SCHEDULERS, build_sampling_scheduler, evaluate_pipeline
-from ambiseg_diffusers.lidc import load_split
-from ambiseg_diffusers.metrics import format_table, summarize
+from ambiseg_diffusers.lidc import load_split, pipeline_prompt_style
+from ambiseg_diffusers.metrics import format_table, paired_difference, summarize
 
 TOLERANCE = 0.005  # "equal quality": GED at most this above the reference (lower GED is better)
-
-
-def paired_difference(values: np.ndarray, reference: np.ndarray, n_bootstrap: int = 1000, seed: int = 0) -> dict:
-    """Mean per-image difference and its 95% bootstrap interval (same images and seeds, so the pairs share noise)."""
-    diff = np.asarray(values) - np.asarray(reference)
-    idx = np.random.default_rng(seed).integers(0, len(diff), size=(n_bootstrap, len(diff)))
-    means = diff[idx].mean(1)
-    return {"mean": float(diff.mean()), "low": float(np.quantile(means, 0.025)), "high": float(np.quantile(means, 0.975))}
 
 
 def main(argv=None) -> dict:
@@ -61,7 +53,7 @@ def main(argv=None) -> dict:
 
     base = AmbiSegPipeline.from_pretrained(args.model).to(device)
     base.set_progress_bar_config(disable=True)
-    dataset = load_split(args.dataset, args.split, args.data_dir)
+    dataset = load_split(args.dataset, args.split, args.data_dir, pipeline_prompt_style(base))
     count = len(dataset) if args.max_images is None else min(args.max_images, len(dataset))
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)

@@ -16,12 +16,12 @@ CHECKPOINTS = Path(__file__).resolve().parents[1] / "checkpoints"
 
 @needs_data
 def test_committed_checkpoints_load_and_sample():
-    from ambiseg_diffusers.lidc import eval_prompts, load_lidc64
+    from ambiseg_diffusers.lidc import eval_prompts, load_lidc64, pipeline_prompt_style
 
-    row = load_lidc64("mini")[0]
-    image, prompts = np.asarray(row["image"]), [eval_prompts(row, "annotator")]
     reference = AmbiSegPipeline.from_pretrained(CHECKPOINTS / "ambiseg-lidc64")
     reference.set_progress_bar_config(disable=True)
+    row = load_lidc64("mini", prompt_style=pipeline_prompt_style(reference))[0]  # the prompts it was trained on
+    image, prompts = np.asarray(row["image"]), [eval_prompts(row, "annotator")]
     assert reference.unet.dtype == torch.float32 and reference.config.default_num_inference_steps == 2
     out = reference(image, prompts, num_samples=4, generator=torch.Generator().manual_seed(0))
     assert out.masks.shape == (1, 4, 64, 64)

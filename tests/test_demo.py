@@ -65,8 +65,11 @@ def test_uploads_are_read_or_refused_with_a_message(tmp_path):
                         ("rgb.npy", "one 2-D grey image")):
         with pytest.raises(gr.Error, match=match):
             app.read_upload(str(tmp_path / name))
-    assert app.prompt_from_choices("short", *[app.rating_choices(n)[0] for n in app.RATING_NAMES]).startswith(
-        "A ground-glass, linear nodule")
+    lowest = [app.rating_choices(n)[0] for n in app.RATING_NAMES]
+    assert app.prompt_from_choices("short", 8.0, 120, *lowest).startswith("A ground-glass, linear nodule")
+    assert app.prompt_from_choices("paper", 8.04, 120.4, *lowest).endswith(
+        "The diameter is 8.0 mm. The volume is 120 mm3. Although there are descriptions of the concerned region, the "
+        "requirement is to identify the segmentation boundaries.")
 
 
 def drive(url: str, screenshot: Path) -> dict:

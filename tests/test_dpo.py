@@ -10,7 +10,7 @@ import torch
 from diffusers import DDPMScheduler
 
 from ambiseg_diffusers import AmbiSegPipeline
-from ambiseg_diffusers.losses import diffusion_dpo_loss, predicted_noise
+from ambiseg_diffusers.losses import diffusion_dpo_loss, dpo_errors, predicted_noise
 from datasets import load_from_disk
 
 import train_dpo
@@ -23,12 +23,13 @@ from conftest import make_pipeline, needs_data
 def test_dpo_loss_matches_hand_computation():
     pw, pl = torch.tensor([0.10, 0.30]), torch.tensor([0.20, 0.10])
     rw, rl = torch.tensor([0.12, 0.30]), torch.tensor([0.18, 0.20])
-    beta = 50.0
+    beta = 100.0  # Salesforce's convention: 0.5 * beta = 50 multiplies delta
     # pair 1: delta = (0.10 - 0.12) - (0.20 - 0.18) = -0.04; pair 2: (0) - (0.10 - 0.20) = 0.10
-    expected = (-math.log(1 / (1 + math.exp(-beta * 0.04))) - math.log(1 / (1 + math.exp(beta * 0.10)))) / 2
+    expected = (-math.log(1 / (1 + math.exp(-50 * 0.04))) - math.log(1 / (1 + math.exp(50 * 0.10)))) / 2
     loss, logs = diffusion_dpo_loss(pw, pl, rw, rl, beta=beta)
     assert loss.item() == pytest.approx(expected, rel=1e-6)
     assert logs["implicit_accuracy"].item() == 0.5
+    assert logs["scaled_delta"].item() == pytest.approx((50 * 0.04 + 50 * 0.10) / 2)
     # policy == reference: delta = 0, loss = log 2 whatever beta
     same, _ = diffusion_dpo_loss(pw, pl, pw, pl, beta=5000.0)
     assert same.item() == pytest.approx(math.log(2))
@@ -50,6 +51,28 @@ def test_predicted_noise_inverts_each_parameterisation(kind):
     noisy = scheduler.add_noise(x0, eps, t)
     output = {"epsilon": eps, "sample": x0, "v_prediction": scheduler.get_velocity(x0, eps, t)}[kind]
     torch.testing.assert_close(predicted_noise(scheduler, output, noisy, t), eps, atol=2e-3, rtol=1e-3)
+
+
+def test_dpo_error_spaces_weight_the_same_x0_error_by_hand_computed_snr():
+    scheduler = DDPMScheduler(num_train_timesteps=1000, prediction_type="sample")
+    clean = torch.ones(2, 1, 2, 2)
+    clean[:, :, 0, 0] = -1
+    noise = torch.randn(2, 1, 2, 2, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([0, 600])
+    noisy = scheduler.add_noise(clean, noise, t)
+    output = clean.clone()
+    output[:, :, 1, 1] = 1.5  # x0 error 0.5 on one pixel of four: mean squared x0 error 0.0625, 0 once clamped
+    alpha_bar = scheduler.alphas_cumprod[t]
+    snr = alpha_bar / (1 - alpha_bar)  # 9999 at t = 0, 0.026 at t = 600 (linear betas 1e-4 .. 0.02)
+    assert snr[0].item() == pytest.approx(9999, rel=1e-3) and snr[1].item() == pytest.approx(0.0262, rel=0.02)
+    errors = {space: dpo_errors(scheduler, output, noisy, noise, clean, t, space, snr_gamma=5.0)
+              for space in ("epsilon", "epsilon_min_snr", "x0", "x0_clamped")}
+    torch.testing.assert_close(errors["x0"], torch.full((2,), 0.0625))
+    torch.testing.assert_close(errors["epsilon"], 0.0625 * snr, rtol=2e-3, atol=1e-6)
+    torch.testing.assert_close(errors["epsilon_min_snr"], 0.0625 * torch.stack([torch.tensor(5.0), snr[1]]))
+    torch.testing.assert_close(errors["x0_clamped"], torch.zeros(2))
+    with pytest.raises(ValueError, match="`space` must be one of"):
+        dpo_errors(scheduler, output, noisy, noise, clean, t, "v")
 
 
 def test_scores_pairs_and_ties():
@@ -208,3 +231,45 @@ def test_preference_builds_resume_only_with_the_same_arguments(reference_and_pai
     relabelled, _ = build_preferences(reference, mini, tmp_path / "again", **{**kwargs, "strategy": "best_rater"},
                                       overwrite=True)
     assert set(relabelled["strategy"]) == {"best_rater"} and len(set(relabelled["source_index"])) == len(relabelled)
+
+
+def test_implicit_accuracy_summary_by_hand():
+    deltas = {0: torch.tensor([-1.0, 2.0, -3.0, 0.5]), 50: torch.tensor([0.1, 0.2, -0.4, 0.3])}
+    summary = train_dpo.summarize_deltas(deltas, beta=4.0)  # 0.5 * beta = 2
+    assert summary == {"timesteps": [0, 50], "pairs": 4, "implicit_accuracy": [0.5, 0.25],
+                       "median_scaled_delta": [pytest.approx(2.0), pytest.approx(0.4)]}
+
+
+@needs_data
+def test_dpo_error_space_flag_and_held_out_diagnostic(reference_and_pairs, tmp_path, monkeypatch):
+    _, reference, prefs = reference_and_pairs
+    spaces = []
+    real_errors = train_dpo.dpo_errors
+
+    def recording(scheduler, output, noisy, noise, clean, timesteps, space, snr_gamma):
+        spaces.append((space, snr_gamma))
+        return real_errors(scheduler, output, noisy, noise, clean, timesteps, space, snr_gamma)
+
+    shared = []
+    real_denoising = train_dpo.denoising_errors
+
+    def recording_latents(unet, inputs, noise_scheduler, config):
+        half = inputs["z"].shape[0] // 2  # winners first, then losers
+        shared.append(torch.equal(inputs["z"][:half], inputs["z"][half:]))
+        return real_denoising(unet, inputs, noise_scheduler, config)
+
+    monkeypatch.setattr(train_dpo, "dpo_errors", recording)
+    monkeypatch.setattr(train_dpo, "denoising_errors", recording_latents)
+    out = train_dpo.main(dpo_args(reference, prefs, "--error_space", "epsilon_min_snr", "--snr_gamma", "2",
+                                  "--max_train_steps", "2", "--num_validation_images", "0", "--pair_latent",
+                                  "prior_sample", "--diagnostic_preferences", str(prefs),
+                                  "--output_dir", str(tmp_path / "minsnr")))
+    assert set(spaces) == {("epsilon_min_snr", 2.0)}
+    assert shared and all(shared)  # one prior draw per pair, shared by winner and loser (posterior: one z per mask)
+    record = json.loads((out / "implicit_accuracy.json").read_text())
+    assert record["timesteps"] == [0, 2, 5, 10, 20, 40, 60, 80, 99]  # the tiny scheduler's 100 steps
+    assert record["pairs"] == len(load_from_disk(str(prefs)))
+    # two LoRA steps move the policy: on held-out pairs some deltas are nonzero, and accuracies are fractions of pairs
+    assert max(record["median_scaled_delta"]) > 0
+    assert all(a * record["pairs"] == pytest.approx(round(a * record["pairs"])) for a in record["implicit_accuracy"])
+    assert json.loads((out / "dpo_config.json").read_text())["error_space"] == "epsilon_min_snr"

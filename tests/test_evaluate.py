@@ -109,3 +109,23 @@ def test_sampler_sweep(model, tmp_path):
                                 "--configs", "ddim:2", "dpm:2", "unipc:3", "--output_dir", str(tmp_path / "sweep")])
     assert set(rows) == {"ddim:2", "dpm:2", "unipc:3"}
     assert (tmp_path / "sweep" / "quality_vs_steps.png").exists() and "s/image" in (tmp_path / "sweep" / "sweep.md").read_text()
+
+
+def test_compare_evaluations_pairs_images_by_index_with_hand_computed_differences(tmp_path):
+    import compare_evaluations
+
+    def write(folder, values):
+        folder.mkdir()
+        rows = [{"index": i, "avg_dice": d, "ged": g, "ci": 0.8, "sc": 0.9} for i, (d, g) in enumerate(values)]
+        (folder / "per_image.jsonl").write_text("\n".join(json.dumps(r) for r in rows[::-1]) + "\n")  # any order
+
+    write(tmp_path / "ref", [(0.5, 0.20), (0.7, 0.10), (0.6, 0.30)])
+    write(tmp_path / "dpo", [(0.6, 0.20), (0.7, 0.16), (0.8, 0.30)])
+    text, results = compare_evaluations.compare(tmp_path / "ref", [tmp_path / "dpo"], ["dpo"])
+    assert results["dpo"]["avg_dice"]["diff"]["mean"] == pytest.approx(0.1)  # (0.1 + 0 + 0.2) / 3
+    assert results["dpo"]["ged"]["diff"]["mean"] == pytest.approx(0.02)  # (0 + 0.06 + 0) / 3
+    assert results["dpo"]["avg_dice"]["diff"]["low"] >= 0 and results["dpo"]["avg_dice"]["diff"]["high"] <= 0.2 + 1e-9
+    assert "| dpo | 0.700 (+0.100 [" in text and "| reference | 0.600 | 0.200 |" in text
+    write(tmp_path / "short", [(0.6, 0.2)])
+    with pytest.raises(ValueError, match="cover different images"):
+        compare_evaluations.compare(tmp_path / "ref", [tmp_path / "short"], ["short"])

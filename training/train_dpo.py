@@ -17,7 +17,11 @@ mask), and policy and reference share it. z is the pretraining's "which annotati
 error measures how well each model reconstructs that very mask, exactly the quantity pretraining optimised, and the
 comparison isolates the UNets (the prior and posterior are frozen).
 
-Errors are measured in epsilon space whatever the model predicts (x0 errors are weighted by SNR(t), which is exact).
+`--error_space` picks the errors the loss compares (losses.dpo_errors): epsilon-space errors, as Diffusion-DPO, weight
+an x0 model's errors by SNR(t), which lets the last few percent of timesteps dominate; the alternatives are min-SNR
+capped, x0-space and clamped-x0 errors. `--diagnostic_preferences` (pairs built on the selection split) writes
+`implicit_accuracy.json` at the end: the fraction of those pairs the aligned model prefers more than the reference
+does, at fixed timesteps, i.e. where along the noise levels the training moved the model.
 The pairs of a global batch are split over the processes; the frozen reference runs under the same autocast as the
 policy, so at step 0 policy and reference errors are equal and the loss is log 2.
 """
@@ -48,8 +52,8 @@ from ambiseg_diffusers.configs import DPO_CONFIGS, DPOTrainingConfig
 from ambiseg_diffusers.evaluation import cpu_only, validation_report
 from ambiseg_diffusers.hub_utils import model_card, push_folder_to_hub
 from ambiseg_diffusers.image_processing import masks_to_model_range, normalize_image
-from ambiseg_diffusers.lidc import augment, load_split
-from ambiseg_diffusers.losses import diffusion_dpo_loss, predicted_noise
+from ambiseg_diffusers.lidc import augment, load_split, pipeline_prompt_style
+from ambiseg_diffusers.losses import DPO_ERROR_SPACES, diffusion_dpo_loss, dpo_errors
 from ambiseg_diffusers.pipelines.pipeline_ambiseg import ADAPTER_FILE, LORA_WEIGHT_NAME, PREFERENCE_ADAPTER
 from ambiseg_diffusers.text import PromptCache
 from ambiseg_diffusers.training_utils import (
@@ -69,13 +73,22 @@ def parse_args(argv=None) -> argparse.Namespace:
                       help="Hub id of the reference, written into preference.json and the card (default: --reference "
                            "when it is a Hub id)")
     data.add_argument("--preferences", required=True, help="folder written by scripts/build_preferences.py, or a Hub dataset")
+    data.add_argument("--diagnostic_preferences", default=None,
+                      help="held-out pairs (e.g. built on the selection split): implicit accuracy per timestep at the end")
     data.add_argument("--dataset", default="lidc64", help="validation data: 'lidc64' or a save_to_disk folder")
     data.add_argument("--data_dir", default=None, help="the lidc64 folder or the folder above it")
     data.add_argument("--validation_split", default="mini", help="split the validation samples")
 
     recipe = parser.add_argument_group("recipe (default: the --config preset's value)")
     recipe.add_argument("--config", default="cpu", choices=sorted(DPO_CONFIGS), help="named recipe from configs.py")
-    recipe.add_argument("--beta", type=float, help="DPO beta, multiplying the error difference directly")
+    recipe.add_argument("--beta", type=float, help="DPO beta in Salesforce DiffusionDPO's convention (the paper's "
+                        "5000 = an effective 2500 on the error difference)")
+    recipe.add_argument("--error_space", choices=DPO_ERROR_SPACES,
+                        help="errors the loss compares (losses.dpo_errors): epsilon, epsilon_min_snr, x0, x0_clamped")
+    recipe.add_argument("--snr_gamma", type=float, help="SNR cap of --error_space epsilon_min_snr")
+    recipe.add_argument("--pair_latent", choices=["posterior", "prior_sample"],
+                        help="the ambiguity latent a pair is denoised with: each mask's posterior mean, or one draw "
+                             "from the prior shared by winner and loser (as in sampling)")
     recipe.add_argument("--learning_rate", type=float, help="AdamW learning rate")
     recipe.add_argument("--lr_scheduler", choices=["constant", "linear", "cosine"], help="diffusers get_scheduler name")
     recipe.add_argument("--num_epochs", type=int, help="passes over the pairs (sets the step count)")
@@ -136,31 +149,54 @@ def pair_batch(pairs, indices, image_clip: float, generator) -> dict:
             "prompts": list(rows["prompt"])}
 
 
-def denoising_errors(unet, inputs: dict, noise_scheduler) -> torch.Tensor:
-    """Per-row epsilon-space MSE `(2B,)` of `unet` on the stacked winner and loser rows."""
+def denoising_errors(unet, inputs: dict, noise_scheduler, config: DPOTrainingConfig) -> torch.Tensor:
+    """Per-row errors `(2B,)` of `unet` on the stacked winner and loser rows, in `config.error_space`."""
     output = unet(inputs["model_input"], inputs["timesteps"], encoder_hidden_states=inputs["text"],
                   encoder_attention_mask=inputs["text_mask"], class_labels=inputs["z"]).sample
-    eps = predicted_noise(noise_scheduler, output.float(), inputs["noisy"], inputs["timesteps"])
-    return ((eps - inputs["noise"]) ** 2).mean(dim=(1, 2, 3))
+    return dpo_errors(noise_scheduler, output, inputs["noisy"], inputs["noise"], inputs["clean"], inputs["timesteps"],
+                      config.error_space, config.snr_gamma)
 
 
-def pair_inputs(batch, posterior, encode, noise_scheduler, generator, device) -> dict:
-    """Winner and loser rows noised with the same noise and timestep, with each mask's posterior-mean z."""
+def pair_inputs(batch, posterior, encode, noise_scheduler, generator, device, timesteps=None, prior=None) -> dict:
+    """Winner and loser rows noised with the same noise and timestep (random, or the given `(B,)` ones), with each
+    mask's posterior-mean z, or (given `prior`) one z drawn from p(z | image, prompt) per pair and shared by winner
+    and loser, as in sampling."""
     size = batch["pixel_values"].shape[0]
     images = batch["pixel_values"].to(device).repeat(2, 1, 1, 1)
     masks = torch.cat([batch["winner"], batch["loser"]]).to(device)  # winners first, then losers
     text, text_mask = encode(batch["prompts"], device)
     text, text_mask = text.repeat(2, 1, 1), text_mask.repeat(2, 1)
     noise = torch.randn(batch["winner"].shape, generator=generator).repeat(2, 1, 1, 1).to(device)
-    timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (size,), generator=generator)
+    if timesteps is None:
+        timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (size,), generator=generator)
     timesteps = timesteps.repeat(2).to(device)
     z = None
-    if posterior is not None:
+    if prior is not None:
+        with torch.no_grad():
+            draw = torch.randn(size, prior.config.latent_dim, generator=generator).to(device)
+            z = prior(images[:size], text[:size], text_mask[:size]).sample(noise=draw).repeat(2, 1)
+    elif posterior is not None:
         with torch.no_grad():
             z = posterior(torch.cat([images, masks], 1), text, text_mask).mean
     noisy = noise_scheduler.add_noise(masks, noise, timesteps)
     return {"model_input": torch.cat([images, noisy], 1), "timesteps": timesteps, "text": text, "text_mask": text_mask,
-            "z": z, "noisy": noisy, "noise": noise}
+            "z": z, "noisy": noisy, "noise": noise, "clean": masks}
+
+
+# Where the diagnostic looks, as fractions of the training timesteps: 0, 5, 20, ..., 999 of 1000.
+DIAGNOSTIC_FRACTIONS = (0, 0.005, 0.02, 0.05, 0.1, 0.2, 0.4, 0.6, 0.8, 1.0)
+
+
+def diagnostic_timesteps(num_train_timesteps: int) -> list[int]:
+    return sorted({min(round(f * num_train_timesteps), num_train_timesteps - 1) for f in DIAGNOSTIC_FRACTIONS})
+
+
+def summarize_deltas(deltas: dict[int, torch.Tensor], beta: float) -> dict:
+    """Per timestep: the implicit accuracy (fraction of pairs with delta < 0) and the median |0.5 * beta * delta|."""
+    steps = sorted(deltas)
+    return {"timesteps": steps, "pairs": int(deltas[steps[0]].numel()),
+            "implicit_accuracy": [float((deltas[t] < 0).float().mean()) for t in steps],
+            "median_scaled_delta": [float((0.5 * beta * deltas[t]).abs().median()) for t in steps]}
 
 
 def main(argv=None) -> Path:
@@ -183,6 +219,9 @@ def main(argv=None) -> Path:
     noise_scheduler = reference.scheduler
     encode = PromptCache(reference.tokenizer, reference.text_encoder)
     posterior = reference.posterior.requires_grad_(False).eval() if reference.posterior is not None else None
+    pair_prior = None
+    if config.pair_latent == "prior_sample" and reference.prior is not None:
+        pair_prior = reference.prior.requires_grad_(False).eval()
     unet = reference.unet
     if config.lora_rank > 0:
         from peft import LoraConfig
@@ -207,7 +246,8 @@ def main(argv=None) -> Path:
         ema.to(accelerator.device)
         accelerator.register_save_state_pre_hook(lambda models, weights, folder: save_ema(ema, folder))
         accelerator.register_load_state_pre_hook(lambda models, folder: load_ema(ema, folder))
-    validation = load_split(args.dataset, args.validation_split, args.data_dir) if args.num_validation_images else None
+    validation = (load_split(args.dataset, args.validation_split, args.data_dir, pipeline_prompt_style(reference))
+                  if args.num_validation_images else None)
 
     first_step = 0
     checkpoint = resume_checkpoint(output_dir, args.resume_from_checkpoint)
@@ -223,19 +263,41 @@ def main(argv=None) -> Path:
     def reference_errors(inputs: dict) -> torch.Tensor:
         with torch.no_grad(), accelerator.autocast():
             if reference_unet is not None:
-                return denoising_errors(reference_unet, inputs, noise_scheduler)
+                return denoising_errors(reference_unet, inputs, noise_scheduler, config)
             model = accelerator.unwrap_model(unet)
             model.disable_adapters()
             try:
-                return denoising_errors(model, inputs, noise_scheduler)
+                return denoising_errors(model, inputs, noise_scheduler, config)
             finally:
                 model.enable_adapters()
+
+    @torch.no_grad()
+    def implicit_accuracy(pairs_path: str, batch_size: int = 16) -> dict:
+        """Deltas of the aligned model on held-out pairs at fixed timesteps, with seeded noise and augmentation."""
+        held_out = load_preferences(pairs_path)
+        model = accelerator.unwrap_model(unet).eval()
+        deltas = {}
+        for t in diagnostic_timesteps(noise_scheduler.config.num_train_timesteps):
+            parts = []
+            for start in range(0, len(held_out), batch_size):
+                rows = list(range(start, min(start + batch_size, len(held_out))))
+                generator = torch.Generator().manual_seed(args.seed * 1000 + start)
+                batch = pair_batch(held_out, rows, reference.config.image_clip, generator)
+                inputs = pair_inputs(batch, posterior, encode, noise_scheduler, generator, accelerator.device,
+                                     timesteps=torch.full((len(rows),), t), prior=pair_prior)
+                with accelerator.autocast():
+                    policy = denoising_errors(model, inputs, noise_scheduler, config)
+                ref = reference_errors(inputs)
+                parts.append((policy[: len(rows)] - ref[: len(rows)]) - (policy[len(rows):] - ref[len(rows):]))
+            deltas[t] = torch.cat(parts).float().cpu()
+        return summarize_deltas(deltas, config.beta)
 
     def aligned_pipeline() -> AmbiSegPipeline:
         """The reference's components with the policy UNet (carrying the EMA weights while validating)."""
         pipe = AmbiSegPipeline(**{**reference.components, "unet": accelerator.unwrap_model(unet)},
                                image_clip=reference.config.image_clip,
-                               default_num_inference_steps=reference.config.default_num_inference_steps)
+                               default_num_inference_steps=reference.config.default_num_inference_steps,
+                               prompt_style=pipeline_prompt_style(reference))
         pipe.set_progress_bar_config(disable=True)
         return pipe
 
@@ -266,10 +328,10 @@ def main(argv=None) -> Path:
         rows = shard(batch_indices(len(pairs), config.train_batch_size, args.seed, step), accelerator.process_index,
                      accelerator.num_processes)
         batch = pair_batch(pairs, rows, reference.config.image_clip, generator)
-        inputs = pair_inputs(batch, posterior, encode, noise_scheduler, generator, accelerator.device)
+        inputs = pair_inputs(batch, posterior, encode, noise_scheduler, generator, accelerator.device, prior=pair_prior)
         size = len(rows)
         with accelerator.accumulate(unet):
-            policy = denoising_errors(unet, inputs, noise_scheduler)
+            policy = denoising_errors(unet, inputs, noise_scheduler, config)
             ref = reference_errors(inputs)
             loss, logs = diffusion_dpo_loss(policy[:size], policy[size:], ref[:size], ref[size:], beta=config.beta)
             accelerator.backward(loss)
@@ -305,6 +367,11 @@ def main(argv=None) -> Path:
             metrics = validate(max_steps)
         if ema is not None:
             ema.copy_to(params)
+        if args.diagnostic_preferences:
+            diagnostic = implicit_accuracy(args.diagnostic_preferences)
+            (output_dir / "implicit_accuracy.json").write_text(json.dumps(diagnostic, indent=2))
+            logger.info("implicit accuracy on %s by timestep: %s", args.diagnostic_preferences,
+                        dict(zip(diagnostic["timesteps"], [round(a, 2) for a in diagnostic["implicit_accuracy"]])))
         base_model_id = save_aligned(aligned_pipeline(), args, config, output_dir)
         repo_id = args.hub_model_id or output_dir.name
         model_card(

@@ -24,7 +24,9 @@ import PIL.Image
 import torch
 
 from ambiseg_diffusers import AmbiSegPipeline, compute_metrics
-from ambiseg_diffusers.lidc import RATING_MEANINGS, RATING_NAMES, load_lidc64, ratings_to_prompt
+from ambiseg_diffusers.lidc import (
+    PROMPT_STYLES, RATING_MEANINGS, RATING_NAMES, load_lidc64, pipeline_prompt_style, ratings_to_prompt,
+)
 from ambiseg_diffusers.metrics import TABLE_COLUMNS
 from ambiseg_diffusers.visualization import heat_map, overlay, to_uint8
 
@@ -40,9 +42,11 @@ def rating_choices(name: str) -> list[str]:
     return [f"{value} - {meaning}" for value, meaning in enumerate(RATING_MEANINGS[name], start=1)]
 
 
-def prompt_from_choices(style: str, *choices: str) -> str:
-    """The nine dropdown values ("3 - Ovoid", ...) -> the prompt of `ratings_to_prompt`."""
-    return ratings_to_prompt({name: int(choice.split(" - ")[0]) for name, choice in zip(RATING_NAMES, choices)}, style)
+def prompt_from_choices(style: str, diameter_mm: float, volume_mm3: float, *choices: str) -> str:
+    """The nine dropdown values ("3 - Ovoid", ...) and the nodule's size -> the prompt of `ratings_to_prompt` (the size
+    is stated by the "paper" style only)."""
+    ratings = {name: int(choice.split(" - ")[0]) for name, choice in zip(RATING_NAMES, choices)}
+    return ratings_to_prompt(ratings, style, diameter_mm, volume_mm3)
 
 
 def read_upload(path: str | None) -> np.ndarray:
@@ -150,7 +154,8 @@ def build_demo(pipe: AmbiSegPipeline, nodules=None) -> gr.Blocks:
         choices = [rating_choices(name)[int(value) - 1] for name, value in zip(RATING_NAMES, ratings)]
         state = {"image": image, "raters": raters, "label": f"nodule {row['nodule_id']}, slice {row['slice']}"}
         return (state, input_picture(image, raters), f"**{state['label']}** with its {int(sum(row['annotator_valid']))} "
-                "radiologists' masks (green)", *choices)
+                "radiologists' masks (green)", round(float(row["diameter_mm"][reader]), 1),
+                round(float(row["volume_mm3"][reader])), *choices)
 
     def upload(path):
         image = read_upload(path)
@@ -199,8 +204,14 @@ def build_demo(pipe: AmbiSegPipeline, nodules=None) -> gr.Blocks:
                         with gr.Row():
                             dropdowns += [gr.Dropdown(rating_choices(name), value=rating_choices(name)[0], label=name,
                                                       elem_id=f"rating-{name}") for name in RATING_NAMES[first:first + 3]]
-                style = gr.Radio(["short", "paper"], value="short", label="prompt style")
-                prompt = gr.Textbox(prompt_from_choices("short", *[d.value for d in dropdowns]), lines=4,
+                with gr.Row():
+                    diameter = gr.Number(10.0, label="diameter (mm)", elem_id="diameter")
+                    volume = gr.Number(300, label="volume (mm3)", elem_id="volume")
+                # "short" reads best; the model's own style (pipe.config.prompt_style) is what it was trained on.
+                style = gr.Radio(list(PROMPT_STYLES), value="short",
+                                 label=f"prompt style (this model was trained on '{pipeline_prompt_style(pipe)}')")
+                prompt = gr.Textbox(prompt_from_choices(style.value, diameter.value, volume.value,
+                                                        *[d.value for d in dropdowns]), lines=4,
                                     label="prompt (editable)", elem_id="prompt")
                 with gr.Row():
                     num_samples = gr.Slider(1, 32, value=16, step=1, label="samples")
@@ -219,10 +230,10 @@ def build_demo(pipe: AmbiSegPipeline, nodules=None) -> gr.Blocks:
             metrics = gr.Dataframe(headers=["metric", "value"], label="metrics against the raters",
                                    interactive=False, elem_id="metrics")
 
-        gallery.select(choose, None, [state, chosen, caption, *dropdowns], api_visibility="private")
+        gallery.select(choose, None, [state, chosen, caption, diameter, volume, *dropdowns], api_visibility="private")
         upload_box.upload(upload, upload_box, [state, chosen, caption], api_visibility="private")
-        for control in (*dropdowns, style):
-            control.change(lambda s, *c: prompt_from_choices(s, *c), [style, *dropdowns], prompt,
+        for control in (*dropdowns, style, diameter, volume):
+            control.change(prompt_from_choices, [style, diameter, volume, *dropdowns], prompt,
                            show_progress="hidden", api_visibility="private")
         button.click(run, [state, prompt, num_samples, steps, seed, preference, guidance],
                      [samples, mean, uncertainty, metrics], api_name="sample", concurrency_limit=1)
@@ -230,9 +241,9 @@ def build_demo(pipe: AmbiSegPipeline, nodules=None) -> gr.Blocks:
     return demo.queue(max_size=16, default_concurrency_limit=1)
 
 
-def load_nodules(data_dir: str | None):
+def load_nodules(data_dir: str | None, prompt_style: str = "paper"):
     try:
-        return load_lidc64("validate", data_dir)
+        return load_lidc64("validate", data_dir, prompt_style)
     except FileNotFoundError:
         return None  # uploads only
 
@@ -246,7 +257,8 @@ def main(argv=None) -> None:
     parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)))
     args = parser.parse_args(argv)
     pipe = AmbiSegPipeline.from_pretrained(args.model)
-    build_demo(pipe, load_nodules(args.data_dir)).launch(server_name=args.host, server_port=args.port)
+    nodules = load_nodules(args.data_dir, pipeline_prompt_style(pipe))
+    build_demo(pipe, nodules).launch(server_name=args.host, server_port=args.port)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ class AmbiSegTrainingConfig(_Recipe):
     latent_dim: int = 6  # 0 = the "no ambiguity objective" ablation (no z, no KL)
     use_text: bool = True  # False = the "no text" ablation (empty prompt always)
     text_encoder: str = "offline-minilm"  # Hub id or folder; "offline-minilm" = all-MiniLM-L6-v2 from PyPI
+    prompt_style: str = "paper"  # lidc.ratings_to_prompt: "paper" (Figure 5, with diameter and volume), "ratings", "short"
     # Diffusion
     prediction_type: str = "sample"  # "epsilon" (paper), "sample" (x0) or "v_prediction"
     num_train_timesteps: int = 1000
@@ -67,7 +68,12 @@ CONFIGS: dict[str, AmbiSegTrainingConfig] = {
 
 @dataclass
 class DPOTrainingConfig(_Recipe):
-    beta: float = 5000.0  # multiplies delta directly (see losses.diffusion_dpo_loss)
+    beta: float = 5000.0  # Salesforce DiffusionDPO's convention, the paper's value (see losses.diffusion_dpo_loss)
+    # What the loss compares (losses.DPO_ERROR_SPACES). x0: chosen on the selection split for this package's
+    # x0-prediction models (README, "TDG-DiffDPO"); epsilon-space errors weight them by SNR(t).
+    error_space: str = "x0"
+    snr_gamma: float = 5.0  # the cap of error_space "epsilon_min_snr"
+    pair_latent: str = "posterior"  # z of a pair: each mask's posterior mean, or "prior_sample" (shared, as in sampling)
     learning_rate: float = 5e-7
     lr_scheduler: str = "constant"
     num_epochs: int = 3
@@ -82,10 +88,12 @@ class DPOTrainingConfig(_Recipe):
 
 
 DPO_CONFIGS: dict[str, DPOTrainingConfig] = {
-    # The paper's recipe: constant lr 5e-7, 3 epochs, beta 5000, EMA 0.9999 (full fine-tune).
-    "paper": DPOTrainingConfig(),
-    # A LoRA run that moves the model within minutes on 2 CPU cores (a few hundred pairs): higher lr, no EMA lag.
-    "cpu": DPOTrainingConfig(learning_rate=5e-4, num_epochs=3, ema_decay=0.0, lora_rank=8, train_batch_size=8),
+    # The paper's recipe: constant lr 5e-7, 3 epochs, beta 5000, EMA 0.9999 (full fine-tune), epsilon-space errors
+    # (Diffusion-DPO's, natural for the paper's epsilon-prediction model).
+    "paper": DPOTrainingConfig(error_space="epsilon"),
+    # A LoRA run that moves the model within minutes on 2 CPU cores (a few hundred pairs): higher lr, no EMA lag;
+    # x0-space errors and 10 epochs, chosen on the selection split (README, "TDG-DiffDPO").
+    "cpu": DPOTrainingConfig(learning_rate=5e-4, num_epochs=10, ema_decay=0.0, lora_rank=8, train_batch_size=8),
 }
 
 

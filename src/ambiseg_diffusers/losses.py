@@ -49,23 +49,84 @@ def diffusion_dpo_loss(
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Diffusion-DPO (Wallace et al. 2023; the seed paper's Eq. 6-7).
 
-    Inputs are per-pair denoising errors `(B,)`, each the mean over pixels of `||target - prediction||^2`, with the
-    winner and the loser noised by the same noise and timestep. With
-    `delta = (policy_w - reference_w) - (policy_l - reference_l)` the loss is `-log sigmoid(-beta * delta)`, mean
-    over pairs. Convention: `beta` multiplies delta directly, as in the paper's equation and diffusers' research
-    example; Salesforce's DiffusionDPO code uses `-0.5 * beta` (their beta = 2x ours for the same loss).
-    Returns the loss and logs: the implicit accuracy (fraction of pairs with delta < 0) and the mean errors.
+    Inputs are per-pair denoising errors `(B,)` (see `dpo_errors`), with the winner and the loser noised by the same
+    noise and timestep. With `delta = (policy_w - reference_w) - (policy_l - reference_l)` the loss is
+    `-log sigmoid(-0.5 * beta * delta)`, mean over pairs.
+
+    The beta convention is Salesforce DiffusionDPO's (`-0.5 * beta_dpo * (model_diff - ref_diff)`), whose default
+    beta_dpo = 5000 is the seed paper's beta: 5000 here is an effective 2500 on delta, the value diffusers' research
+    example applies directly. Returns the loss and logs: the implicit accuracy (fraction of pairs with delta < 0),
+    the mean |0.5 * beta * delta| and the mean errors.
     """
     delta = (policy_winner_mse - reference_winner_mse) - (policy_loser_mse - reference_loser_mse)
-    loss = -F.logsigmoid(-beta * delta).mean()
+    scaled = 0.5 * beta * delta
+    loss = -F.logsigmoid(-scaled).mean()
     logs = {
         "implicit_accuracy": (delta < 0).float().mean().detach(),
+        "scaled_delta": scaled.abs().mean().detach(),
         "policy_winner_mse": policy_winner_mse.mean().detach(),
         "policy_loser_mse": policy_loser_mse.mean().detach(),
         "reference_winner_mse": reference_winner_mse.mean().detach(),
         "reference_loser_mse": reference_loser_mse.mean().detach(),
     }
     return loss, logs
+
+
+DPO_ERROR_SPACES = ("epsilon", "epsilon_min_snr", "x0", "x0_clamped")
+
+
+def dpo_errors(
+    scheduler, model_output: torch.Tensor, noisy: torch.Tensor, noise: torch.Tensor, clean: torch.Tensor,
+    timesteps: torch.Tensor, space: str = "epsilon", snr_gamma: float = 5.0,
+) -> torch.Tensor:
+    """Per-row denoising errors `(B,)` (mean over pixels) that the DPO loss compares, in one of `DPO_ERROR_SPACES`.
+
+    - "epsilon": `||eps - eps_hat||^2`, whatever the model predicts (Diffusion-DPO's choice). For an x0 model this is
+      `SNR(t) * ||x0 - x0_hat||^2`: pairs at small t, where SNR is in the thousands, dominate the loss.
+    - "epsilon_min_snr": the x0 error weighted by `min(SNR(t), snr_gamma)` (min-SNR, Hang et al. 2023): epsilon-space
+      errors where SNR <= gamma, capped below that noise level.
+    - "x0": `||x0 - x0_hat||^2`, every timestep weighted alike (needs a larger beta: errors are 1/SNR as large).
+    - "x0_clamped": the same on `clamp(x0_hat, -1, 1)`, the prediction the sampler actually uses.
+
+    `model_output`, `noisy`, `noise`, `clean`: `(B, C, H, W)` (clean in [-1, 1]); `timesteps`: `(B,)`.
+    """
+    if space not in DPO_ERROR_SPACES:
+        raise ValueError(f"`space` must be one of {DPO_ERROR_SPACES}, got {space!r}.")
+    model_output = model_output.float()
+    if space == "epsilon":
+        return ((predicted_noise(scheduler, model_output, noisy, timesteps) - noise) ** 2).mean(dim=(1, 2, 3))
+    x0 = predicted_clean(scheduler, model_output, noisy, timesteps)
+    if space == "x0_clamped":
+        x0 = x0.clamp(-1, 1)
+    error = ((x0 - clean.float()) ** 2).mean(dim=(1, 2, 3))
+    if space == "epsilon_min_snr":
+        error = error * snr(scheduler, timesteps).clamp(max=snr_gamma)
+    return error
+
+
+def snr(scheduler, timesteps: torch.Tensor) -> torch.Tensor:
+    """SNR(t) = alpha_bar / (1 - alpha_bar) of a DDPM-style scheduler, `(B,)` float32."""
+    alpha_bar = scheduler.alphas_cumprod.to(timesteps.device)[timesteps].float()
+    return alpha_bar / (1 - alpha_bar)
+
+
+def _signal_and_noise_scales(scheduler, timesteps: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """a = sqrt(alpha_bar(t)) and s = sqrt(1 - alpha_bar(t)), each `(B, 1, 1, 1)`, with x_t = a x0 + s eps."""
+    alpha_bar = scheduler.alphas_cumprod.to(device)[timesteps].float().view(-1, 1, 1, 1)
+    return alpha_bar.sqrt(), (1 - alpha_bar).sqrt()
+
+
+def predicted_clean(scheduler, model_output: torch.Tensor, noisy: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    """The clean mask a model output implies, whatever its `prediction_type` (x_t = a x0 + s eps)."""
+    kind = scheduler.config.prediction_type
+    if kind == "sample":
+        return model_output
+    a, s = _signal_and_noise_scales(scheduler, timesteps, noisy.device)
+    if kind == "epsilon":
+        return (noisy - s * model_output) / a
+    if kind == "v_prediction":
+        return a * noisy - s * model_output
+    raise ValueError(f"unsupported prediction_type {kind!r}")
 
 
 def predicted_noise(scheduler, model_output: torch.Tensor, noisy: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
@@ -77,8 +138,7 @@ def predicted_noise(scheduler, model_output: torch.Tensor, noisy: torch.Tensor, 
     kind = scheduler.config.prediction_type
     if kind == "epsilon":
         return model_output
-    alpha_bar = scheduler.alphas_cumprod.to(noisy.device)[timesteps].float().view(-1, 1, 1, 1)
-    a, s = alpha_bar.sqrt(), (1 - alpha_bar).sqrt()
+    a, s = _signal_and_noise_scales(scheduler, timesteps, noisy.device)
     if kind == "sample":
         return (noisy - a * model_output) / s
     if kind == "v_prediction":

@@ -23,6 +23,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from ..hub_utils import DOWNLOAD_KWARGS, check_finite_weights, check_weight_files, model_card, resolve_pretrained_path
 from ..image_processing import ImageInput, normalize_image, prepare_image
+from ..lidc import PROMPT_STYLES
 from ..models import AmbiguityEncoder, AmbiSegUNet
 from ..text import encode_prompts
 
@@ -128,6 +129,8 @@ class AmbiSegPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         default_num_inference_steps (`int`): steps used when `__call__` gets `num_inference_steps=None`.
         autocast (`str`): the default precision of a call: "auto" (bf16 autocast where the hardware computes bf16
             natively: CUDA GPUs that support it, CPUs with AVX512-BF16 or AMX; float32 elsewhere), "bf16" or "no".
+        prompt_style (`str`): the form of the prompts the model was trained on ("paper", "ratings" or "short", see
+            [`ratings_to_prompt`]); data loaders and scripts build the evaluation prompts in it.
 
     LoRA adapters load the diffusers way (`load_lora_weights`, `set_adapters`, `fuse_lora`, `unload_lora_weights`).
     A TDG-DiffDPO checkpoint is such an adapter, named "preference"; `preference_scale` sets its weight.
@@ -152,15 +155,18 @@ class AmbiSegPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         image_clip: float = 3.0,
         default_num_inference_steps: int = 20,
         autocast: str = "auto",
+        prompt_style: str = "paper",
     ):
         super().__init__()
         if autocast not in AUTOCAST_MODES:
             raise ValueError(f"`autocast` must be one of {AUTOCAST_MODES}, got {autocast!r}.")
+        if prompt_style not in PROMPT_STYLES:
+            raise ValueError(f"`prompt_style` must be one of {PROMPT_STYLES}, got {prompt_style!r}.")
         self.register_modules(
             unet=unet, scheduler=scheduler, text_encoder=text_encoder, tokenizer=tokenizer, prior=prior, posterior=posterior
         )
         self.register_to_config(image_clip=image_clip, default_num_inference_steps=default_num_inference_steps,
-                                autocast=autocast)
+                                autocast=autocast, prompt_style=prompt_style)
 
     # ---------------------------------------------------------------------------------------------- loading, saving
     @classmethod
