@@ -19,8 +19,9 @@ comparison isolates the UNets (the prior and posterior are frozen).
 
 `--error_space` picks the errors the loss compares (losses.dpo_errors): epsilon-space errors, as Diffusion-DPO, weight
 an x0 model's errors by SNR(t), which lets the last few percent of timesteps dominate; the alternatives are min-SNR
-capped, x0-space and clamped-x0 errors. `--diagnostic_preferences` (pairs built on the selection split) writes
-`implicit_accuracy.json` at the end: the fraction of those pairs the aligned model prefers more than the reference
+capped, x0-space and clamped-x0 errors. `--pair_latent prior_sample` denoises a pair with one z drawn from the prior
+(shared by winner and loser, as in sampling) instead of each mask's posterior mean. `--diagnostic_preferences` (pairs
+built on the selection split) writes `implicit_accuracy.json` at the end: the fraction of those pairs the aligned model prefers more than the reference
 does, at fixed timesteps, i.e. where along the noise levels the training moved the model.
 The pairs of a global batch are split over the processes; the frozen reference runs under the same autocast as the
 policy, so at step 0 policy and reference errors are equal and the loss is log 2.
