@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from diffusers.training_utils import compute_snr
 
 from .models.ambiguity_encoder import DiagonalGaussian
 
@@ -100,14 +101,8 @@ def dpo_errors(
         x0 = x0.clamp(-1, 1)
     error = ((x0 - clean.float()) ** 2).mean(dim=(1, 2, 3))
     if space == "epsilon_min_snr":
-        error = error * snr(scheduler, timesteps).clamp(max=snr_gamma)
+        error = error * compute_snr(scheduler, timesteps).float().clamp(max=snr_gamma)
     return error
-
-
-def snr(scheduler, timesteps: torch.Tensor) -> torch.Tensor:
-    """SNR(t) = alpha_bar / (1 - alpha_bar) of a DDPM-style scheduler, `(B,)` float32."""
-    alpha_bar = scheduler.alphas_cumprod.to(timesteps.device)[timesteps].float()
-    return alpha_bar / (1 - alpha_bar)
 
 
 def _signal_and_noise_scales(scheduler, timesteps: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
