@@ -11,6 +11,7 @@
 # chosen together with the committed checkpoint on the selection split. Knobs (environment):
 #   BUDGET_MIN   training minutes per row (steps only)        SNAPSHOT_MIN  minutes between checkpoint candidates
 #   SLOW_SNAPSHOT_MIN  the same for the CIMD-style row (DDPM-1000 makes each candidate expensive to score)
+#   CIMD_STEPS   DDPM steps of the CIMD-style row (default 1000, CIMD's; 1000 costs ~7 CPU-hours per split)
 #   PARALLEL     1 = train/evaluate rows concurrently          TEXT_ENCODER  frozen encoder (default offline-minilm)
 #   SELECT_IMAGES / VALIDATE_IMAGES  cap the images (smoke tests only; empty = whole split)
 #   DATA_DIR     the lidc64 folder or its parent               IMAGES_PER_CALL  images per pipeline call
@@ -23,6 +24,7 @@ BUDGET_MIN=${BUDGET_MIN:-45}
 SNAPSHOT_MIN=${SNAPSHOT_MIN:-$(python -c "print($BUDGET_MIN / 6)")}
 # CIMD-style candidates cost 1000 UNet passes each to score: fewer of them
 SLOW_SNAPSHOT_MIN=${SLOW_SNAPSHOT_MIN:-$(python -c "print($BUDGET_MIN / 2.2)")}
+CIMD_STEPS=${CIMD_STEPS:-1000}
 PARALLEL=${PARALLEL:-0}
 STRONG=${STRONG:-0}
 TEXT_ENCODER=${TEXT_ENCODER:-offline-minilm}
@@ -42,11 +44,11 @@ declare -A TRAIN PROMPTS LABEL
 TRAIN[ambiseg]="${ambiseg[*]}"
 TRAIN[no-text]="${ambiseg[*]} --use_text false"
 TRAIN[no-ambiguity]="${ambiseg[*]} --latent_dim 0"
-TRAIN[cimd-style]="${ambiseg[*]} --prediction_type epsilon --use_text false --sampling_scheduler ddpm --sampling_steps 1000 --snapshot_minutes $SLOW_SNAPSHOT_MIN"
+TRAIN[cimd-style]="${ambiseg[*]} --prediction_type epsilon --use_text false --sampling_scheduler ddpm --sampling_steps $CIMD_STEPS --snapshot_minutes $SLOW_SNAPSHOT_MIN"
 TRAIN[prob-unet]="python training/train_prob_unet.py ${budget[*]}"
 PROMPTS=([ambiseg]=annotator [no-text]=none [no-ambiguity]=annotator [cimd-style]=none [prob-unet]=none)
 LABEL=([ambiseg]="AmbiSeg (x0, text, latent)" [no-text]="w/o text" [no-ambiguity]="w/o ambiguity latent"
-       [cimd-style]="CIMD-style (epsilon, no text, DDPM-1000)" [prob-unet]="Probabilistic U-Net")
+       [cimd-style]="CIMD-style (epsilon, no text, DDPM-$CIMD_STEPS)" [prob-unet]="Probabilistic U-Net")
 ROWS=(ambiseg no-text no-ambiguity cimd-style prob-unet)
 if [[ -n ${ONLY:-} ]]; then
   read -r -a ROWS <<<"$ONLY"

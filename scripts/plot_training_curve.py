@@ -4,6 +4,7 @@ scripts/select_checkpoint.py writes (one point per snapshot, with its 95% bootst
 
     python scripts/plot_training_curve.py --runs R/ambiseg R/strong-b32 R/strong-b128 --selection R/strong/selection.json \\
         --output docs/images/training_curve.png
+    python scripts/plot_training_curve.py --runs R/stage2 R/stage3 --offsets 3000 3706 ...   # continued runs
 """
 
 from __future__ import annotations
@@ -32,10 +33,15 @@ def main(argv=None) -> None:
     parser.add_argument("--selection", nargs="*", default=[],
                         help="selection.json files to read (default: each run's own)")
     parser.add_argument("--labels", nargs="*", default=None, help="one legend label per run (default: folder names)")
+    parser.add_argument("--offsets", nargs="*", type=int, default=None,
+                        help="steps each run started from (continued runs on one axis; default 0 each)")
     parser.add_argument("--reference", type=float, default=None, help="a horizontal reference GED (e.g. committed)")
     parser.add_argument("--reference_label", default="reference")
     parser.add_argument("--output", required=True)
     args = parser.parse_args(argv)
+    offsets = args.offsets or [0] * len(args.runs)
+    if len(offsets) != len(args.runs):
+        parser.error(f"--offsets has {len(offsets)} entries for {len(args.runs)} --runs")
 
     import matplotlib
 
@@ -50,7 +56,7 @@ def main(argv=None) -> None:
         if not curve:
             raise ValueError(f"no selection record names a pipeline of {run}")
         label = args.labels[i] if args.labels else run.name
-        ax.plot([s for s, _ in curve], [g for _, g in curve], marker="o", label=label)
+        ax.plot([offsets[i] + s for s, _ in curve], [g for _, g in curve], marker="o", label=label)
     if args.reference is not None:
         ax.axhline(args.reference, color="grey", linestyle="--", label=args.reference_label)
     split = (records[0] if records else {}).get("split", "selection")

@@ -131,23 +131,60 @@ def test_train_resume_budget_snapshots_evaluate_and_select(tmp_path):
         select_checkpoint.main(["--run_dir", str(straight), "--split", "validate"])
 
 
-def test_results_table_reads_each_rows_validate_summary_and_its_selection(tmp_path):
+def test_results_table_lays_rows_out_like_tables_2_and_5_with_paired_differences(tmp_path):
     import results_table
 
-    def row(name: str, label: str, best: str, ged: float) -> None:
+    def row(name: str, label: str, best: str, ged: float, per_image_ged: list[float]) -> None:
         folder = tmp_path / name
         (folder / "validate").mkdir(parents=True)
         metric = {"mean": ged, "low": ged - 0.01, "high": ged + 0.01}
         summary = {k: metric for k in ("avg_dice", "avg_iou", "ged", "ged_iou", "ci", "dmax", "sc", "da")}
-        (folder / "validate" / "summary.json").write_text(json.dumps({"label": label, "summary": summary, "images": 114}))
+        (folder / "validate" / "summary.json").write_text(json.dumps({"label": label, "summary": summary, "images": 2}))
+        lines = [json.dumps({"index": i, "ged": g, "ci": 1 - g}) for i, g in enumerate(per_image_ged)]
+        (folder / "validate" / "per_image.jsonl").write_text("\n".join(lines) + "\n")
         candidates = [{"path": best, "ged": 0.2}, {"path": str(folder), "ged": 0.3}]
         (folder / "selection.json").write_text(json.dumps({"candidates": candidates, "best": best}))
 
-    row("a", "AmbiSeg", str(tmp_path / "a" / "snapshots" / "step-001200"), 0.25)
-    (tmp_path / "b" / "final").mkdir(parents=True)
-    (tmp_path / "b" / "final" / "training_summary.json").write_text(json.dumps({"steps": 3456}))
-    row("b", "Probabilistic U-Net", str(tmp_path / "b" / "final"), 0.5)
-    text = results_table.table(tmp_path, ["a", "b"], budget_min=45)
+    row("ambiseg", "AmbiSeg", str(tmp_path / "ambiseg" / "snapshots" / "step-001200"), 0.3, [0.2, 0.4])
+    (tmp_path / "prob-unet" / "final").mkdir(parents=True)
+    (tmp_path / "prob-unet" / "final" / "training_summary.json").write_text(json.dumps({"steps": 3456}))
+    row("prob-unet", "Probabilistic U-Net", str(tmp_path / "prob-unet" / "final"), 0.5, [0.5, 0.5])
+    row("no-text", "w/o text", str(tmp_path / "no-text"), 0.35, [0.3, 0.4])
+    text = results_table.table(tmp_path, ["ambiseg", "no-text", "prob-unet"], budget_min=45)
     assert "45 min of training per row" in text
-    assert "| AmbiSeg | 0.250 [0.240, 0.260]" in text
-    assert "| AmbiSeg | 1200 | 2 | 0.200 | 114 |" in text and "| Probabilistic U-Net | 3456 | 2 | 0.200 | 114 |" in text
+    methods, ablations = text.split("Ablations")
+    # methods: the baseline first, the reference last; per-image GED differences 0.3 and 0.1 -> mean 0.2, and the
+    # bootstrap means of two values can only be 0.1, 0.2, 0.3
+    assert methods.index("| Probabilistic U-Net |") < methods.index("| AmbiSeg |") and "w/o text" not in methods
+    assert "| Probabilistic U-Net | 0.500 [0.490, 0.510] | 0.500 [0.490, 0.510]" in methods
+    assert "| +0.200 [+0.100, +0.300] | -0.200 [-0.300, -0.100] |" in methods
+    assert "| ✗ | ✓ | 0.350 [0.340, 0.360]" in ablations and "| +0.050 [+0.000, +0.100] |" in ablations
+    assert "| ✓ | ✓ | 0.300 [0.290, 0.310]" in ablations
+    assert "| AmbiSeg | 1200 | 2 | 0.200 | 2 |" in text and "| Probabilistic U-Net | 3456 | 2 | 0.200 | 2 |" in text
+    (tmp_path / "no-text" / "validate" / "per_image.jsonl").write_text(json.dumps({"index": 5, "ged": 0.1}) + "\n")
+    with pytest.raises(ValueError, match="different images"):
+        results_table.table(tmp_path, ["ambiseg", "no-text"])
+
+
+@needs_data
+def test_comparison_picture_redraws_each_rows_evaluation_figure(tmp_path):
+    import evaluate
+    import plot_comparison
+    from PIL import Image
+
+    for name, seed in (("a", 0), ("b", 1)):
+        torch.manual_seed(seed)
+        ProbUNetPipeline(prob_unet=ProbUNetModel(**TINY).eval()).save_pretrained(tmp_path / name)
+        evaluate.main(["--model", str(tmp_path / name), "--split", "mini", "--max_images", "4", "--num_samples", "4",
+                       "--prompts", "none", "--output_dir", str(tmp_path / name / "validate"), "--label", f"row {name}"])
+    output = plot_comparison.main(["--runs", str(tmp_path), "--rows", "a", "b", "--indices", "0", "1", "2", "3",
+                                   "--num_samples", "4", "--output", str(tmp_path / "comparison.png")])
+    picture = np.asarray(Image.open(output).convert("RGB"))
+    for position, name in enumerate("ab"):
+        # the evaluation's own figure draws the same first four images with the same seeds and settings
+        figure = np.asarray(Image.open(tmp_path / name / "validate" / "figure_samples.png").convert("RGB"))
+        top = plot_comparison.LABEL_HEIGHT + position * (figure.shape[0] + plot_comparison.LABEL_HEIGHT)
+        np.testing.assert_array_equal(picture[top:top + figure.shape[0], :figure.shape[1]], figure)
+    assert picture.shape[0] == 2 * (figure.shape[0] + plot_comparison.LABEL_HEIGHT)
+    with pytest.raises(ValueError, match="--indices"):
+        plot_comparison.main(["--runs", str(tmp_path), "--rows", "a", "--indices", "14", "--output", str(output)])
