@@ -41,11 +41,14 @@ def select(paths: list[Path], output: Path, split: str = "selection", num_sample
     """Scores every pipeline folder in `paths` on `split` and writes the record, with the lowest-GED one as `best`.
     Each pipeline gets the prompts in its own `prompt_style`."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    rows = []
+    rows, datasets = [], {}  # the split loaded once per prompt style
     for path in paths:
         pipe = load_pipeline(str(path)).to(device)
         pipe.set_progress_bar_config(disable=True)
-        dataset = load_split("lidc64", split, data_dir, pipeline_prompt_style(pipe))
+        style = pipeline_prompt_style(pipe)
+        if style not in datasets:
+            datasets[style] = load_split("lidc64", split, data_dir, style)
+        dataset = datasets[style]
         with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
             per_image, _ = evaluate_pipeline(pipe, dataset, num_samples, seed=seed, images_per_call=images_per_call,
                                              max_images=max_images, prompts=prompts,

