@@ -11,7 +11,7 @@
 # chosen together with the committed checkpoint on the selection split. Knobs (environment):
 #   BUDGET_MIN   training minutes per row (steps only)        SNAPSHOT_MIN  minutes between checkpoint candidates
 #   SLOW_SNAPSHOT_MIN  the same for the CIMD-style row (DDPM-1000 makes each candidate expensive to score)
-#   CIMD_STEPS   DDPM steps of the CIMD-style row (default 1000, CIMD's; 1000 costs ~7 CPU-hours per split)
+#   CIMD_STEPS   DDPM steps of the CIMD-style row (default 1000, CIMD's; 1000 costs ~14 h on validate on 2 CPU cores)
 #   PARALLEL     1 = train/evaluate rows concurrently          TEXT_ENCODER  frozen encoder (default offline-minilm)
 #   SELECT_IMAGES / VALIDATE_IMAGES  cap the images (smoke tests only; empty = whole split)
 #   DATA_DIR     the lidc64 folder or its parent               IMAGES_PER_CALL  images per pipeline call
