@@ -6,8 +6,12 @@
 #   RUNS=~/ambiseg-runs/compare BUDGET_MIN=45 bash scripts/compare_baselines.sh          # rows one after another
 #   RUNS=/tmp/compare BUDGET_MIN=5 PARALLEL=1 bash scripts/compare_baselines.sh          # rows side by side (a GPU)
 #
-# Rows: AmbiSeg (x0, text, ambiguity latent); w/o text; w/o ambiguity latent; CIMD-style (epsilon, no text, DDPM-1000
-# sampling); Probabilistic U-Net. STRONG=1 adds the warm-started AmbiSeg variants of the "stronger AmbiSeg" issue,
+# Rows (default: the ambiguity comparison): paper-kl (the paper's L_kl on the predicted mask, no z in the UNet);
+# no-ambiguity (the same denoiser without L_kl: the paper's "w/o Ambiguity", identical to the latent-free model);
+# paper-kl-frozen (the same with prior and posterior fixed at their random init, as CIMD's released code leaves them);
+# latent-repaired (z in the UNet, trained with prior z on half the rows, attention-pooled prompt, KL weight 0.01);
+# ambiseg (the earlier latent design, as committed before); prob-unet (Probabilistic U-Net). With ONLY: no-text (the
+# latent design without text), cimd-style (epsilon, no text, DDPM-1000 sampling). STRONG=1 adds the warm-started AmbiSeg variants of the "stronger AmbiSeg" issue,
 # chosen together with the committed checkpoint on the selection split. Knobs (environment):
 #   BUDGET_MIN   training minutes per row (steps only)        SNAPSHOT_MIN  minutes between checkpoint candidates
 #   SLOW_SNAPSHOT_MIN  the same for the CIMD-style row (DDPM-1000 makes each candidate expensive to score)
@@ -15,7 +19,9 @@
 #   PARALLEL     1 = train/evaluate rows concurrently          TEXT_ENCODER  frozen encoder (default offline-minilm)
 #   SELECT_IMAGES / VALIDATE_IMAGES  cap the images (smoke tests only; empty = whole split)
 #   DATA_DIR     the lidc64 folder or its parent               IMAGES_PER_CALL  images per pipeline call
-#   ONLY         a space-separated subset of the rows (default: all)
+#   ONLY         a space-separated list of rows (default: the ambiguity comparison)
+#   CHECKPOINT_STEPS  resumable checkpoint every N steps (default 5000; lower it for runs a session may cut short)
+#   THREADS      CPU threads per training process (default: torch's; set it with PARALLEL=1)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -37,23 +43,28 @@ mkdir -p "$RUNS"
 
 # train_fit: the training patients outside the selection split, so the checkpoint choice is made on unseen patients
 budget=(--train_split train_fit --max_train_steps 100000000 --max_train_minutes "$BUDGET_MIN" --snapshot_minutes "$SNAPSHOT_MIN"
-        --num_validation_images 0 --mixed_precision bf16 --report_to none --checkpointing_steps 5000 $DATA)
+        --num_validation_images 0 --mixed_precision bf16 --report_to none --checkpointing_steps "${CHECKPOINT_STEPS:-5000}" $DATA)
+[[ -n ${THREADS:-} ]] && export OMP_NUM_THREADS=$THREADS
 ambiseg=(python training/train_ambiseg.py --lr_scheduler constant --text_encoder "$TEXT_ENCODER" "${budget[@]}")
 
 declare -A TRAIN PROMPTS LABEL
+TRAIN[paper-kl]="${ambiseg[*]} --ambiguity prediction_kl"
+TRAIN[paper-kl-frozen]="${ambiseg[*]} --ambiguity prediction_kl --freeze_ambiguity_encoders true"
+TRAIN[no-ambiguity]="${ambiseg[*]} --ambiguity none"
+TRAIN[latent-repaired]="${ambiseg[*]} --ambiguity latent --kl_weight 0.01 --prior_z_fraction 0.5 --text_pooling attention"
 TRAIN[ambiseg]="${ambiseg[*]}"
 TRAIN[no-text]="${ambiseg[*]} --use_text false"
-TRAIN[no-ambiguity]="${ambiseg[*]} --latent_dim 0"
 TRAIN[cimd-style]="${ambiseg[*]} --prediction_type epsilon --use_text false --sampling_scheduler ddpm --sampling_steps $CIMD_STEPS --snapshot_minutes $SLOW_SNAPSHOT_MIN"
 TRAIN[prob-unet]="python training/train_prob_unet.py ${budget[*]}"
-PROMPTS=([ambiseg]=annotator [no-text]=none [no-ambiguity]=annotator [cimd-style]=none [prob-unet]=none)
-LABEL=([ambiseg]="AmbiSeg (x0, text, latent)" [no-text]="w/o text" [no-ambiguity]="w/o ambiguity latent"
+PROMPTS=([paper-kl]=annotator [paper-kl-frozen]=annotator [no-ambiguity]=annotator [latent-repaired]=annotator [ambiseg]=annotator [no-text]=none
+         [cimd-style]=none [prob-unet]=none)
+LABEL=([paper-kl]="AmbiSeg, paper's L_kl (prediction_kl)"
+       [paper-kl-frozen]="AmbiSeg, paper's L_kl, encoders frozen (CIMD's code)" [no-ambiguity]="w/o ambiguity term"
+       [latent-repaired]="AmbiSeg, repaired latent" [ambiseg]="AmbiSeg, earlier latent" [no-text]="w/o text"
        [cimd-style]="CIMD-style (epsilon, no text, DDPM-$CIMD_STEPS)" [prob-unet]="Probabilistic U-Net")
-ROWS=(ambiseg no-text no-ambiguity cimd-style prob-unet)
-if [[ -n ${ONLY:-} ]]; then
-  read -r -a ROWS <<<"$ONLY"
-  for name in "${!TRAIN[@]}"; do [[ " $ONLY " == *" $name "* ]] || unset "TRAIN[$name]"; done
-fi
+ONLY=${ONLY:-paper-kl paper-kl-frozen no-ambiguity latent-repaired ambiseg prob-unet}
+read -r -a ROWS <<<"$ONLY"
+for name in "${!TRAIN[@]}"; do [[ " $ONLY " == *" $name "* ]] || unset "TRAIN[$name]"; done
 if [[ $STRONG == 1 ]]; then
   warm=("${ambiseg[@]}" --init_from checkpoints/ambiseg-lidc64 --learning_rate 1e-4)
   TRAIN[strong-b32]="${warm[*]}"
@@ -69,6 +80,7 @@ run() {  # run LOG COMMAND...: in the background when PARALLEL=1, output to LOG
 echo "== training: ${BUDGET_MIN} min per row"
 for name in "${!TRAIN[@]}"; do
   if [[ -f $RUNS/$name/training_summary.json ]]; then echo "   $name: done before"; continue; fi
+  mkdir -p "$RUNS/$name" && echo "${TRAIN[$name]}" >"$RUNS/$name/command.txt"  # for continuing the row (gpu_ambiguity.sh)
   # shellcheck disable=SC2086
   run "$RUNS/$name/train.log" ${TRAIN[$name]} --output_dir "$RUNS/$name" --resume_from_checkpoint latest
 done
@@ -96,4 +108,7 @@ for name in "${validate_rows[@]}"; do
       --label "${LABEL[$name]}" --overwrite $VALIDATE_CAP $DATA
 done
 wait
-python scripts/results_table.py --runs "$RUNS" --rows "${validate_rows[@]}" --budget_min "$BUDGET_MIN" | tee "$RUNS/table.md"
+REFERENCE=${REFERENCE:-paper-kl}
+[[ " ${validate_rows[*]} " == *" $REFERENCE "* ]] || REFERENCE=${validate_rows[0]}
+python scripts/results_table.py --runs "$RUNS" --rows "${validate_rows[@]}" --budget_min "$BUDGET_MIN" \
+    --reference "$REFERENCE" | tee "$RUNS/table.md"

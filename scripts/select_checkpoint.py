@@ -26,9 +26,14 @@ SELECTION_FILE = "selection.json"
 
 
 def candidates(run_dir: Path) -> list[Path]:
-    """The run's snapshots in step order, then its final pipeline (when saved)."""
+    """The run's snapshots in step order, then its final pipeline (when saved). A snapshot taken at the final step
+    holds the final weights: only the final pipeline is scored then."""
     snapshots = sorted(p for p in (run_dir / "snapshots").glob("step-*") if (p / "model_index.json").is_file())
     final = [run_dir] if (run_dir / "model_index.json").is_file() else []
+    summary = run_dir / "training_summary.json"
+    if final and summary.is_file():
+        final_step = json.loads(summary.read_text())["steps"]
+        snapshots = [p for p in snapshots if p.name != f"step-{final_step:06d}"]
     if not snapshots and not final:
         raise FileNotFoundError(f"{run_dir} holds no pipeline: neither snapshots/step-N folders nor a final "
                                 "model_index.json (train with --snapshot_minutes, or let the run finish).")

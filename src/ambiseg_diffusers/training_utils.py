@@ -22,6 +22,7 @@ from .configs import AmbiSegTrainingConfig
 from .image_processing import masks_to_model_range, normalize_image
 from .lidc import augment
 from .models import AmbiguityEncoder, AmbiSegUNet
+from .models.ambiguity_encoder import AMBIGUITY_DESIGNS
 from .text import resolve_text_encoder
 
 logger = logging.getLogger(__name__)
@@ -65,27 +66,61 @@ def build_noise_scheduler(config: AmbiSegTrainingConfig) -> DDPMScheduler:
     )
 
 
+def ambiguity_design(config: AmbiSegTrainingConfig) -> str:
+    """The recipe's ambiguity design (one of `AMBIGUITY_DESIGNS`); `latent_dim == 0` means "none" whatever it says."""
+    if config.ambiguity not in AMBIGUITY_DESIGNS:
+        raise ValueError(f"`ambiguity` must be one of {AMBIGUITY_DESIGNS}, got {config.ambiguity!r}.")
+    return "none" if config.latent_dim == 0 else config.ambiguity
+
+
+def unet_latent_dim(config: AmbiSegTrainingConfig) -> int:
+    """Width of the z the UNet takes: only the "latent" design feeds z to the denoiser."""
+    return config.latent_dim if ambiguity_design(config) == "latent" else 0
+
+
 def build_models(config: AmbiSegTrainingConfig, text_embed_dim: int):
-    """Fresh UNet, prior and posterior (the latter two None when `latent_dim == 0`)."""
+    """Fresh UNet, prior and posterior (the latter two None for ambiguity "none"). The "latent" prior reads the
+    image, the "prediction_kl" prior the image and the denoiser's predicted mask; the posterior the image and the
+    rater mask."""
+    design = ambiguity_design(config)
     unet = AmbiSegUNet.from_preset(
-        config.unet_preset, sample_size=config.resolution, text_embed_dim=text_embed_dim, latent_dim=config.latent_dim
+        config.unet_preset, sample_size=config.resolution, text_embed_dim=text_embed_dim,
+        latent_dim=unet_latent_dim(config),
     )
-    if config.latent_dim == 0:
+    if design == "none":
         return unet, None, None
-    prior = AmbiguityEncoder(in_channels=1, latent_dim=config.latent_dim, text_embed_dim=text_embed_dim)
-    posterior = AmbiguityEncoder(in_channels=2, latent_dim=config.latent_dim, text_embed_dim=text_embed_dim)
+    encoder = dict(latent_dim=config.latent_dim, text_embed_dim=text_embed_dim, text_pooling=config.text_pooling)
+    prior = AmbiguityEncoder(in_channels=1 if design == "latent" else 2, **encoder)
+    posterior = AmbiguityEncoder(in_channels=2, **encoder)
+    if design == "prediction_kl":
+        # The zero-initialised heads make q = p for every input, where the KL and its gradient vanish: a saddle no
+        # other loss term pulls the two networks off. A random head starts them apart.
+        prior.head[-1].reset_parameters()
+        posterior.head[-1].reset_parameters()
+    if config.freeze_ambiguity_encoders:
+        if design != "prediction_kl":
+            raise ValueError("`freeze_ambiguity_encoders` applies to ambiguity 'prediction_kl' only.")
+        prior.requires_grad_(False)
+        posterior.requires_grad_(False)
     return unet, prior, posterior
 
 
 def warm_start(name_or_path: str, config: AmbiSegTrainingConfig):
     """The UNet, prior and posterior of a saved pipeline, to continue training from (`--init_from`). Their
-    architecture is the saved one; it must match the recipe's `latent_dim`."""
+    architecture is the saved one; it must match the recipe's ambiguity design."""
     from .pipelines import AmbiSegPipeline
 
     pipe = AmbiSegPipeline.from_pretrained(name_or_path)
-    if pipe.unet.latent_dim != config.latent_dim:
-        raise ValueError(f"`--init_from` {name_or_path!r} has latent_dim {pipe.unet.latent_dim}, the recipe "
-                         f"{config.latent_dim}; pass --latent_dim {pipe.unet.latent_dim}.")
+    fresh_unet, fresh_prior, _ = build_models(config, pipe.unet.config.encoder_hid_dim)
+    saved = (pipe.unet.latent_dim, None if pipe.prior is None else pipe.prior.config.in_channels)
+    wanted = (fresh_unet.latent_dim, None if fresh_prior is None else fresh_prior.config.in_channels)
+    if saved != wanted:
+        raise ValueError(f"`--init_from` {name_or_path!r} has a UNet latent of {saved[0]} and a prior reading "
+                         f"{saved[1]} channels; the recipe (ambiguity {ambiguity_design(config)!r}, latent_dim "
+                         f"{config.latent_dim}) needs {wanted[0]} and {wanted[1]}: pass its --ambiguity and --latent_dim.")
+    if config.freeze_ambiguity_encoders:
+        pipe.prior.requires_grad_(False)
+        pipe.posterior.requires_grad_(False)
     return pipe.unet.train(), pipe.prior, pipe.posterior
 
 

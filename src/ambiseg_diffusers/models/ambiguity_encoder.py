@@ -1,4 +1,22 @@
-"""Probabilistic-U-Net style prior p(z | image, text) and posterior q(z | image, text, mask)."""
+"""Probabilistic-U-Net style prior and posterior over the ambiguity latent z, and the ambiguity designs that use them.
+
+`AMBIGUITY_DESIGNS` (the recipe field `ambiguity`, see `configs.AmbiSegTrainingConfig` and `losses.ambiseg_loss`):
+
+- "prediction_kl": the seed paper's L_kl (its Figure 2 and Eq. 4): the denoiser sees the image and the text only;
+  a prior p(z | image, text, the denoiser's predicted clean mask) and a posterior q(z | image, text, rater mask) are
+  trained with it, and lambda * KL(q || p) is added to the denoising loss, so its gradient reaches the denoiser
+  through the prediction. Sampling needs neither network. Where the paper is silent we follow CIMD's released code
+  (Rahman et al., CVPR 2023, the design the paper builds on): the prior reads [image, predicted mask], the posterior
+  [image, ground-truth mask], KL / 1000 is added to the loss and z never enters the denoiser. We differ from that
+  code in two places: both networks are in the optimizer (the paper's "learned prior and posterior"; the CIMD
+  snapshot leaves them out), and both also read the prompt (the paper's p(y | b, c) conditions on the text c).
+- "latent": this package's earlier design, a Probabilistic-U-Net latent in the denoiser: z ~ q in training, z ~ p
+  at sampling, fed to every UNet block through the class embedding. Not the paper's design; measured in the README.
+  `prior_z_fraction` trains the UNet with prior draws on part of the rows (it only ever saw posterior z before,
+  while sampling gives it prior z), and `text_pooling="attention"` lets the encoders read single tokens of the
+  prompt (a rater's diameter and volume) instead of their mean.
+- "none": no latent and no KL (the paper's "w/o Ambiguity" ablation: the same denoiser without L_kl).
+"""
 
 from __future__ import annotations
 
@@ -9,6 +27,9 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils.torch_utils import randn_tensor
 from torch import nn
+
+AMBIGUITY_DESIGNS = ("prediction_kl", "latent", "none")
+TEXT_POOLINGS = ("mean", "attention")
 
 
 @dataclass
@@ -37,10 +58,17 @@ class DiagonalGaussian:
         return self.mean + temperature * self.std * noise.to(self.mean)
 
     def kl(self, other: "DiagonalGaussian") -> torch.Tensor:
-        """KL(self || other), summed over the latent dimensions: shape `(B,)`."""
-        var_ratio = torch.exp(self.logvar - other.logvar)
-        mean_term = (self.mean - other.mean) ** 2 / torch.exp(other.logvar)
-        return 0.5 * (var_ratio + mean_term - 1.0 - (self.logvar - other.logvar)).sum(dim=-1)
+        """KL(self || other), summed over the latent dimensions: shape `(B,)`, always float32."""
+        return self.kl_per_dimension(other).sum(dim=-1)
+
+    def kl_per_dimension(self, other: "DiagonalGaussian") -> torch.Tensor:
+        """KL(self || other) of each latent dimension, `(B, latent_dim)`, computed in float32 (under fp16 mixed
+        precision `exp` of a log-variance difference overflows)."""
+        mean, logvar = self.mean.float(), self.logvar.float()
+        other_mean, other_logvar = other.mean.float(), other.logvar.float()
+        var_ratio = torch.exp(logvar - other_logvar)
+        mean_term = (mean - other_mean) ** 2 / torch.exp(other_logvar)
+        return 0.5 * (var_ratio + mean_term - 1.0 - (logvar - other_logvar))
 
 
 def masked_mean(hidden_states: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
@@ -60,7 +88,9 @@ class AmbiguityEncoder(ModelMixin, ConfigMixin):
     Inputs: `image` `(B, in_channels, H, W)` in [-1, 1] (image and mask channels concatenated for the posterior);
     `encoder_hidden_states` `(B, L, text_embed_dim)`, `encoder_attention_mask` `(B, L)` with 1 = real token.
     `text_embed_dim=0` builds an image-only encoder (the Probabilistic U-Net's prior and posterior nets), which
-    takes `encoder_hidden_states=None`.
+    takes `encoder_hidden_states=None`. `text_pooling`: "mean" pools the prompt's token states before projecting them;
+    "attention" lets a query made from the image features attend over the projected tokens (so the encoder can read
+    one token, e.g. a stated diameter, and which token depends on the image).
     Output: [`DiagonalGaussian`] with `(B, latent_dim)` mean and log-variance.
     """
 
@@ -72,8 +102,11 @@ class AmbiguityEncoder(ModelMixin, ConfigMixin):
         text_embed_dim: int = 384,
         block_out_channels: tuple[int, ...] = (32, 64, 128),
         norm_num_groups: int = 8,
+        text_pooling: str = "mean",
     ):
         super().__init__()
+        if text_pooling not in TEXT_POOLINGS:
+            raise ValueError(f"`text_pooling` must be one of {TEXT_POOLINGS}, got {text_pooling!r}.")
         layers: list[nn.Module] = []
         channels = in_channels
         for width in block_out_channels:
@@ -88,6 +121,9 @@ class AmbiguityEncoder(ModelMixin, ConfigMixin):
             channels = width
         self.conv = nn.Sequential(*layers)
         self.text_proj = nn.Linear(text_embed_dim, channels) if text_embed_dim else None
+        if text_embed_dim and text_pooling == "attention":
+            self.text_query = nn.Linear(channels, channels)
+            self.text_attention = nn.MultiheadAttention(channels, num_heads=4, batch_first=True)
         features = 2 * channels if text_embed_dim else channels
         self.head = nn.Sequential(nn.Linear(features, channels), nn.SiLU(), nn.Linear(channels, 2 * latent_dim))
         # Start at N(0, I) whatever the input, so an untrained prior samples like the standard normal.
@@ -109,8 +145,16 @@ class AmbiguityEncoder(ModelMixin, ConfigMixin):
             raise ValueError(f"`encoder_hidden_states` must be {expected}.")
         features = self.conv(image).mean(dim=(2, 3))
         if self.text_proj is not None:
-            text = self.text_proj(masked_mean(encoder_hidden_states, encoder_attention_mask))
-            features = torch.cat([features, text], dim=-1)
+            features = torch.cat([features, self._pool_text(features, encoder_hidden_states, encoder_attention_mask)], -1)
         mean, logvar = self.head(features).chunk(2, dim=-1)
         # Bounded log-variance keeps the KL finite early in training.
         return DiagonalGaussian(mean=mean, logvar=logvar.clamp(-10.0, 5.0))
+
+    def _pool_text(self, image_features: torch.Tensor, states: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """`(B, L, text_embed_dim)` prompt states -> `(B, channels)`."""
+        if self.config.text_pooling == "mean":
+            return self.text_proj(masked_mean(states, mask))
+        tokens = self.text_proj(states)
+        query = self.text_query(image_features).unsqueeze(1)
+        padding = None if mask is None else ~mask.bool()
+        return self.text_attention(query, tokens, tokens, key_padding_mask=padding, need_weights=False)[0][:, 0]
