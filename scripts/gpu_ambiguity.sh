@@ -65,5 +65,6 @@ mkdir -p "$RUNS/final"
 for part in unet prior posterior scheduler model_index.json; do [[ -e $final/$part ]] && cp -r "$final/$part" "$RUNS/final/"; done
 cp "$continued/training_config.json" "$RUNS/final/"
 echo "$final" >"$RUNS/final/chosen.txt"
-tar -czf "$OUT/final.tgz" -C "$RUNS" final
+tar -czf "$OUT/final-unet.tgz" -C "$RUNS" final/unet  # two archives: each file that comes back is capped at 16 MiB
+tar -czf "$OUT/final-rest.tgz" -C "$RUNS" --exclude final/unet final
 date +%T >"$RUNS/finished.log"
