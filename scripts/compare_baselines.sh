@@ -78,14 +78,16 @@ run() {  # run LOG COMMAND...: in the background when PARALLEL=1, output to LOG
 }
 
 echo "== training: ${BUDGET_MIN} min per row"
-for name in "${!TRAIN[@]}"; do
+TRAIN_ORDER=("${ROWS[@]}")
+[[ $STRONG == 1 ]] && TRAIN_ORDER+=(strong-b32 strong-b128)
+for name in "${TRAIN_ORDER[@]}"; do  # in the order given (rows one after another: the first finish first)
   if [[ -f $RUNS/$name/training_summary.json ]]; then echo "   $name: done before"; continue; fi
   mkdir -p "$RUNS/$name" && echo "${TRAIN[$name]}" >"$RUNS/$name/command.txt"  # for continuing the row (gpu_ambiguity.sh)
   # shellcheck disable=SC2086
   run "$RUNS/$name/train.log" ${TRAIN[$name]} --output_dir "$RUNS/$name" --resume_from_checkpoint latest
 done
 wait
-for name in "${!TRAIN[@]}"; do [[ -f $RUNS/$name/training_summary.json ]] || { tail -20 "$RUNS/$name/train.log"; exit 1; }; echo "   $name: $(cat "$RUNS/$name/training_summary.json" | tr -d '\n ' | cut -c1-60)"; done
+for name in "${TRAIN_ORDER[@]}"; do [[ -f $RUNS/$name/training_summary.json ]] || { tail -20 "$RUNS/$name/train.log"; exit 1; }; echo "   $name: $(cat "$RUNS/$name/training_summary.json" | tr -d '\n ' | cut -c1-60)"; done
 
 echo "== choosing checkpoints on the selection split"
 select_cap=(--num_samples 16 --bf16 --images_per_call "$IMAGES_PER_CALL" --batch_size "$BATCH" $SELECT_CAP $DATA)
