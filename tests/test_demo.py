@@ -33,11 +33,12 @@ def free_port() -> int:
 def serve(pipe, nodules):
     demo = app.build_demo(pipe, nodules)
     port = free_port()
-    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    app.launch(demo, server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
     return demo, f"http://127.0.0.1:{port}/"
 
 
 def test_api_endpoint_returns_the_metrics_of_the_direct_call(tokenizer):
+    import httpx
     from gradio_client import Client
 
     from ambiseg_diffusers.lidc import load_lidc64
@@ -47,11 +48,17 @@ def test_api_endpoint_returns_the_metrics_of_the_direct_call(tokenizer):
     try:
         result = Client(url, verbose=False).predict(3, "a solid round nodule", 4, 2, 7, 1.0, 1.0,
                                                     api_name="/segment_nodule")
+        # The server refuses an upload over the limit before any handler reads it.
+        oversize = b"\0" * ((app.MAX_UPLOAD_MB * 2**20) + 1)
+        refused = httpx.post(url + "gradio_api/upload", files={"files": ("slice.npy", oversize)}, timeout=60)
+        accepted = httpx.post(url + "gradio_api/upload", files={"files": ("slice.npy", b"\0" * 128)}, timeout=60)
     finally:
         demo.close()
     *_, rows, out = app.segment(pipe, np.asarray(mini[3]["image"]), "a solid round nodule", 4, 2, 7,
                                 raters=np.asarray(mini[3]["masks"]))
     assert result == {"metrics": dict(rows), "sample_foreground": float(out.masks.mean())}
+    assert (refused.status_code, accepted.status_code) == (413, 200)
+    assert "maximum allowed size of 16777216 bytes" in refused.text
     assert set(result["metrics"]) == {"ged", "ged_iou", "ci", "dmax", "sc", "da", "avg_dice", "avg_iou"}
 
 
@@ -63,6 +70,17 @@ def test_uploads_are_read_or_refused_with_a_message(tmp_path):
     np.save(tmp_path / "rgb.npy", np.zeros((64, 64, 3)))
     for name, match in (("odd.npy", "multiples of 4"), ("notes.png", "Could not read notes.png"),
                         ("rgb.npy", "one 2-D grey image")):
+        with pytest.raises(gr.Error, match=match):
+            app.read_upload(str(tmp_path / name))
+    # Refused before the data is read: a file over the limit (sparse: no 17 MB written), a header promising too much.
+    with open(tmp_path / "huge.npy", "wb") as f:
+        f.truncate((app.MAX_UPLOAD_MB + 1) * 2**20)
+    with open(tmp_path / "claims.npy", "wb") as f:
+        np.lib.format.write_array_header_1_0(f, {"descr": "<f8", "fortran_order": False, "shape": (40000, 40000)})
+    np.save(tmp_path / "words.npy", np.array([["a"] * 4] * 4))
+    for name, match in (("huge.npy", "is 17.0 MB; uploads are limited to 16 MB"),
+                        ("claims.npy", r"shape \(40000, 40000\); expected one 2-D grey image of at most 512x512"),
+                        ("words.npy", "holds <U1 values")):
         with pytest.raises(gr.Error, match=match):
             app.read_upload(str(tmp_path / name))
     lowest = [app.rating_choices(n)[0] for n in app.RATING_NAMES]

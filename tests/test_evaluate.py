@@ -129,3 +129,24 @@ def test_compare_evaluations_pairs_images_by_index_with_hand_computed_difference
     write(tmp_path / "short", [(0.6, 0.2)])
     with pytest.raises(ValueError, match="cover different images"):
         compare_evaluations.compare(tmp_path / "ref", [tmp_path / "short"], ["short"])
+
+
+def test_a_loop_over_images_shows_one_bar_and_leaves_the_pipelines_bar_as_it_was(tokenizer, capsys):
+    import numpy as np
+    from datasets import Dataset
+
+    from ambiseg_diffusers.evaluation import evaluate_pipeline
+    from conftest import SIZE, make_pipeline
+
+    pipe = make_pipeline(tokenizer)
+    pipe.set_progress_bar_config(desc="denoising", disable=False)
+    rng = np.random.default_rng(0)
+    rows = Dataset.from_list([{"image": rng.normal(size=(SIZE, SIZE)).astype(np.float32).tolist(),
+                               "masks": np.zeros((4, SIZE, SIZE), bool).tolist(), "prompts": ["solid"] * 4,
+                               "annotator_valid": [1, 1, 0, 0]} for _ in range(3)])
+    capsys.readouterr()
+    evaluate_pipeline(pipe, rows, num_samples=2, images_per_call=1, progress=True)
+    err = capsys.readouterr().err
+    assert "images" in err and "denoising" not in err  # three calls of three steps each: no per-step bar
+    evaluate_pipeline(pipe, rows, num_samples=2, images_per_call=1, max_images=1)
+    assert "denoising" in capsys.readouterr().err and pipe._progress_bar_config == {"desc": "denoising", "disable": False}

@@ -159,8 +159,14 @@ def run_on_meta(monkeypatch, script, loss_name: str, argv: list) -> dict:
         seen["validation"] = module_devices(pipeline)
         return {"ged": 0.0}, PIL.Image.new("RGB", (4, 4))
 
+    def checked_diagnostics(pipeline, *args, **kwargs):
+        seen["diagnostics"] = module_devices(pipeline)
+        return {}
+
     monkeypatch.setattr(script, loss_name, checked_loss)
     monkeypatch.setattr(script, "validation_report", checked_validation)
+    if hasattr(script, "ambiguity_diagnostics"):
+        monkeypatch.setattr(script, "ambiguity_diagnostics", checked_diagnostics)
     script.main(argv)
     return seen
 
@@ -169,7 +175,7 @@ def test_every_module_of_a_step_and_of_validation_is_on_the_accelerator_device(t
     seen = run_on_meta(monkeypatch, train_ambiseg, "training_loss", FAST + [
         "--output_dir", str(tmp_path / "meta"), "--validation_steps", "1", "--stop_after_steps", "1",
         "--checkpointing_steps", "100"])
-    assert seen == {"encoder": {"meta"}, "loss": "meta", "validation": {"meta"}}
+    assert seen == {"encoder": {"meta"}, "loss": "meta", "validation": {"meta"}, "diagnostics": {"meta"}}
 
 
 def test_ablation_and_memory_flags_change_what_trains(tmp_path, monkeypatch):

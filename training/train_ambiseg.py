@@ -28,7 +28,6 @@ from accelerate.logging import get_logger
 from accelerate.utils import ProjectConfiguration, set_seed
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
-from tqdm.auto import tqdm
 
 from ambiseg_diffusers import AmbiSegPipeline
 from ambiseg_diffusers.configs import CONFIGS, AmbiSegTrainingConfig
@@ -284,8 +283,7 @@ def main(argv=None) -> Path:
         logger.info("validation step %d: %s", step, {k: round(v, 4) for k, v in metrics.items()})
         return metrics
 
-    progress = tqdm(range(first_step, config.max_train_steps), initial=first_step, total=config.max_train_steps,
-                    disable=not accelerator.is_local_main_process, desc="train")
+    progress = clock.progress_bar(first_step, config.max_train_steps, disable=not accelerator.is_local_main_process)
     started, ran, metrics, warm = time.time(), 0, {}, None
     done, metrics_step = first_step, None
     for step in range(first_step, config.max_train_steps):
@@ -316,10 +314,9 @@ def main(argv=None) -> Path:
         snapshot_due = clock.add(time.perf_counter() - step_started)
         logs = {"loss": loss.detach().item(), "lr": lr_scheduler.get_last_lr()[0], **{k: v.item() for k, v in parts.items()}}
         accelerator.log(logs, step=done)
-        progress.update()
         if ran == 3:
             warm = time.time()  # the first steps pay for allocation (and compilation)
-        progress.set_postfix(loss=f"{logs['loss']:.4f}", kl=f"{logs.get('kl', 0):.2f}",
+        progress.set_postfix(step=done, loss=f"{logs['loss']:.4f}", kl=f"{logs.get('kl', 0):.2f}",
                              s_per_step=f"{seconds_per_step(started, warm, ran):.2f}")
 
         if accelerator.is_main_process and done % args.checkpointing_steps == 0:

@@ -24,7 +24,6 @@ from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import ProjectConfiguration, set_seed
 from diffusers.optimization import get_scheduler
-from tqdm.auto import tqdm
 
 from ambiseg_diffusers import ProbUNetModel, ProbUNetPipeline
 from ambiseg_diffusers.configs import PROB_UNET_CONFIGS, ProbUNetTrainingConfig
@@ -129,8 +128,7 @@ def main(argv=None) -> Path:
         logger.info("validation step %d: %s", step, {k: round(v, 4) for k, v in metrics.items()})
         return metrics
 
-    progress = tqdm(range(first_step, config.max_train_steps), initial=first_step, total=config.max_train_steps,
-                    disable=not accelerator.is_local_main_process, desc="train")
+    progress = clock.progress_bar(first_step, config.max_train_steps, disable=not accelerator.is_local_main_process)
     done, metrics, metrics_step = first_step, {}, None
     for step in range(first_step, config.max_train_steps):
         if clock.expired:
@@ -155,8 +153,7 @@ def main(argv=None) -> Path:
         snapshot_due = clock.add(time.perf_counter() - started)
         logs = {"loss": loss.item(), **{k: v.item() for k, v in parts.items()}}  # one device sync per step
         accelerator.log(logs, step=done)
-        progress.update()
-        progress.set_postfix(loss=f"{logs['loss']:.1f}", kl=f"{logs['kl']:.2f}")
+        progress.set_postfix(step=done, loss=f"{logs['loss']:.1f}", kl=f"{logs['kl']:.2f}")
 
         if accelerator.is_main_process and done % args.checkpointing_steps == 0:
             save_checkpoint(accelerator, output_dir, done, args.checkpoints_total_limit, clock.seconds)

@@ -34,6 +34,9 @@ ROOT = Path(__file__).resolve().parents[2]
 LOCAL_MODEL = ROOT / "checkpoints" / "tdg-diffdpo-lidc64"
 HUB_MODEL = "ambiseg-diffusers/tdg-diffdpo-lidc64"
 MAX_SIDE = 512
+# One slice is at most a few MB (a 512x512 float64 .npy: 2 MB): anything far larger is refused before it is read, by
+# the server (launch's max_file_size) and again by read_upload, so one visitor cannot fill the memory or the queue.
+MAX_UPLOAD_MB = 16
 UPLOAD_TYPES = [".png", ".jpg", ".jpeg", ".npy", ".dcm"]
 
 
@@ -54,8 +57,13 @@ def read_upload(path: str | None) -> np.ndarray:
     if not path:
         raise gr.Error("Upload an image first (PNG/JPEG, .npy or a DICOM slice).")
     suffix = Path(path).suffix.lower()
+    size = os.path.getsize(path)
+    if size > MAX_UPLOAD_MB * 2**20:
+        raise gr.Error(f"{Path(path).name} is {size / 2**20:.1f} MB; uploads are limited to {MAX_UPLOAD_MB} MB (one "
+                       f"grey slice of at most {MAX_SIDE}x{MAX_SIDE} pixels).")
     try:
         if suffix == ".npy":
+            check_npy_header(path)
             image = np.load(path, allow_pickle=False)
         elif suffix == ".dcm":
             try:
@@ -79,6 +87,26 @@ def read_upload(path: str | None) -> np.ndarray:
     if not np.isfinite(image).all():
         raise gr.Error("The image contains NaN or infinite values.")
     return image
+
+
+def check_npy_header(path: str) -> None:
+    """Reads only the `.npy` header (shape, dtype) and refuses what is not one numeric slice of at most MAX_SIDE
+    pixels a side, before any of the data is read."""
+    with open(path, "rb") as f:
+        version = np.lib.format.read_magic(f)
+        reader = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, _, dtype = reader(f)
+    sides = [n for n in shape if n != 1]
+    if dtype.hasobject or dtype.kind not in "biuf":
+        raise gr.Error(f"{Path(path).name} holds {dtype} values; expected numbers (a grey image).")
+    if len(sides) != 2 or max(sides) > MAX_SIDE:
+        raise gr.Error(f"{Path(path).name} holds an array of shape {tuple(shape)}; expected one 2-D grey image of "
+                       f"at most {MAX_SIDE}x{MAX_SIDE} pixels.")
+
+
+def launch(demo: gr.Blocks, **kwargs):
+    """`demo.launch` with the upload limit (the server answers an oversize upload with an error, unread)."""
+    return demo.launch(max_file_size=f"{MAX_UPLOAD_MB}mb", **kwargs)
 
 
 # ----------------------------------------------------------------------------------------------- pictures
@@ -207,8 +235,8 @@ def build_demo(pipe: AmbiSegPipeline, nodules=None) -> gr.Blocks:
                 with gr.Row():
                     diameter = gr.Number(10.0, label="diameter (mm)", elem_id="diameter")
                     volume = gr.Number(300, label="volume (mm3)", elem_id="volume")
-                # "short" reads best; the model's own style (pipe.config.prompt_style) is what it was trained on.
-                style = gr.Radio(list(PROMPT_STYLES), value="short",
+                # The model's own style (pipe.config.prompt_style), the one it was trained on, is the default.
+                style = gr.Radio(list(PROMPT_STYLES), value=pipeline_prompt_style(pipe),
                                  label=f"prompt style (this model was trained on '{pipeline_prompt_style(pipe)}')")
                 prompt = gr.Textbox(prompt_from_choices(style.value, diameter.value, volume.value,
                                                         *[d.value for d in dropdowns]), lines=4,
@@ -258,7 +286,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     pipe = AmbiSegPipeline.from_pretrained(args.model)
     nodules = load_nodules(args.data_dir, pipeline_prompt_style(pipe))
-    build_demo(pipe, nodules).launch(server_name=args.host, server_port=args.port)
+    launch(build_demo(pipe, nodules), server_name=args.host, server_port=args.port)
 
 
 if __name__ == "__main__":

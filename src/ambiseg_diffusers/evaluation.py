@@ -3,6 +3,7 @@ the examples and the benchmarks (inference only; nothing here imports training c
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import numpy as np
@@ -65,20 +66,35 @@ def sample_rows(
     return np.repeat(out.masks, num_samples, axis=1) if deterministic else out.masks
 
 
+@contextlib.contextmanager
+def _only_bar(pipeline, active: bool):
+    """While a loop shows its own bar over images, the pipeline's per-step bar is silenced (and restored after)."""
+    if not active:
+        yield
+        return
+    saved = dict(getattr(pipeline, "_progress_bar_config", {}))
+    pipeline.set_progress_bar_config(**{**saved, "disable": True})
+    try:
+        yield
+    finally:
+        pipeline._progress_bar_config = saved
+
+
 def evaluate_pipeline(
     pipeline, dataset, num_samples: int = 16, num_inference_steps: int | None = None, prompts: str = "annotator",
     seed: int = 0, images_per_call: int = 4, max_images: int | None = None, progress: bool = False, **call_kwargs,
 ) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """Samples `num_samples` masks for each row (see `sample_rows`) and scores them against all the rater masks.
 
-    Returns per-image metrics `{name: (B,)}` and the samples `(B, N, H, W)` bool. `progress`: a bar over images.
+    Returns per-image metrics `{name: (B,)}` and the samples `(B, N, H, W)` bool. `progress`: a bar over images,
+    the only one (the pipeline's per-step bar is silenced for the loop and restored after).
     """
     from tqdm.auto import tqdm
 
     total = len(dataset) if max_images is None else min(max_images, len(dataset))
     per_image: dict[str, list] = {}
     all_samples = []
-    with tqdm(total=total, desc="images", unit="image", disable=not progress) as bar:
+    with tqdm(total=total, desc="images", unit="image", disable=not progress) as bar, _only_bar(pipeline, progress):
         for start in range(0, total, images_per_call):
             indices = list(range(start, min(start + images_per_call, total)))
             rows = dataset[indices]

@@ -95,7 +95,7 @@ def check_finite_weights(pipe, folder: str | os.PathLike) -> None:
 
 
 def _template(name: str) -> str:
-    return resources.files("ambiseg_diffusers").joinpath("model_cards", name).read_text()
+    return resources.files("ambiseg_diffusers.model_cards").joinpath(name).read_text()
 
 
 def model_card(

@@ -266,9 +266,25 @@ class TrainingClock:
             if value is not None and value <= 0:
                 raise ValueError(f"`{name}` must be > 0, got {value}.")
         self.max_minutes, self.snapshot_minutes, self.seconds = max_minutes, snapshot_minutes, seconds
+        self.bar = None
+
+    def progress_bar(self, first_step: int, max_steps: int, disable: bool = False):
+        """The run's bar, advanced by `add`: over the steps, or on a budget over its minutes (a budget run passes a
+        step cap far beyond what it reaches, whose ETA would be thousands of hours)."""
+        from tqdm.auto import tqdm
+
+        if self.max_minutes is None:
+            self.bar = tqdm(total=max_steps, initial=first_step, desc="train", unit="step", disable=disable)
+        else:
+            self.bar = tqdm(total=self.max_minutes, initial=round(self.seconds / 60, 2), desc="train", unit="min",
+                            disable=disable, bar_format="{l_bar}{bar}| {n:.1f}/{total:g} min [{elapsed}<{remaining}{postfix}]")
+        return self.bar
 
     def add(self, seconds: float) -> bool:
-        """Counts one step's time; True when it crossed a multiple of `snapshot_minutes` (time for a snapshot)."""
+        """Counts one step's time (and advances the progress bar); True when it crossed a multiple of
+        `snapshot_minutes` (time for a snapshot)."""
+        if self.bar is not None:
+            self.bar.update(1 if self.max_minutes is None else min(seconds / 60, self.max_minutes - self.bar.n))
         before, self.seconds = self.seconds, self.seconds + seconds
         if not self.snapshot_minutes:
             return False
