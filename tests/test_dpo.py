@@ -273,3 +273,28 @@ def test_dpo_error_space_flag_and_held_out_diagnostic(reference_and_pairs, tmp_p
     assert max(record["median_scaled_delta"]) > 0
     assert all(a * record["pairs"] == pytest.approx(round(a * record["pairs"])) for a in record["implicit_accuracy"])
     assert json.loads((out / "dpo_config.json").read_text())["error_space"] == "epsilon_min_snr"
+
+
+@needs_data
+@pytest.mark.parametrize("lr_scheduler", ["linear", "cosine"])
+def test_an_euler_saved_reference_is_noised_by_ddpm_and_every_lr_schedule_starts(reference_and_pairs, tmp_path,
+                                                                                 monkeypatch, lr_scheduler):
+    from diffusers import DDPMScheduler, EulerDiscreteScheduler
+
+    pipe, _, prefs = reference_and_pairs
+    pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    pipe.save_pretrained(tmp_path / "euler")
+    seen = []
+    real_inputs = train_dpo.pair_inputs
+
+    def recording(batch, posterior, encode, noise_scheduler, *args, **kwargs):
+        seen.append(type(noise_scheduler))
+        inputs = real_inputs(batch, posterior, encode, noise_scheduler, *args, **kwargs)
+        # variance-preserving noising: |x_t| stays within a few units, never sigma_max (~157 at t = 99 here)
+        assert inputs["noisy"].abs().max() < 10
+        return inputs
+
+    monkeypatch.setattr(train_dpo, "pair_inputs", recording)
+    train_dpo.main(dpo_args(tmp_path / "euler", prefs, "--lr_scheduler", lr_scheduler, "--max_train_steps", "2",
+                            "--num_validation_images", "0", "--output_dir", str(tmp_path / "run")))
+    assert seen and set(seen) == {DDPMScheduler}

@@ -16,7 +16,7 @@ from diffusers import (
 
 from ambiseg_diffusers import AmbiSegPipeline
 
-from conftest import SIZE, make_pipeline
+from conftest import LATENT_DIM, SIZE, make_pipeline, tiny_unet
 
 
 def golden(probabilities) -> np.ndarray:
@@ -206,6 +206,12 @@ def test_classifier_free_guidance_doubles_the_batch(pipe, image):
         (dict(prompt_embeds=torch.zeros(1, 3, 16)), "prompt_attention_mask"),
         (dict(prompt_embeds=torch.zeros(3, 3, 16), prompt_attention_mask=torch.ones(3, 3)), "prompt_embeds"),
         (dict(callback_on_step_end_tensor_inputs=["noise"]), "callback_on_step_end_tensor_inputs"),
+        (dict(guidance_scale=float("nan")), "guidance_scale"),
+        (dict(guidance_scale=float("inf")), "guidance_scale"),
+        (dict(prompt_embeds=torch.zeros(1, 3, 16), prompt_attention_mask=torch.ones(1, 3), negative_prompt="x",
+              negative_prompt_embeds=torch.zeros(1, 3, 16), negative_prompt_attention_mask=torch.ones(1, 3),
+              guidance_scale=2.0), "either `negative_prompt` or `negative_prompt_embeds`"),
+        (dict(ambiguity_latents=torch.zeros(1, LATENT_DIM + 1)), r"`ambiguity_latents` must be \(rows, 3\)"),
     ],
 )
 def test_bad_inputs_raise_value_errors_naming_the_argument(pipe, image, kwargs, match):
@@ -213,6 +219,27 @@ def test_bad_inputs_raise_value_errors_naming_the_argument(pipe, image, kwargs, 
     call.update(kwargs)
     with pytest.raises(ValueError, match=match):
         pipe(**call)
+
+
+def test_ambiguity_latents_are_refused_by_a_unet_without_latent(tokenizer, image):
+    pipe = make_pipeline(tokenizer)
+    pipe.unet = tiny_unet(latent_dim=0)
+    with pytest.raises(ValueError, match="takes no ambiguity latent"):
+        pipe(image, num_samples=1, ambiguity_latents=torch.zeros(1, LATENT_DIM))
+
+
+def test_an_image_far_from_the_training_size_is_segmented_with_a_warning(pipe, caplog):
+    from diffusers.utils import logging as dlogging
+
+    dlogging.enable_propagation()
+    try:
+        with caplog.at_level(logging.WARNING):
+            pipe(np.zeros((SIZE, SIZE), np.float32), num_samples=1, num_inference_steps=1)
+            assert "trained on" not in caplog.text
+            pipe(np.zeros((4 * SIZE, 4 * SIZE), np.int16), num_samples=1, num_inference_steps=1)
+    finally:
+        dlogging.disable_propagation()
+    assert f"is {4 * SIZE}x{4 * SIZE} pixels; this model was trained on {SIZE}x{SIZE} crops" in caplog.text
 
 
 def test_long_prompts_are_truncated_with_one_warning(pipe, image, caplog):

@@ -210,3 +210,62 @@ def test_adapter_folder_loads_its_base_from_a_hub_snapshot_offline(tokenizer, im
     fill_hub_cache(tmp_path / "base", tmp_path / "hub", "org/tiny-base")
     fill_hub_cache(adapter, tmp_path / "hub", "org/tiny-dpo")
     np.testing.assert_allclose(sample_offline("org/tiny-dpo", image, tmp_path), expected, atol=1e-5)
+
+
+def test_auto_bf16_counts_only_native_bf16_of_the_pipelines_own_gpu(monkeypatch):
+    from ambiseg_diffusers.pipelines.pipeline_ambiseg import native_bf16
+
+    asked = []
+    capabilities = {"cuda:0": (9, 0), "cuda:1": (7, 5)}  # an H100 beside a T4
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: asked.append(str(device)) or
+                        capabilities[str(device)])
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)  # what counts emulation too
+    assert native_bf16(torch.device("cuda:1")) is False and native_bf16(torch.device("cuda:0")) is True
+    assert asked == ["cuda:1", "cuda:0"]
+
+
+def test_a_fused_adapter_refuses_the_knob_and_a_double_save(tokenizer, image, tmp_path):
+    pipe = make_pipeline(tokenizer)
+    add_tiny_adapter(pipe.unet)
+    adapted = pipe(image, "a nodule", num_samples=2, generator=seeded(0)).probabilities
+    pipe.fuse_lora()
+    with pytest.raises(ValueError, match="fused into the UNet's weights"):
+        pipe(image, "a nodule", num_samples=2, generator=seeded(0), preference_scale=0.0)
+    with pytest.raises(ValueError, match="would apply it twice"):
+        pipe.save_pretrained(tmp_path / "both")
+    pipe.unload_lora_weights()  # one merged model
+    pipe.save_pretrained(tmp_path / "merged")
+    loaded = AmbiSegPipeline.from_pretrained(tmp_path / "merged")
+    loaded.set_progress_bar_config(disable=True)
+    np.testing.assert_allclose(loaded(image, "a nodule", num_samples=2, generator=seeded(0)).probabilities, adapted,
+                               atol=1e-5)
+
+
+def test_an_adapters_base_gets_the_token_and_cache_but_not_the_adapters_revision(tokenizer, tmp_path, monkeypatch):
+    import huggingface_hub
+
+    from ambiseg_diffusers import load_pipeline
+
+    make_pipeline(tokenizer).save_pretrained(tmp_path / "base")
+    adapted = make_pipeline(tokenizer)
+    add_tiny_adapter(adapted.unet)
+    adapter = tmp_path / "adapter"
+    AmbiSegPipeline.save_lora_weights(adapter, unet_lora_layers=get_peft_model_state_dict(adapted.unet, adapter_name="preference"),
+                                      weight_name=LORA_WEIGHT_NAME,
+                                      unet_lora_adapter_metadata=adapted.unet.peft_config["preference"].to_dict())
+    (adapter / "preference.json").write_text(json.dumps({"adapter_name": "preference", "base_model": "org/base"}))
+    folders = {"org/adapter": adapter, "org/base": tmp_path / "base"}
+    calls = []
+
+    def snapshot_download(repo_id, **kwargs):
+        calls.append((repo_id, kwargs))
+        return str(folders[repo_id])
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    options = dict(revision="abc123", token="hf_x", cache_dir=str(tmp_path / "cache"))
+    for load in (AmbiSegPipeline.from_pretrained, load_pipeline):
+        calls.clear()
+        load("org/adapter", **options)
+        assert calls == [("org/adapter", options), ("org/base", {"token": "hf_x", "cache_dir": str(tmp_path / "cache")})]
+    with pytest.raises(ValueError, match="`proxies` is not supported"):
+        AmbiSegPipeline.from_pretrained("org/adapter", proxies={"https": "http://proxy:3128"})

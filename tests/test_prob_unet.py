@@ -203,3 +203,32 @@ def test_comparison_picture_redraws_each_rows_evaluation_figure(tmp_path):
     assert picture.shape[0] == 2 * (figure.shape[0] + plot_comparison.LABEL_HEIGHT)
     with pytest.raises(ValueError, match="--indices"):
         plot_comparison.main(["--runs", str(tmp_path), "--rows", "a", "--indices", "14", "--output", str(output)])
+
+
+BUDGET_RANKS = """
+import torch
+from accelerate import Accelerator
+from ambiseg_diffusers.training_utils import TrainingClock
+
+accelerator = Accelerator(cpu=True)
+# Skewed clocks: rank 1 has spent its budget, rank 0 has not yet (and later the other way round).
+for rank0, rank1 in ((50.0, 70.0), (70.0, 50.0)):
+    clock = TrainingClock(max_minutes=1.0, seconds=rank0 if accelerator.process_index == 0 else rank1)
+    print(f"rank {accelerator.process_index}: own {clock.expired} everywhere {clock.expired_everywhere(accelerator)}")
+accelerator.end_training()
+"""
+
+
+def test_the_budget_stop_is_one_decision_for_every_rank(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "ranks.py").write_text(BUDGET_RANKS)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             str(tmp_path / "ranks.py")], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = sorted(line for line in result.stdout.splitlines() if line.startswith("rank"))
+    assert lines == sorted(["rank 0: own False everywhere False", "rank 1: own True everywhere False",
+                            "rank 0: own True everywhere True", "rank 1: own False everywhere True"])

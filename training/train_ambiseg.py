@@ -287,7 +287,7 @@ def main(argv=None) -> Path:
     started, ran, metrics, warm = time.time(), 0, {}, None
     done, metrics_step = first_step, None
     for step in range(first_step, config.max_train_steps):
-        if clock.expired:
+        if clock.expired_everywhere(accelerator):
             logger.info(f"stopping at step {step}: --max_train_minutes {args.max_train_minutes} spent")
             break
         step_started = time.perf_counter()

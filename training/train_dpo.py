@@ -44,6 +44,7 @@ from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import ProjectConfiguration, set_seed
 from datasets import load_dataset, load_from_disk
+from diffusers import DDPMScheduler
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
@@ -217,7 +218,9 @@ def main(argv=None) -> Path:
     # Every frozen module the steps, validation and saving touch lives on the accelerator's device.
     reference = AmbiSegPipeline.from_pretrained(args.reference, dtype=torch.float32).to(accelerator.device)
     reference.set_progress_bar_config(disable=True)
-    noise_scheduler = reference.scheduler
+    # The training noising process, whatever sampler the reference was saved with (an Euler scheduler's add_noise is
+    # variance-exploding: the UNet never saw such inputs), as diffusers' DPO example does.
+    noise_scheduler = DDPMScheduler.from_config(reference.scheduler.config)
     encode = PromptCache(reference.tokenizer, reference.text_encoder)
     posterior = reference.posterior.requires_grad_(False).eval() if reference.posterior is not None else None
     pair_prior = None
@@ -240,7 +243,8 @@ def main(argv=None) -> Path:
     pairs = load_preferences(args.preferences)
     max_steps = config.max_train_steps or max(len(pairs) // config.train_batch_size, 1) * config.num_epochs
     # accelerate steps a prepared scheduler once per process per optimizer step.
-    lr_scheduler = get_scheduler(config.lr_scheduler, optimizer, num_training_steps=max_steps * accelerator.num_processes)
+    lr_scheduler = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=0,
+                                 num_training_steps=max_steps * accelerator.num_processes)
     ema = EMAModel(params, decay=config.ema_decay, use_ema_warmup=config.ema_warmup) if config.ema_decay > 0 else None
     unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
     if ema is not None:

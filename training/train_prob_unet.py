@@ -131,7 +131,7 @@ def main(argv=None) -> Path:
     progress = clock.progress_bar(first_step, config.max_train_steps, disable=not accelerator.is_local_main_process)
     done, metrics, metrics_step = first_step, {}, None
     for step in range(first_step, config.max_train_steps):
-        if clock.expired:
+        if clock.expired_everywhere(accelerator):
             logger.info(f"stopping at step {step}: --max_train_minutes {args.max_train_minutes} spent")
             break
         started = time.perf_counter()

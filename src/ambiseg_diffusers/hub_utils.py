@@ -22,7 +22,19 @@ LIDC_ATTRIBUTION = (
 )
 # `library_name` must be one the Hub knows; this package is named in the tags.
 CARD_TAGS = ["ambiseg-diffusers", "medical-imaging", "ambiguous-segmentation", "lidc-idri"]
-DOWNLOAD_KWARGS = ("cache_dir", "revision", "token", "local_files_only", "force_download", "proxies")
+DOWNLOAD_KWARGS = ("cache_dir", "revision", "token", "local_files_only", "force_download")
+# What an adapter's base repo inherits from the call that loads the adapter: not `revision`, a commit of the adapter's
+# own repo.
+BASE_DOWNLOAD_KWARGS = ("cache_dir", "token", "local_files_only", "force_download")
+
+
+def download_kwargs_of(kwargs: dict) -> dict:
+    """Pops the Hub download options from `kwargs` (refusing `proxies`, which huggingface_hub >= 1.0 no longer
+    takes: its HTTP client reads HTTP(S)_PROXY from the environment)."""
+    if "proxies" in kwargs:
+        raise ValueError("`proxies` is not supported (huggingface_hub >= 1.0 dropped it); set the HTTPS_PROXY "
+                         "environment variable instead.")
+    return {k: kwargs.pop(k) for k in DOWNLOAD_KWARGS if k in kwargs}
 _REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
 
 

@@ -295,6 +295,16 @@ class TrainingClock:
     def expired(self) -> bool:
         return self.max_minutes is not None and self.seconds >= 60.0 * self.max_minutes
 
+    def expired_everywhere(self, accelerator) -> bool:
+        """`expired`, decided once for every process: each rank times its own steps, and one that stopped a step
+        before the others would leave them waiting in the gradient all-reduce forever. The main process decides."""
+        if self.max_minutes is None:
+            return False
+        from accelerate.utils import broadcast
+
+        flag = torch.tensor([float(self.expired)], device=accelerator.device)
+        return bool(broadcast(flag, from_process=0).item())
+
 
 def save_ema(ema, folder: str | os.PathLike, name: str = "ema") -> None:
     """An `EMAModel`'s state as safetensors (shadow weights) + JSON (decay and step counters): nothing pickled."""

@@ -12,10 +12,11 @@ PIPELINE_CLASSES = {cls.__name__: cls for cls in (AmbiSegPipeline, ProbUNetPipel
 def load_pipeline(pretrained_model_name_or_path: str | os.PathLike, **kwargs):
     """Any pipeline of this package from a folder or Hub id, the class read from its `model_index.json` (a LoRA
     folder without one is a TDG-DiffDPO adapter: an `AmbiSegPipeline`). `kwargs` go to `from_pretrained`."""
-    from ..hub_utils import DOWNLOAD_KWARGS, resolve_pretrained_path
+    from ..hub_utils import BASE_DOWNLOAD_KWARGS, download_kwargs_of, resolve_pretrained_path
 
-    download_kwargs = {k: kwargs[k] for k in DOWNLOAD_KWARGS if k in kwargs}
+    download_kwargs = download_kwargs_of(kwargs)
     path = resolve_pretrained_path(pretrained_model_name_or_path, **download_kwargs)
+    kwargs.update({k: v for k, v in download_kwargs.items() if k in BASE_DOWNLOAD_KWARGS})  # an adapter's base needs them
     index = os.path.join(path, "model_index.json")
     name = "AmbiSegPipeline"
     if os.path.isfile(index):
@@ -23,4 +24,4 @@ def load_pipeline(pretrained_model_name_or_path: str | os.PathLike, **kwargs):
             name = json.load(f).get("_class_name", name)
     if name not in PIPELINE_CLASSES:
         raise ValueError(f"{index} names the pipeline class {name!r}; this package loads {sorted(PIPELINE_CLASSES)}.")
-    return PIPELINE_CLASSES[name].from_pretrained(path, **{k: v for k, v in kwargs.items() if k not in download_kwargs})
+    return PIPELINE_CLASSES[name].from_pretrained(path, **kwargs)

@@ -6,6 +6,7 @@ import contextlib
 import copy
 import inspect
 import json
+import math
 import numbers
 import os
 from collections.abc import Callable
@@ -21,7 +22,9 @@ from diffusers.schedulers import KarrasDiffusionSchedulers
 from diffusers.utils import BaseOutput, logging
 from diffusers.utils.torch_utils import randn_tensor
 
-from ..hub_utils import DOWNLOAD_KWARGS, check_finite_weights, check_weight_files, model_card, resolve_pretrained_path
+from ..hub_utils import (
+    BASE_DOWNLOAD_KWARGS, check_finite_weights, check_weight_files, download_kwargs_of, model_card, resolve_pretrained_path,
+)
 from ..image_processing import ImageInput, normalize_image, prepare_image
 from ..lidc import PROMPT_STYLES
 from ..models import AmbiguityEncoder, AmbiSegUNet
@@ -42,7 +45,9 @@ AUTOCAST_MODES = ("auto", "bf16", "no")
 def native_bf16(device: torch.device) -> bool:
     """Whether `device` computes bf16 natively, so autocast speeds it up instead of emulating."""
     if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
+        # Ampere (compute capability 8.0) and newer compute bf16 natively; `torch.cuda.is_bf16_supported()` also
+        # counts the emulated bf16 of older GPUs (T4, V100), which is slower than float32 there.
+        return torch.cuda.get_device_capability(device) >= (8, 0)
     if device.type == "cpu":
         checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
         return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
@@ -181,7 +186,7 @@ class AmbiSegPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         pipeline first: the one in the same folder, else `base_model_path` (relative to the folder, for checkouts)
         when it exists, else the Hub repo `base_model`; `base_model=...` overrides all three.
         """
-        download_kwargs = {k: kwargs.pop(k) for k in DOWNLOAD_KWARGS if k in kwargs}
+        download_kwargs = download_kwargs_of(kwargs)
         base_override = kwargs.pop("base_model", None)
         if "torch_dtype" not in kwargs:
             kwargs.setdefault("dtype", torch.float32)
@@ -204,7 +209,8 @@ class AmbiSegPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         if base == path:
             pipe = cls._load_checked(path, **kwargs)
         else:
-            pipe = cls.from_pretrained(base, **kwargs, **download_kwargs)
+            base_kwargs = {k: v for k, v in download_kwargs.items() if k in BASE_DOWNLOAD_KWARGS}
+            pipe = cls.from_pretrained(base, **kwargs, **base_kwargs)
         pipe.load_lora_weights(path, weight_name=LORA_WEIGHT_NAME, adapter_name=info.get("adapter_name", PREFERENCE_ADAPTER))
         return pipe
 
@@ -237,6 +243,10 @@ class AmbiSegPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         from peft.utils import get_peft_model_state_dict
 
         name = adapters[0]
+        if any(getattr(m, "merged_adapters", None) for m in self.unet.modules()):
+            raise ValueError("the UNet's adapter is fused into its weights (`fuse_lora`): saving both would apply it "
+                             "twice on loading. `unload_lora_weights()` first (keeps the fused weights, one merged "
+                             "model), or `unfuse_lora()` (base weights + adapter).")
         with_adapter = self.unet
         base = copy.deepcopy(with_adapter)
         base.unload_lora()  # the base weights, without peft's wrapping
@@ -302,6 +312,11 @@ class AmbiSegPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         depth = 2 ** (len(self.unet.config.block_out_channels) - 1)
         if image.shape[-1] % depth or image.shape[-2] % depth:
             raise ValueError(f"`image` height and width must be multiples of {depth}, got {tuple(image.shape[-2:])}.")
+        trained = self.unet.config.sample_size
+        if max(image.shape[-2:]) > 2 * trained or min(image.shape[-2:]) < trained // 2:
+            logger.warning(f"`image` is {image.shape[-1]}x{image.shape[-2]} pixels; this model was trained on "
+                           f"{trained}x{trained} crops centred on a nodule, and segments other sizes (a whole CT slice "
+                           "above all) without any guarantee. Crop the region of interest first.")
         return normalize_image(image, self.config.image_clip)
 
     def encode_prompt(
@@ -325,13 +340,17 @@ class AmbiSegPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
             batch_size = 1 if prompt is None or isinstance(prompt, str) else len(prompt)
         per_image = normalize_prompts(prompt, batch_size)
         row_prompts = [p[s % len(p)] for p in per_image for s in range(num_samples)]
-        embeds, mask = self._encode_rows(row_prompts, device)
+        prompt_embeds, prompt_attention_mask = self._encode_rows(row_prompts, device)
         if not do_classifier_free_guidance:
-            return embeds, mask, None, None
+            return prompt_embeds, prompt_attention_mask, None, None
         negative = normalize_prompts(negative_prompt if negative_prompt is not None else "", batch_size)
-        negative_embeds, negative_mask = self._encode_rows([p[0] for p in negative for _ in range(num_samples)], device)
-        length = max(embeds.shape[1], negative_embeds.shape[1])
-        return (*_pad_tokens(embeds, mask, length), *_pad_tokens(negative_embeds, negative_mask, length))
+        negative_prompt_embeds, negative_prompt_attention_mask = self._encode_rows(
+            [p[0] for p in negative for _ in range(num_samples)], device)
+        length = max(prompt_embeds.shape[1], negative_prompt_embeds.shape[1])
+        prompt_embeds, prompt_attention_mask = _pad_tokens(prompt_embeds, prompt_attention_mask, length)
+        negative_prompt_embeds, negative_prompt_attention_mask = _pad_tokens(
+            negative_prompt_embeds, negative_prompt_attention_mask, length)
+        return prompt_embeds, prompt_attention_mask, negative_prompt_embeds, negative_prompt_attention_mask
 
     def _encode_rows(self, row_prompts: list[str], device) -> tuple[torch.Tensor, torch.Tensor]:
         if self.text_encoder is None or self.tokenizer is None:
@@ -381,7 +400,8 @@ class AmbiSegPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
     def check_inputs(
         self, image, prompt, num_samples, num_inference_steps, output_type, batch_size, threshold, prior_temperature,
         prompt_embeds, prompt_attention_mask, negative_prompt_embeds, negative_prompt_attention_mask,
-        callback_on_step_end_tensor_inputs, generator=None,
+        callback_on_step_end_tensor_inputs, generator=None, negative_prompt=None, guidance_scale=1.0,
+        ambiguity_latents=None,
     ) -> None:
         """Raises `ValueError` naming the argument that is wrong, and the component a call needs but lacks."""
         for component in ("unet", "scheduler"):
@@ -419,6 +439,17 @@ class AmbiSegPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
                                  f"{tuple(embeds.shape)} and {tuple(mask.shape)}.")
         if negative_prompt_embeds is not None and prompt_embeds is None:
             raise ValueError("`negative_prompt_embeds` goes with `prompt_embeds`.")
+        if negative_prompt is not None and negative_prompt_embeds is not None:
+            raise ValueError("pass either `negative_prompt` or `negative_prompt_embeds`, not both.")
+        if not (isinstance(guidance_scale, numbers.Real) and guidance_scale >= 1.0 and math.isfinite(guidance_scale)):
+            raise ValueError(f"`guidance_scale` must be a finite number >= 1 (1 = no guidance), got {guidance_scale!r}.")
+        if ambiguity_latents is not None:
+            if not self.unet.latent_dim:
+                raise ValueError("`ambiguity_latents` given, but this UNet takes no ambiguity latent (its ambiguity "
+                                 "design is 'prediction_kl' or 'none'); leave it None.")
+            if ambiguity_latents.ndim != 2 or ambiguity_latents.shape[1] != self.unet.latent_dim:
+                raise ValueError(f"`ambiguity_latents` must be (rows, {self.unet.latent_dim}), got "
+                                 f"{tuple(ambiguity_latents.shape)}.")
         unknown = set(callback_on_step_end_tensor_inputs or []) - set(self._callback_tensor_inputs)
         if unknown:
             raise ValueError(f"`callback_on_step_end_tensor_inputs` must be among {self._callback_tensor_inputs}, got "
@@ -444,6 +475,9 @@ class AmbiSegPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
                   if hasattr(m, "set_scale") and PREFERENCE_ADAPTER in getattr(m, "scaling", {})]
         if not layers:
             raise ValueError("`preference_scale` needs a TDG-DiffDPO checkpoint (a 'preference' LoRA adapter on the UNet).")
+        if any(PREFERENCE_ADAPTER in getattr(m, "merged_adapters", []) for m in layers):
+            raise ValueError("the 'preference' adapter is fused into the UNet's weights (`fuse_lora`), where "
+                             "`preference_scale` cannot change it; `unfuse_lora()` first, or fuse at the scale you want.")
         previous = [m.scaling[PREFERENCE_ADAPTER] for m in layers]
         for m in layers:
             m.set_scale(PREFERENCE_ADAPTER, float(scale))
@@ -508,7 +542,9 @@ class AmbiSegPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         r"""
         Args:
             image: one image or a batch, numpy / torch / PIL, shaped (H, W), (1, H, W), (H, W, 1), (B, H, W),
-                (B, 1, H, W), (B, H, W, 1) or a list of images; any value range (normalised here).
+                (B, 1, H, W), (B, H, W, 1) or a list of images; any value range (normalised here). The model
+                expects what it was trained on: a crop of `unet.config.sample_size` pixels a side (64 for the LIDC
+                checkpoints) centred on one nodule, e.g. in Hounsfield units; other sizes are segmented with a warning.
             prompt: a string for every image, a list with one string per image, or a list of lists (several
                 prompts per image; sample `s` uses prompt `s % len(prompts)`). `None` = the empty prompt.
             num_samples: masks to sample per image (>= 1); diffusers' `num_images_per_prompt` for this task.
@@ -545,11 +581,9 @@ class AmbiSegPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         self.check_inputs(
             image, prompt, num_samples, num_inference_steps, output_type, batch_size, threshold, prior_temperature,
             prompt_embeds, prompt_attention_mask, negative_prompt_embeds, negative_prompt_attention_mask,
-            callback_on_step_end_tensor_inputs, generator,
+            callback_on_step_end_tensor_inputs, generator, negative_prompt, guidance_scale, ambiguity_latents,
         )
         num_samples = int(num_samples)
-        if guidance_scale < 1.0:
-            raise ValueError(f"`guidance_scale` must be >= 1 (1 = no guidance), got {guidance_scale}.")
         self._guidance_scale = guidance_scale
         self._interrupt = False
 

@@ -10,7 +10,7 @@ from diffusers import DiffusionPipeline
 from diffusers.utils import logging
 from diffusers.utils.torch_utils import randn_tensor
 
-from ..hub_utils import DOWNLOAD_KWARGS, check_finite_weights, check_weight_files, resolve_pretrained_path
+from ..hub_utils import check_finite_weights, check_weight_files, download_kwargs_of, resolve_pretrained_path
 from ..image_processing import ImageInput, normalize_image, prepare_image
 from ..models.prob_unet import ProbUNetModel
 from .pipeline_ambiseg import OUTPUT_TYPES, AmbiSegPipelineOutput, PromptInput, format_samples
@@ -39,7 +39,7 @@ class ProbUNetPipeline(DiffusionPipeline):
         """Loads from a local folder or a Hub repo id (fetched whole with `snapshot_download`, which honours
         `HF_HUB_OFFLINE` and the cache), as float32 unless `dtype` is given; weight files are checked before
         loading and every weight is checked finite after."""
-        download_kwargs = {k: kwargs.pop(k) for k in DOWNLOAD_KWARGS if k in kwargs}
+        download_kwargs = download_kwargs_of(kwargs)
         if "torch_dtype" not in kwargs:
             kwargs.setdefault("dtype", torch.float32)
         path = resolve_pretrained_path(pretrained_model_name_or_path, **download_kwargs)
