@@ -298,3 +298,21 @@ def test_an_euler_saved_reference_is_noised_by_ddpm_and_every_lr_schedule_starts
     train_dpo.main(dpo_args(tmp_path / "euler", prefs, "--lr_scheduler", lr_scheduler, "--max_train_steps", "2",
                             "--num_validation_images", "0", "--output_dir", str(tmp_path / "run")))
     assert seen and set(seen) == {DDPMScheduler}
+
+
+@needs_data
+def test_the_final_weights_are_validated_after_a_periodic_validation(reference_and_pairs, tmp_path, monkeypatch):
+    import PIL.Image
+
+    _, reference, prefs = reference_and_pairs
+    calls = []
+
+    def recording(pipeline, *args, **kwargs):
+        calls.append(len(calls))
+        return {"ged": float(len(calls))}, PIL.Image.new("RGB", (4, 4))
+
+    monkeypatch.setattr(train_dpo, "validation_report", recording)
+    out = train_dpo.main(dpo_args(reference, prefs, "--max_train_steps", "3", "--validation_steps", "2",
+                                  "--output_dir", str(tmp_path / "run")))
+    assert len(calls) == 2  # at step 2, then the final weights at step 3
+    assert '"ged": 2.0' in (out / "README.md").read_text()  # the card shows the final validation

@@ -95,5 +95,36 @@ def test_corrupted_or_missing_weights_are_reported_with_the_file(pipe, tmp_path)
 
     pipe.save_pretrained(tmp_path / "missing")
     (tmp_path / "missing" / "prior" / "diffusion_pytorch_model.safetensors").unlink()
-    with pytest.raises(FileNotFoundError, match=r"component `prior`: its weights .*diffusion_pytorch_model.safetensors"):
+    with pytest.raises(FileNotFoundError, match=r"component `prior`: its weights are missing from .*prior"):
         AmbiSegPipeline.from_pretrained(tmp_path / "missing")
+
+
+def test_variants_and_bin_weights_round_trip_the_diffusers_way(pipe, image, tmp_path):
+    expected = pipe(image, "a nodule", num_samples=2, generator=torch.Generator().manual_seed(0)).probabilities
+    pipe.save_pretrained(tmp_path / "fp16", variant="fp16")
+    assert (tmp_path / "fp16" / "unet" / "diffusion_pytorch_model.fp16.safetensors").is_file()
+    loaded = AmbiSegPipeline.from_pretrained(tmp_path / "fp16", variant="fp16")
+    loaded.set_progress_bar_config(disable=True)
+    np.testing.assert_array_equal(
+        loaded(image, "a nodule", num_samples=2, generator=torch.Generator().manual_seed(0)).probabilities, expected)
+    with pytest.raises(ValueError, match="variant=bf16"):  # diffusers' own message for a variant that is not there
+        AmbiSegPipeline.from_pretrained(tmp_path / "fp16", variant="bf16")
+
+    pipe.save_pretrained(tmp_path / "bin", safe_serialization=False)
+    assert (tmp_path / "bin" / "unet" / "diffusion_pytorch_model.bin").is_file()
+    loaded = AmbiSegPipeline.from_pretrained(tmp_path / "bin")  # read with torch.load(weights_only=True)
+    loaded.set_progress_bar_config(disable=True)
+    np.testing.assert_array_equal(
+        loaded(image, "a nodule", num_samples=2, generator=torch.Generator().manual_seed(0)).probabilities, expected)
+
+
+def test_device_map_cpu_gives_the_same_masks(pipe, image, tmp_path):
+    pipe.save_pretrained(tmp_path / "saved")
+    plain = AmbiSegPipeline.from_pretrained(tmp_path / "saved")
+    mapped = AmbiSegPipeline.from_pretrained(tmp_path / "saved", device_map="cpu")
+    outputs = []
+    for loaded in (plain, mapped):
+        loaded.set_progress_bar_config(disable=True)
+        outputs.append(loaded(image, "a nodule", num_samples=3, generator=torch.Generator().manual_seed(1)).probabilities)
+    assert getattr(mapped, "hf_device_map", None) is not None
+    np.testing.assert_array_equal(outputs[0], outputs[1])

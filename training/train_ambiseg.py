@@ -312,7 +312,7 @@ def main(argv=None) -> Path:
             ema.step(accelerator.unwrap_model(model).parameters())
         done, ran = step + 1, ran + 1
         snapshot_due = clock.add(time.perf_counter() - step_started)
-        logs = {"loss": loss.detach().item(), "lr": lr_scheduler.get_last_lr()[0], **{k: v.item() for k, v in parts.items()}}
+        logs = {"loss": accelerator.reduce(loss.detach(), reduction="mean").item(), "lr": lr_scheduler.get_last_lr()[0], **{k: v.item() for k, v in parts.items()}}
         accelerator.log(logs, step=done)
         if ran == 3:
             warm = time.time()  # the first steps pay for allocation (and compilation)

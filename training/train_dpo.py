@@ -326,7 +326,7 @@ def main(argv=None) -> Path:
 
     progress = tqdm(range(first_step, max_steps), initial=first_step, total=max_steps,
                     disable=not accelerator.is_local_main_process, desc="dpo")
-    ran, metrics, started = 0, {}, time.time()
+    ran, metrics, metrics_step, started = 0, {}, None, time.time()
     for step in range(first_step, max_steps):
         unet.train()
         generator = step_generator(args.seed, step, accelerator.process_index)
@@ -349,7 +349,9 @@ def main(argv=None) -> Path:
         if ema is not None:
             ema.step(params)
         done, ran = step + 1, ran + 1
-        logs = {"loss": loss.item(), "lr": lr_scheduler.get_last_lr()[0], **{k: v.item() for k, v in logs.items()}}
+        # the mean over the processes, not rank 0's share of the batch
+        logs = {"loss": accelerator.reduce(loss.detach(), reduction="mean").item(), "lr": lr_scheduler.get_last_lr()[0],
+                **{k: v.item() for k, v in logs.items()}}
         accelerator.log(logs, step=done)
         progress.update()
         progress.set_postfix(loss=f"{logs['loss']:.4f}", acc=f"{logs['implicit_accuracy']:.2f}",
@@ -358,7 +360,7 @@ def main(argv=None) -> Path:
             save_checkpoint(accelerator, output_dir, done, args.checkpoints_total_limit)
         if validation is not None and args.validation_steps and done % args.validation_steps == 0:
             if accelerator.is_main_process:
-                metrics = validate(done)
+                metrics, metrics_step = validate(done), done
             accelerator.wait_for_everyone()
         if args.stop_after_steps == ran:
             logger.info(f"stopping after {ran} steps (--stop_after_steps)")
@@ -368,7 +370,7 @@ def main(argv=None) -> Path:
 
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        if validation is not None and not metrics:
+        if validation is not None and metrics_step != max_steps:  # the card reports the final weights
             metrics = validate(max_steps)
         if ema is not None:
             ema.copy_to(params)

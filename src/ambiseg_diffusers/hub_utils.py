@@ -66,9 +66,17 @@ def resolve_pretrained_path(name_or_path: str | os.PathLike, **download_kwargs) 
         ) from error
 
 
+WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json")
+
+
 def check_weight_files(folder: str | os.PathLike) -> None:
-    """Before loading a pipeline folder: every model component (a sub-folder with `config.json`) must hold its
-    safetensors weights, readable. Raises FileNotFoundError / OSError naming the component and the file."""
+    """Before loading a pipeline folder: every model component (a sub-folder with `config.json`) must hold weights,
+    and every safetensors file must be readable. Raises FileNotFoundError / OSError naming the component and the file.
+
+    Which file of a component is loaded (a `variant`, `.bin` with `use_safetensors=False`) is diffusers' choice, made
+    with its own messages: this check only reports what would otherwise fail obscurely (no weights at all, a truncated
+    or corrupted file). `.bin` files are read by diffusers with `torch.load(weights_only=True)`, never unpickling code.
+    """
     folder = Path(folder)
     index = folder / "model_index.json"
     if not index.is_file():
@@ -77,13 +85,10 @@ def check_weight_files(folder: str | os.PathLike) -> None:
         component = folder / name
         if name.startswith("_") or not isinstance(spec, list) or spec[0] is None or not (component / "config.json").is_file():
             continue  # configuration entries, absent components, schedulers and tokenizers
-        expected = component / ("model.safetensors" if spec[0] == "transformers" else "diffusion_pytorch_model.safetensors")
-        shards = sorted(component.glob("*.safetensors"))
-        if not expected.is_file() and not list(component.glob("*.safetensors.index.json")):
+        if not any(next(component.glob(pattern), None) for pattern in WEIGHT_PATTERNS):
             found = sorted(p.name for p in component.iterdir())
-            raise FileNotFoundError(f"component `{name}`: its weights {expected} are missing (found {found}); "
-                                    "this package loads safetensors only.")
-        for path in shards:
+            raise FileNotFoundError(f"component `{name}`: its weights are missing from {component} (found {found}).")
+        for path in sorted(component.glob("*.safetensors")):
             try:
                 with safe_open(str(path), framework="pt") as weights:
                     weights.keys()

@@ -378,7 +378,10 @@ class AmbiSegPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         pairs, pair_of_row = torch.unique(pair, return_inverse=True)
         first_row = torch.zeros_like(pairs).scatter_(0, pair_of_row, torch.arange(rows, device=images.device))
         prior = self.prior(images[pairs // rows], prompt_embeds[first_row], prompt_attention_mask[first_row])
-        return prior.select(pair_of_row).sample(generator=generator, temperature=prior_temperature)
+        # Under a device_map the prior may sit on another GPU, and accelerate's hooks do not move a dataclass output
+        # back: index and sample where the prior's output is, then bring z to the UNet's inputs.
+        return prior.select(pair_of_row.to(prior.mean.device)).sample(
+            generator=generator, temperature=prior_temperature).to(images.device)
 
     def prepare_latents(self, shape: tuple, dtype, device, generator, latents: torch.Tensor | None = None) -> torch.Tensor:
         if latents is None:
