@@ -30,6 +30,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--num_samples", type=int, default=16)
     parser.add_argument("--images_per_call", type=int, default=16, help="images per pipeline call (GPU batch)")
+    parser.add_argument("--batch_size", type=int, default=None,
+                        help="rows (image x sample) per UNet call (default: every row of a call at once)")
     parser.add_argument("--max_images", type=int, default=None, help="only the first N validate images")
     parser.add_argument("--output", default=None, help="also write the figures to this JSON file")
     args = parser.parse_args(argv)
@@ -44,7 +46,8 @@ def main(argv=None) -> dict:
         torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
     per_image, _ = evaluate_pipeline(pipe, dataset, args.num_samples, max_images=count,
-                                     images_per_call=args.images_per_call, progress=True)
+                                     images_per_call=args.images_per_call, progress=True,
+                                     batch_size=args.batch_size or args.images_per_call * args.num_samples)
     if args.device == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - started
@@ -55,6 +58,7 @@ def main(argv=None) -> dict:
         "projected_hours_paper_evaluation": PAPER_NODULES * seconds / count / 3600,
         "peak_gpu_memory_mib": torch.cuda.max_memory_allocated() / 2**20 if args.device == "cuda" else None,
         "ged": float(per_image["ged"].mean()), "steps": pipe.config.default_num_inference_steps,
+        "images_per_call": args.images_per_call,
     }
     print(json.dumps(result, indent=2))
     if args.output:

@@ -18,7 +18,6 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from ambiseg_diffusers import AmbiSegPipeline

@@ -72,6 +72,12 @@ def test_train_kill_and_resume_gives_the_same_weights(straight, tmp_path):
     assert out.masks.shape == (1, 2, 64, 64)
 
 
+def test_dataloader_workers_give_the_same_weights(straight, tmp_path):
+    workers = train_ambiseg.main(FAST + ["--output_dir", str(tmp_path / "workers"), "--dataloader_num_workers", "2",
+                                         "--num_validation_images", "0"])
+    assert_same_weights(weights(straight / "checkpoint-4"), weights(workers / "checkpoint-4"))
+
+
 def test_a_kill_during_a_checkpoint_write_still_resumes(straight, tmp_path, monkeypatch, caplog):
     run = tmp_path / "run"
     original = Accelerator.save_state
@@ -227,13 +233,15 @@ def test_train_fraction_trains_on_the_rows_build_preferences_draws_pairs_from(tm
     from ambiseg_diffusers.preferences import select_rows
 
     seen = set()
-    real_batch = train_ambiseg.training_batch
+    from ambiseg_diffusers import training_utils
+
+    real_batch = training_utils.training_batch
 
     def recording(dataset, indices, config, generator):
         seen.update(f"{dataset[i]['nodule_id']}/{dataset[i]['slice']}" for i in indices)
         return real_batch(dataset, indices, config, generator)
 
-    monkeypatch.setattr(train_ambiseg, "training_batch", recording)
+    monkeypatch.setattr(training_utils, "training_batch", recording)  # what each step's DataLoader item calls
     out = train_ambiseg.main(FAST + ["--output_dir", str(tmp_path / "quarter"), "--train_fraction", "0.25",
                                      "--fraction_seed", "3", "--prompt_style", "ratings", "--num_validation_images", "0",
                                      "--max_train_steps", "6"])

@@ -42,8 +42,8 @@ from ambiseg_diffusers.models.unet_ambiseg import UNET_PRESETS
 from ambiseg_diffusers.preferences import select_rows
 from ambiseg_diffusers.text import PromptCache
 from ambiseg_diffusers.training_utils import (
-    TrainingClock, ambiguity_design, batch_indices, build_models, build_noise_scheduler, load_ema, load_text_components, log_validation,
-    recipe_from_args, resume_training, save_checkpoint, save_ema, shard, step_generator, str2bool, training_batch,
+    TrainingClock, ambiguity_design, build_models, build_noise_scheduler, generator_of, load_ema, load_text_components,
+    log_validation, recipe_from_args, resume_training, save_checkpoint, save_ema, step_batches, str2bool,
     warm_start,
 )
 
@@ -123,6 +123,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     run.add_argument("--mixed_precision", default=None, choices=["no", "fp16", "bf16"],
                      help="autocast precision (default: accelerate's config)")
     run.add_argument("--gradient_accumulation_steps", type=int, default=1, help="micro-batches per optimizer step")
+    run.add_argument("--dataloader_num_workers", type=int, default=0,
+                     help="processes that augment the next batches while the model trains (0 = in the training "
+                          "process); the data of every step is the same whatever the number")
     run.add_argument("--gradient_checkpointing", action="store_true", help="recompute UNet activations (less memory)")
     run.add_argument("--torch_compile", action="store_true", help="torch.compile the UNet")
     run.add_argument("--checkpointing_steps", type=int, default=500, help="save a resumable checkpoint every N steps")
@@ -283,6 +286,9 @@ def main(argv=None) -> Path:
         logger.info("validation step %d: %s", step, {k: round(v, 4) for k, v in metrics.items()})
         return metrics
 
+    accumulation = args.gradient_accumulation_steps
+    batches = iter(step_batches(dataset, config, args.seed, accelerator, first_step * accumulation,
+                                (config.max_train_steps - first_step) * accumulation, args.dataloader_num_workers))
     progress = clock.progress_bar(first_step, config.max_train_steps, disable=not accelerator.is_local_main_process)
     started, ran, metrics, warm = time.time(), 0, {}, None
     done, metrics_step = first_step, None
@@ -293,11 +299,9 @@ def main(argv=None) -> Path:
         step_started = time.perf_counter()
         for model in trainable:
             model.train()
-        for micro in range(args.gradient_accumulation_steps):
-            micro_step = step * args.gradient_accumulation_steps + micro
-            generator = step_generator(args.seed, micro_step, accelerator.process_index)
-            rows = batch_indices(len(dataset), config.train_batch_size, args.seed, micro_step)
-            batch = training_batch(dataset, shard(rows, accelerator.process_index, accelerator.num_processes), config, generator)
+        for _ in range(accumulation):
+            batch = next(batches)
+            generator = generator_of(batch)
             with accelerator.accumulate(*trainable):
                 loss, parts = training_loss(batch, unet_model, prior_model, posterior_model, encode, noise_scheduler,
                                             config, generator, accelerator.device)

@@ -31,8 +31,7 @@ from ambiseg_diffusers.evaluation import cpu_only, validation_report
 from ambiseg_diffusers.hub_utils import model_card, push_folder_to_hub
 from ambiseg_diffusers.lidc import load_split
 from ambiseg_diffusers.training_utils import (
-    TrainingClock, batch_indices, log_validation, recipe_from_args, resume_training, save_checkpoint, shard,
-    step_generator, training_batch,
+    TrainingClock, generator_of, log_validation, recipe_from_args, resume_training, save_checkpoint, step_batches,
 )
 
 logger = get_logger(__name__)
@@ -64,6 +63,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                      help="wall-clock budget of training steps (carried across resumes)")
     run.add_argument("--snapshot_minutes", type=float, default=None,
                      help="save the pipeline to snapshots/step-N every this many minutes of training")
+    run.add_argument("--dataloader_num_workers", type=int, default=0,
+                     help="processes that augment the next batches while the model trains (0 = in this process)")
     run.add_argument("--checkpointing_steps", type=int, default=500, help="save a resumable checkpoint every N steps")
     run.add_argument("--checkpoints_total_limit", type=int, default=2, help="keep at most this many checkpoints")
     run.add_argument("--resume_from_checkpoint", default=None, help="a checkpoint-N folder or 'latest'")
@@ -128,6 +129,8 @@ def main(argv=None) -> Path:
         logger.info("validation step %d: %s", step, {k: round(v, 4) for k, v in metrics.items()})
         return metrics
 
+    batches = iter(step_batches(dataset, config, args.seed, accelerator, first_step, config.max_train_steps - first_step,
+                                args.dataloader_num_workers))
     progress = clock.progress_bar(first_step, config.max_train_steps, disable=not accelerator.is_local_main_process)
     done, metrics, metrics_step = first_step, {}, None
     for step in range(first_step, config.max_train_steps):
@@ -136,9 +139,8 @@ def main(argv=None) -> Path:
             break
         started = time.perf_counter()
         model.train()
-        generator = step_generator(args.seed, step, accelerator.process_index)
-        rows = batch_indices(len(dataset), config.train_batch_size, args.seed, step)
-        batch = training_batch(dataset, shard(rows, accelerator.process_index, accelerator.num_processes), config, generator)
+        batch = next(batches)
+        generator = generator_of(batch)
         noise = torch.randn(len(batch["prompts"]), config.latent_dim, generator=generator)
         with accelerator.autocast():
             # forward() is the ELBO, so several processes average gradients through DDP

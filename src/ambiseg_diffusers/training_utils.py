@@ -175,6 +175,51 @@ def training_batch(dataset, indices: list[int], config: AmbiSegTrainingConfig, g
     }
 
 
+class StepBatches(torch.utils.data.Dataset):
+    """Item `i` is this process's batch of micro-step `first_micro_step + i`, built from (seed, micro-step, process)
+    alone (`batch_indices`, `shard`, `training_batch` with the step's generator), so `DataLoader` workers can augment
+    the next batches while the model trains and a resumed run sees exactly the data an uninterrupted one saw. Each
+    batch carries `generator_state`: the step generator's state after the batch was drawn, from which the loss goes on
+    drawing its noise (`generator_of`)."""
+
+    def __init__(self, dataset, config, seed: int, process_index: int, num_processes: int, first_micro_step: int,
+                 num_micro_steps: int):
+        self.dataset, self.config, self.seed = dataset, config, seed
+        self.process_index, self.num_processes = process_index, num_processes
+        self.first_micro_step, self.num_micro_steps = first_micro_step, num_micro_steps
+
+    def __len__(self) -> int:
+        return self.num_micro_steps
+
+    def __getitem__(self, index: int) -> dict:
+        micro_step = self.first_micro_step + index
+        generator = step_generator(self.seed, micro_step, self.process_index)
+        rows = shard(batch_indices(len(self.dataset), self.config.train_batch_size, self.seed, micro_step),
+                     self.process_index, self.num_processes)
+        batch = training_batch(self.dataset, rows, self.config, generator)
+        batch["generator_state"] = generator.get_state()
+        return batch
+
+
+def step_batches(dataset, config, seed: int, accelerator, first_micro_step: int, num_micro_steps: int,
+                 num_workers: int = 0) -> torch.utils.data.DataLoader:
+    """A `DataLoader` over `StepBatches` in micro-step order, `num_workers` processes preparing batches ahead.
+
+    Not passed through `accelerator.prepare`: its batches are already this process's share of each global batch,
+    and accelerate's sharding would split them again across the processes."""
+    batches = StepBatches(dataset, config, seed, accelerator.process_index, accelerator.num_processes,
+                          first_micro_step, num_micro_steps)
+    return torch.utils.data.DataLoader(batches, batch_size=None, shuffle=False, num_workers=num_workers,
+                                       persistent_workers=num_workers > 0, prefetch_factor=4 if num_workers else None)
+
+
+def generator_of(batch: dict) -> torch.Generator:
+    """The step generator of a `StepBatches` batch, where the batch left it (popped from the batch)."""
+    generator = torch.Generator()
+    generator.set_state(batch.pop("generator_state"))
+    return generator
+
+
 # ----------------------------------------------------------------------------------------------- checkpoints
 def checkpoint_step(path: str | os.PathLike) -> int:
     match = CHECKPOINT_PATTERN.match(Path(path).name)
