@@ -117,15 +117,15 @@ def test_latent_output_is_the_unthresholded_sample(pipe, image):
 
 def test_optional_components(tokenizer, image, tmp_path):
     full = make_pipeline(tokenizer)
-    empty = AmbiSegPipeline(scheduler=full.scheduler)
+    empty = AmbiSegPipeline(unet=None, scheduler=full.scheduler, text_encoder=None, tokenizer=None)
     with pytest.raises(ValueError, match="no `unet`"):
         empty(image)
-    text_only = AmbiSegPipeline(text_encoder=full.text_encoder, tokenizer=tokenizer)
+    text_only = AmbiSegPipeline(unet=None, scheduler=None, text_encoder=full.text_encoder, tokenizer=tokenizer)
     embeds, mask, _, _ = text_only.encode_prompt("a nodule", "cpu")
     assert embeds.shape[-1] == full.text_encoder.config.hidden_size
 
-    no_text = AmbiSegPipeline(unet=full.unet, scheduler=full.scheduler, prior=full.prior, default_num_inference_steps=3,
-                              autocast="no")
+    no_text = AmbiSegPipeline(unet=full.unet, scheduler=full.scheduler, text_encoder=None, tokenizer=None,
+                              prior=full.prior, default_num_inference_steps=3, autocast="no")
     no_text.set_progress_bar_config(disable=True)
     with pytest.raises(ValueError, match="prompt_embeds"):
         no_text(image, "a nodule")
@@ -140,6 +140,13 @@ def test_optional_components(tokenizer, image, tmp_path):
     full.save_pretrained(tmp_path)  # None components round-trip
     loaded = AmbiSegPipeline.from_pretrained(tmp_path)
     assert loaded.prior is None and loaded.posterior is None and loaded.unet is not None
+    assert AmbiSegPipeline._optional_components == ["prior", "posterior"]
+
+    index = json.loads((tmp_path / "model_index.json").read_text())
+    del index["unet"]  # a folder without its denoiser is refused at loading, not at the first call
+    (tmp_path / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match="unet"):
+        AmbiSegPipeline.from_pretrained(tmp_path)
 
 
 def add_tiny_adapter(unet, name: str = "preference", seed: int = 3) -> None:

@@ -123,7 +123,8 @@ class AmbiSegPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
     The image is a fixed condition concatenated to the noisy mask; the prompt steers the denoiser through
     cross-attention; each sample draws its own ambiguity latent `z ~ p(z | image, prompt)` from the prior.
 
-    Components (any may be `None` at construction; `__call__` says which one it needs):
+    Components (`unet`, `scheduler`, `text_encoder` and `tokenizer` are required arguments, `prior` and `posterior`
+    optional ones; any may be `None`, and `__call__` says which one it needs):
         unet ([`AmbiSegUNet`]): the mask denoiser.
         scheduler: any diffusers scheduler (DDPM, DDIM, DPM-Solver++, UniPC, Euler, ...).
         text_encoder ([`~transformers.PreTrainedModel`]): frozen BERT-style encoder; its last hidden states are used.
@@ -146,15 +147,18 @@ class AmbiSegPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
     """
 
     model_cpu_offload_seq = "text_encoder->prior->unet"
-    _optional_components = ["unet", "scheduler", "text_encoder", "tokenizer", "prior", "posterior"]
+    # What sampling runs without: the posterior (training only) and the prior (only a UNet that takes z uses it). The
+    # other four are required arguments (diffusers reads a defaulted one as configuration); each may still be None,
+    # and a call says which one it is missing.
+    _optional_components = ["prior", "posterior"]
     _callback_tensor_inputs = ["latents", "prompt_embeds", "negative_prompt_embeds", "ambiguity_latents"]
 
     def __init__(
         self,
-        unet: AmbiSegUNet | None = None,
-        scheduler: KarrasDiffusionSchedulers | None = None,
-        text_encoder=None,
-        tokenizer=None,
+        unet: AmbiSegUNet | None,
+        scheduler: KarrasDiffusionSchedulers | None,
+        text_encoder,
+        tokenizer,
         prior: AmbiguityEncoder | None = None,
         posterior: AmbiguityEncoder | None = None,
         image_clip: float = 3.0,
