@@ -45,8 +45,13 @@ def test_build_preferences_pushes_the_pairs_with_their_card(tokenizer, tmp_path,
 def test_training_runs_upload_weights_and_card_but_not_checkpoints(tmp_path, monkeypatch):
     from ambiseg_diffusers.hub_utils import push_folder_to_hub
 
-    (tmp_path / "run" / "checkpoint-2").mkdir(parents=True)
-    (tmp_path / "run" / "README.md").write_text("card")
+    run = tmp_path / "run"
+    for name in ("README.md", "model_index.json", "training_summary.json", "unet/diffusion_pytorch_model.safetensors",
+                 "checkpoint-2/model.safetensors", "checkpoint-2/ema_0.safetensors", ".checkpoint-4.partial/optimizer.bin",
+                 "snapshots/step-000010/unet/diffusion_pytorch_model.safetensors", "logs/ambiseg/events.out",
+                 "validation-000002.png"):
+        (run / name).parent.mkdir(parents=True, exist_ok=True)
+        (run / name).write_text("x")
     calls = []
 
     class Repo:
@@ -54,6 +59,10 @@ def test_training_runs_upload_weights_and_card_but_not_checkpoints(tmp_path, mon
 
     monkeypatch.setattr(huggingface_hub, "create_repo", lambda repo_id, **kw: Repo())
     monkeypatch.setattr(huggingface_hub, "upload_folder", lambda **kw: calls.append(kw))
-    push_folder_to_hub(tmp_path / "run", "run")
+    push_folder_to_hub(run, "run")
     (call,) = calls
-    assert call["repo_id"] == "user/run" and "checkpoint-*" in call["ignore_patterns"]
+    # What huggingface_hub's own filter keeps of the folder with the recorded patterns: the pipeline and its card.
+    files = [str(p.relative_to(run)) for p in run.rglob("*") if p.is_file()]
+    uploaded = set(huggingface_hub.utils.filter_repo_objects(files, ignore_patterns=call["ignore_patterns"]))
+    assert call["repo_id"] == "user/run" and call["folder_path"] == str(run)
+    assert uploaded == {"README.md", "model_index.json", "training_summary.json", "unet/diffusion_pytorch_model.safetensors"}

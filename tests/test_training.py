@@ -184,6 +184,15 @@ def test_every_module_of_a_step_and_of_validation_is_on_the_accelerator_device(t
     assert seen == {"encoder": {"meta"}, "loss": "meta", "validation": {"meta"}, "diagnostics": {"meta"}}
 
 
+def test_a_snapshot_leaves_every_module_on_the_accelerator_device(tmp_path, monkeypatch):
+    saved = []
+    monkeypatch.setattr(AmbiSegPipeline, "save_pretrained", lambda self, folder, **kw: saved.append(module_devices(self)))
+    run_on_meta(monkeypatch, train_ambiseg, "training_loss", FAST + [
+        "--output_dir", str(tmp_path / "meta"), "--snapshot_minutes", "1e-9", "--stop_after_steps", "2",
+        "--checkpointing_steps", "100", "--num_validation_images", "0"])
+    assert saved == [{"meta"}, {"meta"}]  # the shared text encoder is never moved to the CPU mid-training
+
+
 def test_ablation_and_memory_flags_change_what_trains(tmp_path, monkeypatch):
     batches = []
     real_loss = train_ambiseg.training_loss

@@ -147,11 +147,11 @@ def push_dataset_to_hub(dataset, repo_id: str, card: DatasetCard, token: str | N
 
 def push_folder_to_hub(folder: str | os.PathLike, repo_id: str, token: str | None = None, private: bool | None = None,
                        commit_message: str = "Upload with ambiseg-diffusers") -> str:
-    """Uploads a finished run folder (weights and card; never checkpoints, logs or validation pictures)."""
+    """Uploads a finished run folder (weights and card; never checkpoints, snapshots, logs or validation pictures)."""
     from huggingface_hub import create_repo, upload_folder
 
     repo_id = create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
     return upload_folder(
         repo_id=repo_id, folder_path=str(Path(folder)), token=token, commit_message=commit_message,
-        ignore_patterns=["checkpoint-*", ".checkpoint-*", "logs/*", "validation-*.png"],
+        ignore_patterns=["checkpoint-*", ".checkpoint-*", "snapshots/*", "logs/*", "validation-*.png"],
     )
