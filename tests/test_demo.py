@@ -112,7 +112,7 @@ def drive(url: str, screenshot: Path) -> dict:
         margin.click()
         wait.until(ready.element_to_be_clickable(
             (By.XPATH, "//li[@role='option' and contains(., 'Poorly Defined') and not(contains(., 'Near'))]"))).click()
-        wait.until(lambda d: "poorly defined margin" in d.find_element(By.CSS_SELECTOR, "#prompt textarea")
+        wait.until(lambda d: "The Margin is Poorly Defined" in d.find_element(By.CSS_SELECTOR, "#prompt textarea")
                    .get_attribute("value"))
         prompt = driver.find_element(By.CSS_SELECTOR, "#prompt textarea").get_attribute("value")
         started = time.time()
@@ -141,7 +141,7 @@ def test_the_demo_in_a_real_browser(tmp_path):
         seen = drive(url, tmp_path / "demo.png")
     finally:
         demo.close()
-    assert "poorly defined margin" in seen["prompt"]
+    assert "The Margin is Poorly Defined" in seen["prompt"]  # the model's own (paper) prompt style by default
     assert "ged" in seen["metrics"] and "avg_dice" in seen["metrics"]
     assert len(seen["images"]) == 3 and all(seen["images"])
     assert (tmp_path / "demo.png").stat().st_size > 50_000
