@@ -7,7 +7,7 @@
 #
 # Parts: (1) sampling throughput, validate at N = 16 (the paper's 3,072 x 16 projected); (2) training steps of the
 # `cpu` recipe in fp16 and bf16 (s/step, peak memory; with DataLoader workers); (3) TDG-DiffDPO steps in fp16 and bf16;
-# (4) sampling under device_map, compared with the plain load; (5) the budget stop of two ranks with skewed clocks.
+# (4) sampling under device_map, compared with the plain load; (5) the budget stop of two ranks (each names its step).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:?set OUT to the folder the figures go to}
@@ -33,7 +33,7 @@ for precision in fp16 bf16; do
   python training/train_ambiseg.py --output_dir "$WORK/train-$precision" --max_train_steps "$STEPS" \
       --mixed_precision "$precision" --dataloader_num_workers "$WORKERS" --num_validation_images 0 --report_to none \
       --checkpointing_steps 100000 >"$OUT/train-$precision.log" 2>&1
-  note "train $precision: $(throughput "$OUT/train-$precision.log") ($(grep -c 'Gradient overflow\|skipp' "$OUT/train-$precision.log") skipped-step warnings)"
+  note "train $precision: $(throughput "$OUT/train-$precision.log")"  # skipped_steps: fp16 steps GradScaler skipped
 done
 
 # (3) DPO steps in fp16 and bf16, on pairs from 8 training slices
@@ -60,6 +60,7 @@ for name, pipe in (("plain", plain), ("device_map", AmbiSegPipeline.from_pretrai
     out[name] = pipe(image, "a solid nodule", num_samples=16, generator=torch.Generator().manual_seed(0)).probabilities
 print("max |plain - device_map|:", float(np.abs(out["plain"] - out["device_map"]).max()))
 PY
+# (on one GPU device_map places every module on it without hooks: this checks the loading path, not a split model)
 note "device_map: $(tail -1 "$OUT/device_map.log")"
 
 # (5) two ranks, skewed clocks: one stop decision (on the CPU over gloo: two ranks cannot share one GPU over NCCL)
@@ -67,5 +68,5 @@ OMP_NUM_THREADS=2 ACCELERATE_USE_CPU=1 timeout 600 python -m torch.distributed.r
     training/train_ambiseg.py --output_dir "$WORK/budget" --max_train_steps 100000 --max_train_minutes 0.2 \
     --train_batch_size 4 --num_validation_images 0 --report_to none --checkpointing_steps 100000 \
     >"$OUT/budget.log" 2>&1
-note "budget stop, 2 ranks: rc $? ($(grep -ho 'stopping at step [0-9]*' "$OUT/budget.log" | sort -u | tr '\n' ' '))"
+note "budget stop, 2 ranks: rc $? ($(grep -o 'stopping at step [0-9]*' "$OUT/budget.log" | sort | uniq -c | tr '\n' ' '))"
 note "== done $(date -u +%FT%TZ)"

@@ -50,7 +50,8 @@ PY
 echo "winner on selection: $winner ($best)" | tee "$RUNS/winner.txt"
 continued=$RUNS/$winner-continued
 # shellcheck disable=SC2046
-$(cat "$RUNS/$winner/command.txt") --output_dir "$continued" --init_from "$best" --max_train_minutes "$CONTINUE_MIN" \
+$(cat "$RUNS/$winner/command.txt") --output_dir "$continued" --init_from "$best" --max_train_steps 100000000 \
+    --max_train_minutes "$CONTINUE_MIN" \
     --snapshot_minutes "$CONTINUE_SNAPSHOT_MIN" >"$continued.train.log" 2>&1 || { tail -20 "$continued.train.log"; exit 1; }
 collect
 python scripts/select_checkpoint.py --run_dir "$continued" --extra "$best" --prompts annotator --num_samples 16 --bf16 \

@@ -316,3 +316,25 @@ def test_the_final_weights_are_validated_after_a_periodic_validation(reference_a
                                   "--output_dir", str(tmp_path / "run")))
     assert len(calls) == 2  # at step 2, then the final weights at step 3
     assert '"ged": 2.0' in (out / "README.md").read_text()  # the card shows the final validation
+
+
+@needs_data
+def test_a_reference_without_latent_is_aligned_without_z(reference_and_pairs, tmp_path, monkeypatch):
+    """A prediction_kl (or none) reference: its UNet takes no z, its prior reads image and mask; pairs carry no z."""
+    from conftest import tiny_encoder, tiny_unet
+
+    pipe, _, prefs = reference_and_pairs
+    pipe.unet, pipe.prior = tiny_unet(latent_dim=0), tiny_encoder(2)
+    pipe.save_pretrained(tmp_path / "paper-kl")
+    seen = []
+    real_inputs = train_dpo.pair_inputs
+
+    def recording(*args, **kwargs):
+        inputs = real_inputs(*args, **kwargs)
+        seen.append(inputs["z"])
+        return inputs
+
+    monkeypatch.setattr(train_dpo, "pair_inputs", recording)
+    train_dpo.main(dpo_args(tmp_path / "paper-kl", prefs, "--pair_latent", "prior_sample", "--max_train_steps", "2",
+                            "--num_validation_images", "0", "--output_dir", str(tmp_path / "run")))
+    assert seen == [None, None]

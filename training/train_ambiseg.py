@@ -288,13 +288,14 @@ def main(argv=None) -> Path:
 
     accumulation = args.gradient_accumulation_steps
     batches = iter(step_batches(dataset, config, args.seed, accelerator, first_step * accumulation,
-                                (config.max_train_steps - first_step) * accumulation, args.dataloader_num_workers))
+                                max(config.max_train_steps - first_step, 0) * accumulation, args.dataloader_num_workers))
     progress = clock.progress_bar(first_step, config.max_train_steps, disable=not accelerator.is_local_main_process)
-    started, ran, metrics, warm = time.time(), 0, {}, None
+    started, ran, metrics, warm, skipped = time.time(), 0, {}, None, 0
     done, metrics_step = first_step, None
     for step in range(first_step, config.max_train_steps):
         if clock.expired_everywhere(accelerator):
-            logger.info(f"stopping at step {step}: --max_train_minutes {args.max_train_minutes} spent")
+            logger.info(f"stopping at step {step}: --max_train_minutes {args.max_train_minutes} spent",
+                        main_process_only=False)  # every rank says where it stopped: one step for all
             break
         step_started = time.perf_counter()
         for model in trainable:
@@ -311,12 +312,15 @@ def main(argv=None) -> Path:
                 optimizer.step()
                 lr_scheduler.step()
                 optimizer.zero_grad()
+                skipped += int(accelerator.optimizer_step_was_skipped)  # fp16: GradScaler skips on inf/NaN gradients
 
         for model, ema in zip(trainable, ema_models):
             ema.step(accelerator.unwrap_model(model).parameters())
         done, ran = step + 1, ran + 1
         snapshot_due = clock.add(time.perf_counter() - step_started)
-        logs = {"loss": accelerator.reduce(loss.detach(), reduction="mean").item(), "lr": lr_scheduler.get_last_lr()[0], **{k: v.item() for k, v in parts.items()}}
+        # means over the processes, not rank 0's share of the batch
+        logs = {"loss": accelerator.reduce(loss.detach(), reduction="mean").item(), "lr": lr_scheduler.get_last_lr()[0],
+                **{k: accelerator.reduce(v, reduction="mean").item() for k, v in parts.items()}}
         accelerator.log(logs, step=done)
         if ran == 3:
             warm = time.time()  # the first steps pay for allocation (and compilation)
@@ -334,11 +338,11 @@ def main(argv=None) -> Path:
             accelerator.wait_for_everyone()
         if args.stop_after_steps == ran:
             logger.info(f"stopping after {ran} steps (--stop_after_steps)")
-            log_throughput(started, warm, ran, accelerator.device)
+            log_throughput(started, warm, ran, accelerator.device, skipped)
             accelerator.end_training()
             return output_dir
     progress.close()
-    log_throughput(started, warm, ran, accelerator.device)
+    log_throughput(started, warm, ran, accelerator.device, skipped)
 
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
@@ -375,12 +379,13 @@ def seconds_per_step(started: float, warm: float | None, ran: int) -> float:
     return (time.time() - started) / max(ran, 1)
 
 
-def log_throughput(started: float, warm: float | None, ran: int, device) -> None:
-    """One line for benchmarks/benchmark_training.py: steady-state seconds per step and peak memory."""
+def log_throughput(started: float, warm: float | None, ran: int, device, skipped: int = 0) -> None:
+    """One line for benchmarks/benchmark_training.py and gpu_checks.sh: steady-state seconds per step, peak memory and
+    the optimizer steps mixed precision skipped (inf/NaN gradients)."""
     peak = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else \
         resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     logger.info(f"THROUGHPUT steps={ran} s_per_step={seconds_per_step(started, warm, ran):.3f} "
-                f"peak_memory_mib={peak:.0f} device={device}")
+                f"peak_memory_mib={peak:.0f} device={device} skipped_steps={skipped}")
 
 
 def metrics_table(metrics: dict) -> str:

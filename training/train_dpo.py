@@ -222,9 +222,11 @@ def main(argv=None) -> Path:
     # variance-exploding: the UNet never saw such inputs), as diffusers' DPO example does.
     noise_scheduler = DDPMScheduler.from_config(reference.scheduler.config)
     encode = PromptCache(reference.tokenizer, reference.text_encoder)
-    posterior = reference.posterior.requires_grad_(False).eval() if reference.posterior is not None else None
+    # Only a UNet that takes z needs one per pair (a "prediction_kl" or "none" reference denoises without).
+    takes_z = bool(reference.unet.latent_dim)
+    posterior = reference.posterior.requires_grad_(False).eval() if takes_z and reference.posterior is not None else None
     pair_prior = None
-    if config.pair_latent == "prior_sample" and reference.prior is not None:
+    if takes_z and config.pair_latent == "prior_sample" and reference.prior is not None:
         pair_prior = reference.prior.requires_grad_(False).eval()
     unet = reference.unet
     if config.lora_rank > 0:

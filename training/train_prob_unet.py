@@ -129,7 +129,7 @@ def main(argv=None) -> Path:
         logger.info("validation step %d: %s", step, {k: round(v, 4) for k, v in metrics.items()})
         return metrics
 
-    batches = iter(step_batches(dataset, config, args.seed, accelerator, first_step, config.max_train_steps - first_step,
+    batches = iter(step_batches(dataset, config, args.seed, accelerator, first_step, max(config.max_train_steps - first_step, 0),
                                 args.dataloader_num_workers))
     progress = clock.progress_bar(first_step, config.max_train_steps, disable=not accelerator.is_local_main_process)
     done, metrics, metrics_step = first_step, {}, None
@@ -153,7 +153,8 @@ def main(argv=None) -> Path:
         optimizer.zero_grad()
         done = step + 1
         snapshot_due = clock.add(time.perf_counter() - started)
-        logs = {"loss": loss.item(), **{k: v.item() for k, v in parts.items()}}  # one device sync per step
+        # the means over the processes (one device sync per step)
+        logs = {k: accelerator.reduce(v.detach(), reduction="mean").item() for k, v in {"loss": loss, **parts}.items()}
         accelerator.log(logs, step=done)
         progress.set_postfix(step=done, loss=f"{logs['loss']:.1f}", kl=f"{logs['kl']:.2f}")
 

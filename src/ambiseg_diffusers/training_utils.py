@@ -111,13 +111,16 @@ def warm_start(name_or_path: str, config: AmbiSegTrainingConfig):
     from .pipelines import AmbiSegPipeline
 
     pipe = AmbiSegPipeline.from_pretrained(name_or_path)
-    fresh_unet, fresh_prior, _ = build_models(config, pipe.unet.config.encoder_hid_dim)
-    saved = (pipe.unet.latent_dim, None if pipe.prior is None else pipe.prior.config.in_channels)
-    wanted = (fresh_unet.latent_dim, None if fresh_prior is None else fresh_prior.config.in_channels)
+    design = ambiguity_design(config)
+    prior = pipe.prior if design != "none" else None
+    saved = dict(unet_latent_dim=pipe.unet.latent_dim, prior_channels=prior and prior.config.in_channels,
+                 latent_dim=prior and prior.config.latent_dim, text_pooling=prior and prior.config.text_pooling)
+    wanted = dict(unet_latent_dim=unet_latent_dim(config), prior_channels={"latent": 1, "prediction_kl": 2}.get(design),
+                  latent_dim=config.latent_dim if design != "none" else None,
+                  text_pooling=config.text_pooling if design != "none" else None)
     if saved != wanted:
-        raise ValueError(f"`--init_from` {name_or_path!r} has a UNet latent of {saved[0]} and a prior reading "
-                         f"{saved[1]} channels; the recipe (ambiguity {ambiguity_design(config)!r}, latent_dim "
-                         f"{config.latent_dim}) needs {wanted[0]} and {wanted[1]}: pass its --ambiguity and --latent_dim.")
+        raise ValueError(f"`--init_from` {name_or_path!r} holds {saved}; the recipe (ambiguity {design!r}) needs "
+                         f"{wanted}: pass the saved run's --ambiguity, --latent_dim and --text_pooling.")
     if config.freeze_ambiguity_encoders:
         pipe.prior.requires_grad_(False)
         pipe.posterior.requires_grad_(False)
