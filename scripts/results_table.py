@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""The README's comparison tables from the folders scripts/compare_baselines.sh leaves, laid out like the paper's
+"""The comparison tables of docs/results.md from the folders scripts/compare_baselines.sh leaves, laid out like the paper's
 Table 2 (methods) and Table 5 (ablations: text, ambiguity latent): each row's validate means with 95% bootstrap
 intervals, its paired difference from AmbiSeg over the same images and seeds, the checkpoint the selection split
 chose, its steps and its selection GED.

@@ -51,7 +51,7 @@ class AmbiSegTrainingConfig(_Recipe):
     prompt_dropout: float = 0.1  # empty prompt this often, for classifier-free guidance at inference
     # Sampling (validation and the saved pipeline's defaults)
     sampling_scheduler: str = "ddim"
-    # x0-prediction: DDIM-2 is within 0.005 GED of DDIM-100 on the selection split (README, "Sampling steps"); the
+    # x0-prediction: DDIM-2 is within 0.005 GED of DDIM-100 on the selection split (docs/results.md, sampling steps); the
     # paper preset sets 100 for its epsilon model.
     sampling_steps: int = 2
     image_clip: float = 3.0
@@ -76,7 +76,7 @@ CONFIGS: dict[str, AmbiSegTrainingConfig] = {
 class DPOTrainingConfig(_Recipe):
     beta: float = 5000.0  # Salesforce DiffusionDPO's convention, the paper's value (see losses.diffusion_dpo_loss)
     # What the loss compares (losses.DPO_ERROR_SPACES). x0: chosen on the selection split for this package's
-    # x0-prediction models (README, "TDG-DiffDPO"); epsilon-space errors weight them by SNR(t).
+    # x0-prediction models (docs/results.md, "TDG-DiffDPO"); epsilon-space errors weight them by SNR(t).
     error_space: str = "x0"
     snr_gamma: float = 5.0  # the cap of error_space "epsilon_min_snr"
     pair_latent: str = "posterior"  # z of a pair: each mask's posterior mean, or "prior_sample" (shared, as in sampling)
@@ -98,7 +98,7 @@ DPO_CONFIGS: dict[str, DPOTrainingConfig] = {
     # (Diffusion-DPO's, natural for the paper's epsilon-prediction model).
     "paper": DPOTrainingConfig(error_space="epsilon"),
     # A LoRA run that moves the model within minutes on 2 CPU cores (a few hundred pairs): higher lr, no EMA lag;
-    # x0-space errors and 10 epochs, chosen on the selection split (README, "TDG-DiffDPO").
+    # x0-space errors and 10 epochs, chosen on the selection split (docs/results.md, "TDG-DiffDPO").
     "cpu": DPOTrainingConfig(learning_rate=5e-4, num_epochs=10, ema_decay=0.0, lora_rank=8, train_batch_size=8),
 }
 

@@ -11,7 +11,7 @@
   code in two places: both networks are in the optimizer (the paper's "learned prior and posterior"; the CIMD
   snapshot leaves them out), and both also read the prompt (the paper's p(y | b, c) conditions on the text c).
 - "latent": this package's earlier design, a Probabilistic-U-Net latent in the denoiser: z ~ q in training, z ~ p
-  at sampling, fed to every UNet block through the class embedding. Not the paper's design; measured in the README.
+  at sampling, fed to every UNet block through the class embedding. Not the paper's design; measured in docs/design.md.
   `prior_z_fraction` trains the UNet with prior draws on part of the rows (it only ever saw posterior z before,
   while sampling gives it prior z), and `text_pooling="attention"` lets the encoders read single tokens of the
   prompt (a rater's diameter and volume) instead of their mean.

@@ -20,7 +20,7 @@ logger = logging.get_logger(__name__)
 
 class ProbUNetPipeline(DiffusionPipeline):
     r"""Samples plausible masks from a Probabilistic U-Net (Kohl et al. 2018): one U-Net pass per image, then one
-    cheap 1x1 "fcomb" pass per latent z ~ p(z | image). The baseline of the README's comparison table.
+    cheap 1x1 "fcomb" pass per latent z ~ p(z | image). The baseline of the comparison tables in docs/results.md.
 
     Args:
         prob_unet ([`ProbUNetModel`]): the U-Net with its prior and posterior nets.
