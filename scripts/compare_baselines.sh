@@ -15,6 +15,7 @@
 # chosen together with the committed checkpoint on the selection split. Knobs (environment):
 #   BUDGET_MIN   training minutes per row (steps only)        SNAPSHOT_MIN  minutes between checkpoint candidates
 #   BUDGET_STEPS training steps per diffusion row instead of BUDGET_MIN (the Probabilistic U-Net keeps minutes)
+#   PROB_UNET_STEPS  the same for the Probabilistic U-Net (its step is cheaper: match its steps to the minutes)
 #   SLOW_SNAPSHOT_MIN  the same for the CIMD-style row (DDPM-1000 makes each candidate expensive to score)
 #   CIMD_STEPS   DDPM steps of the CIMD-style row (default 1000, CIMD's; 1000 costs ~14 h on validate on 2 CPU cores)
 #   PARALLEL     1 = train/evaluate rows concurrently          TEXT_ENCODER  frozen encoder (default offline-minilm)
@@ -47,7 +48,8 @@ budget=(--train_split train_fit --max_train_steps 100000000 --max_train_minutes 
         --num_validation_images 0 --mixed_precision bf16 --report_to none --checkpointing_steps "${CHECKPOINT_STEPS:-5000}" $DATA)
 [[ -n ${THREADS:-} ]] && export OMP_NUM_THREADS=$THREADS
 # BUDGET_STEPS: the diffusion rows train that many steps instead of BUDGET_MIN minutes (an equal budget that work
-# beside the run on the same cores cannot skew); the Probabilistic U-Net keeps BUDGET_MIN minutes.
+# beside the run on the same cores cannot skew); the Probabilistic U-Net keeps BUDGET_MIN minutes unless
+# PROB_UNET_STEPS gives it steps too (rows then may train side by side, THREADS=1, without skewing the budget).
 ambiseg=(python training/train_ambiseg.py --lr_scheduler constant --text_encoder "$TEXT_ENCODER" "${budget[@]}"
          ${BUDGET_STEPS:+--max_train_steps $BUDGET_STEPS --max_train_minutes 100000})
 
@@ -59,7 +61,7 @@ TRAIN[latent-repaired]="${ambiseg[*]} --ambiguity latent --kl_weight 0.01 --prio
 TRAIN[ambiseg]="${ambiseg[*]}"
 TRAIN[no-text]="${ambiseg[*]} --use_text false"
 TRAIN[cimd-style]="${ambiseg[*]} --prediction_type epsilon --use_text false --sampling_scheduler ddpm --sampling_steps $CIMD_STEPS --snapshot_minutes $SLOW_SNAPSHOT_MIN"
-TRAIN[prob-unet]="python training/train_prob_unet.py ${budget[*]}"
+TRAIN[prob-unet]="python training/train_prob_unet.py ${budget[*]} ${PROB_UNET_STEPS:+--max_train_steps $PROB_UNET_STEPS --max_train_minutes 100000}"
 PROMPTS=([paper-kl]=annotator [paper-kl-frozen]=annotator [no-ambiguity]=annotator [latent-repaired]=annotator [ambiseg]=annotator [no-text]=none
          [cimd-style]=none [prob-unet]=none)
 LABEL=([paper-kl]="AmbiSeg, paper's L_kl (prediction_kl)"

@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 import evaluate
@@ -104,11 +105,60 @@ def test_two_processes_give_the_one_process_result(model, tmp_path):
     assert json.loads((tmp_path / "two" / "summary.json").read_text())["num_processes"] == 2
 
 
-def test_sampler_sweep(model, tmp_path):
-    rows = sweep_samplers.main(["--model", str(model), "--max_images", "2", "--num_samples", "2",
-                                "--configs", "ddim:2", "dpm:2", "unipc:3", "--output_dir", str(tmp_path / "sweep")])
-    assert set(rows) == {"ddim:2", "dpm:2", "unipc:3"}
-    assert (tmp_path / "sweep" / "quality_vs_steps.png").exists() and "s/image" in (tmp_path / "sweep" / "sweep.md").read_text()
+def test_sampler_sweep_reports_both_views(model, tmp_path):
+    from ambiseg_diffusers.lidc import resolve_data_dir
+
+    report = sweep_samplers.main(["--model", str(model), "--split", "validate", "--max_images", "12", "--num_samples", "2",
+                                  "--configs", "ddim:2", "dpm:2", "dpm:2:noclip", "unipc:3", "--reference", "ddim:2",
+                                  "--output_dir", str(tmp_path / "sweep")])
+    # the view of one slice per nodule, computed here from the stored consensus50 masks (the script recomputes it)
+    stored = np.load(resolve_data_dir(None, "lidc64") / "lidc64_validate.npz")
+    areas = stored["consensus50"][:12].sum((1, 2))
+    nodules = [f"{p[-4:]}_{n}" for p, n in zip(stored["patient_id"][:12], stored["nodule_idx"][:12])]
+    expected = sorted(max((i for i in range(12) if nodules[i] == n), key=lambda i: (areas[i], -i)) for n in set(nodules))
+    per_nodule = report["views"][sweep_samplers.VIEWS[1]]
+    assert per_nodule["indices"] == expected and len(expected) < 12
+    assert set(per_nodule["rows"]) == {"ddim:2", "dpm:2", "dpm:2:noclip", "unipc:3"}
+    assert per_nodule["ged_minus_reference"]["ddim:2"]["mean"] == 0.0
+    all_slices = report["views"][sweep_samplers.VIEWS[0]]["rows"]
+    assert all_slices["dpm:2"]["ged"]["mean"] != per_nodule["rows"]["dpm:2"]["ged"]["mean"]
+    text = (tmp_path / "sweep" / "sweep.md").read_text()
+    assert "## largest-consensus slice per nodule" in text and "s/image" in text
+    assert (tmp_path / "sweep" / "quality_vs_steps.png").exists()
+    with pytest.raises(SystemExit):
+        sweep_samplers.main(["--model", str(model), "--configs", "ddim:2:clip", "--output_dir", str(tmp_path / "x")])
+
+
+def test_largest_consensus_slices_count_only_the_raters_who_read_the_nodule():
+    from ambiseg_diffusers.evaluation import largest_consensus_slices
+
+    masks = np.zeros((4, 4, 4, 4), np.uint8)
+    masks[0, 0, :2, :2] = 1  # nodule a, slice 0: one of its two raters marks 4 pixels -> consensus 4 (>= 1 of 2)
+    masks[1, :3, 0, :2] = 1  # nodule a, slice 1: three of four slots mark 2 pixels, but only two raters read it
+    masks[2, :2, :, :] = 1  # nodule b, slice 2: two of four raters, everything -> 16
+    masks[3, :3, :1, :] = 1  # nodule b, slice 3: three of four raters, 4 pixels
+    valid = [[True, True, False, False], [True, True, False, False], [True] * 4, [True] * 4]
+    rows = {"masks": masks, "annotator_valid": valid, "nodule_id": ["a", "a", "b", "b"]}
+    assert largest_consensus_slices(rows) == [0, 2]
+    rows["annotator_valid"] = [[True] * 4] * 4  # with all four raters, nodule a's slice 0 has no consensus
+    assert largest_consensus_slices(rows) == [1, 2]
+
+
+def test_largest_consensus_slices_of_validate_are_the_mini_split():
+    from ambiseg_diffusers.evaluation import largest_consensus_slices
+    from ambiseg_diffusers.lidc import load_lidc64
+
+    validate, mini = load_lidc64("validate"), load_lidc64("mini")
+    chosen = validate.select(largest_consensus_slices(validate))
+    assert sorted(zip(chosen["nodule_id"], chosen["slice"])) == sorted(zip(mini["nodule_id"], mini["slice"]))
+
+
+def test_sampling_scheduler_clipping_switch(pipe):
+    from ambiseg_diffusers.evaluation import build_sampling_scheduler
+
+    assert build_sampling_scheduler(pipe.scheduler, "deis").config.thresholding is True
+    assert build_sampling_scheduler(pipe.scheduler, "dpm", clip=False).config.thresholding is False
+    assert build_sampling_scheduler(pipe.scheduler, "ddim", clip=False).config.clip_sample is False
 
 
 def test_compare_evaluations_pairs_images_by_index_with_hand_computed_differences(tmp_path):

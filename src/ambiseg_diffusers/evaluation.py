@@ -9,7 +9,8 @@ import os
 import numpy as np
 import torch
 from diffusers import (
-    DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, UniPCMultistepScheduler,
+    DDIMScheduler, DDPMScheduler, DEISMultistepScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler,
+    UniPCMultistepScheduler,
 )
 
 from .lidc import eval_prompts
@@ -18,8 +19,9 @@ from .visualization import sample_grid
 
 SAMPLING_SCHEDULERS = {
     "ddpm": DDPMScheduler, "ddim": DDIMScheduler, "dpm": DPMSolverMultistepScheduler, "unipc": UniPCMultistepScheduler,
-    "euler": EulerDiscreteScheduler,
+    "euler": EulerDiscreteScheduler, "deis": DEISMultistepScheduler,
 }
+_THRESHOLDING = ("dpm", "unipc", "deis")  # clip x0-predictions via dynamic thresholding (no clip_sample option)
 
 
 def cpu_only() -> bool:
@@ -32,16 +34,35 @@ def cpu_only() -> bool:
     return not (torch.cuda.is_available() or (mps is not None and mps.is_available()))
 
 
-def build_sampling_scheduler(noise_scheduler, name: str = "ddim"):
-    """A sampler on the training noise schedule, clipping to the mask range [-1, 1] where the scheduler can."""
+def build_sampling_scheduler(noise_scheduler, name: str = "ddim", clip: bool = True):
+    """A sampler on the training noise schedule. `clip`: the solver clips every x0-prediction to the mask range
+    [-1, 1] where the scheduler can (`clip_sample`, or thresholding at 1.0 for the multistep solvers); False leaves
+    the solver unclipped (the pipeline still clamps what it returns)."""
     if name not in SAMPLING_SCHEDULERS:
         raise ValueError(f"`scheduler` must be one of {sorted(SAMPLING_SCHEDULERS)}, got {name!r}.")
-    extra = {"thresholding": True, "sample_max_value": 1.0} if name in ("dpm", "unipc") else {"clip_sample": True}
     if name == "euler":
         extra = {}  # no clipping option; the pipeline clamps x0-predictions itself
+    elif name in _THRESHOLDING:
+        extra = {"thresholding": clip, "sample_max_value": 1.0}
+    else:
+        extra = {"clip_sample": clip}
     if name == "ddim":
         extra["timestep_spacing"] = "trailing"  # starts at t = T - 1, where the training noise is
     return SAMPLING_SCHEDULERS[name].from_config(noise_scheduler.config, **extra)
+
+
+def largest_consensus_slices(dataset) -> list[int]:
+    """One slice per nodule, as results are read: the dataset position of the slice where the raters' 50% consensus
+    (pixels marked by at least half of the raters who read the nodule) covers the most pixels; ties go to the first.
+    lidc64's `mini` split is this view of `validate`. Needs the columns masks, annotator_valid and nodule_id."""
+    masks = np.asarray(dataset["masks"], dtype=np.int32)  # (B, 4, H, W)
+    raters = np.asarray(dataset["annotator_valid"], dtype=np.int32).sum(1)
+    consensus = (masks.sum(1) >= np.ceil(raters / 2)[:, None, None]).sum((1, 2))
+    best: dict[str, int] = {}
+    for position, nodule in enumerate(dataset["nodule_id"]):
+        if nodule not in best or consensus[position] > consensus[best[nodule]]:
+            best[nodule] = position
+    return sorted(best.values())
 
 
 def sample_rows(
