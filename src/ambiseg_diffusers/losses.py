@@ -139,3 +139,22 @@ def predicted_noise(scheduler, model_output: torch.Tensor, noisy: torch.Tensor, 
     if kind == "v_prediction":
         return s * noisy + a * model_output
     raise ValueError(f"unsupported prediction_type {kind!r}")
+
+
+def ddim_solver_step(scheduler, clean: torch.Tensor, noisy: torch.Tensor, timesteps: torch.Tensor,
+                     previous: torch.Tensor) -> torch.Tensor:
+    """The deterministic DDIM step (eta = 0) from `noisy` at `timesteps` to `previous` `(B,)` (>= 0) given the
+    predicted clean mask `clean` `(B, C, H, W)`: the teacher's ODE solver of consistency distillation. Equals
+    `DDIMScheduler.step` between the same two timesteps (tested)."""
+    a, s = _signal_and_noise_scales(scheduler, timesteps, noisy.device)
+    eps = (noisy - a * clean) / s
+    a_prev, s_prev = _signal_and_noise_scales(scheduler, previous, noisy.device)
+    return a_prev * clean + s_prev * eps
+
+
+def consistency_output(scalings: tuple[torch.Tensor, torch.Tensor], noisy: torch.Tensor, clean: torch.Tensor) -> torch.Tensor:
+    """The consistency function f(x_t, t) = c_skip(t) x_t + c_out(t) x0(x_t, t) with the boundary scalings `(c_skip,
+    c_out)` `(B,)` of `LCMScheduler.get_scalings_for_boundary_condition_discrete`, so that sampling with
+    `LCMScheduler` evaluates exactly what distillation trained."""
+    c_skip, c_out = (c.reshape(-1, *([1] * (noisy.dim() - 1))) for c in scalings)
+    return c_skip * noisy + c_out * clean

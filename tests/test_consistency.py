@@ -1,0 +1,100 @@
+"""Consistency distillation (training/train_consistency.py): the teacher's DDIM solver step, that sampling with
+LCMScheduler evaluates the function distillation trains, and the script end to end (adapter + scheduler loaded the
+standard way, exact resume)."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDIMScheduler, LCMScheduler
+
+import train_consistency
+from ambiseg_diffusers.losses import consistency_output, ddim_solver_step
+from conftest import SIZE, make_pipeline, needs_data
+
+
+def test_ddim_solver_step_is_the_ddim_schedulers_step():
+    scheduler = DDIMScheduler(num_train_timesteps=1000, prediction_type="sample", clip_sample=False,
+                              timestep_spacing="trailing")
+    scheduler.set_timesteps(50)  # stride 20: 999 -> 979 -> ... -> 19
+    generator = torch.Generator().manual_seed(0)
+    clean = torch.rand(3, 1, 4, 4, generator=generator) * 2 - 1
+    noisy = torch.randn(3, 1, 4, 4, generator=generator)
+    for t in (999, 499, 39):
+        expected = scheduler.step(clean, t, noisy, eta=0.0).prev_sample
+        mine = ddim_solver_step(scheduler, clean, noisy, torch.full((3,), t), torch.full((3,), t - 20))
+        torch.testing.assert_close(mine, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_sampling_with_lcm_evaluates_the_distilled_consistency_function(tokenizer, image):
+    """One LCMScheduler call of the pipeline = f(x_T, T) as training computes it (scalings, clamp, timestep)."""
+    pipe = make_pipeline(tokenizer)
+    lcm = LCMScheduler.from_config(pipe.scheduler.config, original_inference_steps=10, timestep_scaling=10.0,
+                                   clip_sample=True, set_alpha_to_one=True)
+    pipe.scheduler = lcm
+    noise = torch.randn(2, 1, SIZE, SIZE, generator=torch.Generator().manual_seed(1))
+    z = torch.randn(2, 3, generator=torch.Generator().manual_seed(2))
+    sampled = pipe(image, "a solid nodule", num_samples=2, num_inference_steps=1, latents=noise.clone(),
+                   ambiguity_latents=z, output_type="latent").masks
+    lcm.set_timesteps(1)
+    t = lcm.timesteps[0]
+    assert int(t) == 99  # the last of the distilled schedule 9, 19, ..., 99
+    images = pipe.preprocess(image).repeat(2, 1, 1, 1)
+    text, mask = pipe.encode_prompt("a solid nodule", "cpu", 2)[:2]
+    x0 = pipe.unet(torch.cat([images, noise], 1), t, encoder_hidden_states=text, encoder_attention_mask=mask,
+                   class_labels=z).sample.clamp(-1, 1)
+    by_hand = consistency_output(lcm.get_scalings_for_boundary_condition_discrete(torch.full((2,), float(t))), noise, x0)
+    torch.testing.assert_close(sampled, by_hand, rtol=1e-5, atol=1e-5)
+
+
+def test_bad_arguments_are_named(tmp_path):
+    with pytest.raises(SystemExit):
+        train_consistency.parse_args(["--teacher", "x", "--output_dir", str(tmp_path), "--sampling_steps", "0"])
+    with pytest.raises(SystemExit):
+        train_consistency.parse_args(["--teacher", "x", "--output_dir", str(tmp_path), "--num_ddim_timesteps", "4",
+                                      "--sampling_steps", "5"])
+
+
+@pytest.fixture
+def teacher(tokenizer, tmp_path):
+    make_pipeline(tokenizer).save_pretrained(tmp_path / "teacher")
+    return tmp_path / "teacher"
+
+
+def distil_args(teacher, output, *extra) -> list:
+    return ["--teacher", str(teacher), "--output_dir", str(output), "--train_split", "mini", "--num_ddim_timesteps",
+            "10", "--max_train_steps", "4", "--train_batch_size", "4", "--checkpointing_steps", "2", "--lora_rank", "4",
+            "--learning_rate", "1e-2", "--report_to", "none", *extra]
+
+
+@needs_data
+def test_distillation_saves_an_adapter_the_pipeline_loads_and_resumes_exactly(teacher, tmp_path, image):
+    from safetensors.numpy import load_file
+
+    from ambiseg_diffusers import AmbiSegPipeline
+
+    straight = train_consistency.main(distil_args(teacher, tmp_path / "a", "--num_validation_images", "1",
+                                                  "--validation_split", "mini"))
+    info = json.loads((straight / "consistency.json").read_text())
+    assert info["train_steps"] == 4 and info["base_model_path"] == "../teacher" and "ged" in info["validation"]
+    assert (straight / "validation-000004.png").exists()
+
+    train_consistency.main(distil_args(teacher, tmp_path / "b", "--num_validation_images", "0", "--stop_after_steps", "2"))
+    assert not (tmp_path / "b" / "pytorch_lora_weights.safetensors").exists()
+    resumed = train_consistency.main(distil_args(teacher, tmp_path / "b", "--num_validation_images", "0",
+                                                 "--resume_from_checkpoint", "latest"))
+    a = load_file(str(straight / "pytorch_lora_weights.safetensors"))
+    b = load_file(str(resumed / "pytorch_lora_weights.safetensors"))
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+    # the standard way: the teacher, the adapter, the scheduler
+    pipe = AmbiSegPipeline.from_pretrained(teacher)
+    pipe.scheduler = LCMScheduler.from_pretrained(straight, subfolder="scheduler")
+    pipe.set_progress_bar_config(disable=True)
+    call = dict(image=image, prompt="a solid nodule", num_samples=3, num_inference_steps=2, output_type="latent")
+    before = pipe(**call, generator=torch.Generator().manual_seed(0)).masks
+    pipe.load_lora_weights(straight, weight_name="pytorch_lora_weights.safetensors", adapter_name="consistency")
+    after = pipe(**call, generator=torch.Generator().manual_seed(0)).masks
+    assert pipe.scheduler.config.original_inference_steps == 10
+    assert (after - before).abs().max() > 1e-3  # the trained adapter changes the samples

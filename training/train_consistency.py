@@ -1,0 +1,293 @@
+#!/usr/bin/env python
+"""Consistency distillation of an AmbiSeg pipeline into a one- or two-call sampler: a LoRA on the UNet and an
+`LCMScheduler`, in the shape of diffusers' `examples/consistency_distillation/train_lcm_distill_lora_sd_wds.py`
+(LCM-LoRA, Luo et al. 2023; consistency distillation, Song et al. 2023).
+
+    accelerate launch training/train_consistency.py --teacher checkpoints/ambiseg-lidc64 --output_dir runs/lcm \\
+        --max_train_steps 2000
+
+Loaded the standard way (the LCM-LoRA recipe):
+
+    pipe = AmbiSegPipeline.from_pretrained("checkpoints/ambiseg-lidc64")
+    pipe.load_lora_weights("runs/lcm", weight_name="pytorch_lora_weights.safetensors", adapter_name="consistency")
+    pipe.scheduler = LCMScheduler.from_pretrained("runs/lcm", subfolder="scheduler")
+    masks = pipe(image, prompt, num_samples=16, num_inference_steps=2).masks
+
+Each step: a rater mask x0 is noised to x_t at a timestep t of the `--num_ddim_timesteps` DDIM schedule; the teacher
+(the UNet with the adapter disabled) takes one deterministic DDIM step to x_{t-k} (k = 1000 / num_ddim_timesteps);
+the student (the UNet with the adapter) is trained so that f(x_t, t) matches f(x_{t-k}, t-k) evaluated by itself
+without gradient, where f(x, t) = c_skip(t) x + c_out(t) x0(x, t) with LCMScheduler's boundary scalings: a sample is
+then the end of its teacher trajectory in one call. As in diffusers' LCM-LoRA script there is no EMA target
+network; the UNet's x0-predictions are clamped to the mask range [-1, 1] in training as the pipeline clamps them in
+sampling. A teacher whose UNet takes an ambiguity latent z gets one z from its prior per row (as in sampling), the
+same for teacher, student and target. Data: one random rater per slice of `--train_split` (default `train_fit`,
+so the `selection` patients stay unseen for the choices made on them), augmented as in pretraining.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.utils import ProjectConfiguration, set_seed
+from diffusers import DDPMScheduler, LCMScheduler
+from diffusers.optimization import get_scheduler
+
+from ambiseg_diffusers import AmbiSegPipeline
+from ambiseg_diffusers.configs import CONFIGS
+from ambiseg_diffusers.evaluation import cpu_only, validation_report
+from ambiseg_diffusers.lidc import load_split, pipeline_prompt_style
+from ambiseg_diffusers.losses import consistency_output, ddim_solver_step
+from ambiseg_diffusers.pipelines.pipeline_ambiseg import LORA_WEIGHT_NAME
+from ambiseg_diffusers.text import PromptCache
+from ambiseg_diffusers.training_utils import (
+    TrainingClock, generator_of, log_validation, resume_training, save_checkpoint, step_batches,
+)
+
+logger = get_logger(__name__)
+ADAPTER_NAME = "consistency"
+DISTILLATION_FILE = "consistency.json"
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2", "time_emb_proj"]
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    data = parser.add_argument_group("data")
+    data.add_argument("--teacher", required=True, help="the AmbiSeg pipeline to distil (folder or Hub id)")
+    data.add_argument("--dataset", default="lidc64", help="'lidc64' or a save_to_disk folder")
+    data.add_argument("--data_dir", default=None, help="the lidc64 folder or the folder above it")
+    data.add_argument("--train_split", default="train_fit", help="training rows (the selection patients stay out)")
+    data.add_argument("--validation_split", default="selection", help="split of the validation samples")
+    data.add_argument("--dataloader_num_workers", type=int, default=0, help="processes preparing batches ahead")
+
+    recipe = parser.add_argument_group("recipe")
+    recipe.add_argument("--num_ddim_timesteps", type=int, default=50,
+                        help="the teacher's DDIM schedule; its stride k is the consistency step (LCM: 50)")
+    recipe.add_argument("--timestep_scaling", type=float, default=10.0, help="LCMScheduler's boundary-condition scale")
+    recipe.add_argument("--loss_type", default="huber", choices=["huber", "l2"], help="distance between f's")
+    recipe.add_argument("--huber_c", type=float, default=0.001, help="pseudo-Huber c (LCM-LoRA's default)")
+    recipe.add_argument("--lora_rank", type=int, default=16, help="rank of the student's LoRA")
+    recipe.add_argument("--learning_rate", type=float, default=1e-4, help="AdamW learning rate")
+    recipe.add_argument("--lr_scheduler", default="constant", choices=["constant", "linear", "cosine"])
+    recipe.add_argument("--max_train_steps", type=int, default=2000, help="optimizer steps")
+    recipe.add_argument("--train_batch_size", type=int, default=32, help="rows per step (global)")
+    recipe.add_argument("--max_grad_norm", type=float, default=1.0, help="gradient clipping norm")
+    recipe.add_argument("--sampling_steps", type=int, default=2, help="the distilled pipeline's default call")
+
+    run = parser.add_argument_group("run")
+    run.add_argument("--output_dir", required=True, help="run folder: checkpoints, logs, the adapter and scheduler")
+    run.add_argument("--seed", type=int, default=0, help="seed of every random choice")
+    run.add_argument("--mixed_precision", default=None, choices=["no", "fp16", "bf16"], help="accelerate's")
+    run.add_argument("--max_train_minutes", type=float, default=None, help="stop after this much training time")
+    run.add_argument("--checkpointing_steps", type=int, default=100, help="save a resumable checkpoint every N steps")
+    run.add_argument("--checkpoints_total_limit", type=int, default=2, help="keep at most this many checkpoints")
+    run.add_argument("--resume_from_checkpoint", default=None, help="'latest' or a checkpoint folder")
+    run.add_argument("--validation_steps", type=int, default=0, help="validate every N steps (0 = only at the end)")
+    run.add_argument("--num_validation_images", type=int, default=4, help="images of --validation_split (0 = none)")
+    run.add_argument("--report_to", default="tensorboard", choices=["tensorboard", "wandb", "none"], help="tracker")
+    run.add_argument("--stop_after_steps", type=int, default=None,
+                     help="stop without the final save after N steps in this process (simulates a kill; tests)")
+    args = parser.parse_args(argv)
+    for name in ("num_ddim_timesteps", "lora_rank", "max_train_steps", "train_batch_size", "checkpointing_steps",
+                 "sampling_steps"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.sampling_steps > args.num_ddim_timesteps:
+        parser.error(f"--sampling_steps ({args.sampling_steps}) cannot exceed --num_ddim_timesteps "
+                     f"({args.num_ddim_timesteps}): LCMScheduler samples a subset of the distilled schedule")
+    return args
+
+
+def ddim_timesteps(num_train_timesteps: int, num_ddim_timesteps: int) -> torch.Tensor:
+    """The teacher's schedule as LCMScheduler's `original_inference_steps` builds it: k-1, 2k-1, ..., T-1."""
+    stride = num_train_timesteps // num_ddim_timesteps
+    return torch.arange(1, num_ddim_timesteps + 1) * stride - 1
+
+
+def distance(prediction: torch.Tensor, target: torch.Tensor, loss_type: str, huber_c: float) -> torch.Tensor:
+    """Mean L2, or the pseudo-Huber loss sqrt(d^2 + c^2) - c of LCM-LoRA, over all elements."""
+    if loss_type == "l2":
+        return F.mse_loss(prediction.float(), target.float())
+    return (torch.sqrt((prediction.float() - target.float()) ** 2 + huber_c**2) - huber_c).mean()
+
+
+def main(argv=None) -> Path:
+    args = parse_args(argv)
+    output_dir = Path(args.output_dir)
+    accelerator = Accelerator(
+        mixed_precision=args.mixed_precision, log_with=None if args.report_to == "none" else args.report_to,
+        cpu=cpu_only(), project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
+    )
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    set_seed(args.seed)
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "consistency_config.json").write_text(json.dumps(vars(args), indent=2))
+
+    teacher = AmbiSegPipeline.from_pretrained(args.teacher, dtype=torch.float32).to(accelerator.device)
+    teacher.set_progress_bar_config(disable=True)
+    if teacher.scheduler.config.prediction_type != "sample":
+        raise ValueError("consistency distillation here needs an x0-predicting teacher (`prediction_type='sample'`, "
+                         f"every AmbiSeg recipe's); {args.teacher!r} predicts {teacher.scheduler.config.prediction_type!r}.")
+    noise_scheduler = DDPMScheduler.from_config(teacher.scheduler.config)
+    lcm = LCMScheduler.from_config(teacher.scheduler.config, original_inference_steps=args.num_ddim_timesteps,
+                                   timestep_scaling=args.timestep_scaling, clip_sample=True, set_alpha_to_one=True)
+    schedule = ddim_timesteps(noise_scheduler.config.num_train_timesteps, args.num_ddim_timesteps)
+    stride = noise_scheduler.config.num_train_timesteps // args.num_ddim_timesteps
+    encode = PromptCache(teacher.tokenizer, teacher.text_encoder)
+    prior = teacher.prior.requires_grad_(False).eval() if teacher.unet.latent_dim else None
+
+    from peft import LoraConfig
+
+    unet = teacher.unet.requires_grad_(False)
+    unet.add_adapter(LoraConfig(r=args.lora_rank, lora_alpha=args.lora_rank, init_lora_weights="gaussian",
+                                target_modules=LORA_TARGETS), adapter_name=ADAPTER_NAME)
+    params = [p for p in unet.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=0.0)
+    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=0,
+                                 num_training_steps=args.max_train_steps * accelerator.num_processes)
+    unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
+
+    style = pipeline_prompt_style(teacher)
+    data_config = dataclasses.replace(
+        CONFIGS["cpu"], train_batch_size=args.train_batch_size, resolution=teacher.unet.config.sample_size,
+        prompt_dropout=0.0, image_clip=teacher.config.image_clip, prompt_style=style,
+    )
+    dataset = load_split(args.dataset, args.train_split, args.data_dir, style)
+    validation = (load_split(args.dataset, args.validation_split, args.data_dir, style)
+                  if args.num_validation_images else None)
+    first_step, seconds = resume_training(accelerator, output_dir, args.resume_from_checkpoint)
+    clock = TrainingClock(args.max_train_minutes, None, seconds)
+    if accelerator.is_main_process:
+        accelerator.init_trackers("ambiseg-consistency", config={k: v for k, v in vars(args).items() if v is not None})
+    logger.info(f"{len(dataset)} training rows, {args.max_train_steps} steps of batch {args.train_batch_size}, "
+                f"teacher DDIM-{args.num_ddim_timesteps} (stride {stride})")
+
+    def unet_x0(model, noisy, timesteps, images, text, text_mask, z) -> torch.Tensor:
+        output = model(torch.cat([images, noisy], 1), timesteps, encoder_hidden_states=text,
+                       encoder_attention_mask=text_mask, class_labels=z).sample
+        return output.float().clamp(-1.0, 1.0)
+
+    def scalings(timesteps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return lcm.get_scalings_for_boundary_condition_discrete(timesteps.float())
+
+    def step_loss(batch: dict, generator: torch.Generator) -> torch.Tensor:
+        device = accelerator.device
+        images, clean = batch["pixel_values"].to(device), batch["mask_values"].to(device)
+        text, text_mask = encode(batch["prompts"], device)
+        size = clean.shape[0]
+        noise = torch.randn(clean.shape, generator=generator).to(device)
+        start = schedule[torch.randint(0, args.num_ddim_timesteps, (size,), generator=generator)].to(device)
+        end = (start - stride).clamp(min=0)
+        z = None
+        if prior is not None:  # one prior z per row, as sampling draws it
+            draw = torch.randn(size, prior.config.latent_dim, generator=generator).to(device)
+            with torch.no_grad():
+                z = prior(images, text, text_mask).sample(noise=draw)
+        noisy = noise_scheduler.add_noise(clean, noise, start)
+        model = accelerator.unwrap_model(unet)
+        with accelerator.autocast():
+            prediction = consistency_output(scalings(start), noisy,
+                                            unet_x0(unet, noisy, start, images, text, text_mask, z))
+            with torch.no_grad():
+                model.disable_adapters()
+                try:
+                    teacher_x0 = unet_x0(model, noisy, start, images, text, text_mask, z)
+                finally:
+                    model.enable_adapters()
+                previous = ddim_solver_step(noise_scheduler, teacher_x0, noisy.float(), start, end)
+                target = consistency_output(scalings(end), previous,
+                                            unet_x0(model, previous, end, images, text, text_mask, z))
+        return distance(prediction, target, args.loss_type, args.huber_c)
+
+    def student_pipeline() -> AmbiSegPipeline:
+        pipe = AmbiSegPipeline(**{**teacher.components, "unet": accelerator.unwrap_model(unet), "scheduler": lcm},
+                               image_clip=teacher.config.image_clip, default_num_inference_steps=args.sampling_steps,
+                               prompt_style=style)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    def validate(step: int) -> dict:
+        with accelerator.autocast():
+            metrics, grid = validation_report(student_pipeline(), validation, args.num_validation_images, 16,
+                                              seed=args.seed)
+        log_validation(accelerator, metrics, grid, step)
+        grid.save(output_dir / f"validation-{step:06d}.png")
+        logger.info("validation step %d (%d-call sampler): %s", step, args.sampling_steps,
+                    {k: round(v, 4) for k, v in metrics.items()})
+        return metrics
+
+    batches = step_batches(dataset, data_config, args.seed, accelerator, first_step, args.max_train_steps - first_step,
+                           args.dataloader_num_workers)
+    progress = clock.progress_bar(first_step, args.max_train_steps, disable=not accelerator.is_local_main_process)
+    ran, metrics, metrics_step, done = 0, {}, None, first_step
+    for step, batch in zip(range(first_step, args.max_train_steps), batches):
+        if clock.expired_everywhere(accelerator):
+            logger.info(f"stopping at step {step}: --max_train_minutes {args.max_train_minutes} spent")
+            break
+        started = time.time()
+        unet.train()
+        loss = step_loss(batch, generator_of(batch))
+        accelerator.backward(loss)
+        if accelerator.sync_gradients:
+            accelerator.clip_grad_norm_(params, args.max_grad_norm)
+        optimizer.step()
+        lr_scheduler.step()
+        optimizer.zero_grad()
+        clock.add(time.time() - started)
+        done, ran = step + 1, ran + 1
+        logs = {"loss": accelerator.reduce(loss.detach(), reduction="mean").item(), "lr": lr_scheduler.get_last_lr()[0]}
+        accelerator.log(logs, step=done)
+        progress.set_postfix(loss=f"{logs['loss']:.5f}")
+        if accelerator.is_main_process and done % args.checkpointing_steps == 0:
+            save_checkpoint(accelerator, output_dir, done, args.checkpoints_total_limit, clock.seconds)
+        if validation is not None and args.validation_steps and done % args.validation_steps == 0:
+            if accelerator.is_main_process:
+                metrics, metrics_step = validate(done), done
+            accelerator.wait_for_everyone()
+        if args.stop_after_steps == ran:
+            logger.info(f"stopping after {ran} steps (--stop_after_steps)")
+            accelerator.end_training()
+            return output_dir
+    progress.close()
+
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if validation is not None and metrics_step != done:
+            metrics = validate(done)
+        save_distilled(accelerator.unwrap_model(unet), lcm, args, output_dir, done, metrics)
+    accelerator.end_training()
+    return output_dir
+
+
+def save_distilled(unet, lcm: LCMScheduler, args, output_dir: Path, steps: int, metrics: dict) -> None:
+    """The adapter in diffusers' LoRA format, the LCMScheduler in `scheduler/`, and `consistency.json` naming the
+    teacher (its Hub id, or its folder relative to the output) and the default number of calls."""
+    from peft.utils import get_peft_model_state_dict
+
+    AmbiSegPipeline.save_lora_weights(
+        output_dir, unet_lora_layers=get_peft_model_state_dict(unet, adapter_name=ADAPTER_NAME),
+        weight_name=LORA_WEIGHT_NAME, unet_lora_adapter_metadata=unet.peft_config[ADAPTER_NAME].to_dict(),
+    )
+    lcm.save_pretrained(output_dir / "scheduler")
+    info = {"adapter_name": ADAPTER_NAME, "num_inference_steps": args.sampling_steps, "train_steps": steps,
+            "num_ddim_timesteps": args.num_ddim_timesteps,
+            "validation": {k: round(v, 4) for k, v in metrics.items()}}
+    if os.path.isdir(args.teacher):
+        info["base_model_path"] = os.path.relpath(os.path.abspath(args.teacher), os.path.abspath(output_dir))
+    else:
+        info["base_model"] = args.teacher
+    (output_dir / DISTILLATION_FILE).write_text(json.dumps(info, indent=2))
+
+
+if __name__ == "__main__":
+    main()
