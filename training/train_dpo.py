@@ -17,6 +17,12 @@ mask), and policy and reference share it. z is the pretraining's "which annotati
 error measures how well each model reconstructs that very mask, exactly the quantity pretraining optimised, and the
 comparison isolates the UNets (the prior and posterior are frozen).
 
+Pairs built with their sampling states (`build_preferences.py --record_states`) are denoised as they were sampled:
+each mask at one of its own sampler steps (the UNet input and timestep the sampler gave it, the z it was sampled
+with), so the preference acts where the few-step sampler decides the shape, instead of at fresh noise and a random
+timestep the sampler never visits. `--init_adapter` starts the policy from an earlier round's adapter
+(scripts/iterate_dpo.py runs the rounds).
+
 `--error_space` picks the errors the loss compares (losses.dpo_errors): epsilon-space errors, as Diffusion-DPO, weight
 an x0 model's errors by SNR(t), which lets the last few percent of timesteps dominate; the alternatives are min-SNR
 capped, x0-space and clamped-x0 errors. `--pair_latent prior_sample` denoises a pair with one z drawn from the prior
@@ -74,6 +80,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     data.add_argument("--base_model_id", default=None,
                       help="Hub id of the reference, written into preference.json and the card (default: --reference "
                            "when it is a Hub id)")
+    data.add_argument("--init_adapter", default=None,
+                      help="a TDG-DiffDPO output folder whose adapter the policy starts from (a further round; the "
+                           "reference stays --reference)")
     data.add_argument("--preferences", required=True, help="folder written by scripts/build_preferences.py, or a Hub dataset")
     data.add_argument("--diagnostic_preferences", default=None,
                       help="held-out pairs (e.g. built on the selection split): implicit accuracy per timestep at the end")
@@ -127,6 +136,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.checkpointing_steps < 1:
         parser.error("--checkpointing_steps must be >= 1")
+    if args.init_adapter and not os.path.isfile(os.path.join(args.init_adapter, LORA_WEIGHT_NAME)):
+        parser.error(f"--init_adapter {args.init_adapter!r} holds no {LORA_WEIGHT_NAME} (a LoRA TDG-DiffDPO output folder)")
     return args
 
 
@@ -136,19 +147,32 @@ def load_preferences(name: str):
 
 
 def pair_batch(pairs, indices, image_clip: float, generator) -> dict:
-    """Augmented pairs: image `(B, 1, H, W)` in [-1, 1], winner/loser `(B, 1, H, W)` in {-1, 1}, prompts."""
+    """Augmented pairs: image `(B, 1, H, W)` in [-1, 1], winner/loser `(B, 1, H, W)` in {-1, 1}, prompts; for pairs
+    built with their sampling states (`build_preferences(record_states=True)`) also winner_states/loser_states
+    `(B, S, H, W)` (turned with the image), state_timesteps `(B, S)` and, where recorded, winner_z/loser_z."""
     rows = pairs[indices]
-    images, winners, losers = [], [], []
-    for image, winner, loser in zip(rows["image"], rows["winner"], rows["loser"]):
+    with_states = "winner_states" in rows
+    images, masks_of_rows = [], []
+    for i, image in enumerate(rows["image"]):
         image = torch.as_tensor(np.asarray(image), dtype=torch.float32)[None]
-        masks = torch.as_tensor(np.stack([np.asarray(winner), np.asarray(loser)]), dtype=torch.float32)
-        image, masks = augment(image, masks, generator)
+        planes = [np.asarray(rows["winner"][i])[None], np.asarray(rows["loser"][i])[None]]
+        if with_states:
+            planes += [np.asarray(rows["winner_states"][i]), np.asarray(rows["loser_states"][i])]
+        image, masks = augment(image, torch.as_tensor(np.concatenate(planes), dtype=torch.float32), generator)
         images.append(image)
-        winners.append(masks[:1])
-        losers.append(masks[1:])
-    return {"pixel_values": normalize_image(torch.stack(images), image_clip),
-            "winner": masks_to_model_range(torch.stack(winners)), "loser": masks_to_model_range(torch.stack(losers)),
-            "prompts": list(rows["prompt"])}
+        masks_of_rows.append(masks)
+    stacked = torch.stack(masks_of_rows)
+    batch = {"pixel_values": normalize_image(torch.stack(images), image_clip),
+             "winner": masks_to_model_range(stacked[:, :1]), "loser": masks_to_model_range(stacked[:, 1:2]),
+             "prompts": list(rows["prompt"])}
+    if with_states:
+        num_states = (stacked.shape[1] - 2) // 2
+        batch.update(winner_states=stacked[:, 2 : 2 + num_states], loser_states=stacked[:, 2 + num_states :],
+                     state_timesteps=torch.as_tensor(np.asarray(rows["state_timesteps"]), dtype=torch.long))
+        if "winner_z" in rows:
+            batch.update(winner_z=torch.as_tensor(np.asarray(rows["winner_z"]), dtype=torch.float32),
+                         loser_z=torch.as_tensor(np.asarray(rows["loser_z"]), dtype=torch.float32))
+    return batch
 
 
 def denoising_errors(unet, inputs: dict, noise_scheduler, config: DPOTrainingConfig) -> torch.Tensor:
@@ -162,7 +186,10 @@ def denoising_errors(unet, inputs: dict, noise_scheduler, config: DPOTrainingCon
 def pair_inputs(batch, posterior, encode, noise_scheduler, generator, device, timesteps=None, prior=None) -> dict:
     """Winner and loser rows noised with the same noise and timestep (random, or the given `(B,)` ones), with each
     mask's posterior-mean z, or (given `prior`) one z drawn from p(z | image, prompt) per pair and shared by winner
-    and loser, as in sampling."""
+    and loser, as in sampling. Pairs with sampling states (and no given `timesteps`) are denoised as they were
+    sampled instead: `trajectory_inputs`."""
+    if "winner_states" in batch and timesteps is None:
+        return trajectory_inputs(batch, encode, noise_scheduler, generator, device)
     size = batch["pixel_values"].shape[0]
     images = batch["pixel_values"].to(device).repeat(2, 1, 1, 1)
     masks = torch.cat([batch["winner"], batch["loser"]]).to(device)  # winners first, then losers
@@ -181,6 +208,26 @@ def pair_inputs(batch, posterior, encode, noise_scheduler, generator, device, ti
         with torch.no_grad():
             z = posterior(torch.cat([images, masks], 1), text, text_mask).mean
     noisy = noise_scheduler.add_noise(masks, noise, timesteps)
+    return {"model_input": torch.cat([images, noisy], 1), "timesteps": timesteps, "text": text, "text_mask": text_mask,
+            "z": z, "noisy": noisy, "noise": noise, "clean": masks}
+
+
+def trajectory_inputs(batch, encode, noise_scheduler, generator, device) -> dict:
+    """Each mask of a pair at one of its own sampling steps (the same step index for winner and loser, drawn per
+    pair): the UNet input the sampler gave it there, that step's timestep, the z it was sampled with (if any), and
+    the noise that input implies given the mask (x_t = a x0 + s eps), so every `--error_space` applies."""
+    size, num_states = batch["winner_states"].shape[:2]
+    images = batch["pixel_values"].to(device).repeat(2, 1, 1, 1)
+    masks = torch.cat([batch["winner"], batch["loser"]]).to(device)
+    text, text_mask = encode(batch["prompts"], device)
+    text, text_mask = text.repeat(2, 1, 1), text_mask.repeat(2, 1)
+    step = torch.randint(0, num_states, (size,), generator=generator)
+    rows = torch.arange(size)
+    noisy = torch.cat([batch["winner_states"][rows, step], batch["loser_states"][rows, step]])[:, None].to(device)
+    timesteps = batch["state_timesteps"][rows, step].repeat(2).to(device)
+    alpha_bar = noise_scheduler.alphas_cumprod.to(device)[timesteps].float().view(-1, 1, 1, 1)
+    noise = (noisy - alpha_bar.sqrt() * masks) / (1 - alpha_bar).sqrt()
+    z = torch.cat([batch["winner_z"], batch["loser_z"]]).to(device) if "winner_z" in batch else None
     return {"model_input": torch.cat([images, noisy], 1), "timesteps": timesteps, "text": text, "text_mask": text_mask,
             "z": z, "noisy": noisy, "noise": noise, "clean": masks}
 
@@ -204,6 +251,8 @@ def summarize_deltas(deltas: dict[int, torch.Tensor], beta: float) -> dict:
 def main(argv=None) -> Path:
     args = parse_args(argv)
     config: DPOTrainingConfig = recipe_from_args(args, DPO_CONFIGS)
+    if args.init_adapter and config.lora_rank == 0:
+        raise ValueError("`--init_adapter` continues a LoRA policy: it needs `--lora_rank` > 0.")
     output_dir = Path(args.output_dir)
     accelerator = Accelerator(
         mixed_precision=args.mixed_precision, log_with=None if args.report_to == "none" else args.report_to,
@@ -229,7 +278,16 @@ def main(argv=None) -> Path:
     if takes_z and config.pair_latent == "prior_sample" and reference.prior is not None:
         pair_prior = reference.prior.requires_grad_(False).eval()
     unet = reference.unet
-    if config.lora_rank > 0:
+    if config.lora_rank > 0 and args.init_adapter:  # a further round: the policy goes on from the last one's adapter
+        unet.requires_grad_(False)
+        reference.load_lora_weights(args.init_adapter, weight_name=LORA_WEIGHT_NAME, adapter_name=PREFERENCE_ADAPTER)
+        if unet.peft_config[PREFERENCE_ADAPTER].r != config.lora_rank:
+            raise ValueError(f"`--init_adapter` {args.init_adapter!r} has LoRA rank {unet.peft_config[PREFERENCE_ADAPTER].r}, "
+                             f"the recipe {config.lora_rank}: pass `--lora_rank {unet.peft_config[PREFERENCE_ADAPTER].r}`.")
+        for name, parameter in unet.named_parameters():
+            parameter.requires_grad_("lora_" in name)
+        reference_unet = None
+    elif config.lora_rank > 0:
         from peft import LoraConfig
 
         unet.requires_grad_(False)

@@ -145,6 +145,25 @@ def push_dataset_to_hub(dataset, repo_id: str, card: DatasetCard, token: str | N
     card.push_to_hub(repo_id, repo_type="dataset", token=token)
 
 
+def push_files_to_hub(folder: str | os.PathLike, repo_id: str, card: DatasetCard | ModelCard, patterns: list[str],
+                      repo_type: str = "dataset", token: str | None = None, private: bool | None = None,
+                      commit_message: str = "Upload with ambiseg-diffusers"):
+    """Uploads the files of `folder` that match `patterns` (glob, top level) and `card` as README.md in one commit,
+    so the repo never holds the data without its licence. Returns the `CommitInfo`; FileNotFoundError when nothing
+    matches."""
+    from huggingface_hub import CommitOperationAdd, create_commit, create_repo
+
+    folder = Path(folder)
+    matched = {path for pattern in patterns for path in folder.glob(pattern) if path.is_file()}
+    files = sorted(matched - {folder / "README.md"})  # the card is the README
+    if not files:
+        raise FileNotFoundError(f"`folder` {str(folder)!r} holds no file matching {patterns}; nothing to upload.")
+    repo_id = create_repo(repo_id, repo_type=repo_type, private=private, token=token, exist_ok=True).repo_id
+    operations = [CommitOperationAdd(path_in_repo=path.name, path_or_fileobj=str(path)) for path in files]
+    operations.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=str(card).encode()))
+    return create_commit(repo_id, operations, commit_message=commit_message, repo_type=repo_type, token=token)
+
+
 def push_folder_to_hub(folder: str | os.PathLike, repo_id: str, token: str | None = None, private: bool | None = None,
                        commit_message: str = "Upload with ambiseg-diffusers") -> str:
     """Uploads a finished run folder (weights and card; never checkpoints, snapshots, logs or validation pictures)."""

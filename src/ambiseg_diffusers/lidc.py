@@ -201,14 +201,47 @@ def selection_patients(patients) -> set[str]:
 
 
 DATA_MARKERS = {"lidc64": "lidc64_*.npz", "cimd128": "cimd_lidc128_4rater.npz"}
+# The Hub dataset `load_lidc64` downloads when no local folder is given or found (the files of ../shared/data/lidc64,
+# pushed by `scripts/prepare_lidc.py --from_learnvae ... --push_to_hub`); AMBISEG_LIDC64_REPO or `repo_id` override.
+LIDC64_HUB_REPO = "ambiseg-diffusers/lidc64"
+LIDC64_HUB_FILES = ["lidc64_*.npz", "lidc64_nodules.json", "README.md"]
+LEARNVAE_GIT = "https://github.com/rCampSemp/learn-vae-noisy-label"
 
 
 def _holds(folder: Path, name: str) -> bool:
     return folder.is_dir() and any(folder.glob(DATA_MARKERS.get(name, "*")))
 
 
+def lidc64_repo_id(repo_id: str | None = None) -> str:
+    """The Hub dataset repo of the lidc64 files: `repo_id`, else `$AMBISEG_LIDC64_REPO`, else `LIDC64_HUB_REPO`."""
+    return repo_id or os.environ.get("AMBISEG_LIDC64_REPO") or LIDC64_HUB_REPO
+
+
+def how_to_get(name: str, repo_id: str | None = None) -> str:
+    """Where the `name` data comes from, in the order to try (the end of every missing-data error)."""
+    dicom = ("build your own crops from the 120 GB DICOM collection with `python scripts/prepare_lidc.py --dicom_dir "
+             "<LIDC-IDRI> --output_dir <dir>` (pylidc; a `save_to_disk` folder, read with `load_split(<dir>, split)`)")
+    if name != "lidc64":
+        return f"The crops come from LIDC-IDRI (TCIA, CC BY 3.0); {dicom}."
+    return (
+        "Get the lidc64 crops (LIDC-IDRI, TCIA, CC BY 3.0) in one of three ways: (1) from the TIFFs published in "
+        f"rCampSemp/learn-vae-noisy-label (MIT): `git clone {LEARNVAE_GIT} && python scripts/prepare_lidc.py "
+        "--from_learnvae learn-vae-noisy-label --output_dir ../shared/data/lidc64` (needs pylidc and tifffile: "
+        f"pip install \"ambiseg-diffusers[lidc]\"); (2) from the Hub dataset {lidc64_repo_id(repo_id)!r}, which "
+        "`load_lidc64` downloads when neither `data_dir` nor AMBISEG_DATA_DIR is set (another repo: `repo_id` or "
+        f"AMBISEG_LIDC64_REPO); (3) {dicom}."
+    )
+
+
+def default_data_dirs(name: str) -> list[Path]:
+    """Where a data set is looked for when no folder is named: `../shared/data/<name>` from the working directory,
+    then from this checkout."""
+    return [Path.cwd().parent / "shared" / "data" / name,
+            Path(__file__).resolve().parents[3] / "shared" / "data" / name]
+
+
 def resolve_data_dir(data_dir: str | os.PathLike | None, name: str) -> Path:
-    """The folder holding the `name` data set ("lidc64" or "cimd128").
+    """The local folder holding the `name` data set ("lidc64" or "cimd128"); never downloads (see `find_lidc64`).
 
     `data_dir` (else `$AMBISEG_DATA_DIR`) may be that folder itself or the folder above it; without either, the
     default is `../shared/data/<name>` (from the working directory, then from this checkout). A `data_dir` or
@@ -221,18 +254,43 @@ def resolve_data_dir(data_dir: str | os.PathLike | None, name: str) -> Path:
                 return folder
         raise FileNotFoundError(
             f"{origin} = {str(given)!r} holds no {name} data ({DATA_MARKERS.get(name)}), neither itself nor in "
-            f"{name}/. Point it at the {name} folder or the folder above it. The crops come from LIDC-IDRI (TCIA, "
-            "CC BY 3.0); build your own from the DICOM scans with scripts/prepare_lidc.py."
+            f"{name}/. Point it at the {name} folder or the folder above it. {how_to_get(name)}"
         )
-    candidates = [Path.cwd().parent / "shared" / "data" / name, Path(__file__).resolve().parents[3] / "shared" / "data" / name]
+    candidates = default_data_dirs(name)
     for folder in candidates:
         if _holds(folder, name):
             return folder
     raise FileNotFoundError(
         f"LIDC data folder {name!r} not found (looked in {[str(c) for c in candidates]}). Pass `data_dir`, or set "
-        f"AMBISEG_DATA_DIR to the {name} folder or the folder above it. The crops come from LIDC-IDRI (TCIA, "
-        "CC BY 3.0); build your own from the DICOM scans with scripts/prepare_lidc.py."
+        f"AMBISEG_DATA_DIR to the {name} folder or the folder above it. {how_to_get(name)}"
     )
+
+
+def find_lidc64(data_dir: str | os.PathLike | None = None, repo_id: str | None = None) -> Path:
+    """The folder of the lidc64 files: a local one (`resolve_data_dir`), else, only when neither `data_dir` nor
+    AMBISEG_DATA_DIR names a folder, a snapshot of the Hub dataset `lidc64_repo_id(repo_id)`, downloaded with
+    `huggingface_hub.snapshot_download` (cached; with HF_HUB_OFFLINE=1 the cache alone). Raises FileNotFoundError
+    naming the three ways to get the data when neither works."""
+    try:
+        return resolve_data_dir(data_dir, "lidc64")
+    except FileNotFoundError:
+        if data_dir is not None or os.environ.get("AMBISEG_DATA_DIR"):
+            raise  # a folder that was named and holds nothing is an error, never a download of something else
+    from huggingface_hub import snapshot_download
+
+    repo = lidc64_repo_id(repo_id)
+    try:
+        folder = Path(snapshot_download(repo, repo_type="dataset", allow_patterns=LIDC64_HUB_FILES))
+    except Exception as error:  # offline without a cached copy, no such repo, no network: say what to do instead
+        reason = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+        raise FileNotFoundError(
+            f"No local lidc64 folder (looked in {[str(c) for c in default_data_dirs('lidc64')]}) and the Hub dataset "
+            f"{repo!r} could not be fetched ({reason}). {how_to_get('lidc64', repo_id)}"
+        ) from error
+    if not _holds(folder, "lidc64"):
+        raise FileNotFoundError(f"the Hub dataset {repo!r} holds no lidc64_*.npz files. "
+                                f"{how_to_get('lidc64', repo_id)}")
+    return folder
 
 
 def load_split(dataset: str, split: str, data_dir: str | os.PathLike | None = None,
@@ -292,7 +350,8 @@ def lidc64_features(size: int = 64, raters: int = 4) -> Features:
     })
 
 
-def load_lidc64(split: str = "train", data_dir: str | os.PathLike | None = None, prompt_style: str = "paper") -> Dataset:
+def load_lidc64(split: str = "train", data_dir: str | os.PathLike | None = None, prompt_style: str = "paper",
+                repo_id: str | None = None) -> Dataset:
     """The real LIDC-IDRI 64x64 multi-rater crops as a `datasets.Dataset`.
 
     `split`: "train" (train_a + train_b, 570 slices), "train_a", "train_b", "validate" (114), "mini" (14), and the
@@ -304,12 +363,14 @@ def load_lidc64(split: str = "train", data_dir: str | os.PathLike | None = None,
     see module docstring and `ratings_to_prompt`), nodule_prompt, patient_id, nodule_id ("<patient>_<nodule
     index>"), slice. A model answers best to the prompt style it was trained on: pass its
     `pipeline.config.prompt_style`.
+    The files are read from `data_dir`, else `$AMBISEG_DATA_DIR`, else `../shared/data/lidc64`, else the Hub dataset
+    `repo_id` (default `$AMBISEG_LIDC64_REPO` or `LIDC64_HUB_REPO`); see `find_lidc64`.
     """
     if split not in LIDC64_SPLITS:
         raise ValueError(f"`split` must be one of {sorted(LIDC64_SPLITS)}, got {split!r}.")
     if prompt_style not in PROMPT_STYLES:
         raise ValueError(f"`prompt_style` must be one of {PROMPT_STYLES}, got {prompt_style!r}.")
-    folder = resolve_data_dir(data_dir, "lidc64")
+    folder = find_lidc64(data_dir, repo_id)
     parts = [np.load(folder / f"lidc64_{part}.npz") for part in LIDC64_SPLITS[split]]
     stack = lambda key: np.concatenate([p[key] for p in parts])  # noqa: E731
     keep = slice(None)

@@ -6,6 +6,11 @@ Strategies (the seed paper's):
 - `stochastic_run` (SRP): two independent sampling runs (different seeds) pool 2K candidates, scored with s_BR.
 The winner is the highest-scoring candidate and the loser the lowest; an image whose candidates all tie gives no
 pair (it is counted in the build's report, never silently dropped).
+
+`record_states=True` also keeps how each mask of a pair was sampled: the UNet's input at every sampling step
+(`winner_states`, `loser_states` `(S, H, W)`, the initial noise first), those steps' timesteps (`state_timesteps`),
+and, for a UNet that takes an ambiguity latent, the z it was sampled with (`winner_z`, `loser_z`). train_dpo.py then
+denoises a pair exactly as it was sampled, at the timesteps where the sampler decides the shape.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from datasets import Array2D, Dataset, Features, Value, load_from_disk
+from datasets import Array2D, Array3D, Dataset, Features, Sequence, Value, load_from_disk
 from tqdm.auto import tqdm
 
 from .metrics import pairwise_dice_iou
@@ -41,13 +46,21 @@ def pick_pair(scores: np.ndarray) -> tuple[int, int] | None:
     return int(np.argmax(scores)), int(np.argmin(scores))
 
 
-def preference_features(size: int) -> Features:
-    return Features({
+def preference_features(size: int, num_states: int = 0, latent_dim: int = 0) -> Features:
+    features = {
         "image": Array2D((size, size), "float32"), "prompt": Value("string"),
         "winner": Array2D((size, size), "uint8"), "loser": Array2D((size, size), "uint8"),
         "winner_score": Value("float32"), "loser_score": Value("float32"), "strategy": Value("string"),
         "source_index": Value("int32"), "nodule_id": Value("string"), "slice": Value("int32"),
-    })
+    }
+    if num_states:
+        features.update({"winner_states": Array3D((num_states, size, size), "float32"),
+                         "loser_states": Array3D((num_states, size, size), "float32"),
+                         "state_timesteps": Sequence(Value("int32"), length=num_states)})
+    if latent_dim:
+        features.update({"winner_z": Sequence(Value("float32"), length=latent_dim),
+                         "loser_z": Sequence(Value("float32"), length=latent_dim)})
+    return Features(features)
 
 
 def select_rows(num_rows: int, fraction: float, seed: int) -> list[int]:
@@ -58,15 +71,46 @@ def select_rows(num_rows: int, fraction: float, seed: int) -> list[int]:
     return sorted(np.random.default_rng(seed).permutation(num_rows)[:count].tolist())
 
 
-def candidate_generator(seed: int, run: int, row: int) -> torch.Generator:
-    """The generator of one row's candidates in one sampling run: independent of chunking and of the other rows."""
-    return torch.Generator().manual_seed(int(np.random.default_rng([seed, run, row]).integers(2**63 - 1)))
+def candidate_generator(seed: int, run: int, row: int, stream: int = 0) -> torch.Generator:
+    """The generator of one row's candidates in one sampling run: independent of chunking and of the other rows
+    (`stream` 1: the initial noise drawn outside the pipeline when the sampling states are recorded)."""
+    key = [seed, run, row] if stream == 0 else [seed, run, row, stream]
+    return torch.Generator().manual_seed(int(np.random.default_rng(key).integers(2**63 - 1)))
+
+
+def sample_with_states(pipeline, images: np.ndarray, prompts: list[str], rows: list[int], num_samples: int,
+                       num_inference_steps: int | None, seed: int, run: int) -> tuple[np.ndarray, dict]:
+    """`pipeline` samples for `images` with every row's own generators, recording each sample's sampling states.
+
+    Returns masks `(B, K, H, W)` and {"states": `(B, K, S, H, W)` float32 (the UNet input at each of the S steps,
+    the initial noise first), "timesteps": `(S,)`, "z": `(B, K, latent_dim)` or None}."""
+    size = images.shape[-1]
+    noise = torch.cat([torch.randn((num_samples, pipeline.unet.mask_channels, size, size),
+                                   generator=candidate_generator(seed, run, i, stream=1)) for i in rows])
+    states, latents = [noise.clone()], {}
+
+    def record(pipe, step, timestep, tensors):
+        states.append(tensors["latents"].detach().float().cpu().clone())
+        if tensors.get("ambiguity_latents") is not None:
+            latents["z"] = tensors["ambiguity_latents"].detach().float().cpu().clone()
+        return {}
+
+    inputs = ["latents", "ambiguity_latents"] if pipeline.unet.latent_dim else ["latents"]
+    masks = pipeline(images, prompts, num_samples=num_samples, num_inference_steps=num_inference_steps,
+                     generator=[candidate_generator(seed, run, i) for i in rows], latents=noise,
+                     callback_on_step_end=record, callback_on_step_end_tensor_inputs=inputs).masks
+    steps = torch.stack(states[:-1], 1)  # the input of each step; the last state is the output
+    batch = len(rows)
+    recorded = {"states": steps.reshape(batch, num_samples, *steps.shape[1:])[:, :, :, 0].numpy(),
+                "timesteps": pipeline.scheduler.timesteps.cpu().numpy().astype(np.int32),
+                "z": latents["z"].reshape(batch, num_samples, -1).numpy() if "z" in latents else None}
+    return masks, recorded
 
 
 def build_preferences(
     pipeline, dataset, output_dir: str | os.PathLike, strategy: str = "mean_dice", num_candidates: int = 4,
     fraction: float = 0.25, seed: int = 0, images_per_call: int = 4, num_inference_steps: int | None = None,
-    source: dict | None = None, overwrite: bool = False,
+    source: dict | None = None, overwrite: bool = False, record_states: bool = False,
 ) -> tuple[Dataset, dict]:
     """Samples `num_candidates` masks per selected row with the reference `pipeline`, picks winner and loser, and
     writes a `datasets.Dataset` to `output_dir` (atomically, at the end).
@@ -74,7 +118,8 @@ def build_preferences(
     Resumable: each chunk of images is stored in `.<output_dir>.parts/` beside it as it finishes, and a rerun with
     the same arguments (these, the reference's weights and `source`, e.g. the dataset's name and split) skips chunks
     already there; other arguments are refused (ValueError) unless `overwrite` starts over. The prompt of a row is
-    one of its raters' prompts (seeded choice among the raters who read it).
+    one of its raters' prompts (seeded choice among the raters who read it). `record_states`: see the module docstring
+    (the initial noise is then drawn outside the pipeline, so the candidates differ from a build without it).
     Returns the dataset and a report {"images", "pairs", "ties", "strategy"}.
     """
     from .run_records import check_resumable, pipeline_fingerprint
@@ -86,6 +131,8 @@ def build_preferences(
     arguments = {"reference_sha256": pipeline_fingerprint(pipeline), "rows": len(dataset), "strategy": strategy,
                  "num_candidates": num_candidates, "fraction": fraction, "seed": seed, "images_per_call": images_per_call,
                  "num_inference_steps": num_inference_steps, **(source or {})}
+    if record_states:  # absent otherwise: builds made before the option stay resumable
+        arguments["record_states"] = True
     check_resumable(parts, arguments, sorted(parts.glob("part-*.json")), overwrite)
     rows = select_rows(len(dataset), fraction, seed)
     runs = 2 if strategy == "stochastic_run" else 1
@@ -101,12 +148,20 @@ def build_preferences(
             readers = [p for p, v in zip(per_rater, valid) if v]
             prompts.append(readers[int(np.random.default_rng([seed, index]).integers(len(readers)))])
         images = np.stack([np.asarray(x, np.float32) for x in examples["image"]])
-        candidates = np.concatenate([
-            pipeline(images, prompts, num_samples=num_candidates, num_inference_steps=num_inference_steps,
-                     generator=[candidate_generator(seed, run, i) for i in chunk]).masks
-            for run in range(runs)
-        ], axis=1)
-        records = []
+        if record_states:
+            sampled = [sample_with_states(pipeline, images, prompts, chunk, num_candidates, num_inference_steps, seed, run)
+                       for run in range(runs)]
+            candidates = np.concatenate([masks for masks, _ in sampled], axis=1)
+            states = np.concatenate([r["states"] for _, r in sampled], axis=1)
+            zs = None if sampled[0][1]["z"] is None else np.concatenate([r["z"] for _, r in sampled], axis=1)
+            timesteps = sampled[0][1]["timesteps"]
+        else:
+            candidates = np.concatenate([
+                pipeline(images, prompts, num_samples=num_candidates, num_inference_steps=num_inference_steps,
+                         generator=[candidate_generator(seed, run, i) for i in chunk]).masks
+                for run in range(runs)
+            ], axis=1)
+        records, arrays = [], {}
         for j, index in enumerate(chunk):
             raters = np.asarray(examples["masks"][j]).astype(bool)
             scores = score_candidates(candidates[j], raters, strategy)
@@ -117,7 +172,16 @@ def build_preferences(
                 record.update(prompt=prompts[j], winner=np.flatnonzero(candidates[j, w]).tolist(),
                               loser=np.flatnonzero(candidates[j, l]).tolist(),
                               winner_score=float(scores[w]), loser_score=float(scores[l]))
+                if record_states:
+                    arrays.update({f"{index}_winner_states": states[j, w], f"{index}_loser_states": states[j, l],
+                                   f"{index}_state_timesteps": timesteps})
+                    if zs is not None:
+                        arrays.update({f"{index}_winner_z": zs[j, w], f"{index}_loser_z": zs[j, l]})
             records.append(record)
+        if record_states:  # written before the part's json, which marks the chunk complete
+            with open(part.with_suffix(".tmp.npz"), "wb") as f:
+                np.savez(f, **arrays)
+            os.replace(part.with_suffix(".tmp.npz"), part.with_suffix(".npz"))
         tmp = part.with_suffix(".tmp")
         tmp.write_text(json.dumps(records))
         os.replace(tmp, part)  # a chunk is either complete or absent
@@ -126,7 +190,12 @@ def build_preferences(
 
 
 def _assemble(dataset, parts: Path, output_dir: Path, strategy: str) -> tuple[Dataset, dict]:
-    records = [r for part in sorted(parts.glob("part-*.json")) for r in json.loads(part.read_text())]
+    records, arrays = [], {}
+    for part in sorted(parts.glob("part-*.json")):
+        records += json.loads(part.read_text())
+        if part.with_suffix(".npz").exists():
+            with np.load(part.with_suffix(".npz")) as stored:
+                arrays.update({key: stored[key] for key in stored.files})
     pairs = [r for r in records if not r["tie"]]
     size = np.asarray(dataset[0]["image"]).shape[-1]
 
@@ -148,7 +217,17 @@ def _assemble(dataset, parts: Path, output_dir: Path, strategy: str) -> tuple[Da
         "nodule_id": list(sources.get("nodule_id", [""] * len(pairs))),
         "slice": [int(s) for s in sources.get("slice", [-1] * len(pairs))],
     }
-    result = Dataset.from_dict(columns, features=preference_features(size))
+    num_states = latent_dim = 0
+    if pairs and arrays:
+        first = pairs[0]["source_index"]
+        num_states = len(arrays[f"{first}_state_timesteps"])
+        for key in ("winner_states", "loser_states", "state_timesteps"):
+            columns[key] = [arrays[f"{r['source_index']}_{key}"] for r in pairs]
+        if f"{first}_winner_z" in arrays:
+            latent_dim = len(arrays[f"{first}_winner_z"])
+            for key in ("winner_z", "loser_z"):
+                columns[key] = [arrays[f"{r['source_index']}_{key}"] for r in pairs]
+    result = Dataset.from_dict(columns, features=preference_features(size, num_states, latent_dim))
     tmp = output_dir.parent / f".{output_dir.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     result.save_to_disk(str(tmp))

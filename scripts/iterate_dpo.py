@@ -1,0 +1,121 @@
+#!/usr/bin/env python
+"""Iterated TDG-DiffDPO: pairs from the current aligned model, train, repeat, with the reference fixed.
+
+    python scripts/iterate_dpo.py --reference checkpoints/ambiseg-lidc64 --rounds 3 --output_dir runs/dpo-rounds \\
+        --record_states -- --config cpu --lora_rank 8 --beta 5000
+
+Round 1 builds pairs with the reference and trains an adapter from scratch; round r builds pairs with round r-1's
+aligned model (the reference + its adapter) and trains on, starting from that adapter (`train_dpo.py
+--init_adapter`), against the same frozen reference. Arguments after `--` go to train_dpo.py unchanged. Every round
+is scored on `--score_split` (default `selection`: training patients, where choices are made) with the same seeds, and
+`rounds.md` / `rounds.json` give each round's GED, CI and average Dice with the paired difference to the reference.
+Each stage resumes (pairs per chunk, training per checkpoint); finished rounds are skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import build_preferences
+import train_dpo
+from ambiseg_diffusers import AmbiSegPipeline
+from ambiseg_diffusers.evaluation import evaluate_pipeline
+from ambiseg_diffusers.lidc import load_split, pipeline_prompt_style
+from ambiseg_diffusers.metrics import paired_difference
+
+ROUND_METRICS = ("avg_dice", "ged", "ci")
+
+
+def parse_args(argv=None) -> tuple[argparse.Namespace, list[str]]:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    dpo_args = argv[argv.index("--") + 1 :] if "--" in argv else []
+    own = argv[: argv.index("--")] if "--" in argv else argv
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--reference", required=True, help="the AmbiSeg pipeline to align (folder or Hub id)")
+    parser.add_argument("--rounds", type=int, default=2, help="rounds of (build pairs, train)")
+    parser.add_argument("--output_dir", required=True, help="round-<r>/pairs and round-<r>/adapter go here")
+    parser.add_argument("--strategy", default="mean_dice", choices=build_preferences.STRATEGIES)
+    parser.add_argument("--split", default="train_fit", help="split the pairs come from (selection patients stay out)")
+    parser.add_argument("--fraction", type=float, default=0.25, help="fraction of the split's rows per round")
+    parser.add_argument("--num_candidates", type=int, default=4, help="candidates per image")
+    parser.add_argument("--record_states", action="store_true", help="pairs denoised as sampled (train_dpo.py)")
+    parser.add_argument("--data_dir", default=None, help="the lidc64 folder or the folder above it")
+    parser.add_argument("--score_split", default="selection", help="where each round is scored")
+    parser.add_argument("--max_images", type=int, default=None, help="score on the first N images only (tests)")
+    parser.add_argument("--num_samples", type=int, default=16, help="samples per image when scoring")
+    parser.add_argument("--seed", type=int, default=0, help="seed of pairs (varied per round) and scoring")
+    args = parser.parse_args(own)
+    if args.rounds < 1:
+        parser.error(f"--rounds must be >= 1, got {args.rounds}")
+    if any(a in dpo_args for a in ("--reference", "--preferences", "--output_dir", "--init_adapter")):
+        parser.error("after `--` pass only the recipe and run options of train_dpo.py: this script sets --reference, "
+                     "--preferences, --output_dir and --init_adapter itself")
+    return args, dpo_args
+
+
+def score(model: str | Path, args) -> dict:
+    """Per-image metrics of one pipeline on the scoring split (the same seeds for every round)."""
+    pipe = AmbiSegPipeline.from_pretrained(str(model))
+    pipe.set_progress_bar_config(disable=True)
+    dataset = load_split("lidc64", args.score_split, args.data_dir, pipeline_prompt_style(pipe))
+    per_image, _ = evaluate_pipeline(pipe, dataset, args.num_samples, seed=args.seed, max_images=args.max_images)
+    return {k: per_image[k].tolist() for k in ROUND_METRICS}
+
+
+def main(argv=None) -> dict:
+    args, dpo_args = parse_args(argv)
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    record_path = output_dir / "rounds.json"
+    record = json.loads(record_path.read_text()) if record_path.exists() else {}
+    if "reference" not in record:
+        record["reference"] = score(args.reference, args)
+        record_path.write_text(json.dumps(record))
+    policy = args.reference
+    for round_number in range(1, args.rounds + 1):
+        folder = output_dir / f"round-{round_number}"
+        adapter = folder / "adapter"
+        if not (adapter / "preference.json").exists():
+            build = ["--reference", str(policy), "--strategy", args.strategy, "--split", args.split,
+                     "--fraction", str(args.fraction), "--num_candidates", str(args.num_candidates),
+                     "--seed", str(args.seed + round_number - 1), "--output_dir", str(folder / "pairs")]
+            build += ["--record_states"] if args.record_states else []
+            build += ["--data_dir", args.data_dir] if args.data_dir else []
+            if not (folder / "pairs" / "preference_report.json").exists():
+                build_preferences.main(build)
+            train = ["--reference", args.reference, "--preferences", str(folder / "pairs"), "--output_dir", str(adapter),
+                     "--resume_from_checkpoint", "latest", *dpo_args]
+            train += ["--init_adapter", str(policy)] if round_number > 1 else []
+            train_dpo.main(train)
+        if f"round-{round_number}" not in record:
+            record[f"round-{round_number}"] = score(adapter, args)
+            record_path.write_text(json.dumps(record))
+        policy = adapter
+    (output_dir / "rounds.md").write_text(table(record, args))
+    print((output_dir / "rounds.md").read_text())
+    return record
+
+
+def table(record: dict, args) -> str:
+    reference = record["reference"]
+    lines = [f"{args.score_split}, {len(reference['ged'])} images, N = {args.num_samples}; the difference to the "
+             "reference paired over images [95% bootstrap]", "",
+             "| | " + " | ".join(ROUND_METRICS) + " |", "|---|" + "---|" * len(ROUND_METRICS)]
+    for name, values in record.items():
+        cells = []
+        for metric in ROUND_METRICS:
+            mean = sum(values[metric]) / len(values[metric])
+            if name == "reference":
+                cells.append(f"{mean:.4f}")
+            else:
+                diff = paired_difference(values[metric], reference[metric])
+                cells.append(f"{mean:.4f} ({diff['mean']:+.4f} [{diff['low']:+.4f}, {diff['high']:+.4f}])")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
