@@ -24,6 +24,7 @@ import json
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ambiseg_diffusers import AmbiSegPipeline
@@ -62,6 +63,11 @@ def main(argv=None) -> dict:
     parser.add_argument("--reference", default="ddim:100", help="the quality reference among --configs")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast")
     parser.add_argument("--images_per_call", type=int, default=4, help="images per pipeline call (memory only)")
+    parser.add_argument("--paper_protocol_images", type=int, default=2,
+                        help="images timed with the paper's protocol (16 one-sample DDIM-100 float32 calls each), the "
+                             "speed reference of the '× paper' column; 0 = skip")
+    parser.add_argument("--picture_images", type=int, default=3,
+                        help="largest-consensus slices drawn for every configuration in samples.png; 0 = none")
     parser.add_argument("--output_dir", required=True)
     args = parser.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -80,30 +86,38 @@ def main(argv=None) -> dict:
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     views = {VIEWS[0]: list(range(count)), VIEWS[1]: largest_consensus_slices(dataset.select(range(count)))}
-    per_config, seconds, failed = {}, {}, {}
+    paper_seconds = paper_protocol_seconds(base, dataset, args.paper_protocol_images, args.num_samples, device)
+    pictured = views[VIEWS[1]][: args.picture_images]
+    per_config, seconds, failed, pictures = {}, {}, {}, {}
     for config in args.configs:
         name, steps, clip = parse_config(config)
         base.scheduler = build_sampling_scheduler(base.scheduler, name, clip=clip)
         started = time.perf_counter()
         try:
             with torch.autocast(device, dtype=torch.bfloat16, enabled=args.bf16):
-                per_image, _ = evaluate_pipeline(base, dataset, args.num_samples, steps, prompts=args.prompts,
-                                                 max_images=count, images_per_call=args.images_per_call)
+                per_image, samples = evaluate_pipeline(base, dataset, args.num_samples, steps, prompts=args.prompts,
+                                                       max_images=count, images_per_call=args.images_per_call)
         except Exception as error:  # e.g. a multistep solver that needs more steps
             failed[config] = f"{type(error).__name__}: {error}"
             print(f"{config}: does not run ({failed[config][:120]})", flush=True)
             continue
         seconds[config] = (time.perf_counter() - started) / count
-        per_config[config] = per_image
+        per_config[config], pictures[config] = per_image, samples[pictured]
         print(f"{config}: GED {per_image['ged'].mean():.4f}  CI {per_image['ci'].mean():.4f}  "
               f"{seconds[config]:.2f} s/image", flush=True)
 
     header = (f"{args.split}, {count} images ({len(views[VIEWS[1]])} nodules), N = {args.num_samples}, {args.prompts} "
               f"prompts{', bf16' if args.bf16 else ''}; reference {args.reference}\n")
-    report = {"views": {}, "seconds_per_image": seconds, "failed": failed, "images": count, "split": args.split}
+    speedup = {c: paper_seconds / t for c, t in seconds.items()} if paper_seconds else {}
+    if paper_seconds:
+        header += (f"\nSpeed: the paper's protocol (16 one-sample DDIM-100 calls per image, float32) took "
+                   f"{paper_seconds:.1f} s/image on {args.paper_protocol_images} images in this run; '× paper' is that over "
+                   "each configuration's s/image.\n")
+    report = {"views": {}, "seconds_per_image": seconds, "failed": failed, "images": count, "split": args.split,
+              "paper_protocol_seconds_per_image": paper_seconds, "speedup_vs_paper": speedup}
     sections = [header]
     for view, indices in views.items():
-        rows, differences, text = view_table(per_config, indices, args.reference, seconds)
+        rows, differences, text = view_table(per_config, indices, args.reference, seconds, speedup)
         report["views"][view] = {"indices": indices, "rows": rows, "ged_minus_reference": differences}
         sections.append(f"## {view} ({len(indices)} images)\n\n{text}")
     equal = [c for c in per_config if all(c in v["ged_minus_reference"] and v["ged_minus_reference"][c]["mean"]
@@ -117,23 +131,70 @@ def main(argv=None) -> dict:
     (output_dir / "sweep.md").write_text(text)
     (output_dir / "sweep.json").write_text(json.dumps(report, indent=2))
     plot(report["views"], args.reference, output_dir / "quality_vs_steps.png")
+    if pictured and pictures:
+        draw_samples(dataset.select(pictured), pictures, output_dir / "samples.png")
     print(text)
     return report
 
 
-def view_table(per_config: dict, indices: list[int], reference: str, seconds: dict) -> tuple[dict, dict, str]:
-    """Summaries, paired GED differences to `reference` and the markdown table over the images at `indices`."""
+def view_table(per_config: dict, indices: list[int], reference: str, seconds: dict,
+               speedup: dict | None = None) -> tuple[dict, dict, str]:
+    """Summaries, paired GED differences to `reference` and the markdown table over the images at `indices` (with
+    the speed-up over the paper's protocol when measured)."""
     subset = {c: {k: v[indices] for k, v in per_image.items()} for c, per_image in per_config.items()}
     rows = {c: summarize(per_image) for c, per_image in subset.items()}
     differences = ({c: paired_difference(v["ged"], subset[reference]["ged"]) for c, v in subset.items()}
                    if reference in subset else {})
     lines = format_table(rows, with_interval=True).splitlines()
-    lines[0] += " s/image | GED − reference [95%] |"
-    lines[1] += "---|---|"
-    lines[2:] = [line + f" {seconds[c]:.2f} | " + (f"{differences[c]['mean']:+.4f} [{differences[c]['low']:+.4f}, "
-                                                   f"{differences[c]['high']:+.4f}] |" if c in differences else "n/a |")
+    lines[0] += " s/image | × paper | GED − reference [95%] |"
+    lines[1] += "---|---|---|"
+    lines[2:] = [line + f" {seconds[c]:.2f} | " + (f"{speedup[c]:.0f}× | " if speedup else "n/a | ")
+                 + (f"{differences[c]['mean']:+.4f} [{differences[c]['low']:+.4f}, {differences[c]['high']:+.4f}] |"
+                    if c in differences else "n/a |")
                  for line, c in zip(lines[2:], rows)]
     return rows, differences, "\n".join(lines) + "\n"
+
+
+def paper_protocol_seconds(pipe, dataset, num_images: int, num_samples: int, device: str) -> float | None:
+    """Seconds per image of the paper's protocol: `num_samples` separate one-sample DDIM-100 calls in float32."""
+    if num_images <= 0:
+        return None
+    from ambiseg_diffusers.lidc import eval_prompts
+
+    ddim = AmbiSegPipeline(**{**pipe.components, "scheduler": build_sampling_scheduler(pipe.scheduler, "ddim")},
+                           **{k: pipe.config[k] for k in ("image_clip", "default_num_inference_steps", "prompt_style")})
+    ddim.set_progress_bar_config(disable=True)
+    started = time.perf_counter()
+    for index in range(min(num_images, len(dataset))):
+        row = dataset[index]
+        prompts = eval_prompts(row, "annotator")
+        for sample in range(num_samples):
+            ddim(np.asarray(row["image"], np.float32), prompts[sample % len(prompts)], num_samples=1,
+                 num_inference_steps=100, autocast="no", generator=torch.Generator().manual_seed(1000 * index + sample))
+    return (time.perf_counter() - started) / min(num_images, len(dataset))
+
+
+def draw_samples(rows, pictures: dict, path: Path) -> None:
+    """One labelled `sample_grid` block per configuration, on the same slices: image | raters | samples | ..."""
+    import PIL.Image
+    import PIL.ImageDraw
+
+    from ambiseg_diffusers.visualization import sample_grid
+
+    images, raters = np.asarray(rows["image"]), np.asarray(rows["masks"])
+    blocks = []
+    for config, samples in pictures.items():
+        grid = sample_grid(images, raters, samples)
+        block = PIL.Image.new("RGB", (grid.width, grid.height + 16), "white")
+        block.paste(grid, (0, 16))
+        PIL.ImageDraw.Draw(block).text((4, 2), config, fill="black")
+        blocks.append(block)
+    canvas = PIL.Image.new("RGB", (max(b.width for b in blocks), sum(b.height for b in blocks)), "white")
+    top = 0
+    for block in blocks:
+        canvas.paste(block, (0, top))
+        top += block.height
+    canvas.save(path)
 
 
 def plot(views: dict, reference: str, path: Path) -> None:

@@ -110,6 +110,7 @@ def test_sampler_sweep_reports_both_views(model, tmp_path):
 
     report = sweep_samplers.main(["--model", str(model), "--split", "validate", "--max_images", "12", "--num_samples", "2",
                                   "--configs", "ddim:2", "dpm:2", "dpm:2:noclip", "unipc:3", "--reference", "ddim:2",
+                                  "--paper_protocol_images", "1", "--picture_images", "2",
                                   "--output_dir", str(tmp_path / "sweep")])
     # the view of one slice per nodule, computed here from the stored consensus50 masks (the script recomputes it)
     stored = np.load(resolve_data_dir(None, "lidc64") / "lidc64_validate.npz")
@@ -125,6 +126,14 @@ def test_sampler_sweep_reports_both_views(model, tmp_path):
     text = (tmp_path / "sweep" / "sweep.md").read_text()
     assert "## largest-consensus slice per nodule" in text and "s/image" in text
     assert (tmp_path / "sweep" / "quality_vs_steps.png").exists()
+    assert report["paper_protocol_seconds_per_image"] > 0 and "× paper" in text
+    # the ratio of the two timings, not a constant: the paper's 2 x 100 one-sample calls against one 2-step call
+    assert report["speedup_vs_paper"]["ddim:2"] == pytest.approx(
+        report["paper_protocol_seconds_per_image"] / report["seconds_per_image"]["ddim:2"])
+    import PIL.Image
+
+    picture = PIL.Image.open(tmp_path / "sweep" / "samples.png")
+    assert picture.height > 4 * 2 * 16  # four labelled blocks of two slices
     with pytest.raises(SystemExit):
         sweep_samplers.main(["--model", str(model), "--configs", "ddim:2:clip", "--output_dir", str(tmp_path / "x")])
 
