@@ -9,15 +9,19 @@ aligned model (the reference + its adapter) and trains on, starting from that ad
 --init_adapter`), against the same frozen reference. Arguments after `--` go to train_dpo.py unchanged. Every round
 is scored on `--score_split` (default `selection`: training patients, where choices are made) with the same seeds, and
 `rounds.md` / `rounds.json` give each round's GED, CI and average Dice with the paired difference to the reference.
-Each stage resumes (pairs per chunk, training per checkpoint); finished rounds are skipped.
+Each stage resumes (pairs per chunk, training per checkpoint); finished rounds are skipped; a rerun into the same
+folder with other arguments (`--rounds` aside, so more rounds can be added) is refused.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
+
+import torch
 
 import build_preferences
 import train_dpo
@@ -25,6 +29,7 @@ from ambiseg_diffusers import AmbiSegPipeline
 from ambiseg_diffusers.evaluation import evaluate_pipeline
 from ambiseg_diffusers.lidc import load_split, pipeline_prompt_style
 from ambiseg_diffusers.metrics import paired_difference
+from ambiseg_diffusers.run_records import check_resumable
 
 ROUND_METRICS = ("avg_dice", "ged", "ci")
 
@@ -50,15 +55,17 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, list[str]]:
     args = parser.parse_args(own)
     if args.rounds < 1:
         parser.error(f"--rounds must be >= 1, got {args.rounds}")
+    if "--lora_rank" in dpo_args and dpo_args[dpo_args.index("--lora_rank") + 1] == "0":
+        parser.error("rounds go on from the last round's LoRA adapter: pass train_dpo.py a --lora_rank > 0")
     if any(a in dpo_args for a in ("--reference", "--preferences", "--output_dir", "--init_adapter")):
         parser.error("after `--` pass only the recipe and run options of train_dpo.py: this script sets --reference, "
                      "--preferences, --output_dir and --init_adapter itself")
     return args, dpo_args
 
 
-def score(model: str | Path, args) -> dict:
+def score(model: str | Path, args: argparse.Namespace) -> dict[str, list[float]]:
     """Per-image metrics of one pipeline on the scoring split (the same seeds for every round)."""
-    pipe = AmbiSegPipeline.from_pretrained(str(model))
+    pipe = AmbiSegPipeline.from_pretrained(str(model)).to("cuda" if torch.cuda.is_available() else "cpu")
     pipe.set_progress_bar_config(disable=True)
     dataset = load_split("lidc64", args.score_split, args.data_dir, pipeline_prompt_style(pipe))
     per_image, _ = evaluate_pipeline(pipe, dataset, args.num_samples, seed=args.seed, max_images=args.max_images)
@@ -68,12 +75,20 @@ def score(model: str | Path, args) -> dict:
 def main(argv=None) -> dict:
     args, dpo_args = parse_args(argv)
     output_dir = Path(args.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    # a rerun resumes only with the same arguments (finished rounds, pairs and scores are reused as they are)
+    arguments = {k: v for k, v in vars(args).items() if k != "rounds"} | {"train_dpo": dpo_args}
+    check_resumable(output_dir, arguments, [output_dir / "rounds.json"])
     record_path = output_dir / "rounds.json"
     record = json.loads(record_path.read_text()) if record_path.exists() else {}
+
+    def save() -> None:
+        tmp = record_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(record))
+        os.replace(tmp, record_path)
+
     if "reference" not in record:
         record["reference"] = score(args.reference, args)
-        record_path.write_text(json.dumps(record))
+        save()
     policy = args.reference
     for round_number in range(1, args.rounds + 1):
         folder = output_dir / f"round-{round_number}"
@@ -92,14 +107,15 @@ def main(argv=None) -> dict:
             train_dpo.main(train)
         if f"round-{round_number}" not in record:
             record[f"round-{round_number}"] = score(adapter, args)
-            record_path.write_text(json.dumps(record))
+            save()
         policy = adapter
     (output_dir / "rounds.md").write_text(table(record, args))
     print((output_dir / "rounds.md").read_text())
     return record
 
 
-def table(record: dict, args) -> str:
+def table(record: dict[str, dict[str, list[float]]], args: argparse.Namespace) -> str:
+    """rounds.md: each round's means with the paired difference to the reference."""
     reference = record["reference"]
     lines = [f"{args.score_split}, {len(reference['ged'])} images, N = {args.num_samples}; the difference to the "
              "reference paired over images [95% bootstrap]", "",

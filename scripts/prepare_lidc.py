@@ -244,7 +244,10 @@ def save_atomically(dataset: DatasetDict, report: dict, output_dir: str) -> None
 def learnvae_card(counts: dict[str, int], repo_dir: str, command: str):
     """The Hub card of the lidc64 files: CC BY 3.0 with the LIDC-IDRI attribution, and the crops' MIT notice."""
     licence = Path(examples_dir(repo_dir)).parent / "LICENSE.md"
-    mit = licence.read_text().strip() if licence.is_file() else "MIT License\n\nCopyright (c) 2022 rCampSemp"
+    if not licence.is_file():  # the MIT licence asks for its full notice with every copy
+        raise FileNotFoundError(f"{licence} not found: the crops' MIT notice must go with the uploaded data; push from a "
+                                "complete clone of rCampSemp/learn-vae-noisy-label.")
+    mit = licence.read_text().strip()
     description = (
         "Real thoracic CT crops (64x64, native spacing) of the LIDC-IDRI nodules in rCampSemp/learn-vae-noisy-label's "
         "train and validate folders, with up to four radiologists' masks and each one's nine LIDC ratings: "

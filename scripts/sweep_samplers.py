@@ -5,11 +5,12 @@ first, `largest_consensus_slices`; few steps lose where the nodule is largest, w
 slices hides).
 
     python scripts/sweep_samplers.py --model checkpoints/ambiseg-lidc64 --split selection --bf16 \\
-        --output_dir runs/sweep --configs ddim:1 ddim:2 dpm:2 dpm:2:noclip unipc:2 deis:2 ddim:100
+        --output_dir runs/sweep --configs ddim:1 ddim:2 dpm:2 unipc:2 deis:2 ddim:100
 
 A configuration is `sampler:steps`, or `sampler:steps:noclip` for the solver without x0 clipping (by default every
-x0-prediction is clipped to [-1, 1]: `build_sampling_scheduler`). Choices (the pipeline's default steps) are made on
-the `selection` split (training patients), never on validate. Writes `sweep.md` (per view: the paper-layout table
+x0 the solver derives is clipped to [-1, 1]: `build_sampling_scheduler`); `noclip` applies to epsilon and v models
+only (the pipeline clamps an x0-model's prediction itself, so it would change nothing there and is refused).
+Choices (the pipeline's default steps) are made on the `selection` split (training patients), never on validate. Writes `sweep.md` (per view: the paper-layout table
 with 95% bootstrap intervals, seconds per image, and the paired difference in GED to the reference with its own
 interval), `sweep.json` and `quality_vs_steps.png` (both views; intervals shown, GED axis from 0, the "no worse than
 the reference + 0.005" line). Lower GED is better, so a configuration counts as equal quality when its GED exceeds
@@ -81,6 +82,9 @@ def main(argv=None) -> dict:
 
     base = AmbiSegPipeline.from_pretrained(args.model).to(device)
     base.set_progress_bar_config(disable=True)
+    if base.scheduler.config.prediction_type == "sample" and any(not parse_config(c)[2] for c in args.configs):
+        parser.error("`:noclip` changes nothing for this x0-predicting model (the pipeline clamps its predicted mask "
+                     "to [-1, 1] before every step); it applies to epsilon and v models")
     dataset = load_split(args.dataset, args.split, args.data_dir, pipeline_prompt_style(base))
     count = len(dataset) if args.max_images is None else min(args.max_images, len(dataset))
     output_dir = Path(args.output_dir)
@@ -89,9 +93,10 @@ def main(argv=None) -> dict:
     paper_seconds = paper_protocol_seconds(base, dataset, args.paper_protocol_images, args.num_samples, device)
     pictured = views[VIEWS[1]][: args.picture_images]
     per_config, seconds, failed, pictures = {}, {}, {}, {}
+    saved = base.scheduler  # every configuration is built from the model's own scheduler, never from the last one
     for config in args.configs:
         name, steps, clip = parse_config(config)
-        base.scheduler = build_sampling_scheduler(base.scheduler, name, clip=clip)
+        base.scheduler = build_sampling_scheduler(saved, name, clip=clip)
         started = time.perf_counter()
         try:
             with torch.autocast(device, dtype=torch.bfloat16, enabled=args.bf16):
@@ -101,6 +106,7 @@ def main(argv=None) -> dict:
             failed[config] = f"{type(error).__name__}: {error}"
             print(f"{config}: does not run ({failed[config][:120]})", flush=True)
             continue
+        synchronize(device)
         seconds[config] = (time.perf_counter() - started) / count
         per_config[config], pictures[config] = per_image, samples[pictured]
         print(f"{config}: GED {per_image['ged'].mean():.4f}  CI {per_image['ci'].mean():.4f}  "
@@ -164,6 +170,10 @@ def paper_protocol_seconds(pipe, dataset, num_images: int, num_samples: int, dev
     ddim = AmbiSegPipeline(**{**pipe.components, "scheduler": build_sampling_scheduler(pipe.scheduler, "ddim")},
                            **{k: pipe.config[k] for k in ("image_clip", "default_num_inference_steps", "prompt_style")})
     ddim.set_progress_bar_config(disable=True)
+    warm = dataset[0]  # one untimed call first: the paper's protocol must not pay the one-time warm-up alone
+    ddim(np.asarray(warm["image"], np.float32), eval_prompts(warm, "annotator")[0], num_samples=1, num_inference_steps=2,
+         autocast="no", generator=torch.Generator().manual_seed(0))
+    synchronize(device)
     started = time.perf_counter()
     for index in range(min(num_images, len(dataset))):
         row = dataset[index]
@@ -171,7 +181,14 @@ def paper_protocol_seconds(pipe, dataset, num_images: int, num_samples: int, dev
         for sample in range(num_samples):
             ddim(np.asarray(row["image"], np.float32), prompts[sample % len(prompts)], num_samples=1,
                  num_inference_steps=100, autocast="no", generator=torch.Generator().manual_seed(1000 * index + sample))
+    synchronize(device)
     return (time.perf_counter() - started) / min(num_images, len(dataset))
+
+
+def synchronize(device: str) -> None:
+    """Wait for queued GPU work, so that a timer reads finished work."""
+    if device == "cuda":
+        torch.cuda.synchronize()
 
 
 def draw_samples(rows, pictures: dict, path: Path) -> None:

@@ -25,6 +25,11 @@ def test_ddim_solver_step_is_the_ddim_schedulers_step():
         expected = scheduler.step(clean, t, noisy, eta=0.0).prev_sample
         mine = ddim_solver_step(scheduler, clean, noisy, torch.full((3,), t), torch.full((3,), t - 20))
         torch.testing.assert_close(mine, expected, rtol=1e-5, atol=1e-5)
+    # the schedule's last step, 19 -> 0, ends at alpha_cumprod[0] (by hand)
+    a19, a0 = scheduler.alphas_cumprod[19], scheduler.alphas_cumprod[0]
+    eps = (noisy - a19.sqrt() * clean) / (1 - a19).sqrt()
+    mine = ddim_solver_step(scheduler, clean, noisy, torch.full((3,), 19), torch.zeros(3, dtype=torch.long))
+    torch.testing.assert_close(mine, a0.sqrt() * clean + (1 - a0).sqrt() * eps, rtol=1e-5, atol=1e-6)
 
 
 def test_sampling_with_lcm_evaluates_the_distilled_consistency_function(tokenizer, image):
@@ -48,12 +53,14 @@ def test_sampling_with_lcm_evaluates_the_distilled_consistency_function(tokenize
     torch.testing.assert_close(sampled, by_hand, rtol=1e-5, atol=1e-5)
 
 
-def test_bad_arguments_are_named(tmp_path):
+def test_bad_arguments_are_named(tmp_path, capsys):
     with pytest.raises(SystemExit):
         train_consistency.parse_args(["--teacher", "x", "--output_dir", str(tmp_path), "--sampling_steps", "0"])
+    assert "--sampling_steps must be >= 1" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         train_consistency.parse_args(["--teacher", "x", "--output_dir", str(tmp_path), "--num_ddim_timesteps", "4",
                                       "--sampling_steps", "5"])
+    assert "cannot exceed --num_ddim_timesteps" in capsys.readouterr().err
 
 
 @pytest.fixture
@@ -88,13 +95,28 @@ def test_distillation_saves_an_adapter_the_pipeline_loads_and_resumes_exactly(te
     b = load_file(str(resumed / "pytorch_lora_weights.safetensors"))
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
 
-    # the standard way: the teacher, the adapter, the scheduler
+    # the LCM-LoRA way: the teacher, the adapter, the scheduler
     pipe = AmbiSegPipeline.from_pretrained(teacher)
     pipe.scheduler = LCMScheduler.from_pretrained(straight, subfolder="scheduler")
     pipe.set_progress_bar_config(disable=True)
-    call = dict(image=image, prompt="a solid nodule", num_samples=3, num_inference_steps=2, output_type="latent")
-    before = pipe(**call, generator=torch.Generator().manual_seed(0)).masks
+    call = dict(image=image, prompt="a solid nodule", num_samples=3, output_type="latent")
+    before = pipe(**call, num_inference_steps=2, generator=torch.Generator().manual_seed(0)).masks
     pipe.load_lora_weights(straight, weight_name="pytorch_lora_weights.safetensors", adapter_name="consistency")
-    after = pipe(**call, generator=torch.Generator().manual_seed(0)).masks
+    after = pipe(**call, num_inference_steps=2, generator=torch.Generator().manual_seed(0)).masks
     assert pipe.scheduler.config.original_inference_steps == 10
     assert (after - before).abs().max() > 1e-3  # the trained adapter changes the samples
+    # ... and in one line, the default number of calls from consistency.json (what evaluate.py and the sweep load)
+    from ambiseg_diffusers import load_pipeline
+
+    one_line = load_pipeline(str(straight))
+    one_line.set_progress_bar_config(disable=True)
+    assert isinstance(one_line.scheduler, LCMScheduler) and one_line.config.default_num_inference_steps == 2
+    again = one_line(**call, generator=torch.Generator().manual_seed(0)).masks
+    torch.testing.assert_close(again, after)
+
+
+@needs_data
+def test_distillation_refuses_more_ddim_steps_than_the_teacher_has(teacher, tmp_path):
+    with pytest.raises(ValueError, match="exceeds the teacher's 100 training timesteps"):
+        train_consistency.main(distil_args(teacher, tmp_path / "c", "--num_ddim_timesteps", "200",
+                                           "--num_validation_images", "0"))

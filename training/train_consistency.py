@@ -6,7 +6,9 @@
     accelerate launch training/train_consistency.py --teacher checkpoints/ambiseg-lidc64 --output_dir runs/lcm \\
         --max_train_steps 2000
 
-Loaded the standard way (the LCM-LoRA recipe):
+Loaded in one line, `AmbiSegPipeline.from_pretrained("runs/lcm")` (the teacher named in `consistency.json`, the
+adapter, the scheduler, the default number of calls; so `evaluate.py` and `sweep_samplers.py` take the folder too),
+or the LCM-LoRA way:
 
     pipe = AmbiSegPipeline.from_pretrained("checkpoints/ambiseg-lidc64")
     pipe.load_lora_weights("runs/lcm", weight_name="pytorch_lora_weights.safetensors", adapter_name="consistency")
@@ -19,8 +21,8 @@ the student (the UNet with the adapter) is trained so that f(x_t, t) matches f(x
 without gradient, where f(x, t) = c_skip(t) x + c_out(t) x0(x, t) with LCMScheduler's boundary scalings: a sample is
 then the end of its teacher trajectory in one call. As in diffusers' LCM-LoRA script there is no EMA target
 network; the UNet's x0-predictions are clamped to the mask range [-1, 1] in training as the pipeline clamps them in
-sampling. A teacher whose UNet takes an ambiguity latent z gets one z from its prior per row (as in sampling), the
-same for teacher, student and target. Data: one random rater per slice of `--train_split` (default `train_fit`,
+sampling (straight through for the student's gradient). A teacher whose UNet takes an ambiguity latent z gets one z
+from its prior per row (as in sampling), the same for teacher, student and target. Data: one random rater per slice of `--train_split` (default `train_fit`,
 so the `selection` patients stay unseen for the choices made on them), augmented as in pretraining.
 """
 
@@ -47,16 +49,14 @@ from ambiseg_diffusers.configs import CONFIGS
 from ambiseg_diffusers.evaluation import cpu_only, validation_report
 from ambiseg_diffusers.lidc import load_split, pipeline_prompt_style
 from ambiseg_diffusers.losses import consistency_output, ddim_solver_step
-from ambiseg_diffusers.pipelines.pipeline_ambiseg import LORA_WEIGHT_NAME
+from ambiseg_diffusers.pipelines.pipeline_ambiseg import CONSISTENCY_FILE, LORA_WEIGHT_NAME
 from ambiseg_diffusers.text import PromptCache
 from ambiseg_diffusers.training_utils import (
-    TrainingClock, generator_of, log_validation, resume_training, save_checkpoint, step_batches,
+    LORA_TARGETS, TrainingClock, generator_of, log_validation, resume_training, save_checkpoint, step_batches,
 )
 
 logger = get_logger(__name__)
 ADAPTER_NAME = "consistency"
-DISTILLATION_FILE = "consistency.json"
-LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2", "time_emb_proj"]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -81,7 +81,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     recipe.add_argument("--max_train_steps", type=int, default=2000, help="optimizer steps")
     recipe.add_argument("--train_batch_size", type=int, default=32, help="rows per step (global)")
     recipe.add_argument("--max_grad_norm", type=float, default=1.0, help="gradient clipping norm")
-    recipe.add_argument("--sampling_steps", type=int, default=2, help="the distilled pipeline's default call")
+    recipe.add_argument("--sampling_steps", type=int, default=2,
+                        help="the distilled pipeline's default number of calls (choose it on the selection split: "
+                             "scripts/sweep_samplers.py --configs lcm:1 lcm:2 ... on the output folder)")
 
     run = parser.add_argument_group("run")
     run.add_argument("--output_dir", required=True, help="run folder: checkpoints, logs, the adapter and scheduler")
@@ -108,7 +110,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def ddim_timesteps(num_train_timesteps: int, num_ddim_timesteps: int) -> torch.Tensor:
-    """The teacher's schedule as LCMScheduler's `original_inference_steps` builds it: k-1, 2k-1, ..., T-1."""
+    """The teacher's schedule as LCMScheduler's `original_inference_steps` builds it: k-1, 2k-1, ..., n·k-1 with
+    k = T // n (T-1 at the top when n divides T)."""
     stride = num_train_timesteps // num_ddim_timesteps
     return torch.arange(1, num_ddim_timesteps + 1) * stride - 1
 
@@ -141,6 +144,9 @@ def main(argv=None) -> Path:
     noise_scheduler = DDPMScheduler.from_config(teacher.scheduler.config)
     lcm = LCMScheduler.from_config(teacher.scheduler.config, original_inference_steps=args.num_ddim_timesteps,
                                    timestep_scaling=args.timestep_scaling, clip_sample=True, set_alpha_to_one=True)
+    if args.num_ddim_timesteps > noise_scheduler.config.num_train_timesteps:
+        raise ValueError(f"`--num_ddim_timesteps` ({args.num_ddim_timesteps}) exceeds the teacher's "
+                         f"{noise_scheduler.config.num_train_timesteps} training timesteps.")
     schedule = ddim_timesteps(noise_scheduler.config.num_train_timesteps, args.num_ddim_timesteps)
     stride = noise_scheduler.config.num_train_timesteps // args.num_ddim_timesteps
     encode = PromptCache(teacher.tokenizer, teacher.text_encoder)
@@ -172,10 +178,13 @@ def main(argv=None) -> Path:
     logger.info(f"{len(dataset)} training rows, {args.max_train_steps} steps of batch {args.train_batch_size}, "
                 f"teacher DDIM-{args.num_ddim_timesteps} (stride {stride})")
 
-    def unet_x0(model, noisy, timesteps, images, text, text_mask, z) -> torch.Tensor:
+    def unet_x0(model, noisy, timesteps, images, text, text_mask, z, straight_through: bool = False) -> torch.Tensor:
+        """The clamped x0-prediction, as sampling clamps it; for the student the clamp passes the gradient straight
+        through, so a prediction outside [-1, 1] is still pulled towards its target."""
         output = model(torch.cat([images, noisy], 1), timesteps, encoder_hidden_states=text,
-                       encoder_attention_mask=text_mask, class_labels=z).sample
-        return output.float().clamp(-1.0, 1.0)
+                       encoder_attention_mask=text_mask, class_labels=z).sample.float()
+        clamped = output.clamp(-1.0, 1.0)
+        return output + (clamped - output).detach() if straight_through else clamped
 
     def scalings(timesteps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return lcm.get_scalings_for_boundary_condition_discrete(timesteps.float())
@@ -197,7 +206,7 @@ def main(argv=None) -> Path:
         model = accelerator.unwrap_model(unet)
         with accelerator.autocast():
             prediction = consistency_output(scalings(start), noisy,
-                                            unet_x0(unet, noisy, start, images, text, text_mask, z))
+                                            unet_x0(unet, noisy, start, images, text, text_mask, z, straight_through=True))
             with torch.no_grad():
                 model.disable_adapters()
                 try:
@@ -286,7 +295,7 @@ def save_distilled(unet, lcm: LCMScheduler, args, output_dir: Path, steps: int, 
         info["base_model_path"] = os.path.relpath(os.path.abspath(args.teacher), os.path.abspath(output_dir))
     else:
         info["base_model"] = args.teacher
-    (output_dir / DISTILLATION_FILE).write_text(json.dumps(info, indent=2))
+    (output_dir / CONSISTENCY_FILE).write_text(json.dumps(info, indent=2))
 
 
 if __name__ == "__main__":

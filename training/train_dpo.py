@@ -49,7 +49,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import ProjectConfiguration, set_seed
-from datasets import load_dataset, load_from_disk
+from datasets import Dataset, load_dataset, load_from_disk
 from diffusers import DDPMScheduler
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
@@ -65,12 +65,11 @@ from ambiseg_diffusers.losses import DPO_ERROR_SPACES, diffusion_dpo_loss, dpo_e
 from ambiseg_diffusers.pipelines.pipeline_ambiseg import ADAPTER_FILE, LORA_WEIGHT_NAME, PREFERENCE_ADAPTER
 from ambiseg_diffusers.text import PromptCache
 from ambiseg_diffusers.training_utils import (
-    batch_indices, checkpoint_step, load_ema, log_validation, recipe_from_args, resume_checkpoint, save_checkpoint,
-    save_ema, shard, step_generator, str2bool,
+    LORA_TARGETS, batch_indices, checkpoint_step, load_ema, log_validation, recipe_from_args, resume_checkpoint,
+    save_checkpoint, save_ema, shard, step_generator, str2bool,
 )
 
 logger = get_logger(__name__)
-LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2", "time_emb_proj"]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -146,10 +145,11 @@ def load_preferences(name: str):
     return load_from_disk(name) if os.path.isdir(name) else load_dataset(name, split="train")
 
 
-def pair_batch(pairs, indices, image_clip: float, generator) -> dict:
-    """Augmented pairs: image `(B, 1, H, W)` in [-1, 1], winner/loser `(B, 1, H, W)` in {-1, 1}, prompts; for pairs
-    built with their sampling states (`build_preferences(record_states=True)`) also winner_states/loser_states
-    `(B, S, H, W)` (turned with the image), state_timesteps `(B, S)` and, where recorded, winner_z/loser_z."""
+def pair_batch(pairs: Dataset, indices: list[int], image_clip: float, generator: torch.Generator) -> dict:
+    """Augmented pairs: image `(B, 1, H, W)` in [-1, 1], winner/loser `(B, 1, H, W)` in {-1, 1}, prompts. Pairs built
+    with their sampling states (`build_preferences(record_states=True)`) are not augmented (a turned state is not one
+    the sampler gives the turned image: the UNet is not rotation-equivariant) and also carry winner_states /
+    loser_states `(B, S, H, W)`, state_timesteps `(B, S)` and, where recorded, winner_z / loser_z `(B, latent_dim)`."""
     rows = pairs[indices]
     with_states = "winner_states" in rows
     images, masks_of_rows = [], []
@@ -158,7 +158,9 @@ def pair_batch(pairs, indices, image_clip: float, generator) -> dict:
         planes = [np.asarray(rows["winner"][i])[None], np.asarray(rows["loser"][i])[None]]
         if with_states:
             planes += [np.asarray(rows["winner_states"][i]), np.asarray(rows["loser_states"][i])]
-        image, masks = augment(image, torch.as_tensor(np.concatenate(planes), dtype=torch.float32), generator)
+        masks = torch.as_tensor(np.concatenate(planes), dtype=torch.float32)
+        if not with_states:
+            image, masks = augment(image, masks, generator)
         images.append(image)
         masks_of_rows.append(masks)
     stacked = torch.stack(masks_of_rows)
@@ -212,7 +214,8 @@ def pair_inputs(batch, posterior, encode, noise_scheduler, generator, device, ti
             "z": z, "noisy": noisy, "noise": noise, "clean": masks}
 
 
-def trajectory_inputs(batch, encode, noise_scheduler, generator, device) -> dict:
+def trajectory_inputs(batch: dict, encode: PromptCache, noise_scheduler: DDPMScheduler, generator: torch.Generator,
+                      device: torch.device) -> dict:
     """Each mask of a pair at one of its own sampling steps (the same step index for winner and loser, drawn per
     pair): the UNet input the sampler gave it there, that step's timestep, the z it was sampled with (if any), and
     the noise that input implies given the mask (x_t = a x0 + s eps), so every `--error_space` applies."""
@@ -279,6 +282,7 @@ def main(argv=None) -> Path:
         pair_prior = reference.prior.requires_grad_(False).eval()
     unet = reference.unet
     if config.lora_rank > 0 and args.init_adapter:  # a further round: the policy goes on from the last one's adapter
+        check_adapter_base(args.init_adapter, args.reference)
         unet.requires_grad_(False)
         reference.load_lora_weights(args.init_adapter, weight_name=LORA_WEIGHT_NAME, adapter_name=PREFERENCE_ADAPTER)
         if unet.peft_config[PREFERENCE_ADAPTER].r != config.lora_rank:
@@ -301,6 +305,12 @@ def main(argv=None) -> Path:
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.adam_weight_decay)
 
     pairs = load_preferences(args.preferences)
+    if "winner_states" in pairs.column_names:
+        if takes_z and "winner_z" not in pairs.column_names:
+            raise ValueError(f"{args.preferences} holds sampling states without the z each mask was sampled with, but "
+                             "the reference's UNet takes z: rebuild the pairs with this reference.")
+        logger.info("pairs with sampling states: each is denoised as it was sampled (its own states, timesteps and "
+                    "z); --pair_latent does not apply")
     max_steps = config.max_train_steps or max(len(pairs) // config.train_batch_size, 1) * config.num_epochs
     # accelerate steps a prepared scheduler once per process per optimizer step.
     lr_scheduler = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=0,
@@ -452,6 +462,20 @@ def main(argv=None) -> Path:
     return output_dir
 
 
+def check_adapter_base(adapter: str, reference: str) -> None:
+    """Refuses an `--init_adapter` trained on another reference than `--reference` (its `preference.json`)."""
+    info = json.loads((Path(adapter) / ADAPTER_FILE).read_text())
+    local = os.path.join(adapter, info["base_model_path"]) if info.get("base_model_path") else None
+    if local is not None and os.path.isdir(local) and os.path.isdir(reference):
+        same = os.path.samefile(local, reference)
+    else:
+        same = info.get("base_model") == reference
+    if not same:
+        trained_on = info.get("base_model_path") or info.get("base_model")
+        raise ValueError(f"`--init_adapter` {adapter!r} was trained on {trained_on!r} (its {ADAPTER_FILE}), not on "
+                         f"`--reference` {reference!r}.")
+
+
 def save_aligned(pipe: AmbiSegPipeline, args, config: DPOTrainingConfig, output_dir: Path) -> str | None:
     """LoRA: the adapter in diffusers' format and `preference.json` naming the reference (its Hub id, and its folder
     relative to the output for checkouts). Full fine-tune: the whole pipeline. Returns the reference's Hub id."""
@@ -472,6 +496,8 @@ def save_aligned(pipe: AmbiSegPipeline, args, config: DPOTrainingConfig, output_
         weight_name=LORA_WEIGHT_NAME, unet_lora_adapter_metadata=unet.peft_config[PREFERENCE_ADAPTER].to_dict(),
     )
     info = {"adapter_name": PREFERENCE_ADAPTER, "base_model": base_model_id}
+    if args.init_adapter:  # the round it went on from
+        info["init_adapter"] = os.path.relpath(os.path.abspath(args.init_adapter), os.path.abspath(output_dir))
     if os.path.isdir(args.reference):
         info["base_model_path"] = os.path.relpath(os.path.abspath(args.reference), os.path.abspath(output_dir))
     (output_dir / ADAPTER_FILE).write_text(json.dumps(info, indent=2))

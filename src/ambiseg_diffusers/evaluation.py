@@ -4,13 +4,15 @@ the examples and the benchmarks (inference only; nothing here imports training c
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 
 import numpy as np
 import torch
+from datasets import Dataset
 from diffusers import (
     DDIMScheduler, DDPMScheduler, DEISMultistepScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler,
-    UniPCMultistepScheduler,
+    LCMScheduler, UniPCMultistepScheduler,
 )
 
 from .lidc import eval_prompts
@@ -20,6 +22,7 @@ from .visualization import sample_grid
 SAMPLING_SCHEDULERS = {
     "ddpm": DDPMScheduler, "ddim": DDIMScheduler, "dpm": DPMSolverMultistepScheduler, "unipc": UniPCMultistepScheduler,
     "euler": EulerDiscreteScheduler, "deis": DEISMultistepScheduler,
+    "lcm": LCMScheduler,  # for a distilled sampler (training/train_consistency.py), whose config it keeps
 }
 _THRESHOLDING = ("dpm", "unipc", "deis")  # clip x0-predictions via dynamic thresholding (no clip_sample option)
 
@@ -35,29 +38,37 @@ def cpu_only() -> bool:
 
 
 def build_sampling_scheduler(noise_scheduler, name: str = "ddim", clip: bool = True):
-    """A sampler on the training noise schedule. `clip`: the solver clips every x0-prediction to the mask range
-    [-1, 1] where the scheduler can (`clip_sample`, or thresholding at 1.0 for the multistep solvers); False leaves
-    the solver unclipped (the pipeline still clamps what it returns)."""
+    """A sampler on the training noise schedule of `noise_scheduler` (its betas, timesteps and prediction type); every
+    option this function controls is set explicitly, so the result does not depend on which sampler
+    `noise_scheduler` itself was. `clip`: the solver clips each x0 it derives to the mask range [-1, 1] (`clip_sample`,
+    or thresholding at 1.0 for the multistep solvers). For an x0-predicting model ("sample") the pipeline clamps the
+    prediction itself before every step (a predicted mask lives in [-1, 1]), so there `clip` changes nothing; it
+    matters for epsilon and v models."""
     if name not in SAMPLING_SCHEDULERS:
         raise ValueError(f"`scheduler` must be one of {sorted(SAMPLING_SCHEDULERS)}, got {name!r}.")
-    if name == "euler":
-        extra = {}  # no clipping option; the pipeline clamps x0-predictions itself
-    elif name in _THRESHOLDING:
-        extra = {"thresholding": clip, "sample_max_value": 1.0}
-    else:
-        extra = {"clip_sample": clip}
-    if name == "ddim":
-        extra["timestep_spacing"] = "trailing"  # starts at t = T - 1, where the training noise is
-    return SAMPLING_SCHEDULERS[name].from_config(noise_scheduler.config, **extra)
+    cls = SAMPLING_SCHEDULERS[name]
+    defaults = inspect.signature(cls.__init__).parameters
+    extra = {}
+    if "thresholding" in defaults:
+        extra["thresholding"] = clip and name in _THRESHOLDING
+        extra["sample_max_value"] = 1.0
+    if "clip_sample" in defaults:
+        extra.update(clip_sample=clip and name not in _THRESHOLDING, clip_sample_range=1.0)
+    if "timestep_spacing" in defaults:
+        # DDIM starts at t = T - 1, where the training noise is; the others keep their own default
+        extra["timestep_spacing"] = "trailing" if name == "ddim" else defaults["timestep_spacing"].default
+    return cls.from_config(noise_scheduler.config, **extra)
 
 
-def largest_consensus_slices(dataset) -> list[int]:
+def largest_consensus_slices(dataset: Dataset | dict) -> list[int]:
     """One slice per nodule, as results are read: the dataset position of the slice where the raters' 50% consensus
-    (pixels marked by at least half of the raters who read the nodule) covers the most pixels; ties go to the first.
-    lidc64's `mini` split is this view of `validate`. Needs the columns masks, annotator_valid and nodule_id."""
-    masks = np.asarray(dataset["masks"], dtype=np.int32)  # (B, 4, H, W)
-    raters = np.asarray(dataset["annotator_valid"], dtype=np.int32).sum(1)
-    consensus = (masks.sum(1) >= np.ceil(raters / 2)[:, None, None]).sum((1, 2))
+    (pixels marked by at least half of the raters who read the nodule, and by one at least) covers the most pixels;
+    ties go to the first. lidc64's `mini` split is this view of `validate`. Needs the columns masks `(4, H, W)`,
+    annotator_valid `(4,)` and nodule_id (a `datasets.Dataset` or a dict of columns)."""
+    valid = np.asarray(dataset["annotator_valid"], dtype=np.int32)  # (B, 4)
+    masks = np.asarray(dataset["masks"], dtype=np.int32) * valid[:, :, None, None]  # slots of no rater count nothing
+    needed = np.maximum(np.ceil(valid.sum(1) / 2), 1)
+    consensus = (masks.sum(1) >= needed[:, None, None]).sum((1, 2))
     best: dict[str, int] = {}
     for position, nodule in enumerate(dataset["nodule_id"]):
         if nodule not in best or consensus[position] > consensus[best[nodule]]:

@@ -12,7 +12,7 @@ import re
 from importlib import resources
 from pathlib import Path
 
-from huggingface_hub import DatasetCard, DatasetCardData, ModelCard, ModelCardData
+from huggingface_hub import CommitInfo, DatasetCard, DatasetCardData, ModelCard, ModelCardData
 from safetensors import safe_open
 
 LIDC_ATTRIBUTION = (
@@ -147,7 +147,7 @@ def push_dataset_to_hub(dataset, repo_id: str, card: DatasetCard, token: str | N
 
 def push_files_to_hub(folder: str | os.PathLike, repo_id: str, card: DatasetCard | ModelCard, patterns: list[str],
                       repo_type: str = "dataset", token: str | None = None, private: bool | None = None,
-                      commit_message: str = "Upload with ambiseg-diffusers"):
+                      commit_message: str = "Upload with ambiseg-diffusers") -> CommitInfo:
     """Uploads the files of `folder` that match `patterns` (glob, top level) and `card` as README.md in one commit,
     so the repo never holds the data without its licence. Returns the `CommitInfo`; FileNotFoundError when nothing
     matches."""

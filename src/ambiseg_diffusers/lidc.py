@@ -20,6 +20,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from datasets import Array2D, Array3D, Dataset, Features, Sequence as SequenceFeature, Value
+from diffusers.utils import logging
+
+logger = logging.get_logger(__name__)
 
 
 RATING_NAMES = (
@@ -280,6 +283,7 @@ def find_lidc64(data_dir: str | os.PathLike | None = None, repo_id: str | None =
 
     repo = lidc64_repo_id(repo_id)
     try:
+        logger.info(f"no local lidc64 folder: reading the Hub dataset {repo!r} (downloaded once, then cached)")
         folder = Path(snapshot_download(repo, repo_type="dataset", allow_patterns=LIDC64_HUB_FILES))
     except Exception as error:  # offline without a cached copy, no such repo, no network: say what to do instead
         reason = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"

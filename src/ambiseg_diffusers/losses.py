@@ -145,7 +145,9 @@ def ddim_solver_step(scheduler, clean: torch.Tensor, noisy: torch.Tensor, timest
                      previous: torch.Tensor) -> torch.Tensor:
     """The deterministic DDIM step (eta = 0) from `noisy` at `timesteps` to `previous` `(B,)` (>= 0) given the
     predicted clean mask `clean` `(B, C, H, W)`: the teacher's ODE solver of consistency distillation. Equals
-    `DDIMScheduler.step` between the same two timesteps (tested)."""
+    `DDIMScheduler.step` (no clipping; `clean` is already clamped) between the same two timesteps (tested). The last
+    step of the schedule ends at timestep 0, with alpha_cumprod[0] (diffusers' LCM distillation does the same),
+    where `DDIMScheduler` would go on to its `final_alpha_cumprod`."""
     a, s = _signal_and_noise_scales(scheduler, timesteps, noisy.device)
     eps = (noisy - a * clean) / s
     a_prev, s_prev = _signal_and_noise_scales(scheduler, previous, noisy.device)

@@ -84,6 +84,10 @@ def sample_with_states(pipeline, images: np.ndarray, prompts: list[str], rows: l
 
     Returns masks `(B, K, H, W)` and {"states": `(B, K, S, H, W)` float32 (the UNet input at each of the S steps,
     the initial noise first), "timesteps": `(S,)`, "z": `(B, K, latent_dim)` or None}."""
+    scheduler = pipeline.scheduler
+    if float(getattr(scheduler, "init_noise_sigma", 1.0)) != 1.0 or pipeline.unet.mask_channels != 1:
+        raise ValueError(f"recording sampling states needs a scheduler whose UNet input is the latent itself "
+                         f"(DDIM, DDPM, DPM-Solver, UniPC, DEIS; not {type(scheduler).__name__}) and one mask channel.")
     size = images.shape[-1]
     noise = torch.cat([torch.randn((num_samples, pipeline.unet.mask_channels, size, size),
                                    generator=candidate_generator(seed, run, i, stream=1)) for i in rows])
@@ -101,8 +105,11 @@ def sample_with_states(pipeline, images: np.ndarray, prompts: list[str], rows: l
                      callback_on_step_end=record, callback_on_step_end_tensor_inputs=inputs).masks
     steps = torch.stack(states[:-1], 1)  # the input of each step; the last state is the output
     batch = len(rows)
+    timesteps = pipeline.scheduler.timesteps.cpu()
+    if timesteps.is_floating_point() and not torch.equal(timesteps, timesteps.round()):
+        raise ValueError(f"{type(scheduler).__name__} samples at fractional timesteps; recording needs integer ones.")
     recorded = {"states": steps.reshape(batch, num_samples, *steps.shape[1:])[:, :, :, 0].numpy(),
-                "timesteps": pipeline.scheduler.timesteps.cpu().numpy().astype(np.int32),
+                "timesteps": timesteps.numpy().astype(np.int32),
                 "z": latents["z"].reshape(batch, num_samples, -1).numpy() if "z" in latents else None}
     return masks, recorded
 
@@ -191,9 +198,13 @@ def build_preferences(
 
 def _assemble(dataset, parts: Path, output_dir: Path, strategy: str) -> tuple[Dataset, dict]:
     records, arrays = [], {}
+    with_states = json.loads((parts / "run_arguments.json").read_text()).get("record_states", False)
     for part in sorted(parts.glob("part-*.json")):
         records += json.loads(part.read_text())
-        if part.with_suffix(".npz").exists():
+        if with_states:
+            if not part.with_suffix(".npz").exists():
+                raise FileNotFoundError(f"{part.with_suffix('.npz')} is missing (the sampling states of {part.name}); "
+                                        "delete both files and run the build again to redo that chunk.")
             with np.load(part.with_suffix(".npz")) as stored:
                 arrays.update({key: stored[key] for key in stored.files})
     pairs = [r for r in records if not r["tie"]]

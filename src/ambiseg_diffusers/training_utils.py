@@ -32,6 +32,10 @@ COMPLETE_FILE = "checkpoint_complete.json"  # written last: a checkpoint folder 
 
 
 # ----------------------------------------------------------------------------------------------- flags
+# The UNet layers a LoRA adapts (TDG-DiffDPO, consistency distillation): attention projections and ResNet convolutions.
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2", "time_emb_proj"]
+
+
 def str2bool(value: str) -> bool:
     """argparse type for boolean flags: only true/false spellings, anything else is an error (not False)."""
     lowered = str(value).strip().lower()

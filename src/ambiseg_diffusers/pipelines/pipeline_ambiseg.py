@@ -37,6 +37,8 @@ PromptInput = Union[str, list[str], list[list[str]], None]
 # pipeline is not in the same folder, which base it belongs to.
 ADAPTER_FILE = "preference.json"
 PREFERENCE_ADAPTER = "preference"
+# A distilled few-call sampler (training/train_consistency.py): a LoRA, an LCMScheduler in scheduler/ and this file.
+CONSISTENCY_FILE = "consistency.json"
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 OUTPUT_TYPES = ("np", "pt", "pil", "latent")
 AUTOCAST_MODES = ("auto", "bf16", "no")
@@ -186,20 +188,23 @@ class AmbiSegPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         diffusers' own download step only accepts components from diffusers or transformers, so a Hub repo is
         fetched whole with `huggingface_hub.snapshot_download` (which honours `HF_HUB_OFFLINE` and the cache).
 
-        A LoRA folder (`preference.json` + `pytorch_lora_weights.safetensors`, as TDG-DiffDPO writes) loads its base
-        pipeline first: the one in the same folder, else `base_model_path` (relative to the folder, for checkouts)
-        when it exists, else the Hub repo `base_model`; `base_model=...` overrides all three.
+        A LoRA folder loads its base pipeline first: the one in the same folder, else `base_model_path` (relative to
+        the folder, for checkouts) when it exists, else the Hub repo `base_model`; `base_model=...` overrides all
+        three. Two kinds: a TDG-DiffDPO adapter (`preference.json` + `pytorch_lora_weights.safetensors`), and a
+        distilled sampler (`consistency.json` + the LoRA + an `LCMScheduler` in `scheduler/`, from
+        training/train_consistency.py), which also sets the scheduler and the default number of calls.
         """
         download_kwargs = download_kwargs_of(kwargs)
         base_override = kwargs.pop("base_model", None)
         if "torch_dtype" not in kwargs:
             kwargs.setdefault("dtype", torch.float32)
         path = resolve_pretrained_path(pretrained_model_name_or_path, **download_kwargs)
-        adapter_file = os.path.join(path, ADAPTER_FILE)
-        if not os.path.isfile(adapter_file):
+        info_file = next((os.path.join(path, name) for name in (ADAPTER_FILE, CONSISTENCY_FILE)
+                          if os.path.isfile(os.path.join(path, name))), None)
+        if info_file is None:
             return cls._load_checked(path, **kwargs)
 
-        with open(adapter_file) as f:
+        with open(info_file) as f:
             info = json.load(f)
         if base_override is not None:
             base = base_override
@@ -209,13 +214,22 @@ class AmbiSegPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
             local = os.path.normpath(os.path.join(path, info["base_model_path"])) if info.get("base_model_path") else None
             base = local if local and os.path.isdir(local) else info.get("base_model")
             if base is None:
-                raise ValueError(f"{adapter_file} names no `base_model`; pass `base_model=` (a folder or Hub id).")
+                raise ValueError(f"{info_file} names no `base_model`; pass `base_model=` (a folder or Hub id).")
         if base == path:
             pipe = cls._load_checked(path, **kwargs)
         else:
             base_kwargs = {k: v for k, v in download_kwargs.items() if k in BASE_DOWNLOAD_KWARGS}
             pipe = cls.from_pretrained(base, **kwargs, **base_kwargs)
-        pipe.load_lora_weights(path, weight_name=LORA_WEIGHT_NAME, adapter_name=info.get("adapter_name", PREFERENCE_ADAPTER))
+        earlier = list(getattr(pipe.unet, "peft_config", None) or {})
+        name = info.get("adapter_name", PREFERENCE_ADAPTER)
+        pipe.load_lora_weights(path, weight_name=LORA_WEIGHT_NAME, adapter_name=name)
+        if earlier:  # a distilled sampler on an aligned model: both adapters act
+            pipe.set_adapters(earlier + [name])
+        if info_file.endswith(CONSISTENCY_FILE):
+            from diffusers import LCMScheduler
+
+            pipe.scheduler = LCMScheduler.from_pretrained(path, subfolder="scheduler")
+            pipe.register_to_config(default_num_inference_steps=int(info["num_inference_steps"]))
         return pipe
 
     @classmethod
