@@ -176,6 +176,15 @@ def test_diagnostics_match_a_hand_computation(tokenizer):
     masks = pipe(row["image"], [row["prompts"]], num_samples=4, latents=latents,
                  generator=torch.Generator().manual_seed(3 + 1)).masks
     own = compute_metrics_batch(masks, row["masks"][None])["ged"][0]
+    # The z effect: the same initial noise under another prior draw of z (the generator seeded 10**6 later).
+    other = pipe(row["image"], [row["prompts"]], num_samples=4, latents=latents,
+                 generator=torch.Generator().manual_seed(3 + 1 + 10**6)).masks
+    inter = (masks & other).sum((-1, -2))
+    total = masks.sum((-1, -2)) + other.sum((-1, -2))
+    dice = np.where(total == 0, 1.0, 2 * inter / np.maximum(total, 1))
+    assert ambiguity_diagnostics(pipe, rows[1:], num_samples=4, seed=4)["z_effect"] == pytest.approx(
+        1 - dice.mean(), rel=1e-6)
+    assert 0 < 1 - dice.mean()  # the random-headed prior's z moves these masks: the fixture can tell
     gap_rows = [g for g in report if g.startswith("ged_")]
     assert sorted(gap_rows) == ["ged_posterior_z", "ged_prior_z"]
     assert report["prior_gap"] == pytest.approx(report["ged_prior_z"] - report["ged_posterior_z"])

@@ -5,6 +5,8 @@ prior (for the "latent" design p(z | image, prompt); for "prediction_kl" p(z | i
 predicted mask being one sample of the pipeline for that prompt), and, for a UNet that takes z, the *prior gap*:
 GED with z drawn from the prior (what sampling does) minus GED with z drawn from the raters' posteriors (which needs
 the answer), over the same initial noise. A prior that predicts what the posterior encodes has a gap near 0.
+And the *z effect*: how much of a mask z decides, 1 − Dice between the masks of one initial noise under two prior
+draws of z (0: the UNet ignores z; the earlier latent's one live dimension decided a sample's size).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import torch
 
 from .image_processing import masks_to_model_range
 from .lidc import eval_prompts
-from .metrics import compute_metrics_batch
+from .metrics import compute_metrics_batch, pairwise_dice_iou
 
 LIVE_KL = 0.01  # nats: a latent dimension whose mean KL(q || p) is above this carries information
 
@@ -37,8 +39,10 @@ def ambiguity_diagnostics(pipe, dataset, max_images: int | None = None, num_samp
     Returns `kl_per_dimension` (mean KL(q || p) of each dimension, nats), `kl` (their sum), `live_dimensions`
     (dimensions above `LIVE_KL`), `prior_posterior_correlation` (per dimension, Pearson over the pairs of the prior
     and posterior means; `..._live` is its KL-weighted mean over the live dimensions) and, when the UNet takes z and
-    `prior_gap`, `ged_prior_z`, `ged_posterior_z` and `prior_gap` (means over images; N = `num_samples`, sample `s`
-    uses rater `s mod R`'s prompt and, for the posterior row, that rater's posterior).
+    `prior_gap`, `ged_prior_z`, `ged_posterior_z`, `prior_gap` (means over images; N = `num_samples`, sample `s`
+    uses rater `s mod R`'s prompt and, for the posterior row, that rater's posterior) and `z_effect` (mean over
+    images and samples of 1 − Dice between a sample and the sample of the same initial noise under another prior z;
+    in [0, 1]).
     Empty dict for a pipeline without prior and posterior.
     """
     if pipe.prior is None or pipe.posterior is None:
@@ -46,7 +50,7 @@ def ambiguity_diagnostics(pipe, dataset, max_images: int | None = None, num_samp
     device = pipe._execution_device
     total = len(dataset) if max_images is None else min(max_images, len(dataset))
     predicts_z = bool(pipe.unet.latent_dim)
-    prior_means, posterior_means, kls, geds = [], [], [], {"prior": [], "posterior": []}
+    prior_means, posterior_means, kls, geds = [], [], [], {"prior": [], "posterior": [], "z_effect": []}
     for index in range(total):
         row = dataset[index]
         raters = _valid_raters(row)
@@ -86,11 +90,13 @@ def ambiguity_diagnostics(pipe, dataset, max_images: int | None = None, num_samp
         report["ged_prior_z"] = float(np.mean(geds["prior"]))
         report["ged_posterior_z"] = float(np.mean(geds["posterior"]))
         report["prior_gap"] = report["ged_prior_z"] - report["ged_posterior_z"]
+        report["z_effect"] = float(np.mean(geds["z_effect"]))
     return report
 
 
 def _prior_gap_row(pipe, row, raters, prompts, posterior, num_samples: int, seed: int) -> dict[str, float]:
-    """GED of one image with prior z and with posterior z, the same initial noise and prompts."""
+    """GED of one image with prior z and with posterior z, the same initial noise and prompts, and the z effect: the
+    prior row's masks against those of the same noise under another prior draw of z (another generator seed)."""
     generator = torch.Generator().manual_seed(seed)
     height, width = np.asarray(row["image"]).shape[-2:]
     latents = torch.randn(num_samples, pipe.unet.mask_channels, height, width, generator=generator)
@@ -99,9 +105,12 @@ def _prior_gap_row(pipe, row, raters, prompts, posterior, num_samples: int, seed
     posterior_z = posterior.select(of_sample.to(posterior.mean.device)).sample(noise=noise)
     annotations = np.asarray(row["masks"], bool)[None]
     image = np.asarray(row["image"], np.float32)
-    geds = {}
-    for name, z in (("prior", None), ("posterior", posterior_z)):
-        masks = pipe(image, [prompts], num_samples=num_samples, latents=latents, ambiguity_latents=z,
-                     generator=torch.Generator().manual_seed(seed)).masks
-        geds[name] = float(compute_metrics_batch(masks, annotations)["ged"][0])
+    geds, masks = {}, {}
+    for name, z, z_seed in (("prior", None, seed), ("posterior", posterior_z, seed), ("other_prior", None, seed + 10**6)):
+        masks[name] = pipe(image, [prompts], num_samples=num_samples, latents=latents, ambiguity_latents=z,
+                           generator=torch.Generator().manual_seed(z_seed)).masks
+        if name != "other_prior":
+            geds[name] = float(compute_metrics_batch(masks[name], annotations)["ged"][0])
+    dice, _ = pairwise_dice_iou(torch.as_tensor(masks["prior"]), torch.as_tensor(masks["other_prior"]))
+    geds["z_effect"] = float(1 - dice[0].diagonal().mean())
     return geds
