@@ -23,8 +23,9 @@ from pathlib import Path
 
 import torch
 
-import build_preferences
-import train_dpo
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "training"))  # train_dpo.py, run as a script
+import build_preferences  # noqa: E402  (beside this script)
+import train_dpo  # noqa: E402
 from ambiseg_diffusers import AmbiSegPipeline
 from ambiseg_diffusers.evaluation import evaluate_pipeline
 from ambiseg_diffusers.lidc import load_split, pipeline_prompt_style

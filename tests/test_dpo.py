@@ -440,3 +440,19 @@ def test_iterated_rounds_score_every_round_and_skip_finished_ones(tmp_path, toke
     assert iterate_dpo.main(argv) == record and calls == []
     with pytest.raises(ValueError, match="num_samples"):  # other arguments into the same folder: refused
         iterate_dpo.main([a if a != "2" or i != argv.index("--num_samples") + 1 else "4" for i, a in enumerate(argv)])
+
+
+def test_every_script_runs_from_a_plain_shell():
+    """As a user runs them (`python scripts/x.py`): no test's sys.path, so a script that imports a sibling in another
+    folder (iterate_dpo.py -> training/train_dpo.py) must find it itself."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    for script in sorted((root / "scripts").glob("*.py")) + sorted((root / "training").glob("*.py")):
+        result = subprocess.run([sys.executable, str(script), "--help"], cwd=root, env=env, capture_output=True,
+                                text=True, timeout=120)
+        assert result.returncode == 0 and "usage" in result.stdout, (script.name, result.stderr[-2000:])
