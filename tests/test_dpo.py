@@ -315,7 +315,10 @@ def test_the_final_weights_are_validated_after_a_periodic_validation(reference_a
     out = train_dpo.main(dpo_args(reference, prefs, "--max_train_steps", "3", "--validation_steps", "2",
                                   "--output_dir", str(tmp_path / "run")))
     assert len(calls) == 2  # at step 2, then the final weights at step 3
-    assert '"ged": 2.0' in (out / "README.md").read_text()  # the card shows the final validation
+    card = (out / "README.md").read_text()
+    assert '"ged": 2.0' in card  # the card shows the final validation
+    # no --base_model_id: the card names the reference's folder, never a Hub link to "None"
+    assert "None" not in card and f"in the folder `{reference}`" in card and f'from_pretrained("{reference}")' in card
 
 
 @needs_data

@@ -453,6 +453,7 @@ def main(argv=None) -> Path:
         repo_id = args.hub_model_id or output_dir.name
         model_card(
             "tdg-diffdpo.md", repo_id, base_model=base_model_id, extra_tags=["tdg-diffdpo", "diffusion-dpo", "lora"],
+            reference=args.reference,
             preferences=args.preferences, num_pairs=len(pairs), config_json=json.dumps(asdict(config), indent=2),
             metrics=json.dumps({k: round(v, 4) for k, v in metrics.items()}, indent=2),
         ).save(output_dir / "README.md")
