@@ -240,10 +240,10 @@ def plot(views: dict, reference: str, path: Path) -> None:
                                                                         [d["high"] - d["mean"] for d in diff]],
                                  marker="o", capsize=3, label=label)
         axes[0].set_ylim(0, top * 1.15)
-        axes[0].set_title(f"{view}: GED, 95% bootstrap interval (lower is better)", fontsize=9)
+        axes[0].set_title(f"{view}\nGED, 95% bootstrap interval (lower is better)", fontsize=9)
         axes[1].axhline(TOLERANCE, color="0.5", linestyle="--", label=f"reference + {TOLERANCE}")
         axes[1].axhline(0, color="0.4", linewidth=0.8)
-        axes[1].set_title(f"{view}: GED − {reference} (same images and seeds)", fontsize=9)
+        axes[1].set_title(f"{view}\nGED − {reference} (same images and seeds)", fontsize=9)
         for ax in axes:
             ax.set_xscale("log")
             ax.set_xlabel("denoising steps")
