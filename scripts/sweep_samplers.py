@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 
@@ -34,6 +35,7 @@ from ambiseg_diffusers.evaluation import (
 )
 from ambiseg_diffusers.lidc import load_split, pipeline_prompt_style
 from ambiseg_diffusers.metrics import format_table, paired_difference, summarize
+from ambiseg_diffusers.run_records import check_resumable
 
 TOLERANCE = 0.005  # "equal quality": GED at most this above the reference (lower GED is better)
 VIEWS = ("all slices", "largest-consensus slice per nodule")
@@ -69,7 +71,10 @@ def main(argv=None) -> dict:
                              "speed reference of the '× paper' column; 0 = skip")
     parser.add_argument("--picture_images", type=int, default=3,
                         help="largest-consensus slices drawn for every configuration in samples.png; 0 = none")
-    parser.add_argument("--output_dir", required=True)
+    parser.add_argument("--output_dir", required=True,
+                        help="resumable: each configuration's results are kept (configs/*.npz) and reused by a rerun "
+                             "with the same arguments, so a run can add configurations to an earlier one")
+    parser.add_argument("--overwrite", action="store_true", help="delete the folder's earlier results first")
     args = parser.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     for config in args.configs:
@@ -88,14 +93,28 @@ def main(argv=None) -> dict:
     dataset = load_split(args.dataset, args.split, args.data_dir, pipeline_prompt_style(base))
     count = len(dataset) if args.max_images is None else min(args.max_images, len(dataset))
     output_dir = Path(args.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    cache = output_dir / "configs"
+    # what decides a configuration's numbers (not which configurations, nor memory or timing-only options)
+    deciding = {k: v for k, v in vars(args).items()
+                if k not in ("configs", "reference", "output_dir", "overwrite", "images_per_call", "paper_protocol_images")}
+    deciding["model_weights"] = weights_fingerprint(args.model)  # a folder whose weights were replaced is another model
+    check_resumable(output_dir, deciding, sorted(cache.glob("*.npz")), overwrite=args.overwrite)
+    cache.mkdir(parents=True, exist_ok=True)
     views = {VIEWS[0]: list(range(count)), VIEWS[1]: largest_consensus_slices(dataset.select(range(count)))}
     paper_seconds = paper_protocol_seconds(base, dataset, args.paper_protocol_images, args.num_samples, device)
     pictured = views[VIEWS[1]][: args.picture_images]
-    per_config, seconds, failed, pictures = {}, {}, {}, {}
+    per_config, seconds, failed, pictures, reused = {}, {}, {}, {}, []
     saved = base.scheduler  # every configuration is built from the model's own scheduler, never from the last one
     for config in args.configs:
         name, steps, clip = parse_config(config)
+        kept = cache / f"{config.replace(':', '_')}.npz"
+        if kept.exists():  # measured by an earlier run into this folder with the same arguments
+            stored = np.load(kept)
+            per_config[config] = {k[len("metric_"):]: stored[k] for k in stored.files if k.startswith("metric_")}
+            seconds[config], pictures[config] = float(stored["seconds"]), stored["pictures"]
+            reused.append(config)
+            print(f"{config}: reused from {kept}", flush=True)
+            continue
         base.scheduler = build_sampling_scheduler(saved, name, clip=clip)
         started = time.perf_counter()
         try:
@@ -109,17 +128,25 @@ def main(argv=None) -> dict:
         synchronize(device)
         seconds[config] = (time.perf_counter() - started) / count
         per_config[config], pictures[config] = per_image, samples[pictured]
+        partial = kept.with_suffix(".tmp.npz")
+        np.savez(partial, seconds=seconds[config], pictures=pictures[config],
+                 **{f"metric_{k}": v for k, v in per_image.items()})
+        os.replace(partial, kept)
         print(f"{config}: GED {per_image['ged'].mean():.4f}  CI {per_image['ci'].mean():.4f}  "
               f"{seconds[config]:.2f} s/image", flush=True)
 
     header = (f"{args.split}, {count} images ({len(views[VIEWS[1]])} nodules), N = {args.num_samples}, {args.prompts} "
               f"prompts{', bf16' if args.bf16 else ''}; reference {args.reference}\n")
     speedup = {c: paper_seconds / t for c, t in seconds.items()} if paper_seconds else {}
+    if reused:
+        header += (f"\nReused from an earlier run into this folder, with the same arguments: {', '.join(reused)} (their "
+                   "s/image too, so their speed is not measured side by side with this run's).\n")
     if paper_seconds:
         header += (f"\nSpeed: the paper's protocol (16 one-sample DDIM-100 calls per image, float32) took "
                    f"{paper_seconds:.1f} s/image on {args.paper_protocol_images} images in this run; '× paper' is that over "
                    "each configuration's s/image.\n")
-    report = {"views": {}, "seconds_per_image": seconds, "failed": failed, "images": count, "split": args.split,
+    report = {"views": {}, "seconds_per_image": seconds, "failed": failed, "reused": reused, "images": count,
+              "split": args.split,
               "paper_protocol_seconds_per_image": paper_seconds, "speedup_vs_paper": speedup}
     sections = [header]
     for view, indices in views.items():
@@ -141,6 +168,20 @@ def main(argv=None) -> dict:
         draw_samples(dataset.select(pictured), pictures, output_dir / "samples.png")
     print(text)
     return report
+
+
+def weights_fingerprint(model: str) -> str:
+    """sha256 over a pipeline folder's weight files (their paths and bytes); a Hub id stands for itself."""
+    import hashlib
+
+    folder = Path(model)
+    if not folder.is_dir():
+        return model
+    digest = hashlib.sha256()
+    for path in sorted(folder.rglob("*.safetensors")):
+        digest.update(str(path.relative_to(folder)).encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
 
 
 def view_table(per_config: dict, indices: list[int], reference: str, seconds: dict,

@@ -127,6 +127,18 @@ def test_sampler_sweep_reports_both_views(model, tmp_path, capsys):
     import PIL.Image
 
     assert PIL.Image.open(tmp_path / "sweep" / "samples.png").height > 3 * 2 * 16  # three labelled blocks, two slices
+
+    # Resumable: a rerun into the folder reuses what it measured (same numbers) and adds new configurations ...
+    again = sweep_samplers.main(["--model", str(model), "--split", "validate", "--max_images", "12", "--num_samples",
+                                 "2", "--configs", "ddim:2", "ddim:1", "--reference", "ddim:2", "--paper_protocol_images",
+                                 "0", "--picture_images", "2", "--output_dir", str(tmp_path / "sweep")])
+    assert again["reused"] == ["ddim:2"] and set(again["views"][sweep_samplers.VIEWS[0]]["rows"]) == {"ddim:2", "ddim:1"}
+    assert again["views"][sweep_samplers.VIEWS[0]]["rows"]["ddim:2"] == all_slices["rows"]["ddim:2"]
+    assert "Reused from an earlier run" in (tmp_path / "sweep" / "sweep.md").read_text()
+    # ... but never results of other arguments
+    with pytest.raises(ValueError, match="num_samples"):
+        sweep_samplers.main(["--model", str(model), "--split", "validate", "--max_images", "12", "--num_samples", "3",
+                             "--configs", "ddim:2", "--reference", "ddim:2", "--output_dir", str(tmp_path / "sweep")])
     with pytest.raises(SystemExit):
         sweep_samplers.main(["--model", str(model), "--configs", "ddim:2:clip", "--output_dir", str(tmp_path / "x")])
     assert "sampler:steps:noclip" in capsys.readouterr().err
