@@ -15,7 +15,7 @@ python scripts/iterate_dpo.py --reference "$R/reference" --rounds 2 --strategy s
     -- --config cpu --beta 5000 --report_to none
 for m in reference dpo/round-1/adapter dpo/round-2/adapter; do
   python scripts/evaluate.py --model "$R/$m" --split validate --num_samples 16 --prompts annotator --bf16 \
-      --images_per_call 16 --batch_size 256 --output_dir "$R/eval-${m//\//-}" --overwrite
+      --images_per_call 16 --batch_size 256 --output_dir "$R/eval-${m//\//-}"
 done
 python scripts/compare_evaluations.py --reference "$R/eval-reference" --runs "$R/eval-dpo-round-1-adapter" \
     "$R/eval-dpo-round-2-adapter" --labels "round 1" "round 2" --output "$R/validate.md"

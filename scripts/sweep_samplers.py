@@ -82,6 +82,7 @@ def main(argv=None) -> dict:
             parse_config(config)
         except ValueError as error:
             parser.error(str(error))
+    args.configs = list(dict.fromkeys(args.configs))  # a configuration named twice is measured once
     if args.reference not in args.configs:
         parser.error(f"--reference {args.reference!r} must be one of --configs {args.configs}")
 
@@ -98,6 +99,7 @@ def main(argv=None) -> dict:
     deciding = {k: v for k, v in vars(args).items()
                 if k not in ("configs", "reference", "output_dir", "overwrite", "images_per_call", "paper_protocol_images")}
     deciding["model_weights"] = weights_fingerprint(args.model)  # a folder whose weights were replaced is another model
+    deciding["device"], deciding["torch"] = device, torch.__version__  # GPU and CPU numbers are not mixed in one table
     check_resumable(output_dir, deciding, sorted(cache.glob("*.npz")), overwrite=args.overwrite)
     cache.mkdir(parents=True, exist_ok=True)
     views = {VIEWS[0]: list(range(count)), VIEWS[1]: largest_consensus_slices(dataset.select(range(count)))}
@@ -171,16 +173,21 @@ def main(argv=None) -> dict:
 
 
 def weights_fingerprint(model: str) -> str:
-    """sha256 over a pipeline folder's weight files (their paths and bytes); a Hub id stands for itself."""
+    """sha256 over a pipeline folder's weight and config files (paths and bytes), and over its base pipeline's when
+    it is a LoRA folder naming one (`preference.json`'s `base_model_path`); a Hub id stands for itself."""
     import hashlib
 
     folder = Path(model)
     if not folder.is_dir():
         return model
     digest = hashlib.sha256()
-    for path in sorted(folder.rglob("*.safetensors")):
+    for path in sorted(p for p in folder.rglob("*") if p.suffix in (".safetensors", ".json")):
         digest.update(str(path.relative_to(folder)).encode())
         digest.update(path.read_bytes())
+    adapter = folder / "preference.json"
+    base = json.loads(adapter.read_text()).get("base_model_path") if adapter.is_file() else None
+    if base and (folder / base).is_dir():
+        digest.update(weights_fingerprint(str(folder / base)).encode())
     return digest.hexdigest()
 
 

@@ -445,7 +445,7 @@ def test_iterated_rounds_score_every_round_and_skip_finished_ones(tmp_path, toke
         iterate_dpo.main([a if a != "2" or i != argv.index("--num_samples") + 1 else "4" for i, a in enumerate(argv)])
 
 
-def test_scripts_that_import_their_siblings_run_from_a_plain_shell():
+def test_scripts_that_import_their_siblings_run_from_a_plain_shell(tmp_path):
     """As a user runs them (`python scripts/x.py`): no test's sys.path, so a script that imports another script or
     training script (iterate_dpo.py -> training/train_dpo.py) must find it itself. Only those are run (each start
     costs seconds)."""
@@ -468,6 +468,17 @@ def test_scripts_that_import_their_siblings_run_from_a_plain_shell():
     assert root / "scripts" / "iterate_dpo.py" in importing
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     for script in importing:
-        result = subprocess.run([sys.executable, str(script), "--help"], cwd=root, env=env, capture_output=True,
+        result = subprocess.run([sys.executable, str(script), "--help"], cwd=tmp_path, env=env, capture_output=True,
                                 text=True, timeout=120)
         assert result.returncode == 0 and "usage" in result.stdout, (script.name, result.stderr[-2000:])
+
+
+def test_an_adapter_is_not_published_without_a_downloadable_base(tmp_path, capsys):
+    (tmp_path / "reference").mkdir()
+    with pytest.raises(SystemExit):
+        train_dpo.parse_args(["--reference", str(tmp_path / "reference"), "--preferences", "p", "--output_dir", "o",
+                              "--push_to_hub"])
+    assert "--base_model_id" in capsys.readouterr().err
+    args = train_dpo.parse_args(["--reference", str(tmp_path / "reference"), "--preferences", "p", "--output_dir", "o",
+                                 "--push_to_hub", "--base_model_id", "org/reference"])
+    assert args.base_model_id == "org/reference"

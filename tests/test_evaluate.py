@@ -129,9 +129,22 @@ def test_sampler_sweep_reports_both_views(model, tmp_path, capsys):
     assert PIL.Image.open(tmp_path / "sweep" / "samples.png").height > 3 * 2 * 16  # three labelled blocks, two slices
 
     # Resumable: a rerun into the folder reuses what it measured (same numbers) and adds new configurations ...
-    again = sweep_samplers.main(["--model", str(model), "--split", "validate", "--max_images", "12", "--num_samples",
-                                 "2", "--configs", "ddim:2", "ddim:1", "--reference", "ddim:2", "--paper_protocol_images",
-                                 "0", "--picture_images", "2", "--output_dir", str(tmp_path / "sweep")])
+    measured = sweep_samplers.evaluate_pipeline
+
+    def only_new(pipe, dataset, num_samples, steps, **kwargs):  # records what the rerun samples
+        calls.append((type(pipe.scheduler).__name__, steps))
+        return measured(pipe, dataset, num_samples, steps, **kwargs)
+
+    calls = []
+    sweep_samplers.evaluate_pipeline = only_new
+    try:
+        again = sweep_samplers.main(["--model", str(model), "--split", "validate", "--max_images", "12",
+                                     "--num_samples", "2", "--configs", "ddim:2", "ddim:1", "--reference", "ddim:2",
+                                     "--paper_protocol_images", "0", "--picture_images", "2",
+                                     "--output_dir", str(tmp_path / "sweep")])
+    finally:
+        sweep_samplers.evaluate_pipeline = measured
+    assert calls == [("DDIMScheduler", 1)]  # only ddim:1 was sampled; ddim:2 came from the folder
     assert again["reused"] == ["ddim:2"] and set(again["views"][sweep_samplers.VIEWS[0]]["rows"]) == {"ddim:2", "ddim:1"}
     assert again["views"][sweep_samplers.VIEWS[0]]["rows"]["ddim:2"] == all_slices["rows"]["ddim:2"]
     assert "Reused from an earlier run" in (tmp_path / "sweep" / "sweep.md").read_text()

@@ -137,6 +137,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("--checkpointing_steps must be >= 1")
     if args.init_adapter and not os.path.isfile(os.path.join(args.init_adapter, LORA_WEIGHT_NAME)):
         parser.error(f"--init_adapter {args.init_adapter!r} holds no {LORA_WEIGHT_NAME} (a LoRA TDG-DiffDPO output folder)")
+    if args.push_to_hub and args.base_model_id is None and os.path.isdir(args.reference):
+        parser.error("--push_to_hub with a local --reference needs --base_model_id (the reference's Hub repo): the "
+                     "published adapter must name a base model that others can download")
     return args
 
 

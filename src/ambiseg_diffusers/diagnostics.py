@@ -6,7 +6,9 @@ predicted mask being one sample of the pipeline for that prompt), and, for a UNe
 GED with z drawn from the prior (what sampling does) minus GED with z drawn from the raters' posteriors (which needs
 the answer), over the same initial noise. A prior that predicts what the posterior encodes has a gap near 0.
 And the *z effect*: how much of a mask z decides, 1 − Dice between the masks of one initial noise under two prior
-draws of z (0: the UNet ignores z; the earlier latent's one live dimension decided a sample's size).
+draws of z (0: the UNet ignores z; the earlier latent's one live dimension decided a sample's size). The second draw
+comes from another generator seed, which also drives a stochastic sampler's step noise (DDPM, LCM, DDIM with
+eta > 0): measure the z effect with a deterministic sampler (the default DDIM, eta 0), or it includes that noise.
 """
 
 from __future__ import annotations
