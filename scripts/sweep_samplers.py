@@ -35,7 +35,7 @@ from ambiseg_diffusers.evaluation import (
 )
 from ambiseg_diffusers.lidc import load_split, pipeline_prompt_style
 from ambiseg_diffusers.metrics import format_table, paired_difference, summarize
-from ambiseg_diffusers.run_records import check_resumable
+from ambiseg_diffusers.run_records import check_resumable, pipeline_fingerprint
 
 TOLERANCE = 0.005  # "equal quality": GED at most this above the reference (lower GED is better)
 VIEWS = ("all slices", "largest-consensus slice per nodule")
@@ -98,7 +98,7 @@ def main(argv=None) -> dict:
     # what decides a configuration's numbers (not which configurations, nor memory or timing-only options)
     deciding = {k: v for k, v in vars(args).items()
                 if k not in ("configs", "reference", "output_dir", "overwrite", "images_per_call", "paper_protocol_images")}
-    deciding["model_weights"] = weights_fingerprint(args.model)  # a folder whose weights were replaced is another model
+    deciding["model_sha256"] = pipeline_fingerprint(base)  # a folder whose weights were replaced is another model
     deciding["device"], deciding["torch"] = device, torch.__version__  # GPU and CPU numbers are not mixed in one table
     check_resumable(output_dir, deciding, sorted(cache.glob("*.npz")), overwrite=args.overwrite)
     cache.mkdir(parents=True, exist_ok=True)
@@ -170,25 +170,6 @@ def main(argv=None) -> dict:
         draw_samples(dataset.select(pictured), pictures, output_dir / "samples.png")
     print(text)
     return report
-
-
-def weights_fingerprint(model: str) -> str:
-    """sha256 over a pipeline folder's weight and config files (paths and bytes), and over its base pipeline's when
-    it is a LoRA folder naming one (`preference.json`'s `base_model_path`); a Hub id stands for itself."""
-    import hashlib
-
-    folder = Path(model)
-    if not folder.is_dir():
-        return model
-    digest = hashlib.sha256()
-    for path in sorted(p for p in folder.rglob("*") if p.suffix in (".safetensors", ".json")):
-        digest.update(str(path.relative_to(folder)).encode())
-        digest.update(path.read_bytes())
-    adapter = folder / "preference.json"
-    base = json.loads(adapter.read_text()).get("base_model_path") if adapter.is_file() else None
-    if base and (folder / base).is_dir():
-        digest.update(weights_fingerprint(str(folder / base)).encode())
-    return digest.hexdigest()
 
 
 def view_table(per_config: dict, indices: list[int], reference: str, seconds: dict,

@@ -107,12 +107,15 @@ def _prior_gap_row(pipe, row, raters, prompts, posterior, num_samples: int, seed
     posterior_z = posterior.select(of_sample.to(posterior.mean.device)).sample(noise=noise)
     annotations = np.asarray(row["masks"], bool)[None]
     image = np.asarray(row["image"], np.float32)
-    geds, masks = {}, {}
-    for name, z, z_seed in (("prior", None, seed), ("posterior", posterior_z, seed), ("other_prior", None, seed + 10**6)):
-        masks[name] = pipe(image, [prompts], num_samples=num_samples, latents=latents, ambiguity_latents=z,
-                           generator=torch.Generator().manual_seed(z_seed)).masks
-        if name != "other_prior":
-            geds[name] = float(compute_metrics_batch(masks[name], annotations)["ged"][0])
-    dice, _ = pairwise_dice_iou(torch.as_tensor(masks["prior"]), torch.as_tensor(masks["other_prior"]))
-    geds["z_effect"] = float(1 - dice[0].diagonal().mean())
-    return geds
+
+    def sample(z, z_seed: int) -> np.ndarray:  # z None: drawn from the prior with the generator
+        return pipe(image, [prompts], num_samples=num_samples, latents=latents, ambiguity_latents=z,
+                    generator=torch.Generator().manual_seed(z_seed)).masks
+
+    def ged(masks: np.ndarray) -> float:
+        return float(compute_metrics_batch(masks, annotations)["ged"][0])
+
+    prior_masks = sample(None, seed)
+    dice, _ = pairwise_dice_iou(torch.as_tensor(prior_masks), torch.as_tensor(sample(None, seed + 10**6)))
+    return {"prior": ged(prior_masks), "posterior": ged(sample(posterior_z, seed)),
+            "z_effect": float(1 - dice[0].diagonal().mean())}
