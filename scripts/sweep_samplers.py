@@ -9,7 +9,13 @@ slices hides).
 
 A configuration is `sampler:steps`, or `sampler:steps:noclip` for the solver without x0 clipping (by default every
 x0 the solver derives is clipped to [-1, 1]: `build_sampling_scheduler`); `noclip` applies to epsilon and v models
-only (the pipeline clamps an x0-model's prediction itself, so it would change nothing there and is refused).
+only (the pipeline clamps an x0-model's prediction itself, so it would change nothing there and is refused). A
+configuration ending in `@folder` samples with another pipeline, e.g. a distilled sampler against its teacher's
+DDIM-100 (training/train_consistency.py; the `lcm` sampler keeps the folder's distilled schedule):
+
+    python scripts/sweep_samplers.py --model checkpoints/ambiseg-lidc64 --output_dir runs/sweep \
+        --configs ddim:2 ddim:100 lcm:1@runs/lcm lcm:2@runs/lcm --bf16
+
 Choices (the pipeline's default steps) are made on the `selection` split (training patients), never on validate. Writes `sweep.md` (per view: the paper-layout table
 with 95% bootstrap intervals, seconds per image, and the paired difference in GED to the reference with its own
 interval), `sweep.json` and `quality_vs_steps.png` (both views; intervals shown, GED axis from 0, the "no worse than
@@ -41,14 +47,16 @@ TOLERANCE = 0.005  # "equal quality": GED at most this above the reference (lowe
 VIEWS = ("all slices", "largest-consensus slice per nodule")
 
 
-def parse_config(config: str) -> tuple[str, int, bool]:
-    """`sampler:steps[:noclip]` -> (sampler, steps, clip)."""
-    parts = config.split(":")
+def parse_config(config: str) -> tuple[str, int, bool, str | None]:
+    """`sampler:steps[:noclip][@model]` -> (sampler, steps, clip, model or None for --model)."""
+    sampling, at, model = config.partition("@")
+    parts = sampling.split(":")
     if (len(parts) not in (2, 3) or parts[0] not in SAMPLING_SCHEDULERS or not parts[1].isdigit()
-            or int(parts[1]) < 1 or (len(parts) == 3 and parts[2] != "noclip")):
-        raise ValueError(f"`--configs` entries are sampler:steps or sampler:steps:noclip with a sampler in "
-                         f"{sorted(SAMPLING_SCHEDULERS)} and steps >= 1, got {config!r}")
-    return parts[0], int(parts[1]), len(parts) == 2
+            or int(parts[1]) < 1 or (len(parts) == 3 and parts[2] != "noclip") or (at and not model)):
+        raise ValueError(f"`--configs` entries are sampler:steps[:noclip][@model] with a sampler in "
+                         f"{sorted(SAMPLING_SCHEDULERS)}, steps >= 1 and a pipeline folder or Hub id after '@', "
+                         f"got {config!r}")
+    return parts[0], int(parts[1]), len(parts) == 2, model or None
 
 
 def main(argv=None) -> dict:
@@ -87,10 +95,17 @@ def main(argv=None) -> dict:
         parser.error(f"--reference {args.reference!r} must be one of --configs {args.configs}")
 
     base = AmbiSegPipeline.from_pretrained(args.model).to(device)
-    base.set_progress_bar_config(disable=True)
-    if base.scheduler.config.prediction_type == "sample" and any(not parse_config(c)[2] for c in args.configs):
-        parser.error("`:noclip` changes nothing for this x0-predicting model (the pipeline clamps its predicted mask "
-                     "to [-1, 1] before every step); it applies to epsilon and v models")
+    pipelines = {None: base}  # --model, and each other pipeline a configuration names after '@'
+    for model in dict.fromkeys(parse_config(c)[3] for c in args.configs):
+        if model is not None:
+            pipelines[model] = AmbiSegPipeline.from_pretrained(model).to(device)
+    for pipe in pipelines.values():
+        pipe.set_progress_bar_config(disable=True)
+    for config in args.configs:
+        name, _, clip, model = parse_config(config)
+        if not clip and pipelines[model].scheduler.config.prediction_type == "sample":
+            parser.error(f"`{config}`: `:noclip` changes nothing for an x0-predicting model (the pipeline clamps its "
+                         "predicted mask to [-1, 1] before every step); it applies to epsilon and v models")
     dataset = load_split(args.dataset, args.split, args.data_dir, pipeline_prompt_style(base))
     count = len(dataset) if args.max_images is None else min(args.max_images, len(dataset))
     output_dir = Path(args.output_dir)
@@ -106,10 +121,14 @@ def main(argv=None) -> dict:
     paper_seconds = paper_protocol_seconds(base, dataset, args.paper_protocol_images, args.num_samples, device)
     pictured = views[VIEWS[1]][: args.picture_images]
     per_config, seconds, failed, pictures, reused = {}, {}, {}, {}, []
-    saved = base.scheduler  # every configuration is built from the model's own scheduler, never from the last one
+    # every configuration is built from its model's own scheduler, never from the last one
+    saved = {model: pipe.scheduler for model, pipe in pipelines.items()}
     for config in args.configs:
-        name, steps, clip = parse_config(config)
-        kept = cache / f"{config.replace(':', '_')}.npz"
+        name, steps, clip, model = parse_config(config)
+        pipe = pipelines[model]
+        kept = cache / f"{config.partition('@')[0].replace(':', '_')}.npz"
+        if model is not None:  # named by the weights, so a folder retrained in place is measured again
+            kept = kept.with_name(f"{kept.stem}@{pipeline_fingerprint(pipe)[:16]}.npz")
         if kept.exists():  # measured by an earlier run into this folder with the same arguments
             stored = np.load(kept)
             per_config[config] = {k[len("metric_"):]: stored[k] for k in stored.files if k.startswith("metric_")}
@@ -117,11 +136,11 @@ def main(argv=None) -> dict:
             reused.append(config)
             print(f"{config}: reused from {kept}", flush=True)
             continue
-        base.scheduler = build_sampling_scheduler(saved, name, clip=clip)
+        pipe.scheduler = build_sampling_scheduler(saved[model], name, clip=clip)
         started = time.perf_counter()
         try:
             with torch.autocast(device, dtype=torch.bfloat16, enabled=args.bf16):
-                per_image, samples = evaluate_pipeline(base, dataset, args.num_samples, steps, prompts=args.prompts,
+                per_image, samples = evaluate_pipeline(pipe, dataset, args.num_samples, steps, prompts=args.prompts,
                                                        max_images=count, images_per_call=args.images_per_call)
         except Exception as error:  # e.g. a multistep solver that needs more steps
             failed[config] = f"{type(error).__name__}: {error}"
@@ -255,8 +274,8 @@ def plot(views: dict, reference: str, path: Path) -> None:
         rows, differences = report["rows"], report["ged_minus_reference"]
         top = 0.0
         for curve in sorted({_curve_of(c) for c in rows}):
-            configs = sorted((c for c in rows if _curve_of(c) == curve), key=lambda c: int(c.split(":")[1]))
-            steps = [int(c.split(":")[1]) for c in configs]
+            configs = sorted((c for c in rows if _curve_of(c) == curve), key=lambda c: parse_config(c)[1])
+            steps = [parse_config(c)[1] for c in configs]
             label = curve.replace(":noclip", " (no x0 clip)")
             ged = [rows[c]["ged"] for c in configs]
             axes[0].errorbar(steps, [g["mean"] for g in ged], yerr=[[g["mean"] - g["low"] for g in ged],
@@ -283,9 +302,9 @@ def plot(views: dict, reference: str, path: Path) -> None:
 
 
 def _curve_of(config: str) -> str:
-    """The line a configuration belongs on: its sampler, with or without x0 clipping."""
-    name, _, clip = parse_config(config)
-    return name if clip else f"{name}:noclip"
+    """The line a configuration belongs on: its sampler, with or without x0 clipping, and its model."""
+    name, _, clip, model = parse_config(config)
+    return (name if clip else f"{name}:noclip") + (f"@{model}" if model else "")
 
 
 if __name__ == "__main__":

@@ -61,6 +61,9 @@ def test_bad_arguments_are_named(tmp_path, capsys):
         train_consistency.parse_args(["--teacher", "x", "--output_dir", str(tmp_path), "--num_ddim_timesteps", "4",
                                       "--sampling_steps", "5"])
     assert "cannot exceed --num_ddim_timesteps" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # an uploaded adapter must name a base others can download
+        train_consistency.parse_args(["--teacher", str(tmp_path), "--output_dir", str(tmp_path / "o"), "--push_to_hub"])
+    assert "needs --base_model_id" in capsys.readouterr().err
 
 
 @pytest.fixture
@@ -82,10 +85,23 @@ def test_distillation_saves_an_adapter_the_pipeline_loads_and_resumes_exactly(te
     from ambiseg_diffusers import AmbiSegPipeline
 
     straight = train_consistency.main(distil_args(teacher, tmp_path / "a", "--num_validation_images", "1",
-                                                  "--validation_split", "mini"))
+                                                  "--validation_split", "mini", "--snapshot_minutes", "1e-9",
+                                                  "--base_model_id", "org/teacher", "--hub_token", "secret"))
     info = json.loads((straight / "consistency.json").read_text())
     assert info["train_steps"] == 4 and info["base_model_path"] == "../teacher" and "ged" in info["validation"]
+    assert info["base_model"] == "org/teacher" and "hub_token" not in info["config"]
     assert (straight / "validation-000004.png").exists()
+    card = (straight / "README.md").read_text()
+    assert "base_model: org/teacher" in card and '"ged": ' + str(info["validation"]["ged"]) in card
+    # a snapshot after every step (each takes longer than 1e-9 min): loadable folders, the last one the final adapter
+    snapshots = sorted(p.name for p in (straight / "snapshots").iterdir())
+    assert snapshots == ["step-000001", "step-000002", "step-000003", "step-000004"]
+    last = straight / "snapshots" / "step-000004"
+    assert json.loads((last / "consistency.json").read_text())["base_model_path"] == "../../../teacher"
+    final, kept = (load_file(str(d / "pytorch_lora_weights.safetensors")) for d in (straight, last))
+    first = load_file(str(straight / "snapshots" / "step-000001" / "pytorch_lora_weights.safetensors"))
+    assert all(np.array_equal(final[k], kept[k]) for k in final)
+    assert any(not np.array_equal(final[k], first[k]) for k in final)
 
     train_consistency.main(distil_args(teacher, tmp_path / "b", "--num_validation_images", "0", "--stop_after_steps", "2"))
     assert not (tmp_path / "b" / "pytorch_lora_weights.safetensors").exists()

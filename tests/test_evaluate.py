@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import numpy as np
+import torch
 import pytest
 
 import evaluate
@@ -154,11 +155,40 @@ def test_sampler_sweep_reports_both_views(model, tmp_path, capsys):
                              "--configs", "ddim:2", "--reference", "ddim:2", "--output_dir", str(tmp_path / "sweep")])
     with pytest.raises(SystemExit):
         sweep_samplers.main(["--model", str(model), "--configs", "ddim:2:clip", "--output_dir", str(tmp_path / "x")])
-    assert "sampler:steps:noclip" in capsys.readouterr().err
+    assert "sampler:steps[:noclip][@model]" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # an x0 model: the pipeline clamps its predictions, noclip would change nothing
         sweep_samplers.main(["--model", str(model), "--configs", "ddim:2", "ddim:2:noclip", "--reference", "ddim:2",
                              "--output_dir", str(tmp_path / "x")])
     assert "x0-predicting" in capsys.readouterr().err
+
+
+def test_sampler_sweep_compares_another_pipeline_against_the_reference(model, tmp_path):
+    """`sampler:steps@folder` samples with that pipeline (a distilled sampler against its teacher's DDIM-100): its row
+    is the one a sweep of that folder alone gives, and a folder whose weights change is measured again."""
+    from ambiseg_diffusers import AmbiSegPipeline
+
+    other = AmbiSegPipeline.from_pretrained(model)
+    with torch.no_grad():
+        other.unet.conv_out.bias.add_(0.5)  # another model: more foreground everywhere
+    other.save_pretrained(tmp_path / "other")
+    common = ["--split", "validate", "--max_images", "6", "--num_samples", "2", "--paper_protocol_images", "0",
+              "--picture_images", "0"]
+    both = sweep_samplers.main(["--model", str(model), *common, "--configs", "ddim:2", f"ddim:2@{tmp_path / 'other'}",
+                                "--reference", "ddim:2", "--output_dir", str(tmp_path / "both")])
+    alone = sweep_samplers.main(["--model", str(tmp_path / "other"), *common, "--configs", "ddim:2",
+                                 "--reference", "ddim:2", "--output_dir", str(tmp_path / "alone")])
+    rows, difference = (both["views"][sweep_samplers.VIEWS[0]][k] for k in ("rows", "ged_minus_reference"))
+    assert rows[f"ddim:2@{tmp_path / 'other'}"] == alone["views"][sweep_samplers.VIEWS[0]]["rows"]["ddim:2"]
+    assert abs(difference[f"ddim:2@{tmp_path / 'other'}"]["mean"]) > 1e-3  # the fixture really is another model
+
+    other.unet.conv_out.bias.data.sub_(1.0)
+    other.save_pretrained(tmp_path / "other")  # retrained in place: the kept result of the old weights is not reused
+    again = sweep_samplers.main(["--model", str(model), *common, "--configs", "ddim:2", f"ddim:2@{tmp_path / 'other'}",
+                                 "--reference", "ddim:2", "--output_dir", str(tmp_path / "both")])
+    assert again["reused"] == ["ddim:2"]
+    assert again["views"][sweep_samplers.VIEWS[0]]["rows"][f"ddim:2@{tmp_path / 'other'}"] != rows[f"ddim:2@{tmp_path / 'other'}"]
+    with pytest.raises(SystemExit):
+        sweep_samplers.main(["--model", str(model), "--configs", "ddim:2@", "--output_dir", str(tmp_path / "x")])
 
 
 def test_largest_consensus_slices_count_only_the_raters_who_read_the_nodule():

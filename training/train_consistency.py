@@ -33,6 +33,7 @@ import dataclasses
 import json
 import logging
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -47,6 +48,7 @@ from diffusers.optimization import get_scheduler
 from ambiseg_diffusers import AmbiSegPipeline
 from ambiseg_diffusers.configs import CONFIGS
 from ambiseg_diffusers.evaluation import cpu_only, validation_report
+from ambiseg_diffusers.hub_utils import model_card, push_folder_to_hub
 from ambiseg_diffusers.lidc import load_split, pipeline_prompt_style
 from ambiseg_diffusers.losses import consistency_output, ddim_solver_step
 from ambiseg_diffusers.pipelines.pipeline_ambiseg import CONSISTENCY_FILE, LORA_WEIGHT_NAME
@@ -63,6 +65,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     data = parser.add_argument_group("data")
     data.add_argument("--teacher", required=True, help="the AmbiSeg pipeline to distil (folder or Hub id)")
+    data.add_argument("--base_model_id", default=None,
+                      help="Hub id of the teacher, written into consistency.json and the card (default: --teacher "
+                           "when it is a Hub id); a local teacher folder is recorded by its relative path too")
     data.add_argument("--dataset", default="lidc64", help="'lidc64' or a save_to_disk folder")
     data.add_argument("--data_dir", default=None, help="the lidc64 folder or the folder above it")
     data.add_argument("--train_split", default="train_fit", help="training rows (the selection patients stay out)")
@@ -90,12 +95,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     run.add_argument("--seed", type=int, default=0, help="seed of every random choice")
     run.add_argument("--mixed_precision", default=None, choices=["no", "fp16", "bf16"], help="accelerate's")
     run.add_argument("--max_train_minutes", type=float, default=None, help="stop after this much training time")
+    run.add_argument("--snapshot_minutes", type=float, default=None,
+                     help="every this many minutes of training, save the distilled sampler to snapshots/step-N (a "
+                          "folder like the final one: the candidates compared on the selection split)")
     run.add_argument("--checkpointing_steps", type=int, default=100, help="save a resumable checkpoint every N steps")
     run.add_argument("--checkpoints_total_limit", type=int, default=2, help="keep at most this many checkpoints")
     run.add_argument("--resume_from_checkpoint", default=None, help="'latest' or a checkpoint folder")
     run.add_argument("--validation_steps", type=int, default=0, help="validate every N steps (0 = only at the end)")
     run.add_argument("--num_validation_images", type=int, default=4, help="images of --validation_split (0 = none)")
     run.add_argument("--report_to", default="tensorboard", choices=["tensorboard", "wandb", "none"], help="tracker")
+    run.add_argument("--push_to_hub", action="store_true", help="upload the adapter, scheduler and card")
+    run.add_argument("--hub_model_id", default=None, help="Hub repo (default: the output folder's name)")
+    run.add_argument("--hub_token", default=None, help="Hub token (default: the logged-in one)")
     run.add_argument("--stop_after_steps", type=int, default=None,
                      help="stop without the final save after N steps in this process (simulates a kill; tests)")
     args = parser.parse_args(argv)
@@ -106,7 +117,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.sampling_steps > args.num_ddim_timesteps:
         parser.error(f"--sampling_steps ({args.sampling_steps}) cannot exceed --num_ddim_timesteps "
                      f"({args.num_ddim_timesteps}): LCMScheduler samples a subset of the distilled schedule")
+    if args.push_to_hub and args.base_model_id is None and os.path.isdir(args.teacher):
+        parser.error("--push_to_hub with a local --teacher needs --base_model_id (the teacher's Hub repo): the "
+                     "uploaded adapter must name a base that others can download")
     return args
+
+
+def recorded_arguments(args) -> dict:
+    """The arguments as written into the run folder and the card: everything but the Hub token."""
+    return {k: v for k, v in vars(args).items() if k != "hub_token"}
 
 
 def ddim_timesteps(num_train_timesteps: int, num_ddim_timesteps: int) -> torch.Tensor:
@@ -134,7 +153,7 @@ def main(argv=None) -> Path:
     set_seed(args.seed)
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / "consistency_config.json").write_text(json.dumps(vars(args), indent=2))
+        (output_dir / "consistency_config.json").write_text(json.dumps(recorded_arguments(args), indent=2))
 
     teacher = AmbiSegPipeline.from_pretrained(args.teacher, dtype=torch.float32).to(accelerator.device)
     teacher.set_progress_bar_config(disable=True)
@@ -172,7 +191,7 @@ def main(argv=None) -> Path:
     validation = (load_split(args.dataset, args.validation_split, args.data_dir, style)
                   if args.num_validation_images else None)
     first_step, seconds = resume_training(accelerator, output_dir, args.resume_from_checkpoint)
-    clock = TrainingClock(args.max_train_minutes, None, seconds)
+    clock = TrainingClock(args.max_train_minutes, args.snapshot_minutes, seconds)
     if accelerator.is_main_process:
         accelerator.init_trackers("ambiseg-consistency", config={k: v for k, v in vars(args).items() if v is not None})
     logger.info(f"{len(dataset)} training rows, {args.max_train_steps} steps of batch {args.train_batch_size}, "
@@ -252,13 +271,19 @@ def main(argv=None) -> Path:
         optimizer.step()
         lr_scheduler.step()
         optimizer.zero_grad()
-        clock.add(time.time() - started)
+        snapshot_due = clock.add(time.time() - started)
         done, ran = step + 1, ran + 1
         logs = {"loss": accelerator.reduce(loss.detach(), reduction="mean").item(), "lr": lr_scheduler.get_last_lr()[0]}
         accelerator.log(logs, step=done)
         progress.set_postfix(loss=f"{logs['loss']:.5f}")
         if accelerator.is_main_process and done % args.checkpointing_steps == 0:
             save_checkpoint(accelerator, output_dir, done, args.checkpoints_total_limit, clock.seconds)
+        if accelerator.is_main_process and snapshot_due:
+            snapshot = output_dir / "snapshots" / f"step-{done:06d}"
+            partial = snapshot.with_name(f".{snapshot.name}.partial")  # a killed save leaves no half-written candidate
+            shutil.rmtree(partial, ignore_errors=True)
+            save_distilled(accelerator.unwrap_model(unet), lcm, args, partial, done, {})
+            partial.rename(snapshot)
         if validation is not None and args.validation_steps and done % args.validation_steps == 0:
             if accelerator.is_main_process:
                 metrics, metrics_step = validate(done), done
@@ -274,6 +299,12 @@ def main(argv=None) -> Path:
         if validation is not None and metrics_step != done:
             metrics = validate(done)
         save_distilled(accelerator.unwrap_model(unet), lcm, args, output_dir, done, metrics)
+        repo_id = args.hub_model_id or output_dir.name
+        results = ("## Validation at the end of training\n\n"
+                   f"```json\n{json.dumps({k: round(v, 4) for k, v in metrics.items()}, indent=2)}\n```")
+        distilled_card(output_dir, repo_id, results).save(output_dir / "README.md")
+        if args.push_to_hub:
+            push_folder_to_hub(output_dir, repo_id, token=args.hub_token)
     accelerator.end_training()
     return output_dir
 
@@ -283,6 +314,7 @@ def save_distilled(unet, lcm: LCMScheduler, args, output_dir: Path, steps: int, 
     teacher (its Hub id, or its folder relative to the output) and the default number of calls."""
     from peft.utils import get_peft_model_state_dict
 
+    output_dir.mkdir(parents=True, exist_ok=True)
     AmbiSegPipeline.save_lora_weights(
         output_dir, unet_lora_layers=get_peft_model_state_dict(unet, adapter_name=ADAPTER_NAME),
         weight_name=LORA_WEIGHT_NAME, unet_lora_adapter_metadata=unet.peft_config[ADAPTER_NAME].to_dict(),
@@ -290,12 +322,25 @@ def save_distilled(unet, lcm: LCMScheduler, args, output_dir: Path, steps: int, 
     lcm.save_pretrained(output_dir / "scheduler")
     info = {"adapter_name": ADAPTER_NAME, "num_inference_steps": args.sampling_steps, "train_steps": steps,
             "num_ddim_timesteps": args.num_ddim_timesteps,
-            "validation": {k: round(v, 4) for k, v in metrics.items()}}
+            "validation": {k: round(v, 4) for k, v in metrics.items()},
+            "base_model": args.base_model_id or (None if os.path.isdir(args.teacher) else args.teacher),
+            "config": recorded_arguments(args)}
     if os.path.isdir(args.teacher):
         info["base_model_path"] = os.path.relpath(os.path.abspath(args.teacher), os.path.abspath(output_dir))
-    else:
-        info["base_model"] = args.teacher
     (output_dir / CONSISTENCY_FILE).write_text(json.dumps(info, indent=2))
+
+
+def distilled_card(folder: Path, repo_id: str, results: str):
+    """The model card of a distilled sampler folder (from its `consistency.json`), with `results` (markdown) as the
+    measurements section."""
+    info = json.loads((Path(folder) / CONSISTENCY_FILE).read_text())
+    config = info["config"]
+    return model_card(
+        "consistency.md", repo_id, base_model=info.get("base_model"),
+        extra_tags=["consistency-distillation", "lcm", "lora"], teacher=config["teacher"],
+        num_ddim_timesteps=info["num_ddim_timesteps"], train_steps=info["train_steps"],
+        num_inference_steps=info["num_inference_steps"], results=results, config_json=json.dumps(config, indent=2),
+    )
 
 
 if __name__ == "__main__":
