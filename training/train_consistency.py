@@ -19,9 +19,13 @@ Each step: a rater mask x0 is noised to x_t at a timestep t of the `--num_ddim_t
 (the UNet with the adapter disabled) takes one deterministic DDIM step to x_{t-k} (k = 1000 / num_ddim_timesteps);
 the student (the UNet with the adapter) is trained so that f(x_t, t) matches f(x_{t-k}, t-k) evaluated by itself
 without gradient, where f(x, t) = c_skip(t) x + c_out(t) x0(x, t) with LCMScheduler's boundary scalings: a sample is
-then the end of its teacher trajectory in one call. As in diffusers' LCM-LoRA script there is no EMA target
-network; the UNet's x0-predictions are clamped to the mask range [-1, 1] in training as the pipeline clamps them in
-sampling (straight through for the student's gradient). A teacher whose UNet takes an ambiguity latent z gets one z
+then the end of its teacher trajectory in one call. Unlike diffusers' LCM-LoRA script, the target f(x_{t-k}, t-k)
+is computed with an EMA of the student's adapter (`--target_ema_decay`, 0.95: the target network of consistency
+models and of full LCM training): with the student itself as its own target (LCM-LoRA's choice, `0`) this teacher's
+distillation drifted, its 2-call samples falling from GED 0.179 at step 401 to 0.338 at step 563 on the selection split
+(docs/results.md). Snapshots and the final adapter carry a second, slower EMA (`--ema_decay`). The UNet's
+x0-predictions are clamped to the mask range [-1, 1] in training as the pipeline clamps them in sampling (straight
+through for the student's gradient). A teacher whose UNet takes an ambiguity latent z gets one z
 from its prior per row (as in sampling), the same for teacher, student and target. Data: one random rater per slice of `--train_split` (default `train_fit`,
 so the `selection` patients stay unseen for the choices made on them), augmented as in pretraining.
 """
@@ -29,6 +33,7 @@ so the `selection` patients stay unseen for the choices made on them), augmented
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
@@ -44,6 +49,7 @@ from accelerate.logging import get_logger
 from accelerate.utils import ProjectConfiguration, set_seed
 from diffusers import DDPMScheduler, LCMScheduler
 from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel
 
 from ambiseg_diffusers import AmbiSegPipeline
 from ambiseg_diffusers.configs import CONFIGS
@@ -54,7 +60,8 @@ from ambiseg_diffusers.losses import consistency_output, ddim_solver_step
 from ambiseg_diffusers.pipelines.pipeline_ambiseg import CONSISTENCY_FILE, LORA_WEIGHT_NAME
 from ambiseg_diffusers.text import PromptCache
 from ambiseg_diffusers.training_utils import (
-    LORA_TARGETS, TrainingClock, generator_of, log_validation, resume_training, save_checkpoint, step_batches,
+    LORA_TARGETS, TrainingClock, generator_of, load_ema, log_validation, resume_training, save_checkpoint, save_ema,
+    step_batches,
 )
 
 logger = get_logger(__name__)
@@ -86,6 +93,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     recipe.add_argument("--max_train_steps", type=int, default=2000, help="optimizer steps")
     recipe.add_argument("--train_batch_size", type=int, default=32, help="rows per step (global)")
     recipe.add_argument("--max_grad_norm", type=float, default=1.0, help="gradient clipping norm")
+    recipe.add_argument("--target_ema_decay", type=float, default=0.95,
+                        help="the consistency target f(x_{t-k}, t-k) is computed with an EMA of the student's adapter "
+                             "of this decay (consistency models' and LCM's target network); 0 = with the student "
+                             "itself, as LCM-LoRA does, which drifted here (docs/results.md)")
+    recipe.add_argument("--ema_decay", type=float, default=0.99,
+                        help="snapshots and the final adapter carry an EMA of the student's adapter (0 = the raw one)")
     recipe.add_argument("--sampling_steps", type=int, default=2,
                         help="the distilled pipeline's default number of calls (choose it on the selection split: "
                              "scripts/sweep_samplers.py --configs lcm:1 lcm:2 ... on the output folder)")
@@ -114,6 +127,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                  "sampling_steps"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+    for name in ("target_ema_decay", "ema_decay"):
+        if not 0 <= getattr(args, name) < 1:
+            parser.error(f"--{name} must be in [0, 1), got {getattr(args, name)}")
     if args.sampling_steps > args.num_ddim_timesteps:
         parser.error(f"--sampling_steps ({args.sampling_steps}) cannot exceed --num_ddim_timesteps "
                      f"({args.num_ddim_timesteps}): LCMScheduler samples a subset of the distilled schedule")
@@ -181,6 +197,13 @@ def main(argv=None) -> Path:
     lr_scheduler = get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=0,
                                  num_training_steps=args.max_train_steps * accelerator.num_processes)
     unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
+    # EMAs of the adapter: the target network, and the weights that are saved; both go into checkpoints as safetensors
+    emas = {name: EMAModel(params, decay=decay) for name, decay in
+            (("target_ema", args.target_ema_decay), ("ema", args.ema_decay)) if decay > 0}
+    accelerator.register_save_state_pre_hook(
+        lambda models, weights, folder: [save_ema(ema, folder, name) for name, ema in emas.items()])
+    accelerator.register_load_state_pre_hook(
+        lambda models, folder: [load_ema(ema, folder, name) for name, ema in emas.items()])
 
     style = pipeline_prompt_style(teacher)
     data_config = dataclasses.replace(
@@ -233,9 +256,23 @@ def main(argv=None) -> Path:
                 finally:
                     model.enable_adapters()
                 previous = ddim_solver_step(noise_scheduler, teacher_x0, noisy.float(), start, end)
-                target = consistency_output(scalings(end), previous,
-                                            unet_x0(model, previous, end, images, text, text_mask, z))
+                with adapter_weights(emas.get("target_ema")):
+                    target = consistency_output(scalings(end), previous,
+                                                unet_x0(model, previous, end, images, text, text_mask, z))
         return distance(prediction, target, args.loss_type, args.huber_c)
+
+    @contextlib.contextmanager
+    def adapter_weights(ema):
+        """The adapter carries `ema`'s weights inside the block (the training weights are restored after)."""
+        if ema is None:
+            yield
+            return
+        ema.store(params)
+        ema.copy_to(params)
+        try:
+            yield
+        finally:
+            ema.restore(params)
 
     def student_pipeline() -> AmbiSegPipeline:
         pipe = AmbiSegPipeline(**{**teacher.components, "unet": accelerator.unwrap_model(unet), "scheduler": lcm},
@@ -245,7 +282,8 @@ def main(argv=None) -> Path:
         return pipe
 
     def validate(step: int) -> dict:
-        with accelerator.autocast():
+        """The saved weights (the EMA's) sampled on the first validation images."""
+        with adapter_weights(emas.get("ema")), accelerator.autocast():
             metrics, grid = validation_report(student_pipeline(), validation, args.num_validation_images, 16,
                                               seed=args.seed)
         log_validation(accelerator, metrics, grid, step)
@@ -271,6 +309,8 @@ def main(argv=None) -> Path:
         optimizer.step()
         lr_scheduler.step()
         optimizer.zero_grad()
+        for ema in emas.values():
+            ema.step(params)
         snapshot_due = clock.add(time.time() - started)
         done, ran = step + 1, ran + 1
         logs = {"loss": accelerator.reduce(loss.detach(), reduction="mean").item(), "lr": lr_scheduler.get_last_lr()[0]}
@@ -282,7 +322,8 @@ def main(argv=None) -> Path:
             snapshot = output_dir / "snapshots" / f"step-{done:06d}"
             partial = snapshot.with_name(f".{snapshot.name}.partial")  # a killed save leaves no half-written candidate
             shutil.rmtree(partial, ignore_errors=True)
-            save_distilled(accelerator.unwrap_model(unet), lcm, args, partial, done, {})
+            with adapter_weights(emas.get("ema")):
+                save_distilled(accelerator.unwrap_model(unet), lcm, args, partial, done, {})
             partial.rename(snapshot)
         if validation is not None and args.validation_steps and done % args.validation_steps == 0:
             if accelerator.is_main_process:
@@ -298,7 +339,8 @@ def main(argv=None) -> Path:
     if accelerator.is_main_process:
         if validation is not None and metrics_step != done:
             metrics = validate(done)
-        save_distilled(accelerator.unwrap_model(unet), lcm, args, output_dir, done, metrics)
+        with adapter_weights(emas.get("ema")):
+            save_distilled(accelerator.unwrap_model(unet), lcm, args, output_dir, done, metrics)
         repo_id = args.hub_model_id or output_dir.name
         results = ("## Validation at the end of training\n\n"
                    f"```json\n{json.dumps({k: round(v, 4) for k, v in metrics.items()}, indent=2)}\n```")
