@@ -129,12 +129,15 @@ def main(argv=None) -> dict:
     per_config, seconds, failed, pictures, reused = {}, {}, {}, {}, []
     # every configuration is built from its model's own scheduler, never from the last one
     saved = {model: pipe.scheduler for model, pipe in pipelines.items()}
+    # the other pipelines' results are kept by their weights (before any configuration replaces their scheduler), so a
+    # folder retrained in place is measured again
+    fingerprints = {model: pipeline_fingerprint(pipe)[:16] for model, pipe in pipelines.items() if model is not None}
     for config in args.configs:
         name, steps, clip, model = parse_config(config)
         pipe = pipelines[model]
         kept = cache / f"{config.partition('@')[0].replace(':', '_')}.npz"
-        if model is not None:  # named by the weights, so a folder retrained in place is measured again
-            kept = kept.with_name(f"{kept.stem}@{pipeline_fingerprint(pipe)[:16]}.npz")
+        if model is not None:
+            kept = kept.with_name(f"{kept.stem}@{fingerprints[model]}.npz")
         if kept.exists():  # measured by an earlier run into this folder with the same arguments
             stored = np.load(kept)
             per_config[config] = {k[len("metric_"):]: stored[k] for k in stored.files if k.startswith("metric_")}

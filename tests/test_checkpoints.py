@@ -37,6 +37,38 @@ def test_committed_checkpoints_load_and_sample():
 
 
 @needs_data
+def test_committed_distilled_sampler_loads_in_one_line_as_lcm_lora():
+    """checkpoints/ambiseg-lidc64-lcm (experimental): the teacher, the LoRA and the LCMScheduler in one line, the same
+    samples as the LCM-LoRA way on the teacher, its card naming the teacher's Hub id."""
+    from diffusers import LCMScheduler
+    from huggingface_hub import ModelCard
+
+    from ambiseg_diffusers.lidc import eval_prompts, load_lidc64, pipeline_prompt_style
+
+    folder = CHECKPOINTS / "ambiseg-lidc64-lcm"
+    info = json.loads((folder / "consistency.json").read_text())
+    assert ModelCard.load(folder / "README.md").data.base_model == info["base_model"] == "ambiseg-diffusers/ambiseg-lidc64"
+    pipe = AmbiSegPipeline.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    assert isinstance(pipe.scheduler, LCMScheduler) and pipe.config.default_num_inference_steps == 2
+    row = load_lidc64("mini", prompt_style=pipeline_prompt_style(pipe))[0]
+    call = dict(image=np.asarray(row["image"]), prompt=[eval_prompts(row, "annotator")], num_samples=4)
+    out = pipe(**call, generator=torch.Generator().manual_seed(0))
+    assert 0.002 < out.masks.mean() < 0.2  # nodule-sized masks
+    assert (out.masks[0].any(0) & np.asarray(row["masks"]).astype(bool).any(0)).sum() > 0
+
+    manual = AmbiSegPipeline.from_pretrained(CHECKPOINTS / "ambiseg-lidc64")
+    manual.set_progress_bar_config(disable=True)
+    manual.load_lora_weights(folder, weight_name="pytorch_lora_weights.safetensors", adapter_name="consistency")
+    manual.scheduler = LCMScheduler.from_pretrained(folder, subfolder="scheduler")
+    again = manual(**call, num_inference_steps=2, generator=torch.Generator().manual_seed(0))
+    np.testing.assert_allclose(again.probabilities, out.probabilities, atol=1e-5)
+    manual.unet.disable_adapters()  # and the adapter is what makes its samples
+    teacher = manual(**call, num_inference_steps=2, generator=torch.Generator().manual_seed(0))
+    assert np.abs(teacher.probabilities - out.probabilities).max() > 0.1
+
+
+@needs_data
 def test_committed_dpo_checkpoint_loads_from_the_hub_by_its_base_model_id(tmp_path):
     """As published: the adapter repo names its reference by Hub id (`preference.json`, card `base_model`)."""
     from huggingface_hub import ModelCard

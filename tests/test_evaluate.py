@@ -180,12 +180,19 @@ def test_sampler_sweep_compares_another_pipeline_against_the_reference(model, tm
     rows, difference = (both["views"][sweep_samplers.VIEWS[0]][k] for k in ("rows", "ged_minus_reference"))
     assert rows[f"ddim:2@{tmp_path / 'other'}"] == alone["views"][sweep_samplers.VIEWS[0]]["rows"]["ddim:2"]
     assert abs(difference[f"ddim:2@{tmp_path / 'other'}"]["mean"]) > 1e-3  # the fixture really is another model
+    # kept by the folder's weights whatever ran before it: a rerun in another order reuses every row
+    order = [f"ddim:1@{tmp_path / 'other'}", f"ddim:2@{tmp_path / 'other'}", "ddim:2"]
+    sweep_samplers.main(["--model", str(model), *common, "--configs", *order[:2], "--reference", order[1],
+                         "--output_dir", str(tmp_path / "both")])
+    rerun = sweep_samplers.main(["--model", str(model), *common, "--configs", *order[::-1], "--reference", "ddim:2",
+                                 "--output_dir", str(tmp_path / "both")])
+    assert rerun["reused"] == order[::-1]
 
     other.unet.conv_out.bias.data.sub_(1.0)
     other.save_pretrained(tmp_path / "other")  # retrained in place: the kept result of the old weights is not reused
     again = sweep_samplers.main(["--model", str(model), *common, "--configs", "ddim:2", f"ddim:2@{tmp_path / 'other'}",
                                  "--reference", "ddim:2", "--output_dir", str(tmp_path / "both")])
-    assert again["reused"] == ["ddim:2"]
+    assert again["reused"] == ["ddim:2"]  # ddim:2@other was measured again
     assert again["views"][sweep_samplers.VIEWS[0]]["rows"][f"ddim:2@{tmp_path / 'other'}"] != rows[f"ddim:2@{tmp_path / 'other'}"]
     with pytest.raises(SystemExit):
         sweep_samplers.main(["--model", str(model), "--configs", "ddim:2@", "--output_dir", str(tmp_path / "x")])

@@ -19,13 +19,13 @@ Each step: a rater mask x0 is noised to x_t at a timestep t of the `--num_ddim_t
 (the UNet with the adapter disabled) takes one deterministic DDIM step to x_{t-k} (k = 1000 / num_ddim_timesteps);
 the student (the UNet with the adapter) is trained so that f(x_t, t) matches f(x_{t-k}, t-k) evaluated by itself
 without gradient, where f(x, t) = c_skip(t) x + c_out(t) x0(x, t) with LCMScheduler's boundary scalings: a sample is
-then the end of its teacher trajectory in one call. Unlike diffusers' LCM-LoRA script, the target f(x_{t-k}, t-k)
-is computed with an EMA of the student's adapter (`--target_ema_decay`, 0.95: the target network of consistency
-models and of full LCM training): with the student itself as its own target (LCM-LoRA's choice, `0`) this teacher's
-distillation drifted, its 2-call samples falling from GED 0.179 at step 401 to 0.338 at step 563 on the selection split
-(docs/results.md). Snapshots and the final adapter carry a second, slower EMA (`--ema_decay`). The UNet's
-x0-predictions are clamped to the mask range [-1, 1] in training as the pipeline clamps them in sampling (straight
-through for the student's gradient). A teacher whose UNet takes an ambiguity latent z gets one z
+then the end of its teacher trajectory in one call. As in diffusers' LCM-LoRA script the student is its own target by
+default; `--target_ema_decay` computes the target with an EMA of the adapter instead (the target network of
+consistency models and full LCM), `--ema_decay` saves an EMA of it. On the committed teacher neither kept the run
+stable: the 2-call sampler's GED on the selection split swings by 0.1 or more between snapshots a few hundred steps
+apart, with or without the EMAs, so a snapshot is chosen on the selection split (`--snapshot_minutes`;
+docs/results.md). The UNet's x0-predictions are clamped to the mask range [-1, 1] in training as the pipeline clamps
+them in sampling (straight through for the student's gradient). A teacher whose UNet takes an ambiguity latent z gets one z
 from its prior per row (as in sampling), the same for teacher, student and target. Data: one random rater per slice of `--train_split` (default `train_fit`,
 so the `selection` patients stay unseen for the choices made on them), augmented as in pretraining.
 """
@@ -93,12 +93,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     recipe.add_argument("--max_train_steps", type=int, default=2000, help="optimizer steps")
     recipe.add_argument("--train_batch_size", type=int, default=32, help="rows per step (global)")
     recipe.add_argument("--max_grad_norm", type=float, default=1.0, help="gradient clipping norm")
-    recipe.add_argument("--target_ema_decay", type=float, default=0.95,
-                        help="the consistency target f(x_{t-k}, t-k) is computed with an EMA of the student's adapter "
-                             "of this decay (consistency models' and LCM's target network); 0 = with the student "
-                             "itself, as LCM-LoRA does, which drifted here (docs/results.md)")
-    recipe.add_argument("--ema_decay", type=float, default=0.99,
-                        help="snapshots and the final adapter carry an EMA of the student's adapter (0 = the raw one)")
+    recipe.add_argument("--target_ema_decay", type=float, default=0.0,
+                        help="compute the consistency target f(x_{t-k}, t-k) with an EMA of the student's adapter of "
+                             "this decay (the target network of consistency models and full LCM, e.g. 0.95); 0 = with "
+                             "the student itself, as LCM-LoRA does (docs/results.md: neither kept this run stable)")
+    recipe.add_argument("--ema_decay", type=float, default=0.0,
+                        help="snapshots and the final adapter carry an EMA of the student's adapter of this decay "
+                             "(e.g. 0.99); 0 = the raw adapter")
     recipe.add_argument("--sampling_steps", type=int, default=2,
                         help="the distilled pipeline's default number of calls (choose it on the selection split: "
                              "scripts/sweep_samplers.py --configs lcm:1 lcm:2 ... on the output folder)")
