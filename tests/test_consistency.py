@@ -3,6 +3,7 @@ LCMScheduler evaluates the function distillation trains, and the script end to e
 standard way, exact resume)."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -115,6 +116,17 @@ def test_distillation_saves_an_adapter_the_pipeline_loads_and_resumes_exactly(te
                                                "--target_ema_decay", "0.95", "--ema_decay", "0.99"))
     c = load_file(str(plain / "pytorch_lora_weights.safetensors"))
     assert c.keys() == a.keys() and not all(np.array_equal(a[k], c[k]) for k in a)
+
+    # --init_adapter starts the student from a distilled folder: at learning rate 0 it saves that folder's adapter
+    init = train_consistency.main(distil_args(teacher, tmp_path / "init", "--num_validation_images", "0",
+                                              "--init_adapter", str(straight), "--learning_rate", "0"))
+    d = load_file(str(init / "pytorch_lora_weights.safetensors"))
+    assert d.keys() == a.keys() and all(np.array_equal(a[k], d[k]) for k in a)
+    other = tmp_path / "other-teacher"
+    shutil.copytree(teacher, other)
+    with pytest.raises(ValueError, match="not from `--teacher`"):
+        train_consistency.main(distil_args(other, tmp_path / "x", "--num_validation_images", "0",
+                                           "--init_adapter", str(straight)))
 
     # the LCM-LoRA way: the teacher, the adapter, the scheduler
     pipe = AmbiSegPipeline.from_pretrained(teacher)

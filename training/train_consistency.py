@@ -72,6 +72,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     data = parser.add_argument_group("data")
     data.add_argument("--teacher", required=True, help="the AmbiSeg pipeline to distil (folder or Hub id)")
+    data.add_argument("--init_adapter", default=None,
+                      help="start the student from this distilled sampler folder's adapter (same teacher and rank)")
     data.add_argument("--base_model_id", default=None,
                       help="Hub id of the teacher, written into consistency.json and the card (default: --teacher "
                            "when it is a Hub id); a local teacher folder is recorded by its relative path too")
@@ -134,10 +136,26 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.sampling_steps > args.num_ddim_timesteps:
         parser.error(f"--sampling_steps ({args.sampling_steps}) cannot exceed --num_ddim_timesteps "
                      f"({args.num_ddim_timesteps}): LCMScheduler samples a subset of the distilled schedule")
+    if args.init_adapter and not os.path.isfile(os.path.join(args.init_adapter, CONSISTENCY_FILE)):
+        parser.error(f"--init_adapter {args.init_adapter!r} holds no {CONSISTENCY_FILE} (a train_consistency.py output)")
     if args.push_to_hub and args.base_model_id is None and os.path.isdir(args.teacher):
         parser.error("--push_to_hub with a local --teacher needs --base_model_id (the teacher's Hub repo): the "
                      "uploaded adapter must name a base that others can download")
     return args
+
+
+def check_same_teacher(folder: str, teacher: str) -> None:
+    """Refuses an `--init_adapter` distilled from another teacher than `--teacher` (its `consistency.json`)."""
+    info = json.loads((Path(folder) / CONSISTENCY_FILE).read_text())
+    local = os.path.join(folder, info["base_model_path"]) if info.get("base_model_path") else None
+    if local is not None and os.path.isdir(local) and os.path.isdir(teacher):
+        same = os.path.samefile(local, teacher)
+    else:
+        same = teacher in (info.get("base_model"), info.get("config", {}).get("teacher"))
+    if not same:
+        raise ValueError(f"`--init_adapter` {folder!r} was distilled from "
+                         f"{info.get('base_model_path') or info.get('base_model')!r} ({CONSISTENCY_FILE}), not from "
+                         f"`--teacher` {teacher!r}.")
 
 
 def recorded_arguments(args) -> dict:
@@ -191,8 +209,17 @@ def main(argv=None) -> Path:
     from peft import LoraConfig
 
     unet = teacher.unet.requires_grad_(False)
-    unet.add_adapter(LoraConfig(r=args.lora_rank, lora_alpha=args.lora_rank, init_lora_weights="gaussian",
-                                target_modules=LORA_TARGETS), adapter_name=ADAPTER_NAME)
+    if args.init_adapter:  # go on from an earlier distilled sampler (e.g. a chosen snapshot, at a lower rate)
+        check_same_teacher(args.init_adapter, args.teacher)
+        teacher.load_lora_weights(args.init_adapter, weight_name=LORA_WEIGHT_NAME, adapter_name=ADAPTER_NAME)
+        if unet.peft_config[ADAPTER_NAME].r != args.lora_rank:
+            raise ValueError(f"`--init_adapter` {args.init_adapter!r} has LoRA rank {unet.peft_config[ADAPTER_NAME].r}: "
+                             f"pass `--lora_rank {unet.peft_config[ADAPTER_NAME].r}`.")
+        for name, parameter in unet.named_parameters():
+            parameter.requires_grad_("lora_" in name)
+    else:
+        unet.add_adapter(LoraConfig(r=args.lora_rank, lora_alpha=args.lora_rank, init_lora_weights="gaussian",
+                                    target_modules=LORA_TARGETS), adapter_name=ADAPTER_NAME)
     params = [p for p in unet.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=0.0)
     lr_scheduler = get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=0,
