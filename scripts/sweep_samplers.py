@@ -76,7 +76,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--prompts", default="annotator", choices=["annotator", "nodule", "none"], help="prompt protocol")
     parser.add_argument("--configs", nargs="+", default=["ddim:1", "ddim:2", "ddim:3", "ddim:4", "ddim:5", "dpm:2",
                                                          "unipc:2", "deis:2", "ddim:100"],
-                        help="sampler:steps[:noclip] to compare")
+                        help="sampler:steps[:noclip][@folder] to compare (@folder: another pipeline)")
     parser.add_argument("--reference", default="ddim:100", help="the quality reference among --configs")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast")
     parser.add_argument("--images_per_call", type=int, default=4, help="images per pipeline call (memory only)")
@@ -109,6 +109,9 @@ def main(argv=None) -> dict:
         pipe.set_progress_bar_config(disable=True)
     for config in args.configs:
         name, _, clip, model = parse_config(config)
+        if pipeline_prompt_style(pipelines[model]) != pipeline_prompt_style(base):  # one dataset, one prompt style
+            parser.error(f"`{config}`: its pipeline reads {pipeline_prompt_style(pipelines[model])!r} prompts, "
+                         f"--model {args.model!r} reads {pipeline_prompt_style(base)!r}; sweep them separately")
         if not clip and pipelines[model].scheduler.config.prediction_type == "sample":
             parser.error(f"`{config}`: `:noclip` changes nothing for an x0-predicting model (the pipeline clamps its "
                          "predicted mask to [-1, 1] before every step); it applies to epsilon and v models")

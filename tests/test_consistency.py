@@ -112,9 +112,9 @@ def test_distillation_saves_an_adapter_the_pipeline_loads_and_resumes_exactly(te
     b = load_file(str(resumed / "pytorch_lora_weights.safetensors"))
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
     # the EMAs (target network, saved weights) act: with them the same steps give another adapter
-    plain = train_consistency.main(distil_args(teacher, tmp_path / "plain", "--num_validation_images", "0",
-                                               "--target_ema_decay", "0.95", "--ema_decay", "0.99"))
-    c = load_file(str(plain / "pytorch_lora_weights.safetensors"))
+    with_emas = train_consistency.main(distil_args(teacher, tmp_path / "emas", "--num_validation_images", "0",
+                                                   "--target_ema_decay", "0.95", "--ema_decay", "0.99"))
+    c = load_file(str(with_emas / "pytorch_lora_weights.safetensors"))
     assert c.keys() == a.keys() and not all(np.array_equal(a[k], c[k]) for k in a)
 
     # --init_adapter starts the student from a distilled folder: at learning rate 0 it saves that folder's adapter

@@ -162,7 +162,7 @@ def test_sampler_sweep_reports_both_views(model, tmp_path, capsys):
     assert "x0-predicting" in capsys.readouterr().err
 
 
-def test_sampler_sweep_compares_another_pipeline_against_the_reference(model, tmp_path):
+def test_sampler_sweep_compares_another_pipeline_against_the_reference(model, tmp_path, capsys):
     """`sampler:steps@folder` samples with that pipeline (a distilled sampler against its teacher's DDIM-100): its row
     is the one a sweep of that folder alone gives, and a folder whose weights change is measured again."""
     from ambiseg_diffusers import AmbiSegPipeline
@@ -195,7 +195,18 @@ def test_sampler_sweep_compares_another_pipeline_against_the_reference(model, tm
     assert again["reused"] == ["ddim:2"]  # ddim:2@other was measured again
     assert again["views"][sweep_samplers.VIEWS[0]]["rows"][f"ddim:2@{tmp_path / 'other'}"] != rows[f"ddim:2@{tmp_path / 'other'}"]
     with pytest.raises(SystemExit):
-        sweep_samplers.main(["--model", str(model), "--configs", "ddim:2@", "--output_dir", str(tmp_path / "x")])
+        sweep_samplers.main(["--model", str(model), "--configs", "ddim:2@", "--reference", "ddim:2@",
+                             "--output_dir", str(tmp_path / "x")])
+    assert "a pipeline folder or Hub id after '@'" in capsys.readouterr().err
+
+
+def test_equal_quality_needs_the_mean_and_the_upper_bound():
+    """The speed target's rule: GED at most 0.005 above the reference, the upper end of the 95% interval below 0.01."""
+    assert sweep_samplers.meets_target({"mean": 0.004, "low": -0.001, "high": 0.009})
+    assert not sweep_samplers.meets_target({"mean": 0.004, "low": -0.004, "high": 0.012})  # too uncertain
+    assert not sweep_samplers.meets_target({"mean": 0.006, "low": 0.003, "high": 0.009})  # too far
+    assert sweep_samplers.meets_target({"mean": -0.02, "low": -0.03, "high": -0.01})  # better is no defect
+    assert not sweep_samplers.meets_target(None)  # not measured
 
 
 def test_largest_consensus_slices_count_only_the_raters_who_read_the_nodule():

@@ -98,10 +98,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     recipe.add_argument("--target_ema_decay", type=float, default=0.0,
                         help="compute the consistency target f(x_{t-k}, t-k) with an EMA of the student's adapter of "
                              "this decay (the target network of consistency models and full LCM, e.g. 0.95); 0 = with "
-                             "the student itself, as LCM-LoRA does (docs/results.md: neither kept this run stable)")
+                             "the student itself, as LCM-LoRA does (docs/results.md: neither kept this run stable); "
+                             "diffusers' EMAModel ramps the decay in as min(decay, (1 + step) / (10 + step))")
     recipe.add_argument("--ema_decay", type=float, default=0.0,
                         help="snapshots and the final adapter carry an EMA of the student's adapter of this decay "
-                             "(e.g. 0.99); 0 = the raw adapter")
+                             "(e.g. 0.99, ramped in as above); 0 = the raw adapter")
     recipe.add_argument("--sampling_steps", type=int, default=2,
                         help="the distilled pipeline's default number of calls (choose it on the selection split: "
                              "scripts/sweep_samplers.py --configs lcm:1 lcm:2 ... on the output folder)")
@@ -151,7 +152,8 @@ def check_same_teacher(folder: str, teacher: str) -> None:
     if local is not None and os.path.isdir(local) and os.path.isdir(teacher):
         same = os.path.samefile(local, teacher)
     else:
-        same = teacher in (info.get("base_model"), info.get("config", {}).get("teacher"))
+        named = [n for n in (info.get("base_model"), info.get("config", {}).get("teacher")) if n]
+        same = os.path.normpath(teacher) in {os.path.normpath(n) for n in named}
     if not same:
         raise ValueError(f"`--init_adapter` {folder!r} was distilled from "
                          f"{info.get('base_model_path') or info.get('base_model')!r} ({CONSISTENCY_FILE}), not from "
@@ -244,7 +246,8 @@ def main(argv=None) -> Path:
     first_step, seconds = resume_training(accelerator, output_dir, args.resume_from_checkpoint)
     clock = TrainingClock(args.max_train_minutes, args.snapshot_minutes, seconds)
     if accelerator.is_main_process:
-        accelerator.init_trackers("ambiseg-consistency", config={k: v for k, v in vars(args).items() if v is not None})
+        accelerator.init_trackers("ambiseg-consistency",
+                                  config={k: v for k, v in recorded_arguments(args).items() if v is not None})
     logger.info(f"{len(dataset)} training rows, {args.max_train_steps} steps of batch {args.train_batch_size}, "
                 f"teacher DDIM-{args.num_ddim_timesteps} (stride {stride})")
 
@@ -296,8 +299,8 @@ def main(argv=None) -> Path:
             yield
             return
         ema.store(params)
-        ema.copy_to(params)
         try:
+            ema.copy_to(params)
             yield
         finally:
             ema.restore(params)
@@ -352,6 +355,7 @@ def main(argv=None) -> Path:
             shutil.rmtree(partial, ignore_errors=True)
             with adapter_weights(emas.get("ema")):
                 save_distilled(accelerator.unwrap_model(unet), lcm, args, partial, done, {})
+            shutil.rmtree(snapshot, ignore_errors=True)  # a resumed run saves the same step again (resume is exact)
             partial.rename(snapshot)
         if validation is not None and args.validation_steps and done % args.validation_steps == 0:
             if accelerator.is_main_process:
@@ -371,7 +375,8 @@ def main(argv=None) -> Path:
             save_distilled(accelerator.unwrap_model(unet), lcm, args, output_dir, done, metrics)
         repo_id = args.hub_model_id or output_dir.name
         results = ("## Validation at the end of training\n\n"
-                   f"```json\n{json.dumps({k: round(v, 4) for k, v in metrics.items()}, indent=2)}\n```")
+                   + (f"```json\n{json.dumps({k: round(v, 4) for k, v in metrics.items()}, indent=2)}\n```"
+                      if metrics else "None ran (`--num_validation_images 0`): score it with scripts/sweep_samplers.py."))
         distilled_card(output_dir, repo_id, results).save(output_dir / "README.md")
         if args.push_to_hub:
             push_folder_to_hub(output_dir, repo_id, token=args.hub_token)
