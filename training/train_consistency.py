@@ -60,8 +60,8 @@ from ambiseg_diffusers.losses import consistency_output, ddim_solver_step
 from ambiseg_diffusers.pipelines.pipeline_ambiseg import CONSISTENCY_FILE, LORA_WEIGHT_NAME
 from ambiseg_diffusers.text import PromptCache
 from ambiseg_diffusers.training_utils import (
-    LORA_TARGETS, TrainingClock, generator_of, load_ema, log_validation, resume_training, save_checkpoint, save_ema,
-    step_batches,
+    LORA_TARGETS, TrainingClock, adapter_base_matches, generator_of, load_ema, log_validation, resume_training,
+    save_checkpoint, save_ema, step_batches,
 )
 
 logger = get_logger(__name__)
@@ -147,14 +147,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def check_same_teacher(folder: str, teacher: str) -> None:
     """Refuses an `--init_adapter` distilled from another teacher than `--teacher` (its `consistency.json`)."""
-    info = json.loads((Path(folder) / CONSISTENCY_FILE).read_text())
-    local = os.path.join(folder, info["base_model_path"]) if info.get("base_model_path") else None
-    if local is not None and os.path.isdir(local) and os.path.isdir(teacher):
-        same = os.path.samefile(local, teacher)
-    else:
-        named = [n for n in (info.get("base_model"), info.get("config", {}).get("teacher")) if n]
-        same = os.path.normpath(teacher) in {os.path.normpath(n) for n in named}
-    if not same:
+    if not adapter_base_matches(folder, CONSISTENCY_FILE, teacher):
+        info = json.loads((Path(folder) / CONSISTENCY_FILE).read_text())
         raise ValueError(f"`--init_adapter` {folder!r} was distilled from "
                          f"{info.get('base_model_path') or info.get('base_model')!r} ({CONSISTENCY_FILE}), not from "
                          f"`--teacher` {teacher!r}.")

@@ -65,8 +65,8 @@ from ambiseg_diffusers.losses import DPO_ERROR_SPACES, diffusion_dpo_loss, dpo_e
 from ambiseg_diffusers.pipelines.pipeline_ambiseg import ADAPTER_FILE, LORA_WEIGHT_NAME, PREFERENCE_ADAPTER
 from ambiseg_diffusers.text import PromptCache
 from ambiseg_diffusers.training_utils import (
-    LORA_TARGETS, batch_indices, checkpoint_step, load_ema, log_validation, recipe_from_args, resume_checkpoint,
-    save_checkpoint, save_ema, shard, step_generator, str2bool,
+    LORA_TARGETS, adapter_base_matches, batch_indices, checkpoint_step, load_ema, log_validation, recipe_from_args,
+    resume_checkpoint, save_checkpoint, save_ema, shard, step_generator, str2bool,
 )
 
 logger = get_logger(__name__)
@@ -468,13 +468,8 @@ def main(argv=None) -> Path:
 
 def check_adapter_base(adapter: str, reference: str) -> None:
     """Refuses an `--init_adapter` trained on another reference than `--reference` (its `preference.json`)."""
-    info = json.loads((Path(adapter) / ADAPTER_FILE).read_text())
-    local = os.path.join(adapter, info["base_model_path"]) if info.get("base_model_path") else None
-    if local is not None and os.path.isdir(local) and os.path.isdir(reference):
-        same = os.path.samefile(local, reference)
-    else:
-        same = info.get("base_model") == reference
-    if not same:
+    if not adapter_base_matches(adapter, ADAPTER_FILE, reference):
+        info = json.loads((Path(adapter) / ADAPTER_FILE).read_text())
         trained_on = info.get("base_model_path") or info.get("base_model")
         raise ValueError(f"`--init_adapter` {adapter!r} was trained on {trained_on!r} (its {ADAPTER_FILE}), not on "
                          f"`--reference` {reference!r}.")

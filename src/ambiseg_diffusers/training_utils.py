@@ -380,3 +380,14 @@ def log_validation(accelerator, metrics: dict, grid, step: int) -> None:
     for tracker in accelerator.trackers:
         if tracker.name == "tensorboard":
             tracker.writer.add_image("validation/samples", np.asarray(grid), step, dataformats="HWC")
+
+
+def adapter_base_matches(folder: str | os.PathLike, info_file: str, base: str) -> bool:
+    """Whether the adapter folder `folder` (its `info_file`: preference.json or consistency.json) was trained on the
+    pipeline `base` (a folder, compared as a file, or a Hub id / path compared by name)."""
+    info = json.loads((Path(folder) / info_file).read_text())
+    local = os.path.join(folder, info["base_model_path"]) if info.get("base_model_path") else None
+    if local is not None and os.path.isdir(local) and os.path.isdir(base):
+        return os.path.samefile(local, base)
+    named = [n for n in (info.get("base_model"), info.get("config", {}).get("teacher")) if n]
+    return os.path.normpath(base) in {os.path.normpath(n) for n in named}
