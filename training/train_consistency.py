@@ -154,6 +154,14 @@ def check_same_teacher(folder: str, teacher: str) -> None:
                          f"`--teacher` {teacher!r}.")
 
 
+def load_checkpointed_ema(ema, folder: str, name: str) -> None:
+    """`load_ema`, with a clear error for a checkpoint of a run that had this EMA off."""
+    if not (Path(folder) / f"{name}.safetensors").is_file():
+        raise ValueError(f"{folder} was saved without the {name} (`--{name}_decay` 0): resume with the same "
+                         f"`--{name}_decay` as the run that wrote it.")
+    load_ema(ema, folder, name)
+
+
 def recorded_arguments(args) -> dict:
     """The arguments as written into the run folder and the card: everything but the Hub token."""
     return {k: v for k, v in vars(args).items() if k != "hub_token"}
@@ -227,7 +235,7 @@ def main(argv=None) -> Path:
     accelerator.register_save_state_pre_hook(
         lambda models, weights, folder: [save_ema(ema, folder, name) for name, ema in emas.items()])
     accelerator.register_load_state_pre_hook(
-        lambda models, folder: [load_ema(ema, folder, name) for name, ema in emas.items()])
+        lambda models, folder: [load_checkpointed_ema(ema, folder, name) for name, ema in emas.items()])
 
     style = pipeline_prompt_style(teacher)
     data_config = dataclasses.replace(
