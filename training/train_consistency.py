@@ -60,8 +60,8 @@ from ambiseg_diffusers.losses import consistency_output, ddim_solver_step
 from ambiseg_diffusers.pipelines.pipeline_ambiseg import CONSISTENCY_FILE, LORA_WEIGHT_NAME
 from ambiseg_diffusers.text import PromptCache
 from ambiseg_diffusers.training_utils import (
-    LORA_TARGETS, TrainingClock, adapter_base_matches, generator_of, load_ema, log_validation, resume_training,
-    save_checkpoint, save_ema, step_batches,
+    LORA_TARGETS, TrainingClock, adapter_base_matches, generator_of, load_ema, load_trainable_adapter, log_validation,
+    resume_training, save_checkpoint, save_ema, step_batches,
 )
 
 logger = get_logger(__name__)
@@ -215,12 +215,7 @@ def main(argv=None) -> Path:
     unet = teacher.unet.requires_grad_(False)
     if args.init_adapter:  # go on from an earlier distilled sampler (e.g. a chosen snapshot, at a lower rate)
         check_same_teacher(args.init_adapter, args.teacher)
-        teacher.load_lora_weights(args.init_adapter, weight_name=LORA_WEIGHT_NAME, adapter_name=ADAPTER_NAME)
-        if unet.peft_config[ADAPTER_NAME].r != args.lora_rank:
-            raise ValueError(f"`--init_adapter` {args.init_adapter!r} has LoRA rank {unet.peft_config[ADAPTER_NAME].r}: "
-                             f"pass `--lora_rank {unet.peft_config[ADAPTER_NAME].r}`.")
-        for name, parameter in unet.named_parameters():
-            parameter.requires_grad_("lora_" in name)
+        load_trainable_adapter(teacher, args.init_adapter, ADAPTER_NAME, args.lora_rank)
     else:
         unet.add_adapter(LoraConfig(r=args.lora_rank, lora_alpha=args.lora_rank, init_lora_weights="gaussian",
                                     target_modules=LORA_TARGETS), adapter_name=ADAPTER_NAME)

@@ -65,8 +65,8 @@ from ambiseg_diffusers.losses import DPO_ERROR_SPACES, diffusion_dpo_loss, dpo_e
 from ambiseg_diffusers.pipelines.pipeline_ambiseg import ADAPTER_FILE, LORA_WEIGHT_NAME, PREFERENCE_ADAPTER
 from ambiseg_diffusers.text import PromptCache
 from ambiseg_diffusers.training_utils import (
-    LORA_TARGETS, adapter_base_matches, batch_indices, checkpoint_step, load_ema, log_validation, recipe_from_args,
-    resume_checkpoint, save_checkpoint, save_ema, shard, step_generator, str2bool,
+    LORA_TARGETS, adapter_base_matches, batch_indices, checkpoint_step, load_ema, load_trainable_adapter, log_validation,
+    recipe_from_args, resume_checkpoint, save_checkpoint, save_ema, shard, step_generator, str2bool,
 )
 
 logger = get_logger(__name__)
@@ -287,12 +287,7 @@ def main(argv=None) -> Path:
     if config.lora_rank > 0 and args.init_adapter:  # a further round: the policy goes on from the last one's adapter
         check_adapter_base(args.init_adapter, args.reference)
         unet.requires_grad_(False)
-        reference.load_lora_weights(args.init_adapter, weight_name=LORA_WEIGHT_NAME, adapter_name=PREFERENCE_ADAPTER)
-        if unet.peft_config[PREFERENCE_ADAPTER].r != config.lora_rank:
-            raise ValueError(f"`--init_adapter` {args.init_adapter!r} has LoRA rank {unet.peft_config[PREFERENCE_ADAPTER].r}, "
-                             f"the recipe {config.lora_rank}: pass `--lora_rank {unet.peft_config[PREFERENCE_ADAPTER].r}`.")
-        for name, parameter in unet.named_parameters():
-            parameter.requires_grad_("lora_" in name)
+        load_trainable_adapter(reference, args.init_adapter, PREFERENCE_ADAPTER, config.lora_rank)
         reference_unet = None
     elif config.lora_rank > 0:
         from peft import LoraConfig

@@ -391,3 +391,17 @@ def adapter_base_matches(folder: str | os.PathLike, info_file: str, base: str) -
         return os.path.samefile(local, base)
     named = [n for n in (info.get("base_model"), info.get("config", {}).get("teacher")) if n]
     return os.path.normpath(base) in {os.path.normpath(n) for n in named}
+
+
+def load_trainable_adapter(pipe, folder: str | os.PathLike, adapter_name: str, rank: int) -> None:
+    """`--init_adapter`: the LoRA of a saved adapter folder onto `pipe.unet` under `adapter_name`, its weights the only
+    trainable ones; an adapter of another rank than the recipe's `rank` is refused."""
+    from .pipelines.pipeline_ambiseg import LORA_WEIGHT_NAME
+
+    pipe.load_lora_weights(folder, weight_name=LORA_WEIGHT_NAME, adapter_name=adapter_name)
+    loaded = pipe.unet.peft_config[adapter_name].r
+    if loaded != rank:
+        raise ValueError(f"`--init_adapter` {str(folder)!r} has LoRA rank {loaded}, the recipe {rank}: pass "
+                         f"`--lora_rank {loaded}`.")
+    for name, parameter in pipe.unet.named_parameters():
+        parameter.requires_grad_("lora_" in name)
