@@ -177,6 +177,11 @@ def main() -> None:
     embeds: dict = {}
     sample_with_embeds(pipe, timing, t_idx, n, embeds)
     results["2f. default, prompt_embeds passed (encoded once)"] = timed(lambda: sample_with_embeds(pipe, timing, t_idx, n, embeds), repeats=3)[0]
+    if getattr(pipe.unet, "peft_config", None):  # a distilled sampler: its LoRA merged into the UNet's weights
+        fused = variant(pipe, unet=copy.deepcopy(pipe.unet))
+        fused.fuse_lora()
+        fused.unload_lora_weights()  # the merged weights stay, the LoRA layers go
+        results["2g. default, LoRA fused (`fuse_lora()`, `unload_lora_weights()`)"] = timed(lambda: sample(fused, timing, t_idx, n, None), repeats=3)[0]
     floor = unet_floor(pipe, n, default_steps, bf16=bf16) * len(t_idx)
     results["3. floor: the bare UNet forwards of (2)"] = floor
     encode_part, prior_part = overhead_parts(pipe, timing, t_idx, n, bf16)

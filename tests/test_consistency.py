@@ -153,3 +153,108 @@ def test_distillation_refuses_more_ddim_steps_than_the_teacher_has(teacher, tmp_
     with pytest.raises(ValueError, match="exceeds the teacher's 100 training timesteps"):
         train_consistency.main(distil_args(teacher, tmp_path / "c", "--num_ddim_timesteps", "200",
                                            "--num_validation_images", "0"))
+
+
+@pytest.fixture
+def recorded(teacher, tmp_path):
+    import record_trajectories
+
+    return record_trajectories.main(["--teacher", str(teacher), "--split", "mini", "--max_images", "3",
+                                     "--images_per_call", "2", "--samples_per_image", "3", "--num_inference_steps", "4",
+                                     "--output_dir", str(tmp_path / "trajectories")])
+
+
+@needs_data
+def test_recorded_trajectories_are_the_teachers_ddim_samples(teacher, recorded):
+    """Each recorded row, sampled again from its recorded noise, z, prompt and image, ends at its recorded mask, and
+    its recorded states are the DDIM states on the way."""
+    from ambiseg_diffusers import AmbiSegPipeline
+    from ambiseg_diffusers.evaluation import build_sampling_scheduler
+
+    shards = [np.load(p) for p in sorted(recorded.glob("shard-*.npz"))]
+    assert [len(s["final"]) for s in shards] == [6, 3]  # 2 + 1 images, 3 rows each
+    shard = shards[0]
+    assert shard["timesteps"].tolist() == [99, 74, 49, 24] and shard["states"].shape == (6, 4, 1, 64, 64)
+    assert shard["positions"].tolist() == [0, 0, 0, 1, 1, 1]
+    pipe = AmbiSegPipeline.from_pretrained(teacher)
+    pipe.scheduler = build_sampling_scheduler(pipe.scheduler, "ddim")
+    pipe.set_progress_bar_config(disable=True)
+    from ambiseg_diffusers.lidc import load_split, pipeline_prompt_style
+
+    raw = load_split("lidc64", "mini", None, pipeline_prompt_style(pipe))[:2]["image"]
+    states = []
+    for row in (0, 4):  # two rows of two images, one at a time: nothing depends on the batch they were recorded in
+        image = np.asarray(raw[shard["positions"][row]], np.float32)
+        np.testing.assert_array_equal(pipe.preprocess(image)[0].numpy(), shard["images"][row])  # what the UNet saw
+        out = pipe(image, [str(shard["prompts"][row])], num_samples=1, num_inference_steps=4,
+                   latents=torch.from_numpy(shard["states"][row, :1].astype(np.float32)),
+                   ambiguity_latents=torch.from_numpy(shard["z"][row:row + 1]), output_type="latent",
+                   callback_on_step_end=lambda p, i, t, k: states.append(k["latents"].clone()) or {},
+                   callback_on_step_end_tensor_inputs=["latents"])
+        # atol: the noise is stored in float16 (3 significant digits); another row's mask is 0.5 away
+        np.testing.assert_allclose(out.masks[0].numpy(), shard["final"][row], atol=3e-3)
+    np.testing.assert_allclose(states[0][0].numpy(), shard["states"][0, 1], atol=2e-3)  # float16 storage
+    np.testing.assert_allclose(states[5][0].numpy(), shard["states"][4, 2], atol=2e-3)
+    # the rows of one image differ (their own noise and prompt), the images differ
+    assert np.abs(shard["states"][0, 0] - shard["states"][1, 0]).max() > 0.5
+    assert not np.array_equal(shard["images"][0], shard["images"][3])
+
+
+@needs_data
+def test_trajectory_distillation_learns_the_teachers_samples_and_resumes_exactly(teacher, recorded, tmp_path):
+    from safetensors.numpy import load_file
+
+    from ambiseg_diffusers import load_pipeline
+    from ambiseg_diffusers.lidc import load_split, pipeline_prompt_style
+
+    def args(output, *extra):
+        return ["--teacher", str(teacher), "--trajectories", str(recorded), "--output_dir", str(output),
+                "--max_train_steps", "12", "--train_batch_size", "6", "--checkpointing_steps", "4", "--lora_rank", "4",
+                "--learning_rate", "3e-2", "--loss_type", "l2", "--top_state_fraction", "1", "--sampling_steps", "1",
+                "--num_validation_images", "0", "--report_to", "none", *extra]
+
+    shards = [np.load(p) for p in sorted(recorded.glob("shard-*.npz"))]
+    noise, z, final = (torch.from_numpy(np.concatenate([s[k] for s in shards]).astype(np.float32))
+                       for k in ("states", "z", "final"))
+
+    def one_call_error(folder) -> float:
+        """Mean squared distance of the one-call sampler's masks, from the recorded noise, to the teacher's."""
+        pipe = load_pipeline(str(folder))
+        pipe.set_progress_bar_config(disable=True)
+        image = np.asarray(load_split("lidc64", "mini", None, pipeline_prompt_style(pipe))[0]["image"], np.float32)
+        out = pipe(image, [[str(p) for p in shards[0]["prompts"][:3]]], num_samples=3,
+                   latents=noise[:3, 0], ambiguity_latents=z[:3], output_type="latent")
+        assert pipe.scheduler.timesteps.tolist() == [99]
+        return float(((out.masks - final[:3]) ** 2).mean())
+
+    untrained = one_call_error(train_consistency.main(args(tmp_path / "zero", "--learning_rate", "0",
+                                                           "--max_train_steps", "1")))
+    trained_dir = train_consistency.main(args(tmp_path / "a"))
+    trained = one_call_error(trained_dir)
+    assert json.loads((trained_dir / "consistency.json").read_text())["method"] == "trajectory"
+    assert "— trajectory distillation" in (trained_dir / "README.md").read_text()
+    assert trained < 0.85 * untrained, (trained, untrained)  # measured: 0.070 against 0.093
+
+    train_consistency.main(args(tmp_path / "b", "--stop_after_steps", "4"))
+    resumed = train_consistency.main(args(tmp_path / "b", "--resume_from_checkpoint", "latest"))
+    a = load_file(str(trained_dir / "pytorch_lora_weights.safetensors"))
+    b = load_file(str(resumed / "pytorch_lora_weights.safetensors"))
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+@needs_data
+def test_trajectory_distillation_refuses_another_teachers_recording(teacher, recorded, tmp_path, tokenizer, capsys):
+    from ambiseg_diffusers import AmbiSegPipeline
+
+    other = AmbiSegPipeline.from_pretrained(teacher)
+    with torch.no_grad():
+        other.unet.conv_out.bias.add_(1e-3)  # the same teacher but for one weight
+    other.save_pretrained(tmp_path / "other")
+    with pytest.raises(ValueError, match="recorded from another teacher"):
+        train_consistency.main(["--teacher", str(tmp_path / "other"), "--trajectories", str(recorded), "--output_dir",
+                                str(tmp_path / "x"), "--report_to", "none", "--num_validation_images", "0",
+                                "--max_train_steps", "1"])
+    with pytest.raises(SystemExit):
+        train_consistency.parse_args(["--teacher", str(teacher), "--trajectories", str(recorded), "--output_dir",
+                                      str(tmp_path / "y"), "--num_ddim_timesteps", "10"])
+    assert "differs from the 4 DDIM steps recorded" in capsys.readouterr().err

@@ -24,7 +24,21 @@ default; `--target_ema_decay` computes the target with an EMA of the adapter ins
 consistency models and full LCM), `--ema_decay` saves an EMA of it. On the committed teacher neither kept the run
 stable: the 2-call sampler's GED on the selection split swings by 0.1 or more between snapshots a few hundred steps
 apart, with or without the EMAs, so a snapshot is chosen on the selection split (`--snapshot_minutes`;
-docs/results.md). The UNet's x0-predictions are clamped to the mask range [-1, 1] in training as the pipeline clamps
+docs/results.md).
+
+Trajectory distillation (`--trajectories`, Luhman & Luhman 2021) trains the same student, f(x_t, t) with the same
+scalings, LoRA and scheduler, on recorded teacher trajectories instead (scripts/record_trajectories.py): from a
+recorded state x_t of a DDIM-K trajectory (the pure noise it starts from for a `--top_state_fraction` of the rows, a
+later state for the others), f must reach the mask that trajectory ends at, by plain regression (`--loss_type l2`).
+No target network and no bootstrapping: the targets are fixed, which is what the consistency runs above lacked; the
+price is recording the trajectories first (about 5 s per image of 16 rows for DDIM-20 on the two CPU cores).
+
+    python scripts/record_trajectories.py --teacher checkpoints/ambiseg-lidc64 --split train_fit \\
+        --num_inference_steps 20 --bf16 --output_dir runs/trajectories
+    accelerate launch training/train_consistency.py --teacher checkpoints/ambiseg-lidc64 \\
+        --trajectories runs/trajectories --loss_type l2 --sampling_steps 1 --output_dir runs/lcm-trajectory
+
+The UNet's x0-predictions are clamped to the mask range [-1, 1] in training as the pipeline clamps
 them in sampling (straight through for the student's gradient). A teacher whose UNet takes an ambiguity latent z gets one z
 from its prior per row (as in sampling), the same for teacher, student and target. Data: one random rater per slice of `--train_split` (default `train_fit`,
 so the `selection` patients stay unseen for the choices made on them), augmented as in pretraining.
@@ -35,6 +49,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import itertools
 import json
 import logging
 import os
@@ -58,6 +73,7 @@ from ambiseg_diffusers.hub_utils import model_card, push_folder_to_hub
 from ambiseg_diffusers.lidc import load_split, pipeline_prompt_style
 from ambiseg_diffusers.losses import consistency_output, ddim_solver_step
 from ambiseg_diffusers.pipelines.pipeline_ambiseg import CONSISTENCY_FILE, LORA_WEIGHT_NAME
+from ambiseg_diffusers.run_records import RECORD_FILE, pipeline_fingerprint
 from ambiseg_diffusers.text import PromptCache
 from ambiseg_diffusers.training_utils import (
     LORA_TARGETS, TrainingClock, adapter_base_matches, generator_of, load_ema, load_trainable_adapter, log_validation,
@@ -84,8 +100,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     data.add_argument("--dataloader_num_workers", type=int, default=0, help="processes preparing batches ahead")
 
     recipe = parser.add_argument_group("recipe")
-    recipe.add_argument("--num_ddim_timesteps", type=int, default=50,
-                        help="the teacher's DDIM schedule; its stride k is the consistency step (LCM: 50)")
+    recipe.add_argument("--trajectories", default=None,
+                        help="trajectory distillation: a folder of the teacher's recorded DDIM trajectories "
+                             "(scripts/record_trajectories.py); the student learns to reach each trajectory's end from "
+                             "its states, instead of the one-step consistency target")
+    recipe.add_argument("--top_state_fraction", type=float, default=0.5,
+                        help="trajectory distillation: share of rows trained at the first state (pure noise, what a "
+                             "one-call sampler sees); the others at a uniformly drawn later recorded state")
+    recipe.add_argument("--num_ddim_timesteps", type=int, default=None,
+                        help="the teacher's DDIM schedule; its stride k is the consistency step (default 50, as "
+                             "LCM; with --trajectories, the recorded number of steps)")
     recipe.add_argument("--timestep_scaling", type=float, default=10.0, help="LCMScheduler's boundary-condition scale")
     recipe.add_argument("--loss_type", default="huber", choices=["huber", "l2"], help="distance between f's")
     recipe.add_argument("--huber_c", type=float, default=0.001, help="pseudo-Huber c (LCM-LoRA's default)")
@@ -127,6 +151,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     run.add_argument("--stop_after_steps", type=int, default=None,
                      help="stop without the final save after N steps in this process (simulates a kill; tests)")
     args = parser.parse_args(argv)
+    if args.trajectories:
+        recorded = Path(args.trajectories) / RECORD_FILE
+        if not recorded.is_file():
+            parser.error(f"--trajectories {args.trajectories!r} holds no {RECORD_FILE} (record it with "
+                         "scripts/record_trajectories.py)")
+        steps = json.loads(recorded.read_text())["num_inference_steps"]
+        if args.num_ddim_timesteps not in (None, steps):
+            parser.error(f"--num_ddim_timesteps {args.num_ddim_timesteps} differs from the {steps} DDIM steps recorded "
+                         f"in --trajectories {args.trajectories!r}; leave it out")
+        args.num_ddim_timesteps = steps
+    elif args.num_ddim_timesteps is None:
+        args.num_ddim_timesteps = 50
+    if not 0 <= args.top_state_fraction <= 1:
+        parser.error(f"--top_state_fraction must be in [0, 1], got {args.top_state_fraction}")
     for name in ("num_ddim_timesteps", "lora_rank", "max_train_steps", "train_batch_size", "checkpointing_steps",
                  "sampling_steps"):
         if getattr(args, name) < 1:
@@ -165,6 +203,33 @@ def load_checkpointed_ema(ema, folder: str, name: str) -> None:
 def recorded_arguments(args) -> dict:
     """The arguments as written into the run folder and the card: everything but the Hub token."""
     return {k: v for k, v in vars(args).items() if k != "hub_token"}
+
+
+def load_trajectories(folder: str, teacher: AmbiSegPipeline, schedule: torch.Tensor) -> dict:
+    """The shards of scripts/record_trajectories.py in one dict of tensors (states stay float16: 20 states of 8,000
+    rows of 64x64 are 1.3 GB in float32), after checking they were recorded from this teacher on `schedule`."""
+    import numpy as np
+
+    folder = Path(folder)
+    recorded_from = json.loads((folder / RECORD_FILE).read_text()).get("teacher_sha256")
+    if recorded_from != pipeline_fingerprint(teacher):
+        raise ValueError(f"`--trajectories` {str(folder)!r} were recorded from another teacher than `--teacher` (its "
+                         f"{RECORD_FILE} holds another weight fingerprint).")
+    shards = [np.load(path) for path in sorted(folder.glob("shard-*.npz"))]
+    if not shards:
+        raise ValueError(f"`--trajectories` {str(folder)!r} holds no shard-*.npz; record them first.")
+    timesteps = torch.from_numpy(shards[0]["timesteps"]).long()
+    if not torch.equal(timesteps, schedule.flip(0)):
+        raise ValueError(f"`--trajectories` were recorded at timesteps {timesteps.tolist()}, not the DDIM schedule "
+                         f"the LCMScheduler samples from ({schedule.flip(0).tolist()}): record with a number of steps "
+                         "that divides the teacher's training timesteps.")
+    joined = {key: np.concatenate([shard[key] for shard in shards]) for key in ("images", "states", "final", "prompts")}
+    return {
+        "images": torch.from_numpy(joined["images"]).float(), "states": torch.from_numpy(joined["states"]),
+        "final": torch.from_numpy(joined["final"]).float(), "prompts": joined["prompts"].tolist(),
+        "z": torch.from_numpy(np.concatenate([s["z"] for s in shards])).float() if "z" in shards[0].files else None,
+        "timesteps": timesteps,
+    }
 
 
 def ddim_timesteps(num_train_timesteps: int, num_ddim_timesteps: int) -> torch.Tensor:
@@ -206,6 +271,7 @@ def main(argv=None) -> Path:
         raise ValueError(f"`--num_ddim_timesteps` ({args.num_ddim_timesteps}) exceeds the teacher's "
                          f"{noise_scheduler.config.num_train_timesteps} training timesteps.")
     schedule = ddim_timesteps(noise_scheduler.config.num_train_timesteps, args.num_ddim_timesteps)
+    recorded = load_trajectories(args.trajectories, teacher, schedule) if args.trajectories else None
     stride = noise_scheduler.config.num_train_timesteps // args.num_ddim_timesteps
     encode = PromptCache(teacher.tokenizer, teacher.text_encoder)
     prior = teacher.prior.requires_grad_(False).eval() if teacher.unet.latent_dim else None
@@ -237,7 +303,7 @@ def main(argv=None) -> Path:
         CONFIGS["cpu"], train_batch_size=args.train_batch_size, resolution=teacher.unet.config.sample_size,
         prompt_dropout=0.0, image_clip=teacher.config.image_clip, prompt_style=style,
     )
-    dataset = load_split(args.dataset, args.train_split, args.data_dir, style)
+    dataset = None if recorded else load_split(args.dataset, args.train_split, args.data_dir, style)
     validation = (load_split(args.dataset, args.validation_split, args.data_dir, style)
                   if args.num_validation_images else None)
     first_step, seconds = resume_training(accelerator, output_dir, args.resume_from_checkpoint)
@@ -245,8 +311,12 @@ def main(argv=None) -> Path:
     if accelerator.is_main_process:
         accelerator.init_trackers("ambiseg-consistency",
                                   config={k: v for k, v in recorded_arguments(args).items() if v is not None})
-    logger.info(f"{len(dataset)} training rows, {args.max_train_steps} steps of batch {args.train_batch_size}, "
-                f"teacher DDIM-{args.num_ddim_timesteps} (stride {stride})")
+    if recorded:
+        logger.info(f"{len(recorded['final'])} recorded teacher trajectories of DDIM-{args.num_ddim_timesteps}, "
+                    f"{args.max_train_steps} steps of batch {args.train_batch_size}")
+    else:
+        logger.info(f"{len(dataset)} training rows, {args.max_train_steps} steps of batch {args.train_batch_size}, "
+                    f"teacher DDIM-{args.num_ddim_timesteps} (stride {stride})")
 
     def unet_x0(model, noisy, timesteps, images, text, text_mask, z, straight_through: bool = False) -> torch.Tensor:
         """The clamped x0-prediction, as sampling clamps it; for the student the clamp passes the gradient straight
@@ -289,6 +359,25 @@ def main(argv=None) -> Path:
                                                 unet_x0(model, previous, end, images, text, text_mask, z))
         return distance(prediction, target, args.loss_type, args.huber_c)
 
+    def trajectory_loss(step: int) -> torch.Tensor:
+        """f(x_t, t) from recorded states x_t against the end of their trajectories: the teacher's DDIM sample."""
+        device = accelerator.device
+        generator = torch.Generator().manual_seed(
+            args.seed * 1_000_003 + step * accelerator.num_processes + accelerator.process_index)  # resume is exact
+        size = args.train_batch_size // accelerator.num_processes
+        rows = torch.randint(0, len(recorded["final"]), (size,), generator=generator)
+        top = torch.rand(size, generator=generator) < args.top_state_fraction
+        index = torch.where(top, 0, torch.randint(1, len(schedule), (size,), generator=generator))
+        noisy = recorded["states"][rows, index].float().to(device)
+        timesteps = recorded["timesteps"][index].to(device)
+        images, clean = recorded["images"][rows].to(device), recorded["final"][rows].to(device)
+        text, text_mask = encode([recorded["prompts"][i] for i in rows.tolist()], device)
+        z = None if recorded["z"] is None else recorded["z"][rows].to(device)
+        with accelerator.autocast():
+            x0 = unet_x0(unet, noisy, timesteps, images, text, text_mask, z, straight_through=True)
+            prediction = consistency_output(scalings(timesteps), noisy, x0)
+        return distance(prediction, clean, args.loss_type, args.huber_c)
+
     @contextlib.contextmanager
     def adapter_weights(ema):
         """The adapter carries `ema`'s weights inside the block (the training weights are restored after)."""
@@ -320,8 +409,9 @@ def main(argv=None) -> Path:
                     {k: round(v, 4) for k, v in metrics.items()})
         return metrics
 
-    batches = step_batches(dataset, data_config, args.seed, accelerator, first_step, args.max_train_steps - first_step,
-                           args.dataloader_num_workers)
+    batches = (itertools.repeat(None) if recorded else
+               step_batches(dataset, data_config, args.seed, accelerator, first_step, args.max_train_steps - first_step,
+                            args.dataloader_num_workers))
     progress = clock.progress_bar(first_step, args.max_train_steps, disable=not accelerator.is_local_main_process)
     ran, metrics, metrics_step, done = 0, {}, None, first_step
     for step, batch in zip(range(first_step, args.max_train_steps), batches):
@@ -330,7 +420,7 @@ def main(argv=None) -> Path:
             break
         started = time.time()
         unet.train()
-        loss = step_loss(batch, generator_of(batch))
+        loss = trajectory_loss(step) if recorded else step_loss(batch, generator_of(batch))
         accelerator.backward(loss)
         if accelerator.sync_gradients:
             accelerator.clip_grad_norm_(params, args.max_grad_norm)
@@ -394,6 +484,7 @@ def save_distilled(unet, lcm: LCMScheduler, args, output_dir: Path, steps: int, 
     lcm.save_pretrained(output_dir / "scheduler")
     info = {"adapter_name": ADAPTER_NAME, "num_inference_steps": args.sampling_steps, "train_steps": steps,
             "num_ddim_timesteps": args.num_ddim_timesteps,
+            "method": "trajectory" if args.trajectories else "consistency",
             "validation": {k: round(v, 4) for k, v in metrics.items()},
             "base_model": args.base_model_id or (None if os.path.isdir(args.teacher) else args.teacher),
             "config": recorded_arguments(args)}
@@ -409,7 +500,8 @@ def distilled_card(folder: Path, repo_id: str, results: str):
     config = info["config"]
     return model_card(
         "consistency.md", repo_id, base_model=info.get("base_model"),
-        extra_tags=["consistency-distillation", "lcm", "lora"], teacher=config["teacher"],
+        extra_tags=[f"{info.get('method', 'consistency')}-distillation", "lcm", "lora"], teacher=config["teacher"],
+        method=info.get("method", "consistency"),
         num_ddim_timesteps=info["num_ddim_timesteps"], train_steps=info["train_steps"],
         num_inference_steps=info["num_inference_steps"], results=results, config_json=json.dumps(config, indent=2),
     )
