@@ -10,6 +10,7 @@
    2d-2f. options tried and not made default unless they win here: a `channels_last` UNet, a `torch.compile`d UNet
    (compilation excluded from its time, printed apart), and prompt embeddings computed once and passed as
    `prompt_embeds` (what a caller who segments many slices with one prompt can do);
+   2g. for a distilled sampler: its LoRA fused into the UNet (`fuse_lora()`, then `unload_lora_weights()`);
 3. the floor: the bare UNet forwards (2) needs (same batch, steps and precision), nothing else; and the parts of
    (2) that are not UNet forwards, timed alone: prompt encoding and the prior.
 
@@ -181,6 +182,7 @@ def main() -> None:
         fused = variant(pipe, unet=copy.deepcopy(pipe.unet))
         fused.fuse_lora()
         fused.unload_lora_weights()  # the merged weights stay, the LoRA layers go
+        sample(fused, timing, t_idx, n, None)  # warm-up
         results["2g. default, LoRA fused (`fuse_lora()`, `unload_lora_weights()`)"] = timed(lambda: sample(fused, timing, t_idx, n, None), repeats=3)[0]
     floor = unet_floor(pipe, n, default_steps, bf16=bf16) * len(t_idx)
     results["3. floor: the bare UNet forwards of (2)"] = floor

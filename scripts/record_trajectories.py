@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from diffusers import DDIMScheduler
 
 from ambiseg_diffusers import AmbiSegPipeline
 from ambiseg_diffusers.evaluation import build_sampling_scheduler
@@ -40,11 +41,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--samples_per_image", type=int, default=16, help="rows recorded per image")
     parser.add_argument("--prompts", default="annotator", choices=["annotator", "nodule", "none"],
                         help="prompt protocol, as in evaluation (row s of an image takes prompt s mod count)")
-    parser.add_argument("--seed", type=int, default=0, help="image i draws from generators seeded seed + i")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="image i draws its rows' noise from a generator seeded 10000019 + seed + i, their prior "
+                             "z from one seeded seed + i")
     parser.add_argument("--max_images", type=int, default=None, help="only the first N images")
     parser.add_argument("--images_per_call", type=int, default=16, help="images per pipeline call and shard")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast (as the pipeline samples on a CPU)")
     parser.add_argument("--output_dir", required=True, help="the shards and run_arguments.json")
+    parser.add_argument("--overwrite", action="store_true", help="delete the folder's earlier shards first")
     args = parser.parse_args(argv)
     if args.num_inference_steps < 2:
         parser.error(f"--num_inference_steps must be at least 2, got {args.num_inference_steps}")
@@ -96,16 +100,29 @@ def main(argv=None) -> Path:
     if pipe.scheduler.config.prediction_type != "sample":
         raise ValueError(f"--teacher {args.teacher!r} predicts {pipe.scheduler.config.prediction_type!r}; trajectory "
                          "distillation here needs an x0-predicting teacher (`prediction_type='sample'`).")
+    total_steps = pipe.scheduler.config.num_train_timesteps
+    if total_steps % args.num_inference_steps:  # trailing DDIM then misses the LCMScheduler's schedule k-1, 2k-1, ...
+        raise ValueError(f"--num_inference_steps ({args.num_inference_steps}) must divide the teacher's {total_steps} "
+                         "training timesteps, so that the distilled LCMScheduler samples at recorded states.")
     fingerprint = pipeline_fingerprint(pipe)  # the teacher as stored, as the training script loads it
-    pipe.scheduler = build_sampling_scheduler(pipe.scheduler, "ddim")
+    # the last step lands on x0 itself (alpha 1), so `final` is the teacher's last clean-mask prediction
+    pipe.scheduler = DDIMScheduler.from_config(build_sampling_scheduler(pipe.scheduler, "ddim").config,
+                                               set_alpha_to_one=True)
     dataset = load_split(args.dataset, args.split, args.data_dir, pipeline_prompt_style(pipe))
     total = len(dataset) if args.max_images is None else min(args.max_images, len(dataset))
     output_dir = Path(args.output_dir)
-    deciding = {k: v for k, v in vars(args).items() if k not in ("output_dir", "max_images", "images_per_call")}
+    # images_per_call changes the batching only: each image's rows draw from their own generators (in bf16 the
+    # batch can still move the last bits)
+    deciding = {k: v for k, v in vars(args).items()
+                if k not in ("output_dir", "max_images", "images_per_call", "overwrite")}
     deciding["teacher_sha256"] = fingerprint
     shards = sorted(output_dir.glob("shard-*.npz"))
-    check_resumable(output_dir, deciding, shards)
-    recorded = {int(p) for shard in shards for p in np.load(shard)["positions"]}
+    check_resumable(output_dir, deciding, shards, overwrite=args.overwrite)
+    shards = sorted(output_dir.glob("shard-*.npz"))  # none left after --overwrite
+    recorded = set()
+    for shard in shards:
+        with np.load(shard) as stored:
+            recorded.update(int(p) for p in stored["positions"])
     missing = [p for p in range(total) if p not in recorded]
     from tqdm.auto import tqdm
 

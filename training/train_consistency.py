@@ -39,9 +39,11 @@ price is recording the trajectories first (about 5 s per image of 16 rows for DD
         --trajectories runs/trajectories --loss_type l2 --sampling_steps 1 --output_dir runs/lcm-trajectory
 
 The UNet's x0-predictions are clamped to the mask range [-1, 1] in training as the pipeline clamps
-them in sampling (straight through for the student's gradient). A teacher whose UNet takes an ambiguity latent z gets one z
-from its prior per row (as in sampling), the same for teacher, student and target. Data: one random rater per slice of `--train_split` (default `train_fit`,
-so the `selection` patients stay unseen for the choices made on them), augmented as in pretraining.
+them in sampling (straight through for the student's gradient). Consistency mode: a teacher whose UNet takes an
+ambiguity latent z gets one z from its prior per row (as in sampling), the same for teacher, student and target; data:
+one random rater per slice of `--train_split` (default `train_fit`, so the `selection` patients stay unseen for the
+choices made on them), augmented as in pretraining. Trajectory mode: images, prompts, z and targets are the
+recording's, not augmented.
 """
 
 from __future__ import annotations
@@ -93,9 +95,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     data.add_argument("--base_model_id", default=None,
                       help="Hub id of the teacher, written into consistency.json and the card (default: --teacher "
                            "when it is a Hub id); a local teacher folder is recorded by its relative path too")
-    data.add_argument("--dataset", default="lidc64", help="'lidc64' or a save_to_disk folder")
+    data.add_argument("--dataset", default=None,
+                      help="'lidc64' (default) or a save_to_disk folder; with --trajectories, the recording's")
     data.add_argument("--data_dir", default=None, help="the lidc64 folder or the folder above it")
-    data.add_argument("--train_split", default="train_fit", help="training rows (the selection patients stay out)")
+    data.add_argument("--train_split", default=None,
+                      help="training rows (default train_fit: the selection patients stay out; with --trajectories, "
+                           "the recording's split)")
     data.add_argument("--validation_split", default="selection", help="split of the validation samples")
     data.add_argument("--dataloader_num_workers", type=int, default=0, help="processes preparing batches ahead")
 
@@ -104,14 +109,15 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="trajectory distillation: a folder of the teacher's recorded DDIM trajectories "
                              "(scripts/record_trajectories.py); the student learns to reach each trajectory's end from "
                              "its states, instead of the one-step consistency target")
-    recipe.add_argument("--top_state_fraction", type=float, default=0.5,
+    recipe.add_argument("--top_state_fraction", type=float, default=None,
                         help="trajectory distillation: share of rows trained at the first state (pure noise, what a "
-                             "one-call sampler sees); the others at a uniformly drawn later recorded state")
+                             "one-call sampler sees; default 0.5); the others at a uniformly drawn later recorded state")
     recipe.add_argument("--num_ddim_timesteps", type=int, default=None,
                         help="the teacher's DDIM schedule; its stride k is the consistency step (default 50, as "
                              "LCM; with --trajectories, the recorded number of steps)")
     recipe.add_argument("--timestep_scaling", type=float, default=10.0, help="LCMScheduler's boundary-condition scale")
-    recipe.add_argument("--loss_type", default="huber", choices=["huber", "l2"], help="distance between f's")
+    recipe.add_argument("--loss_type", default=None, choices=["huber", "l2"],
+                        help="distance between f's (default: huber, as LCM-LoRA; l2, plain regression, with --trajectories)")
     recipe.add_argument("--huber_c", type=float, default=0.001, help="pseudo-Huber c (LCM-LoRA's default)")
     recipe.add_argument("--lora_rank", type=int, default=16, help="rank of the student's LoRA")
     recipe.add_argument("--learning_rate", type=float, default=1e-4, help="AdamW learning rate")
@@ -156,14 +162,25 @@ def parse_args(argv=None) -> argparse.Namespace:
         if not recorded.is_file():
             parser.error(f"--trajectories {args.trajectories!r} holds no {RECORD_FILE} (record it with "
                          "scripts/record_trajectories.py)")
-        steps = json.loads(recorded.read_text())["num_inference_steps"]
-        if args.num_ddim_timesteps not in (None, steps):
-            parser.error(f"--num_ddim_timesteps {args.num_ddim_timesteps} differs from the {steps} DDIM steps recorded "
-                         f"in --trajectories {args.trajectories!r}; leave it out")
-        args.num_ddim_timesteps = steps
-    elif args.num_ddim_timesteps is None:
-        args.num_ddim_timesteps = 50
-    if not 0 <= args.top_state_fraction <= 1:
+        recording = json.loads(recorded.read_text())
+        for name, value in (("num_ddim_timesteps", recording["num_inference_steps"]), ("train_split", recording["split"]),
+                            ("dataset", recording["dataset"])):
+            if getattr(args, name) not in (None, value):
+                parser.error(f"--{name} {getattr(args, name)!r} differs from the recording's {value!r} in "
+                             f"--trajectories {args.trajectories!r}; leave it out")
+            setattr(args, name, value)  # so the run's record and card say what was trained on
+        if args.target_ema_decay:
+            parser.error("--target_ema_decay has no target network to act on with --trajectories (fixed targets)")
+        args.top_state_fraction = 0.5 if args.top_state_fraction is None else args.top_state_fraction
+        args.loss_type = args.loss_type or "l2"
+    else:
+        if args.top_state_fraction is not None:
+            parser.error("--top_state_fraction applies to trajectory distillation only (--trajectories)")
+        args.num_ddim_timesteps = args.num_ddim_timesteps or 50
+        args.train_split = args.train_split or "train_fit"
+        args.dataset = args.dataset or "lidc64"
+        args.loss_type = args.loss_type or "huber"
+    if args.trajectories and not 0 <= args.top_state_fraction <= 1:
         parser.error(f"--top_state_fraction must be in [0, 1], got {args.top_state_fraction}")
     for name in ("num_ddim_timesteps", "lora_rank", "max_train_steps", "train_batch_size", "checkpointing_steps",
                  "sampling_steps"):
@@ -207,7 +224,7 @@ def recorded_arguments(args) -> dict:
 
 def load_trajectories(folder: str, teacher: AmbiSegPipeline, schedule: torch.Tensor) -> dict:
     """The shards of scripts/record_trajectories.py in one dict of tensors (states stay float16: 20 states of 8,000
-    rows of 64x64 are 1.3 GB in float32), after checking they were recorded from this teacher on `schedule`."""
+    rows of 64x64 are 1.3 GB so, 2.6 GB in float32), after checking they were recorded from this teacher on `schedule`."""
     import numpy as np
 
     folder = Path(folder)
@@ -215,7 +232,10 @@ def load_trajectories(folder: str, teacher: AmbiSegPipeline, schedule: torch.Ten
     if recorded_from != pipeline_fingerprint(teacher):
         raise ValueError(f"`--trajectories` {str(folder)!r} were recorded from another teacher than `--teacher` (its "
                          f"{RECORD_FILE} holds another weight fingerprint).")
-    shards = [np.load(path) for path in sorted(folder.glob("shard-*.npz"))]
+    shards = []
+    for path in sorted(folder.glob("shard-*.npz")):
+        with np.load(path) as shard:
+            shards.append({key: shard[key] for key in shard.files})
     if not shards:
         raise ValueError(f"`--trajectories` {str(folder)!r} holds no shard-*.npz; record them first.")
     timesteps = torch.from_numpy(shards[0]["timesteps"]).long()
@@ -227,7 +247,7 @@ def load_trajectories(folder: str, teacher: AmbiSegPipeline, schedule: torch.Ten
     return {
         "images": torch.from_numpy(joined["images"]).float(), "states": torch.from_numpy(joined["states"]),
         "final": torch.from_numpy(joined["final"]).float(), "prompts": joined["prompts"].tolist(),
-        "z": torch.from_numpy(np.concatenate([s["z"] for s in shards])).float() if "z" in shards[0].files else None,
+        "z": torch.from_numpy(np.concatenate([s["z"] for s in shards])).float() if "z" in shards[0] else None,
         "timesteps": timesteps,
     }
 
@@ -272,6 +292,9 @@ def main(argv=None) -> Path:
                          f"{noise_scheduler.config.num_train_timesteps} training timesteps.")
     schedule = ddim_timesteps(noise_scheduler.config.num_train_timesteps, args.num_ddim_timesteps)
     recorded = load_trajectories(args.trajectories, teacher, schedule) if args.trajectories else None
+    if recorded and args.train_batch_size % accelerator.num_processes:
+        raise ValueError(f"`--train_batch_size` ({args.train_batch_size}) must split evenly over the "
+                         f"{accelerator.num_processes} processes.")
     stride = noise_scheduler.config.num_train_timesteps // args.num_ddim_timesteps
     encode = PromptCache(teacher.tokenizer, teacher.text_encoder)
     prior = teacher.prior.requires_grad_(False).eval() if teacher.unet.latent_dim else None
