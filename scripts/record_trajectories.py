@@ -46,7 +46,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "z from one seeded seed + i")
     parser.add_argument("--max_images", type=int, default=None, help="only the first N images")
     parser.add_argument("--images_per_call", type=int, default=16, help="images per pipeline call and shard")
-    parser.add_argument("--bf16", action="store_true", help="bf16 autocast (as the pipeline samples on a CPU)")
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast (as the pipeline samples on a CPU with native bf16)")
     parser.add_argument("--output_dir", required=True, help="the shards and run_arguments.json")
     parser.add_argument("--overwrite", action="store_true", help="delete the folder's earlier shards first")
     args = parser.parse_args(argv)
@@ -84,7 +84,7 @@ def record_chunk(pipe: AmbiSegPipeline, rows: dict, positions: list[int], args) 
         "images": pixels.repeat_interleave(n, dim=0).numpy(),
         "prompts": np.asarray([prompts[s % len(prompts)] for prompts in prompt_lists for s in range(n)]),
         "states": torch.stack(states, 1).numpy(),
-        "final": out.masks.float().clamp(-1, 1).numpy(),
+        "final": out.masks.float().clamp(-1, 1).cpu().numpy(),
         "positions": np.repeat(np.asarray(positions), n),
         "timesteps": pipe.scheduler.timesteps.cpu().numpy(),
     }
@@ -95,7 +95,7 @@ def record_chunk(pipe: AmbiSegPipeline, rows: dict, positions: list[int], args) 
 
 def main(argv=None) -> Path:
     args = parse_args(argv)
-    pipe = AmbiSegPipeline.from_pretrained(args.teacher)
+    pipe = AmbiSegPipeline.from_pretrained(args.teacher).to("cuda" if torch.cuda.is_available() else "cpu")
     pipe.set_progress_bar_config(disable=True)
     if pipe.scheduler.config.prediction_type != "sample":
         raise ValueError(f"--teacher {args.teacher!r} predicts {pipe.scheduler.config.prediction_type!r}; trajectory "
