@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from diffusers import DDIMScheduler
+from tqdm.auto import tqdm
 
 from ambiseg_diffusers import AmbiSegPipeline
 from ambiseg_diffusers.evaluation import build_sampling_scheduler
@@ -64,7 +65,8 @@ def record_chunk(pipe: AmbiSegPipeline, rows: dict, positions: list[int], args) 
     images = np.stack([np.asarray(image, np.float32) for image in rows["image"]])
     pixels = pipe.preprocess(images).float()  # what the UNet sees
     shape = (n, pipe.unet.mask_channels, *pixels.shape[-2:])
-    # the initial noise is drawn here (so it is recorded exactly); the generators then draw each row's prior z
+    # the initial noise is drawn here (so it can be recorded; stored in float16, about 1e-3 from what was sampled);
+    # the generators then draw each row's prior z
     noise = torch.cat([torch.randn(shape, generator=torch.Generator().manual_seed(
         10_000_019 + args.seed + p)) for p in positions])
     states, latents_seen = [noise.to(torch.float16)], {}
@@ -124,8 +126,6 @@ def main(argv=None) -> Path:
         with np.load(shard) as stored:
             recorded.update(int(p) for p in stored["positions"])
     missing = [p for p in range(total) if p not in recorded]
-    from tqdm.auto import tqdm
-
     for start in tqdm(range(0, len(missing), args.images_per_call), desc="shards", unit="shard"):
         positions = missing[start: start + args.images_per_call]
         shard = output_dir / f"shard-{positions[0]:05d}.npz"

@@ -79,7 +79,7 @@ from ambiseg_diffusers.run_records import RECORD_FILE, pipeline_fingerprint
 from ambiseg_diffusers.text import PromptCache
 from ambiseg_diffusers.training_utils import (
     LORA_TARGETS, TrainingClock, adapter_base_matches, generator_of, load_ema, load_trainable_adapter, log_validation,
-    resume_training, save_checkpoint, save_ema, step_batches,
+    resume_training, save_checkpoint, save_ema, shard, step_batches, step_generator,
 )
 
 logger = get_logger(__name__)
@@ -172,16 +172,16 @@ def parse_args(argv=None) -> argparse.Namespace:
         if args.target_ema_decay:
             parser.error("--target_ema_decay has no target network to act on with --trajectories (fixed targets)")
         args.top_state_fraction = 0.5 if args.top_state_fraction is None else args.top_state_fraction
+        if not 0 <= args.top_state_fraction <= 1:
+            parser.error(f"--top_state_fraction must be in [0, 1], got {args.top_state_fraction}")
         args.loss_type = args.loss_type or "l2"
     else:
         if args.top_state_fraction is not None:
             parser.error("--top_state_fraction applies to trajectory distillation only (--trajectories)")
-        args.num_ddim_timesteps = args.num_ddim_timesteps or 50
-        args.train_split = args.train_split or "train_fit"
-        args.dataset = args.dataset or "lidc64"
-        args.loss_type = args.loss_type or "huber"
-    if args.trajectories and not 0 <= args.top_state_fraction <= 1:
-        parser.error(f"--top_state_fraction must be in [0, 1], got {args.top_state_fraction}")
+        for name, default in (("num_ddim_timesteps", 50), ("train_split", "train_fit"), ("dataset", "lidc64"),
+                              ("loss_type", "huber")):
+            if getattr(args, name) is None:  # a given 0 stays 0, for the check below to refuse
+                setattr(args, name, default)
     for name in ("num_ddim_timesteps", "lora_rank", "max_train_steps", "train_batch_size", "checkpointing_steps",
                  "sampling_steps"):
         if getattr(args, name) < 1:
@@ -232,24 +232,39 @@ def load_trajectories(folder: str, teacher: AmbiSegPipeline, schedule: torch.Ten
     if recorded_from != pipeline_fingerprint(teacher):
         raise ValueError(f"`--trajectories` {str(folder)!r} were recorded from another teacher than `--teacher` (its "
                          f"{RECORD_FILE} holds another weight fingerprint).")
-    shards = []
-    for path in sorted(folder.glob("shard-*.npz")):
-        with np.load(path) as shard:
-            shards.append({key: shard[key] for key in shard.files})
-    if not shards:
+    paths = sorted(folder.glob("shard-*.npz"))
+    if not paths:
         raise ValueError(f"`--trajectories` {str(folder)!r} holds no shard-*.npz; record them first.")
-    timesteps = torch.from_numpy(shards[0]["timesteps"]).long()
+    with np.load(paths[0]) as first:
+        timesteps, keys = torch.from_numpy(first["timesteps"]).long(), set(first.files)
     if not torch.equal(timesteps, schedule.flip(0)):
         raise ValueError(f"`--trajectories` were recorded at timesteps {timesteps.tolist()}, not the DDIM schedule "
                          f"the LCMScheduler samples from ({schedule.flip(0).tolist()}): record with a number of steps "
                          "that divides the teacher's training timesteps.")
-    joined = {key: np.concatenate([shard[key] for shard in shards]) for key in ("images", "states", "final", "prompts")}
+    joined = {key: join_shards(paths, key) for key in ("images", "states", "final", "prompts", "z") if key in keys}
     return {
         "images": torch.from_numpy(joined["images"]).float(), "states": torch.from_numpy(joined["states"]),
         "final": torch.from_numpy(joined["final"]).float(), "prompts": joined["prompts"].tolist(),
-        "z": torch.from_numpy(np.concatenate([s["z"] for s in shards])).float() if "z" in shards[0] else None,
-        "timesteps": timesteps,
+        "z": torch.from_numpy(joined["z"]).float() if "z" in joined else None, "timesteps": timesteps,
     }
+
+
+def join_shards(paths: list[Path], key: str):
+    """One array of every shard's `key`, filled shard by shard: the recording is held once in memory, not twice."""
+    import numpy as np
+
+    total, joined, offset = 0, None, 0
+    for path in paths:
+        with np.load(path) as shard:
+            total += len(shard["positions"])
+    for path in paths:
+        with np.load(path) as shard:
+            part = shard[key]
+        if joined is None:  # strings (the prompts) vary in width from shard to shard: kept as objects
+            joined = np.empty((total, *part.shape[1:]), dtype=object if part.dtype.kind == "U" else part.dtype)
+        joined[offset: offset + len(part)] = part
+        offset += len(part)
+    return joined
 
 
 def ddim_timesteps(num_train_timesteps: int, num_ddim_timesteps: int) -> torch.Tensor:
@@ -291,10 +306,10 @@ def main(argv=None) -> Path:
         raise ValueError(f"`--num_ddim_timesteps` ({args.num_ddim_timesteps}) exceeds the teacher's "
                          f"{noise_scheduler.config.num_train_timesteps} training timesteps.")
     schedule = ddim_timesteps(noise_scheduler.config.num_train_timesteps, args.num_ddim_timesteps)
-    recorded = load_trajectories(args.trajectories, teacher, schedule) if args.trajectories else None
-    if recorded and args.train_batch_size % accelerator.num_processes:
+    if args.trajectories and args.train_batch_size % accelerator.num_processes:  # before minutes of loading
         raise ValueError(f"`--train_batch_size` ({args.train_batch_size}) must split evenly over the "
                          f"{accelerator.num_processes} processes.")
+    recorded = load_trajectories(args.trajectories, teacher, schedule) if args.trajectories else None
     stride = noise_scheduler.config.num_train_timesteps // args.num_ddim_timesteps
     encode = PromptCache(teacher.tokenizer, teacher.text_encoder)
     prior = teacher.prior.requires_grad_(False).eval() if teacher.unet.latent_dim else None
@@ -384,13 +399,13 @@ def main(argv=None) -> Path:
 
     def trajectory_loss(step: int) -> torch.Tensor:
         """f(x_t, t) from recorded states x_t against the end of their trajectories: the teacher's DDIM sample."""
-        device = accelerator.device
-        generator = torch.Generator().manual_seed(
-            args.seed * 1_000_003 + step * accelerator.num_processes + accelerator.process_index)  # resume is exact
-        size = args.train_batch_size // accelerator.num_processes
+        device, size = accelerator.device, args.train_batch_size
+        generator = step_generator(args.seed, step)  # the global batch: the same for any number of processes
         rows = torch.randint(0, len(recorded["final"]), (size,), generator=generator)
         top = torch.rand(size, generator=generator) < args.top_state_fraction
         index = torch.where(top, 0, torch.randint(1, len(schedule), (size,), generator=generator))
+        mine = shard(list(range(size)), accelerator.process_index, accelerator.num_processes)
+        rows, index = rows[mine], index[mine]
         noisy = recorded["states"][rows, index].float().to(device)
         timesteps = recorded["timesteps"][index].to(device)
         images, clean = recorded["images"][rows].to(device), recorded["final"][rows].to(device)
