@@ -20,7 +20,8 @@ import torch
 
 from ambiseg_diffusers import AmbiSegPipeline
 from ambiseg_diffusers.hub_utils import dataset_card, push_dataset_to_hub
-from ambiseg_diffusers.lidc import load_split, pipeline_prompt_style
+from ambiseg_diffusers.data import add_data_arguments, dataset_label, load_from_args, model_resolution
+from ambiseg_diffusers.lidc import pipeline_prompt_style
 from ambiseg_diffusers.preferences import STRATEGIES, build_preferences
 
 
@@ -28,8 +29,7 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--reference", required=True, help="reference pipeline folder or Hub id")
     parser.add_argument("--strategy", default="mean_dice", choices=STRATEGIES)
-    parser.add_argument("--dataset", default="lidc64", help="'lidc64' or a folder saved with save_to_disk")
-    parser.add_argument("--data_dir", default=None, help="the lidc64 folder or the folder above it")
+    add_data_arguments(parser)
     parser.add_argument("--split", default="train", help="split the pairs come from")
     parser.add_argument("--num_candidates", type=int, default=4, help="K (paper: 4)")
     parser.add_argument("--fraction", type=float, default=0.25, help="fraction of the training rows (paper: 0.25)")
@@ -48,11 +48,11 @@ def main(argv=None):
     args = parse_args(argv)
     pipe = AmbiSegPipeline.from_pretrained(args.reference, dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
-    dataset = load_split(args.dataset, args.split, args.data_dir, pipeline_prompt_style(pipe))
+    dataset = load_from_args(args, args.split, pipeline_prompt_style(pipe), model_resolution(pipe))
     pairs, report = build_preferences(
         pipe, dataset, args.output_dir, strategy=args.strategy, num_candidates=args.num_candidates,
         fraction=args.fraction, seed=args.seed, images_per_call=args.images_per_call,
-        num_inference_steps=args.num_inference_steps, source={"dataset": args.dataset, "split": args.split},
+        num_inference_steps=args.num_inference_steps, source={"dataset": dataset_label(args), "split": args.split},
         overwrite=args.overwrite, record_states=args.record_states,
     )
     print(f"{report['pairs']} pairs from {report['images']} images ({report['ties']} images with all candidates tied, "
@@ -61,8 +61,8 @@ def main(argv=None):
         card = dataset_card(
             f"TDG-DiffDPO preference pairs ({args.strategy})",
             f"{report['pairs']} (winner, loser) mask pairs sampled by the AmbiSeg reference `{args.reference}` on "
-            f"{report['images']} {args.dataset} `{args.split}` slices and ranked by `{args.strategy}` Dice against the "
-            f"radiologists' masks ({report['ties']} images tied and gave no pair).",
+            f"{report['images']} {dataset_label(args)} `{args.split}` images and ranked by `{args.strategy}` Dice against "
+            f"the raters' masks ({report['ties']} images tied and gave no pair).",
             "python scripts/build_preferences.py " + " ".join(argv if argv is not None else sys.argv[1:]),
             extra_tags=["tdg-diffdpo", "preference-pairs"],
         )

@@ -29,7 +29,8 @@ from tqdm.auto import tqdm
 
 from ambiseg_diffusers import load_pipeline
 from ambiseg_diffusers.evaluation import SAMPLING_SCHEDULERS, build_sampling_scheduler, cpu_only, sample_rows
-from ambiseg_diffusers.lidc import load_split, pipeline_prompt_style
+from ambiseg_diffusers.data import add_data_arguments, evaluation_split, load_from_args, model_resolution, rater_masks
+from ambiseg_diffusers.lidc import pipeline_prompt_style
 from ambiseg_diffusers.metrics import METRIC_NAMES, compute_metrics_batch, format_table, summarize
 from ambiseg_diffusers.run_records import check_resumable, pipeline_fingerprint
 from ambiseg_diffusers.visualization import sample_grid
@@ -41,9 +42,9 @@ FIGURE_IMAGES = 4
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="pipeline folder or Hub id")
-    parser.add_argument("--dataset", default="lidc64", help="'lidc64' or a folder saved with save_to_disk")
-    parser.add_argument("--data_dir", default=None, help="the lidc64 folder or the folder above it")
-    parser.add_argument("--split", default="validate", help="split to evaluate (lidc64: validate, mini, train, ...)")
+    add_data_arguments(parser)
+    parser.add_argument("--split", default=None, help="split to evaluate (default: lidc64 'validate'; other data its "
+                        "'test' split, else 'validation')")
     parser.add_argument("--num_samples", type=int, default=16, help="samples per image N")
     parser.add_argument("--prompts", default="annotator", choices=["annotator", "nodule", "none"],
                         help="prompt protocol (see ambiseg_diffusers.lidc)")
@@ -106,7 +107,7 @@ def image_record(index: int, row: dict, samples: np.ndarray) -> dict:
 
 def result_arguments(args, pipe, total: int) -> dict:
     """What defines the numbers of this run (not how it is split into calls or processes)."""
-    keys = ("dataset", "split", "num_samples", "prompts", "scheduler", "steps", "deterministic", "guidance_scale",
+    keys = ("dataset_name", "train_data_dir", "image_column", "mask_column", "caption_column", "resolution", "split", "num_samples", "prompts", "scheduler", "steps", "deterministic", "guidance_scale",
             "prior_temperature", "preference_scale", "bf16", "seed")
     return {"model": args.model, "model_sha256": pipeline_fingerprint(pipe), "images": total,
             **{k: getattr(args, k) for k in keys}}
@@ -117,7 +118,9 @@ def main(argv=None) -> dict:
     state = PartialState(cpu=cpu_only())
     output_dir = Path(args.output_dir)
     pipe = load_model(args).to(state.device)
-    dataset = load_split(args.dataset, args.split, args.data_dir, pipeline_prompt_style(pipe))
+    args.split = args.split or evaluation_split(args.dataset_name, args.train_data_dir)
+    args.resolution = args.resolution or model_resolution(pipe)  # data of another size is resized as training did
+    dataset = load_from_args(args, args.split, pipeline_prompt_style(pipe))
     total = len(dataset) if args.max_images is None else min(args.max_images, len(dataset))
     if state.is_main_process:
         print(f"evaluating {total} images on {state.num_processes} process(es)", flush=True)
@@ -197,7 +200,7 @@ def figures(args, dataset, pipe, sweep: dict, kept: dict) -> None:
     first = dataset[:count]
     samples = np.stack([kept[i] for i in range(count)]) if all(i in kept for i in range(count)) \
         else sample_images(pipe, first, args, list(range(count)))
-    sample_grid(np.asarray(first["image"]), np.asarray(first["masks"]), samples).save(output_dir / "figure_samples.png")
+    sample_grid(np.asarray(first["image"]), rater_masks(first), samples).save(output_dir / "figure_samples.png")
 
     fig, axes = plt.subplots(1, 3, figsize=(11, 3.2))
     ns = sorted(sweep)

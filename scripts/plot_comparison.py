@@ -21,7 +21,8 @@ import torch
 
 from ambiseg_diffusers import load_pipeline
 from ambiseg_diffusers.evaluation import sample_rows
-from ambiseg_diffusers.lidc import load_split, pipeline_prompt_style
+from ambiseg_diffusers.data import load_multirater, rater_masks
+from ambiseg_diffusers.lidc import pipeline_prompt_style
 from ambiseg_diffusers.visualization import sample_grid
 
 LABEL_HEIGHT = 16
@@ -32,14 +33,17 @@ def row_grid(validate_dir: Path, indices: list[int], num_samples: int, data_dir:
     arguments = json.loads((validate_dir / "run_arguments.json").read_text())
     pipe = load_pipeline(arguments["model"], dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
-    dataset = load_split(arguments["dataset"], arguments["split"], data_dir, pipeline_prompt_style(pipe))
+    data = {k: arguments[k] for k in ("train_data_dir", "image_column", "mask_column", "caption_column", "resolution")
+            if k in arguments}  # evaluations written before the data flags read lidc64 or a save_to_disk folder
+    dataset = load_multirater(arguments.get("dataset_name", arguments.get("dataset")), arguments["split"],
+                              data_dir=data_dir, prompt_style=pipeline_prompt_style(pipe), **data)
     if max(indices) >= len(dataset):
         raise ValueError(f"`--indices` must be below {len(dataset)} (the {arguments['split']} split), got {max(indices)}.")
     rows = dataset[indices]
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bool(arguments["bf16"]) and not torch.cuda.is_available()):
         samples = sample_rows(pipe, rows, indices, num_samples, arguments["prompts"], arguments["seed"],
                               arguments["steps"])
-    return sample_grid(np.asarray(rows["image"]), np.asarray(rows["masks"]), samples)
+    return sample_grid(np.asarray(rows["image"]), rater_masks(rows), samples)
 
 
 def stack_labelled(blocks: list[tuple[str, PIL.Image.Image]]) -> PIL.Image.Image:

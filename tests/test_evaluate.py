@@ -120,6 +120,8 @@ def test_sampler_sweep_reports_both_views(model, tmp_path, capsys):
     expected = sorted(max((i for i in range(12) if nodules[i] == n), key=lambda i: (areas[i], -i)) for n in set(nodules))
     per_nodule = report["views"][sweep_samplers.VIEWS[1]]
     assert per_nodule["indices"] == expected and len(expected) < 12
+    large = report["views"][sweep_samplers.VIEWS[2]]["indices"]  # consensus area above the median of the 12
+    assert large == [i for i in range(12) if areas[i] > np.median(areas)] and 0 < len(large) <= 6
     all_slices = report["views"][sweep_samplers.VIEWS[0]]
     text = (tmp_path / "sweep" / "sweep.md").read_text()
     assert "## largest-consensus slice per nodule" in text and "× paper" in text
@@ -207,6 +209,31 @@ def test_equal_quality_needs_the_mean_and_the_upper_bound():
     assert not sweep_samplers.meets_target({"mean": 0.006, "low": 0.003, "high": 0.009})  # too far
     assert sweep_samplers.meets_target({"mean": -0.02, "low": -0.03, "high": -0.01})  # better is no defect
     assert not sweep_samplers.meets_target(None)  # not measured
+
+
+def test_the_default_rule_needs_the_all_slices_bound_and_both_means():
+    close = {"mean": 0.004, "low": -0.001, "high": 0.009}
+    close_but_wide = {"mean": 0.004, "low": -0.012, "high": 0.02}
+    assert sweep_samplers.meets_default_rule(close, close_but_wide)  # the smaller view's interval is reported only
+    assert not sweep_samplers.meets_default_rule(close_but_wide, close)
+    assert not sweep_samplers.meets_default_rule(close, {"mean": 0.006, "low": 0.001, "high": 0.009})
+    assert not sweep_samplers.meets_default_rule(close, None)
+
+
+def test_sampler_configurations_parse_eta_and_refuse_what_does_not_apply():
+    assert sweep_samplers.parse_config("ddim:20:eta=1") == ("ddim", 20, True, None, 1.0)
+    assert sweep_samplers.parse_config("dpm_sde:10@runs/x") == ("dpm_sde", 10, True, "runs/x", None)
+    for bad in ("dpm:8:eta=1", "ddim:8:eta=-1", "ddim:8:eta=nan", "ddim:8:eta=x", "ddim:8:eta=1:eta=0"):
+        with pytest.raises(ValueError, match="sampler:steps"):
+            sweep_samplers.parse_config(bad)
+
+
+def test_dpm_sde_is_the_sde_variant_and_dpm_stays_2m(pipe):
+    from ambiseg_diffusers.evaluation import build_sampling_scheduler
+
+    assert build_sampling_scheduler(pipe.scheduler, "dpm_sde").config.algorithm_type == "sde-dpmsolver++"
+    sde = build_sampling_scheduler(pipe.scheduler, "dpm_sde")
+    assert build_sampling_scheduler(sde, "dpm").config.algorithm_type == "dpmsolver++"
 
 
 def test_largest_consensus_slices_count_only_the_raters_who_read_the_nodule():

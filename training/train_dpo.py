@@ -60,7 +60,8 @@ from ambiseg_diffusers.configs import DPO_CONFIGS, DPOTrainingConfig
 from ambiseg_diffusers.evaluation import cpu_only, validation_report
 from ambiseg_diffusers.hub_utils import model_card, push_folder_to_hub
 from ambiseg_diffusers.image_processing import masks_to_model_range, normalize_image
-from ambiseg_diffusers.lidc import augment, load_split, pipeline_prompt_style
+from ambiseg_diffusers.data import add_data_arguments, default_splits, load_from_args, model_resolution
+from ambiseg_diffusers.lidc import FREE_TEXT, augment, pipeline_prompt_style
 from ambiseg_diffusers.losses import DPO_ERROR_SPACES, diffusion_dpo_loss, dpo_errors
 from ambiseg_diffusers.pipelines.pipeline_ambiseg import ADAPTER_FILE, LORA_WEIGHT_NAME, PREFERENCE_ADAPTER
 from ambiseg_diffusers.text import PromptCache
@@ -85,9 +86,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     data.add_argument("--preferences", required=True, help="folder written by scripts/build_preferences.py, or a Hub dataset")
     data.add_argument("--diagnostic_preferences", default=None,
                       help="held-out pairs (e.g. built on the selection split): implicit accuracy per timestep at the end")
-    data.add_argument("--dataset", default="lidc64", help="validation data: 'lidc64' or a save_to_disk folder")
-    data.add_argument("--data_dir", default=None, help="the lidc64 folder or the folder above it")
-    data.add_argument("--validation_split", default="mini", help="split the validation samples")
+    add_data_arguments(data)  # the validation images (the pairs carry their own)
+    data.add_argument("--validation_split", default=None,
+                      help="split the validation samples (default: lidc64 'mini'; other data its 'validation' split, "
+                           "else 'selection', a seeded 10%% of 'train')")
 
     recipe = parser.add_argument_group("recipe (default: the --config preset's value)")
     recipe.add_argument("--config", default="cpu", choices=sorted(DPO_CONFIGS), help="named recipe from configs.py")
@@ -149,7 +151,7 @@ def load_preferences(name: str):
 
 
 def pair_batch(pairs: Dataset, indices: list[int], image_clip: float, generator: torch.Generator) -> dict:
-    """Augmented pairs: image `(B, 1, H, W)` in [-1, 1], winner/loser `(B, 1, H, W)` in {-1, 1}, prompts. Pairs built
+    """Augmented pairs: image `(B, C, H, W)` in [-1, 1], winner/loser `(B, 1, H, W)` in {-1, 1}, prompts. Pairs built
     with their sampling states (`build_preferences(record_states=True)`) are not augmented (a turned state is not one
     the sampler gives the turned image: the UNet is not rotation-equivariant) and also carry winner_states /
     loser_states `(B, S, H, W)`, state_timesteps `(B, S)` and, where recorded, winner_z / loser_z `(B, latent_dim)`."""
@@ -157,7 +159,8 @@ def pair_batch(pairs: Dataset, indices: list[int], image_clip: float, generator:
     with_states = "winner_states" in rows
     images, masks_of_rows = [], []
     for i, image in enumerate(rows["image"]):
-        image = torch.as_tensor(np.asarray(image), dtype=torch.float32)[None]
+        image = torch.as_tensor(np.asarray(image), dtype=torch.float32)
+        image = image[None] if image.ndim == 2 else image
         planes = [np.asarray(rows["winner"][i])[None], np.asarray(rows["loser"][i])[None]]
         if with_states:
             planes += [np.asarray(rows["winner_states"][i]), np.asarray(rows["loser_states"][i])]
@@ -319,8 +322,11 @@ def main(argv=None) -> Path:
         ema.to(accelerator.device)
         accelerator.register_save_state_pre_hook(lambda models, weights, folder: save_ema(ema, folder))
         accelerator.register_load_state_pre_hook(lambda models, folder: load_ema(ema, folder))
-    validation = (load_split(args.dataset, args.validation_split, args.data_dir, pipeline_prompt_style(reference))
-                  if args.num_validation_images else None)
+    validation = None
+    if args.num_validation_images:
+        _, args.validation_split = default_splits(args.dataset_name, args.train_data_dir, None, args.validation_split)
+        validation = load_from_args(args, args.validation_split, pipeline_prompt_style(reference),
+                                    model_resolution(reference))
 
     first_step = 0
     checkpoint = resume_checkpoint(output_dir, args.resume_from_checkpoint)
@@ -451,6 +457,7 @@ def main(argv=None) -> Path:
         repo_id = args.hub_model_id or output_dir.name
         model_card(
             "tdg-diffdpo.md", repo_id, base_model=base_model_id, extra_tags=["tdg-diffdpo", "diffusion-dpo", "lora"],
+            lidc=pipeline_prompt_style(reference) != FREE_TEXT,
             reference=args.reference,
             preferences=args.preferences, num_pairs=len(pairs), config_json=json.dumps(asdict(config), indent=2),
             metrics=json.dumps({k: round(v, 4) for k, v in metrics.items()}, indent=2),

@@ -29,7 +29,7 @@ from ambiseg_diffusers import ProbUNetModel, ProbUNetPipeline
 from ambiseg_diffusers.configs import PROB_UNET_CONFIGS, ProbUNetTrainingConfig
 from ambiseg_diffusers.evaluation import cpu_only, validation_report
 from ambiseg_diffusers.hub_utils import model_card, push_folder_to_hub
-from ambiseg_diffusers.lidc import load_split
+from ambiseg_diffusers.data import add_data_arguments, dataset_label, default_splits, load_from_args
 from ambiseg_diffusers.training_utils import (
     TrainingClock, generator_of, log_validation, recipe_from_args, resume_training, save_checkpoint, step_batches,
 )
@@ -40,10 +40,12 @@ logger = get_logger(__name__)
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     data = parser.add_argument_group("data")
-    data.add_argument("--dataset", default="lidc64", help="'lidc64' or a folder saved with Dataset(Dict).save_to_disk")
-    data.add_argument("--data_dir", default=None, help="the lidc64 folder or the folder above it")
-    data.add_argument("--train_split", default="train", help="split to train on")
-    data.add_argument("--validation_split", default="mini", help="split the periodic validation samples")
+    add_data_arguments(data, resolution=False)
+    data.add_argument("--train_split", default=None, help="split to train on (default 'train'; 'train_fit' where the "
+                      "data has no validation split)")
+    data.add_argument("--validation_split", default=None,
+                      help="split the periodic validation samples (default: lidc64 'mini'; other data its "
+                           "'validation' split, else 'selection', a seeded 10%% of 'train' held out of training)")
 
     recipe = parser.add_argument_group("recipe (default: the --config preset's value)")
     recipe.add_argument("--config", default="kohl2018", choices=sorted(PROB_UNET_CONFIGS), help="named recipe")
@@ -109,8 +111,11 @@ def main(argv=None) -> Path:
         num_training_steps=config.max_train_steps * accelerator.num_processes,
     )
     model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
-    dataset = load_split(args.dataset, args.train_split, args.data_dir)
-    validation = load_split(args.dataset, args.validation_split, args.data_dir) if args.num_validation_images else None
+    args.train_split, args.validation_split = default_splits(
+        args.dataset_name, args.train_data_dir, args.train_split, args.validation_split, args.data_dir)
+    dataset = load_from_args(args, args.train_split, resolution=config.resolution)
+    validation = (load_from_args(args, args.validation_split, resolution=config.resolution)
+                  if args.num_validation_images else None)
 
     first_step, seconds = resume_training(accelerator, output_dir, args.resume_from_checkpoint)
     clock = TrainingClock(args.max_train_minutes, args.snapshot_minutes, seconds)
@@ -181,8 +186,10 @@ def main(argv=None) -> Path:
         (output_dir / "training_summary.json").write_text(json.dumps(
             {"steps": done, "train_minutes": round(clock.seconds / 60, 2), "metrics": metrics}, indent=2))
         repo_id = args.hub_model_id or output_dir.name
+        is_lidc_data = "ratings" in dataset.column_names  # lidc64, or a LIDC folder of scripts/prepare_lidc.py
         model_card(
-            "prob_unet.md", repo_id, extra_tags=["lung-nodule", "probabilistic-unet"], dataset=args.dataset,
+            "prob_unet.md", repo_id, extra_tags=["lung-nodule"] * is_lidc_data + ["probabilistic-unet"],
+            lidc=is_lidc_data, dataset=dataset_label(args),
             train_split=args.train_split, num_rows=len(dataset), steps=done, minutes=f"{clock.seconds / 60:.1f}",
             config_json=json.dumps(asdict(config), indent=2),
             results=f"Periodic validation during training (split `{args.validation_split}`, first "

@@ -16,15 +16,18 @@ from diffusers import (
 )
 
 from .lidc import eval_prompts
-from .metrics import compute_metrics_batch
+from .data import rater_masks
+from .metrics import compute_metrics_rows
 from .visualization import sample_grid
 
 SAMPLING_SCHEDULERS = {
     "ddpm": DDPMScheduler, "ddim": DDIMScheduler, "dpm": DPMSolverMultistepScheduler, "unipc": UniPCMultistepScheduler,
     "euler": EulerDiscreteScheduler, "deis": DEISMultistepScheduler,
     "lcm": LCMScheduler,  # for a distilled sampler (training/train_consistency.py), whose config it keeps
+    "dpm_sde": DPMSolverMultistepScheduler,  # DPM-Solver++ SDE: the multistep solver with fresh noise each step
 }
-_THRESHOLDING = ("dpm", "unipc", "deis")  # clip x0-predictions via dynamic thresholding (no clip_sample option)
+SAMPLER_OPTIONS = {"dpm_sde": {"algorithm_type": "sde-dpmsolver++"}}
+_THRESHOLDING = ("dpm", "dpm_sde", "unipc", "deis")  # clip x0-predictions via dynamic thresholding (no clip_sample)
 
 
 def cpu_only() -> bool:
@@ -57,23 +60,34 @@ def build_sampling_scheduler(noise_scheduler, name: str = "ddim", clip: bool = T
     if "timestep_spacing" in defaults:
         # DDIM starts at t = T - 1, where the training noise is; the others keep their own default
         extra["timestep_spacing"] = "trailing" if name == "ddim" else defaults["timestep_spacing"].default
+    if "algorithm_type" in defaults:
+        extra["algorithm_type"] = defaults["algorithm_type"].default  # "dpm" is DPM-Solver++ 2M whatever was saved
+    extra.update(SAMPLER_OPTIONS.get(name, {}))
     return cls.from_config(noise_scheduler.config, **extra)
 
 
 def largest_consensus_slices(dataset: Dataset | dict) -> list[int]:
     """One slice per nodule, as results are read: the dataset position of the slice where the raters' 50% consensus
     (pixels marked by at least half of the raters who read the nodule, and by one at least) covers the most pixels;
-    ties go to the first. lidc64's `mini` split is this view of `validate`. Needs the columns masks `(4, H, W)`,
-    annotator_valid `(4,)` and nodule_id (a `datasets.Dataset` or a dict of columns)."""
-    valid = np.asarray(dataset["annotator_valid"], dtype=np.int32)  # (B, 4)
-    masks = np.asarray(dataset["masks"], dtype=np.int32) * valid[:, :, None, None]  # slots of no rater count nothing
-    needed = np.maximum(np.ceil(valid.sum(1) / 2), 1)
-    consensus = (masks.sum(1) >= needed[:, None, None]).sum((1, 2))
+    ties go to the first. lidc64's `mini` split is this view of `validate`. Needs the columns masks `(M, H, W)` (M
+    may differ per row), annotator_valid `(M,)` and nodule_id (a `datasets.Dataset` or a dict of columns)."""
+    consensus = consensus_areas(dataset)
     best: dict[str, int] = {}
     for position, nodule in enumerate(dataset["nodule_id"]):
         if nodule not in best or consensus[position] > consensus[best[nodule]]:
             best[nodule] = position
     return sorted(best.values())
+
+
+def consensus_areas(dataset: Dataset | dict) -> np.ndarray:
+    """Pixels of each row's 50% consensus (marked by at least half of the raters who read it, and by one at least);
+    slots without a reading (`annotator_valid` False) count nothing. `(B,)` int."""
+    areas = []
+    for masks, valid in zip(dataset["masks"], dataset["annotator_valid"]):
+        valid = np.asarray(valid, dtype=bool)
+        read = np.asarray(masks, dtype=np.int32)[valid]
+        areas.append(int((read.sum(0) >= max(np.ceil(valid.sum() / 2), 1)).sum()))
+    return np.asarray(areas)
 
 
 def sample_rows(
@@ -118,7 +132,8 @@ def evaluate_pipeline(
 ) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """Samples `num_samples` masks for each row (see `sample_rows`) and scores them against all the rater masks.
 
-    Returns per-image metrics `{name: (B,)}` and the samples `(B, N, H, W)` bool. `progress`: a bar over images,
+    Each row is scored against its own raters (their count may differ per row; nothing is padded). Returns
+    per-image metrics `{name: (B,)}` and the samples `(B, N, H, W)` bool. `progress`: a bar over images,
     the only one (the pipeline's per-step bar is silenced for the loop and restored after).
     """
     from tqdm.auto import tqdm
@@ -131,8 +146,7 @@ def evaluate_pipeline(
             indices = list(range(start, min(start + images_per_call, total)))
             rows = dataset[indices]
             masks = sample_rows(pipeline, rows, indices, num_samples, prompts, seed, num_inference_steps, **call_kwargs)
-            annotations = np.stack([np.asarray(m) for m in rows["masks"]]).astype(bool)
-            for key, values in compute_metrics_batch(masks, annotations).items():
+            for key, values in compute_metrics_rows(masks, rater_masks(rows)).items():
                 per_image.setdefault(key, []).extend(values.tolist())
             all_samples.append(masks)
             bar.update(len(indices))
@@ -143,8 +157,9 @@ def validation_report(pipeline, dataset, num_images: int, num_samples: int = 16,
     """Metrics summary (means) and a sample grid for the first `num_images` rows: what training logs."""
     per_image, samples = evaluate_pipeline(pipeline, dataset, num_samples, max_images=num_images, seed=seed, **kwargs)
     subset = dataset[: len(samples)]
-    grid = sample_grid(np.asarray(subset["image"])[:4], np.asarray(subset["masks"])[:4], samples[:4])
+    raters = rater_masks(subset)
+    grid = sample_grid(np.asarray(subset["image"])[:4], raters[:4], samples[:4])
     means = {k: float(v.mean()) for k, v in per_image.items()}
     means["sample_foreground"] = float(samples.mean())
-    means["rater_foreground"] = float(np.asarray(subset["masks"]).mean())
+    means["rater_foreground"] = float(np.mean([r.mean() for r in raters]))
     return means, grid

@@ -20,6 +20,7 @@ LIDC_ATTRIBUTION = (
     "Image Database Consortium (LIDC) and Image Database Resource Initiative (IDRI)\", Medical Physics 38(2); and "
     "Armato III, S. G., et al. (2015) Data from LIDC-IDRI, TCIA, doi:10.7937/K9/TCIA.2015.LO9QL9SX."
 )
+OWN_DATA_ATTRIBUTION = "Trained on the dataset named above: cite it, and follow its licence, as its authors ask."
 # `library_name` must be one the Hub knows; this package is named in the tags.
 CARD_TAGS = ["ambiseg-diffusers", "medical-imaging", "ambiguous-segmentation", "lidc-idri"]
 DOWNLOAD_KWARGS = ("cache_dir", "revision", "token", "local_files_only", "force_download")
@@ -116,17 +117,19 @@ def _template(name: str) -> str:
 
 
 def model_card(
-    template: str, repo_id: str, base_model: str | None = None, extra_tags: list[str] | None = None, **values
+    template: str, repo_id: str, base_model: str | None = None, extra_tags: list[str] | None = None, lidc: bool = True,
+    **values
 ) -> ModelCard:
     """A model card from `model_cards/<template>` (Jinja `{{ name }}` fields filled from `values`), with the Hub
-    metadata: `library_name: diffusers`, this package in `tags`, `base_model` when given, LIDC-IDRI attribution."""
+    metadata: `library_name: diffusers`, this package in `tags`, `base_model` when given; `lidc`: the model was
+    trained on LIDC-IDRI (its tag, and the attribution CC BY 3.0 requires, as `{{ attribution }}`)."""
     data = ModelCardData(
         library_name="diffusers", license="apache-2.0", pipeline_tag="image-segmentation", base_model=base_model,
-        tags=CARD_TAGS + (extra_tags or []),
+        tags=[t for t in CARD_TAGS if lidc or t != "lidc-idri"] + (extra_tags or []),
     )
     return ModelCard.from_template(
-        data, template_str=_template(template), repo_id=repo_id, base_model=base_model, attribution=LIDC_ATTRIBUTION,
-        **values,
+        data, template_str=_template(template), repo_id=repo_id, base_model=base_model,
+        attribution=LIDC_ATTRIBUTION if lidc else OWN_DATA_ATTRIBUTION, **values,
     )
 
 

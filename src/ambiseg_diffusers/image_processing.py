@@ -26,7 +26,12 @@ def normalize_image(image: torch.Tensor, clip: float = 3.0) -> torch.Tensor:
 
 
 def masks_to_model_range(masks: torch.Tensor) -> torch.Tensor:
-    """Binary masks {0, 1} -> the diffusion model's {-1, +1}."""
+    """Binary masks {0, 1} (or bool) -> the diffusion model's {-1, +1}. Other values (0/255 masks, probabilities)
+    raise ValueError rather than becoming targets outside the model's range (`data.load_multirater` reads 0/255)."""
+    if masks.dtype != torch.bool and not ((masks == 0) | (masks == 1)).all():
+        values = torch.unique(masks)[:6].tolist()
+        raise ValueError(f"masks must be binary (0/1 or bool), got values such as {values}; load data through "
+                         "ambiseg_diffusers.data.load_multirater, which reads 0/255 masks as 0/1.")
     return masks.float() * 2.0 - 1.0
 
 

@@ -42,6 +42,9 @@ RATING_MEANINGS: dict[str, tuple[str, ...]] = {
     "malignancy": ("Highly Unlikely", "Moderately Unlikely", "Indeterminate", "Moderately Suspicious", "Highly Suspicious"),
 }
 PROMPT_STYLES = ("paper", "ratings", "short")
+# What a pipeline records as its `prompt_style`: one of the LIDC styles above, or "free" for a dataset's own text.
+FREE_TEXT = "free"
+RECORDED_PROMPT_STYLES = PROMPT_STYLES + (FREE_TEXT,)
 # The closing sentence of the paper's Figure 5 prompt, and the one of the "ratings" style (the first checkpoints' form).
 PAPER_CLOSING = ("Although there are descriptions of the concerned region, the requirement is to identify the "
                  "segmentation boundaries.")
@@ -180,6 +183,9 @@ def eval_prompts(example: Mapping, protocol: str) -> list[str]:
     if protocol == "annotator":
         return [p for p, v in zip(example["prompts"], example["annotator_valid"]) if v]
     if protocol == "nodule":
+        if example.get("nodule_prompt") is None:
+            raise ValueError("`prompts` protocol 'nodule' needs one text per image; this dataset's texts are per rater "
+                             "(use 'annotator').")
         return [example["nodule_prompt"]]
     if protocol == "none":
         return [""]
@@ -299,12 +305,13 @@ def find_lidc64(data_dir: str | os.PathLike | None = None, repo_id: str | None =
 
 def load_split(dataset: str, split: str, data_dir: str | os.PathLike | None = None,
                prompt_style: str | None = None) -> Dataset:
-    """`dataset="lidc64"` (the shared crops, see `load_lidc64`) or a folder written by `Dataset(Dict).save_to_disk`
-    (e.g. by scripts/prepare_lidc.py), and one of its splits, with its prompts in `prompt_style` (a folder's rows
-    are re-prompted from their ratings and sizes; None keeps the stored prompts; lidc64 defaults to "paper")."""
-    if dataset == "lidc64":
-        return load_lidc64(split, data_dir, prompt_style or "paper")
-    return _load_folder(dataset, split) if prompt_style is None else with_prompt_style(_load_folder(dataset, split), prompt_style)
+    """`dataset="lidc64"` (the shared crops, see `load_lidc64`; `prompt_style` defaults to "paper"), or a folder or
+    Hub dataset in the multi-rater contract with its default columns, and one of its splits, checked row by row: a
+    shorthand for `data.load_multirater` (a LIDC folder written by scripts/prepare_lidc.py is re-prompted from its
+    ratings in `prompt_style`; None keeps its stored prompts)."""
+    from .data import load_multirater
+
+    return load_multirater(dataset, split, data_dir=data_dir, prompt_style=prompt_style)
 
 
 def with_prompt_style(dataset: Dataset, style: str) -> Dataset:
@@ -323,19 +330,6 @@ def with_prompt_style(dataset: Dataset, style: str) -> Dataset:
         return {"prompts": per_slot, "nodule_prompt": nodule}
 
     return dataset.map(reprompt, desc=f"prompts ({style})")
-
-
-def _load_folder(dataset: str, split: str) -> Dataset:
-    from datasets import load_from_disk
-
-    if not os.path.isdir(dataset):
-        raise FileNotFoundError(f"`dataset` must be 'lidc64' or a folder saved with `save_to_disk`; {dataset!r} is neither.")
-    loaded = load_from_disk(dataset)
-    if not hasattr(loaded, "keys"):
-        return loaded
-    if split not in loaded:
-        raise ValueError(f"`split` {split!r} is not in {dataset!r}; it has {sorted(loaded)}.")
-    return loaded[split]
 
 
 def lidc64_features(size: int = 64, raters: int = 4) -> Features:

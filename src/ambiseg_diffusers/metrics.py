@@ -116,6 +116,23 @@ def compute_metrics_batch(samples, annotations) -> dict[str, np.ndarray]:
     return {k: v.cpu().numpy() for k, v in result.items()}
 
 
+def compute_metrics_rows(samples, annotations) -> dict[str, np.ndarray]:
+    """Metrics for images whose rater counts differ: `samples` `(B, N, H, W)` and `annotations` a list of B arrays
+    `(M_i, H, W)` (each image's own raters, nothing padded), binary. Rows with the same rater count are scored
+    together by `compute_metrics_batch`. Returns a dict of float64 arrays of shape `(B,)` keyed by `METRIC_NAMES`."""
+    if len(annotations) != len(samples):
+        raise ValueError(f"`annotations` holds {len(annotations)} images, `samples` {len(samples)}.")
+    groups: dict[tuple, list[int]] = {}
+    for i, raters in enumerate(annotations):
+        groups.setdefault(tuple(np.shape(raters)), []).append(i)
+    out = {name: np.zeros(len(annotations)) for name in METRIC_NAMES}
+    for rows in groups.values():
+        batch = compute_metrics_batch(np.asarray(samples)[rows], np.stack([np.asarray(annotations[i]) for i in rows]))
+        for name, values in batch.items():
+            out[name][rows] = values
+    return out
+
+
 def compute_metrics(samples, annotations) -> dict[str, float]:
     """Metrics for one image: `samples` `(N, H, W)` and `annotations` `(M, H, W)`, binary (bool or 0/1), numpy or torch.
 

@@ -46,16 +46,18 @@ def pick_pair(scores: np.ndarray) -> tuple[int, int] | None:
     return int(np.argmax(scores)), int(np.argmin(scores))
 
 
-def preference_features(size: int, num_states: int = 0, latent_dim: int = 0) -> Features:
+def preference_features(image_shape: tuple, num_states: int = 0, latent_dim: int = 0) -> Features:
+    """Columns of a pairs dataset for images of `image_shape` `(H, W)` or `(C, H, W)`."""
+    size = tuple(image_shape[-2:])
     features = {
-        "image": Array2D((size, size), "float32"), "prompt": Value("string"),
-        "winner": Array2D((size, size), "uint8"), "loser": Array2D((size, size), "uint8"),
+        "image": Array2D(tuple(image_shape), "float32") if len(image_shape) == 2 else Array3D(tuple(image_shape), "float32"),
+        "prompt": Value("string"), "winner": Array2D(size, "uint8"), "loser": Array2D(size, "uint8"),
         "winner_score": Value("float32"), "loser_score": Value("float32"), "strategy": Value("string"),
         "source_index": Value("int32"), "nodule_id": Value("string"), "slice": Value("int32"),
     }
     if num_states:
-        features.update({"winner_states": Array3D((num_states, size, size), "float32"),
-                         "loser_states": Array3D((num_states, size, size), "float32"),
+        features.update({"winner_states": Array3D((num_states, *size), "float32"),
+                         "loser_states": Array3D((num_states, *size), "float32"),
                          "state_timesteps": Sequence(Value("int32"), length=num_states)})
     if latent_dim:
         features.update({"winner_z": Sequence(Value("float32"), length=latent_dim),
@@ -208,12 +210,12 @@ def _assemble(dataset, parts: Path, output_dir: Path, strategy: str) -> tuple[Da
             with np.load(part.with_suffix(".npz")) as stored:
                 arrays.update({key: stored[key] for key in stored.files})
     pairs = [r for r in records if not r["tie"]]
-    size = np.asarray(dataset[0]["image"]).shape[-1]
+    image_shape = np.asarray(dataset[0]["image"]).shape
 
     def unflatten(indices):
-        mask = np.zeros(size * size, np.uint8)
+        mask = np.zeros(int(np.prod(image_shape[-2:])), np.uint8)
         mask[indices] = 1
-        return mask.reshape(size, size)
+        return mask.reshape(image_shape[-2:])
 
     sources = dataset[[r["source_index"] for r in pairs]] if pairs else {"image": [], "nodule_id": [], "slice": []}
     columns = {
@@ -238,7 +240,7 @@ def _assemble(dataset, parts: Path, output_dir: Path, strategy: str) -> tuple[Da
             latent_dim = len(arrays[f"{first}_winner_z"])
             for key in ("winner_z", "loser_z"):
                 columns[key] = [arrays[f"{r['source_index']}_{key}"] for r in pairs]
-    result = Dataset.from_dict(columns, features=preference_features(size, num_states, latent_dim))
+    result = Dataset.from_dict(columns, features=preference_features(image_shape, num_states, latent_dim))
     tmp = output_dir.parent / f".{output_dir.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     result.save_to_disk(str(tmp))

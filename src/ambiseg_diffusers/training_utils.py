@@ -82,20 +82,20 @@ def unet_latent_dim(config: AmbiSegTrainingConfig) -> int:
     return config.latent_dim if ambiguity_design(config) == "latent" else 0
 
 
-def build_models(config: AmbiSegTrainingConfig, text_embed_dim: int):
-    """Fresh UNet, prior and posterior (the latter two None for ambiguity "none"). The "latent" prior reads the
-    image, the "prediction_kl" prior the image and the denoiser's predicted mask; the posterior the image and the
-    rater mask."""
+def build_models(config: AmbiSegTrainingConfig, text_embed_dim: int, image_channels: int = 1):
+    """Fresh UNet, prior and posterior (the latter two None for ambiguity "none") for images of `image_channels`
+    channels. The "latent" prior reads the image, the "prediction_kl" prior the image and the denoiser's predicted
+    mask; the posterior the image and the rater mask."""
     design = ambiguity_design(config)
     unet = AmbiSegUNet.from_preset(
         config.unet_preset, sample_size=config.resolution, text_embed_dim=text_embed_dim,
-        latent_dim=unet_latent_dim(config),
+        latent_dim=unet_latent_dim(config), image_channels=image_channels,
     )
     if design == "none":
         return unet, None, None
     encoder = dict(latent_dim=config.latent_dim, text_embed_dim=text_embed_dim, text_pooling=config.text_pooling)
-    prior = AmbiguityEncoder(in_channels=1 if design == "latent" else 2, **encoder)
-    posterior = AmbiguityEncoder(in_channels=2, **encoder)
+    prior = AmbiguityEncoder(in_channels=image_channels + (design != "latent"), **encoder)
+    posterior = AmbiguityEncoder(in_channels=image_channels + 1, **encoder)
     if design == "prediction_kl":
         # The zero-initialised heads make q = p for every input, where the KL and its gradient vanish: a saddle no
         # other loss term pulls the two networks off. A random head starts them apart.
@@ -158,12 +158,14 @@ def shard(rows: list[int], process_index: int, num_processes: int) -> list[int]:
 def training_batch(dataset, indices: list[int], config: AmbiSegTrainingConfig, generator: torch.Generator) -> dict:
     """Augmented, normalised batch with one random rater per image and that rater's prompt (or "" on dropout).
 
-    Returns pixel_values `(B, 1, R, R)` in [-1, 1], mask_values `(B, 1, R, R)` in {-1, 1}, prompts (list of str).
+    `dataset` holds the rows of `data.load_multirater` (each row's rater count its own). Returns pixel_values
+    `(B, C, R, R)` in [-1, 1], mask_values `(B, 1, R, R)` in {-1, 1}, prompts (list of str).
     """
     rows = dataset[indices]
     images, masks, prompts = [], [], []
     for i in range(len(indices)):
-        image = torch.as_tensor(np.asarray(rows["image"][i]), dtype=torch.float32)[None]
+        image = torch.as_tensor(np.asarray(rows["image"][i]), dtype=torch.float32)
+        image = image[None] if image.ndim == 2 else image
         raters = torch.as_tensor(np.asarray(rows["masks"][i]), dtype=torch.float32)
         image, raters = augment(image, raters, generator)
         if image.shape[-1] != config.resolution:
@@ -173,8 +175,7 @@ def training_batch(dataset, indices: list[int], config: AmbiSegTrainingConfig, g
         images.append(image)
         masks.append(raters[rater : rater + 1])
         drop = float(torch.rand(1, generator=generator)) < config.prompt_dropout
-        prompt = rows["prompts"][i][rater] if "prompts" in rows else ""
-        prompts.append("" if drop or not config.use_text else prompt)
+        prompts.append("" if drop or not config.use_text else rows["prompts"][i][rater])
     return {
         "pixel_values": normalize_image(torch.stack(images), config.image_clip),
         "mask_values": masks_to_model_range(torch.stack(masks)),

@@ -34,16 +34,19 @@ def sample_grid(
 ) -> PIL.Image.Image:
     """One row per image: input | the raters' masks | samples | pixel-wise mean | majority vote | variance.
 
-    `images` `(B, H, W)` any range, `annotations` `(B, M, H, W)` and `samples` `(B, N, H, W)` bool/{0,1}.
-    Masks are drawn in red over the image; mean and variance are heat maps (variance scaled to its max 0.25).
+    `images` `(B, H, W)` any range (or `(B, C, H, W)`: the first channel is drawn), `annotations` `(B, M, H, W)` or a
+    list of B `(M_i, H, W)` (rater counts may differ; shorter rows are padded with blank tiles), `samples`
+    `(B, N, H, W)` bool/{0,1}. Masks are drawn in red over the image; mean and variance are heat maps (variance scaled to its max 0.25).
     """
     rows = []
+    most = max(len(r) for r in annotations)
     for image, raters, masks in zip(images, annotations, samples):
-        base = to_uint8(image)
+        base = to_uint8(image if np.ndim(image) == 2 else np.asarray(image)[0])
         masks = np.asarray(masks, dtype=np.float32)[:max_samples]
         mean = masks.mean(0)
         tiles = [np.repeat(base[..., None], 3, -1)]
         tiles += [overlay(base, r) for r in raters]
+        tiles += [np.full((*base.shape, 3), 255, np.uint8)] * (most - len(raters))
         tiles += [overlay(base, m) for m in masks]
         tiles += [heat_map(mean, 1.0), overlay(base, mean > 0.5), heat_map(mean * (1 - mean), 0.25)]
         gap = np.full((base.shape[0], 2, 3), 255, np.uint8)
@@ -52,7 +55,7 @@ def sample_grid(
     rows = [np.pad(r, ((0, 2), (0, width - r.shape[1]), (0, 0)), constant_values=255) for r in rows]
     picture = PIL.Image.fromarray(np.concatenate(rows, axis=0))
     picture = picture.resize((picture.width * scale, picture.height * scale), PIL.Image.NEAREST)
-    return _with_header(picture, images.shape[-1] * scale, 2 * scale, annotations.shape[1], min(samples.shape[1], max_samples))
+    return _with_header(picture, images.shape[-1] * scale, 2 * scale, most, min(samples.shape[1], max_samples))
 
 
 def _with_header(picture: PIL.Image.Image, tile: int, gap: int, raters: int, samples: int) -> PIL.Image.Image:

@@ -26,7 +26,7 @@ from ..hub_utils import (
     BASE_DOWNLOAD_KWARGS, check_finite_weights, check_weight_files, download_kwargs_of, model_card, resolve_pretrained_path,
 )
 from ..image_processing import ImageInput, normalize_image, prepare_image
-from ..lidc import PROMPT_STYLES
+from ..lidc import RECORDED_PROMPT_STYLES
 from ..models import AmbiguityEncoder, AmbiSegUNet
 from ..text import encode_prompts
 
@@ -137,8 +137,9 @@ class AmbiSegPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         default_num_inference_steps (`int`): steps used when `__call__` gets `num_inference_steps=None`.
         autocast (`str`): the default precision of a call: "auto" (bf16 autocast where the hardware computes bf16
             natively: CUDA GPUs that support it, CPUs with AVX512-BF16 or AMX; float32 elsewhere), "bf16" or "no".
-        prompt_style (`str`): the form of the prompts the model was trained on ("paper", "ratings" or "short", see
-            [`ratings_to_prompt`]); data loaders and scripts build the evaluation prompts in it.
+        prompt_style (`str`): the form of the prompts the model was trained on: "paper", "ratings" or "short" (LIDC
+            ratings as text, see [`ratings_to_prompt`]; data loaders and scripts build LIDC prompts in it), or "free"
+            (a dataset's own text, used as stored).
 
     LoRA adapters load the diffusers way (`load_lora_weights`, `set_adapters`, `fuse_lora`, `unload_lora_weights`).
     A TDG-DiffDPO checkpoint is such an adapter, named "preference"; `preference_scale` sets its weight.
@@ -171,8 +172,8 @@ class AmbiSegPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         super().__init__()
         if autocast not in AUTOCAST_MODES:
             raise ValueError(f"`autocast` must be one of {AUTOCAST_MODES}, got {autocast!r}.")
-        if prompt_style not in PROMPT_STYLES:
-            raise ValueError(f"`prompt_style` must be one of {PROMPT_STYLES}, got {prompt_style!r}.")
+        if prompt_style not in RECORDED_PROMPT_STYLES:
+            raise ValueError(f"`prompt_style` must be one of {RECORDED_PROMPT_STYLES}, got {prompt_style!r}.")
         self.register_modules(
             unet=unet, scheduler=scheduler, text_encoder=text_encoder, tokenizer=tokenizer, prior=prior, posterior=posterior
         )

@@ -1,0 +1,378 @@
+"""The multi-rater segmentation dataset contract: every script and every evaluation reads data through `load_multirater`.
+
+A multi-rater dataset is (docs/own_data.md):
+- an image column: one image per row, any dtype PIL or numpy can hold (8- or 16-bit PNG, float arrays), one channel
+  `(H, W)` or several `(H, W, C)` / `(C, H, W)`; values as stored (the pipeline normalises);
+- a mask column: a *list* of rater masks per row, one or more, the count varying per row; each `(H, W)` like the
+  image, binary: bool, 0/1 or 0/255 (read as 0/1); anything else is refused;
+- an optional text column: one string per rater, or one per image (used for every rater).
+
+`datasets` loads this from an imagefolder (`metadata.jsonl` lines with `file_name`, `mask_file_names` (a list, which
+becomes the `mask` column of images) and `text`), from a `save_to_disk` folder or from a Hub dataset. The LIDC crops
+(`lidc64`) are one source of the same contract: their columns `image`, `masks` (four rater slots; a slot without a
+reading is an empty mask, LIDC's convention) and `prompts` are mapped and checked like any other dataset's.
+
+Every row is checked when it is loaded, before the first training step; the first bad row is named with its index,
+column and what was found. The rows come out in the form the library uses: `image` float32 `(H, W)` or `(C, H, W)`,
+`masks` uint8 {0, 1} `(M, H, W)` with M the row's own rater count, `prompts` (M strings), `annotator_valid` (M
+flags), `nodule_id` and `nodule_prompt` (the per-image text, None where the text is per rater).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from datasets import Array2D, Array3D, Dataset, DatasetDict, Features, List, Value
+from diffusers.utils import logging
+
+logger = logging.get_logger(__name__)
+
+IMAGE_COLUMN, MASK_COLUMN, CAPTION_COLUMN = "image", "mask", "text"
+# The package's own LIDC rows (lidc.load_lidc64, scripts/prepare_lidc.py) hold the contract under these names.
+LIDC_COLUMNS = {"image_column": "image", "mask_column": "masks", "caption_column": "prompts"}
+# Where a dataset has no validation split, a seeded share of its training rows is held out as "selection" (choices
+# and validation) and the rest is "train_fit" (as lidc64's training patients are split).
+HOLDOUT_FRACTION = 0.1
+HOLDOUT_SEED = 0
+HOLDOUT_SPLITS = ("selection", "train_fit")
+
+
+class DatasetContractError(ValueError):
+    """A dataset that breaks the multi-rater contract (module docstring); the message names the row and column."""
+
+
+# ----------------------------------------------------------------------------------------------- loading
+def load_multirater(
+    dataset_name: str | None = "lidc64", split: str = "train", train_data_dir: str | os.PathLike | None = None,
+    image_column: str = IMAGE_COLUMN, mask_column: str = MASK_COLUMN, caption_column: str | None = CAPTION_COLUMN,
+    resolution: int | None = None, data_dir: str | os.PathLike | None = None, prompt_style: str | None = None,
+) -> Dataset:
+    """One split of a multi-rater dataset, every row checked, in the library's form (module docstring).
+
+    `dataset_name`: "lidc64" (the shared LIDC crops, `lidc.load_lidc64`; `data_dir` and `prompt_style` apply), a Hub
+    dataset id (offline: from the `datasets` cache), or a local folder (an imagefolder, or a `save_to_disk` folder).
+    `train_data_dir`: an imagefolder (diffusers' flag; it wins over `dataset_name`). `split`: a split of the data;
+    "selection" / "train_fit" carve a seeded 10% of "train" when the data has no such split. The three column names
+    say where the contract's columns are; LIDC's own rows are mapped without them. `resolution`: resize every image
+    (bilinear) and mask (nearest) to `resolution` x `resolution`; without it, all rows must share one size.
+    Raises `DatasetContractError` naming the first bad row, a missing column (with the columns there are) or split.
+    """
+    if train_data_dir is None and dataset_name in (None, "lidc64"):
+        from .lidc import load_lidc64
+
+        rows, source = load_lidc64(split, data_dir, prompt_style or "paper"), "lidc64"
+    else:
+        source = str(train_data_dir if train_data_dir is not None else dataset_name)
+        rows = pick_split(_load_raw(dataset_name, train_data_dir), split, source)
+        if prompt_style not in (None, "free") and "ratings" in rows.column_names:
+            from .lidc import with_prompt_style
+
+            rows = with_prompt_style(rows, prompt_style)  # a LIDC folder written by scripts/prepare_lidc.py
+    columns = dict(image_column=image_column, mask_column=mask_column, caption_column=caption_column)
+    if is_lidc_rows(rows) and mask_column not in rows.column_names:
+        columns = LIDC_COLUMNS
+    return to_contract(rows, **columns, resolution=resolution, source=f"{source} `{split}`")
+
+
+def _load_raw(dataset_name: str | None, train_data_dir: str | os.PathLike | None) -> Dataset | DatasetDict:
+    from datasets import load_dataset, load_from_disk
+
+    if train_data_dir is not None:
+        if not Path(train_data_dir).is_dir():
+            raise FileNotFoundError(f"`--train_data_dir` {str(train_data_dir)!r} is not a folder.")
+        return load_dataset("imagefolder", data_dir=str(train_data_dir))
+    folder = Path(dataset_name)
+    if folder.is_dir():
+        if (folder / "dataset_dict.json").is_file() or (folder / "state.json").is_file():
+            return load_from_disk(str(folder))
+        return load_dataset(str(folder))  # an imagefolder (or any folder `datasets` can read)
+    return load_dataset(dataset_name)  # a Hub id: with HF_HUB_OFFLINE=1 from the datasets cache
+
+
+def pick_split(data: Dataset | DatasetDict, split: str, source: str = "the dataset") -> Dataset:
+    """`split` of `data`; "selection" and "train_fit" are carved from "train" (a seeded `HOLDOUT_FRACTION` of its
+    rows, and the rest) when `data` has no split of that name."""
+    if isinstance(data, Dataset):
+        data = DatasetDict({"train": data})
+    if split in data:
+        return data[split]
+    if split in HOLDOUT_SPLITS and "train" in data:
+        train = data["train"]
+        held = holdout_rows(len(train))
+        keep = held if split == "selection" else sorted(set(range(len(train))) - set(held))
+        return train.select(keep)
+    raise DatasetContractError(f"{source} has no split {split!r}; it has {sorted(data)} (and 'selection' / "
+                               f"'train_fit', a seeded {HOLDOUT_FRACTION:.0%} of 'train' and the rest).")
+
+
+def holdout_rows(num_rows: int) -> list[int]:
+    """The seeded `HOLDOUT_FRACTION` of `num_rows` training rows held out as "selection" (at least one)."""
+    count = max(1, round(num_rows * HOLDOUT_FRACTION))
+    return sorted(np.random.default_rng(HOLDOUT_SEED).permutation(num_rows)[:count].tolist())
+
+
+def is_lidc_rows(rows: Dataset) -> bool:
+    """The package's own LIDC rows (`annotator_valid` is written only by lidc.py and scripts/prepare_lidc.py)."""
+    return {"masks", "prompts", "annotator_valid"} <= set(rows.column_names)
+
+
+def default_splits(dataset_name: str | None, train_data_dir, train_split: str | None, validation_split: str | None,
+                   data_dir=None) -> tuple[str, str]:
+    """The training and validation splits to use when the flags leave them unset, and a line for the log.
+
+    lidc64: train on "train", validate on "mini". Other data: validate on its "validation" split (or "valid",
+    "val", "test", in that order); without one, on "selection" (a seeded 10% of "train") and train on "train_fit"
+    (the rest), so validation never sees a training row."""
+    if train_data_dir is None and dataset_name in (None, "lidc64"):
+        return train_split or "train", validation_split or "mini"
+    if validation_split is not None:
+        return train_split or "train", validation_split
+    data = _load_raw(dataset_name, train_data_dir)
+    names = sorted(data) if isinstance(data, DatasetDict) else ["train"]
+    for name in ("validation", "valid", "val", "test"):
+        if name in names:
+            return train_split or "train", name
+    if train_split not in (None, "train"):
+        return train_split, "selection"
+    logger.warning(f"no validation split in {dataset_name or train_data_dir} (splits: {names}): validating on "
+                   f"'selection', a seeded {HOLDOUT_FRACTION:.0%} of 'train', and training on 'train_fit', the rest")
+    return "train_fit", "selection"
+
+
+def evaluation_split(dataset_name: str | None, train_data_dir) -> str:
+    """The split results are reported on when none is named: lidc64 "validate"; other data its "test" split, else
+    "validation" (or "valid", "val")."""
+    if train_data_dir is None and dataset_name in (None, "lidc64"):
+        return "validate"
+    data = _load_raw(dataset_name, train_data_dir)
+    names = sorted(data) if isinstance(data, DatasetDict) else ["train"]
+    for name in ("test", "validation", "valid", "val"):
+        if name in names:
+            return name
+    raise DatasetContractError(f"{dataset_name or train_data_dir} has no test or validation split (splits: {names}); "
+                               "name the split to evaluate with --split.")
+
+
+# ----------------------------------------------------------------------------------------------- the contract
+def to_contract(rows: Dataset, image_column: str = IMAGE_COLUMN, mask_column: str = MASK_COLUMN,
+                caption_column: str | None = CAPTION_COLUMN, resolution: int | None = None,
+                source: str = "the dataset") -> Dataset:
+    """`rows` checked row by row and mapped onto the library's columns (module docstring). A missing caption column
+    trains and evaluates on the empty prompt, and says so; a missing image or mask column is an error."""
+    have = rows.column_names
+    for flag, name in (("--image_column", image_column), ("--mask_column", mask_column)):
+        if name not in have:
+            raise DatasetContractError(f"{source} has no column {name!r} ({flag}); its columns are {have}.")
+    if caption_column is not None and caption_column not in have:
+        if caption_column != CAPTION_COLUMN:
+            raise DatasetContractError(f"{source} has no column {caption_column!r} (--caption_column); its columns "
+                                       f"are {have}.")
+        logger.warning(f"{source} has no text column {CAPTION_COLUMN!r} (columns: {have}): every prompt is the empty "
+                       "string; name the text column with --caption_column")
+        caption_column = None
+    if resolution is not None and resolution < 2:
+        raise DatasetContractError(f"`resolution` must be at least 2 pixels, got {resolution}.")
+    if len(rows) == 0:
+        raise DatasetContractError(f"{source} has no rows.")
+    size = (resolution, resolution) if resolution else None
+    shape = {}  # row 0's (H, W) and channel count, which every row must share
+
+    def convert(batch: dict, indices: list[int]) -> dict:
+        out = {"image": [], "masks": [], "prompts": [], "annotator_valid": [], "nodule_id": [], "nodule_prompt": []}
+        for j, index in enumerate(indices):
+            masks = _masks(batch[mask_column][j], index, mask_column)
+            image = _channels_first(_image_array(batch[image_column][j], index, image_column), masks.shape[1:],
+                                    index, image_column)
+            if size is not None and image.shape[-2:] != size:
+                image, masks = resize(image, masks, size)
+                shape["resized"] = shape.get("resized", 0) + 1
+            shape.setdefault("hw", image.shape[-2:])
+            shape.setdefault("channels", 1 if image.ndim == 2 else image.shape[0])
+            if image.shape[-2:] != shape["hw"] or (1 if image.ndim == 2 else image.shape[0]) != shape["channels"]:
+                raise DatasetContractError(
+                    f"`{image_column}` row {index} is {tuple(image.shape)}, row 0 is {tuple(shape['hw'])} with "
+                    f"{shape['channels']} channel(s); every row must share one size and channel count (pass "
+                    "--resolution to resize them).")
+            texts = _texts(batch[caption_column][j] if caption_column else None, len(masks), index, caption_column)
+            out["image"].append(image.astype(np.float32))
+            out["masks"].append(masks)
+            out["prompts"].append(texts)
+            # LIDC's slots without a reading stay marked (their empty masks are annotations, their prompts not a
+            # rater's); every row of other data is its own nodule for the largest-consensus view
+            out["annotator_valid"].append(batch["annotator_valid"][j].tolist() if "annotator_valid" in batch
+                                          else [True] * len(masks))
+            out["nodule_id"].append(str(batch["nodule_id"][j]) if "nodule_id" in batch else str(index))
+            per_image = caption_column is None or isinstance(batch[caption_column][j], str) or len(set(texts)) == 1
+            out["nodule_prompt"].append(
+                batch["nodule_prompt"][j] if "nodule_prompt" in batch else (texts[0] if per_image else None))
+        return out
+
+    # The output's fixed image shape is row 0's.
+    probe = convert({k: v[:1] for k, v in rows.with_format("numpy")[:1].items()}, [0])
+    image_shape = probe["image"][0].shape
+    features = Features({
+        "image": Array2D(image_shape, "float32") if len(image_shape) == 2 else Array3D(image_shape, "float32"),
+        "masks": Array3D((None, *image_shape[-2:]), "uint8"),
+        "prompts": List(Value("string")),
+        "annotator_valid": List(Value("bool")),
+        "nodule_id": Value("string"),
+        "nodule_prompt": Value("string"),
+    })
+    keep = [c for c in ("diameter_mm", "volume_mm3", "ratings", "patient_id", "slice") if c in have]
+    converted = rows.with_format("numpy").map(
+        convert, batched=True, batch_size=64, with_indices=True, features=Features({**features, **{
+            c: rows.features[c] for c in keep}}), remove_columns=[c for c in have if c not in keep],
+        desc=f"checking {source}", load_from_cache_file=False,
+    )
+    if shape.get("resized"):
+        logger.warning(f"{source}: {shape['resized']} of {len(rows)} rows resized to {resolution}x{resolution} (images "
+                       "bilinear, masks nearest neighbour)")
+    return converted.with_format(None)
+
+
+def _image_array(value, index: int, column: str) -> np.ndarray:
+    array = np.asarray(value)
+    if array.dtype == object or not (np.issubdtype(array.dtype, np.number) or array.dtype == bool):
+        raise DatasetContractError(f"`{column}` row {index} holds {array.dtype} data; expected an image (a PIL image "
+                                   "or a numeric array).")
+    if np.iscomplexobj(array) or array.ndim not in (2, 3) or 0 in array.shape:
+        raise DatasetContractError(f"`{column}` row {index} has shape {array.shape}; expected an image (H, W), "
+                                   "(H, W, C) or (C, H, W).")
+    if array.dtype.kind == "f" and not np.isfinite(array).all():
+        raise DatasetContractError(f"`{column}` row {index} holds NaN or inf values.")
+    return array
+
+
+def _channels_first(image: np.ndarray, mask_hw: tuple, index: int, column: str) -> np.ndarray:
+    """(H, W) stays; (H, W, C) and (C, H, W) -> (C, H, W), told apart by the masks' (H, W)."""
+    if image.ndim == 2 and image.shape == mask_hw:
+        return image
+    if image.ndim == 3 and image.shape[:2] == mask_hw:
+        image = np.moveaxis(image, -1, 0)
+    elif not (image.ndim == 3 and image.shape[1:] == mask_hw):
+        raise DatasetContractError(f"`{column}` row {index} has shape {image.shape} but its masks are "
+                                   f"{'x'.join(map(str, mask_hw))}; image and masks must share height and width.")
+    return image[0] if image.shape[0] == 1 else image
+
+
+def _masks(value, index: int, column: str) -> np.ndarray:
+    """A row's rater masks -> uint8 {0, 1} `(M, H, W)`."""
+    raters = [value] if not isinstance(value, (list, tuple, np.ndarray)) or (
+        isinstance(value, np.ndarray) and value.dtype != object and value.ndim == 2) else list(value)
+    if len(raters) == 0:
+        raise DatasetContractError(f"`{column}` row {index} holds no rater mask; expected a list of one or more.")
+    out = []
+    for rater, mask in enumerate(raters):
+        mask = np.asarray(mask)
+        if mask.ndim != 2:
+            raise DatasetContractError(
+                f"`{column}` row {index} rater {rater} has shape {mask.shape}; expected one (H, W) binary mask per "
+                "rater (save masks as single-channel PNGs).")
+        if mask.dtype == bool:
+            out.append(mask.astype(np.uint8))
+            continue
+        values = set(np.unique(mask).tolist()) if np.issubdtype(mask.dtype, np.number) else {"non-numeric"}
+        if values <= {0, 1}:
+            out.append(mask.astype(np.uint8))
+        elif values <= {0, 255}:
+            out.append((mask == 255).astype(np.uint8))
+        else:
+            shown = sorted(values, key=str)[:6]
+            raise DatasetContractError(
+                f"`{column}` row {index} rater {rater} holds values {{{', '.join(map(_number, shown))}}}"
+                f"{' ...' if len(values) > 6 else ''}; expected a binary mask (bool, 0/1 or 0/255).")
+    shapes = {m.shape for m in out}
+    if len(shapes) != 1:
+        raise DatasetContractError(f"`{column}` row {index}: its rater masks differ in size {sorted(shapes)}.")
+    return np.stack(out)
+
+
+def _number(value) -> str:
+    return str(int(value)) if isinstance(value, (int, np.integer)) or float(value).is_integer() else f"{value:g}"
+
+
+def _texts(value, num_raters: int, index: int, column: str | None) -> list[str]:
+    """One prompt per rater from one string per rater or one per image ("" without a text column)."""
+    if column is None:
+        return [""] * num_raters
+    if isinstance(value, str):
+        return [value] * num_raters
+    texts = list(value) if isinstance(value, (list, tuple, np.ndarray)) else [value]
+    if not all(isinstance(t, str) for t in texts):
+        raise DatasetContractError(f"`{column}` row {index} holds {[type(t).__name__ for t in texts]}; expected a "
+                                   "string or a list of strings.")
+    if len(texts) == 1:
+        return texts * num_raters
+    if len(texts) != num_raters:
+        raise DatasetContractError(f"`{column}` row {index} holds {len(texts)} texts for {num_raters} rater masks; "
+                                   "expected one per rater or one per image.")
+    return texts
+
+
+def resize(image: np.ndarray, masks: np.ndarray, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """An image `(H, W)` / `(C, H, W)` resized bilinearly and its masks `(M, H, W)` by nearest neighbour to `size`."""
+    picture = torch.as_tensor(image, dtype=torch.float32)
+    picture = picture[None, None] if picture.ndim == 2 else picture[None]
+    picture = torch.nn.functional.interpolate(picture, size=size, mode="bilinear", align_corners=False)[0]
+    raters = torch.nn.functional.interpolate(torch.as_tensor(masks, dtype=torch.float32)[None], size=size,
+                                             mode="nearest")[0]
+    return (picture[0] if image.ndim == 2 else picture).numpy(), raters.to(torch.uint8).numpy()
+
+
+def rater_masks(rows) -> list[np.ndarray]:
+    """Each row's rater masks as bool `(M_i, H, W)`: a list, since rows differ in rater count."""
+    return [np.asarray(m).astype(bool) for m in rows["masks"]]
+
+
+# ----------------------------------------------------------------------------------------------- flags
+def add_data_arguments(parser, resolution: bool = True) -> None:
+    """diffusers' data flags (train_text_to_image.py) plus the contract's mask column, on a parser or argument group.
+    `resolution=False` for scripts whose recipe already has a `--resolution`."""
+    parser.add_argument("--dataset_name", "--dataset", dest="dataset_name", default="lidc64",
+                        help="'lidc64' (the shared LIDC crops), a Hub dataset id (offline: from the datasets cache) "
+                             "or a local folder (an imagefolder or a save_to_disk folder); docs/own_data.md")
+    parser.add_argument("--train_data_dir", default=None,
+                        help="an imagefolder (metadata.jsonl with file_name, mask_file_names, text); wins over "
+                             "--dataset_name")
+    parser.add_argument("--data_dir", default=None, help="lidc64 only: its folder or the folder above it (default: "
+                        "$AMBISEG_DATA_DIR, else ../shared/data)")
+    parser.add_argument("--image_column", default=IMAGE_COLUMN, help="the column of images")
+    parser.add_argument("--mask_column", default=MASK_COLUMN, help="the column of rater-mask lists (binary: bool, 0/1 "
+                        "or 0/255)")
+    parser.add_argument("--caption_column", default=CAPTION_COLUMN,
+                        help="the column of texts, one per rater or one per image (optional: without it, empty prompts)")
+    if resolution:
+        parser.add_argument("--resolution", type=int, default=None,
+                            help="resize images (bilinear) and masks (nearest) to this size; default: as stored")
+
+
+def load_from_args(args, split: str, prompt_style: str | None = None, resolution: int | None = None) -> Dataset:
+    """`load_multirater` with the flags of `add_data_arguments`; `resolution` (e.g. the model's) unless the flags
+    name one."""
+    return load_multirater(
+        args.dataset_name, split, train_data_dir=args.train_data_dir, image_column=args.image_column,
+        mask_column=args.mask_column, caption_column=args.caption_column,
+        resolution=getattr(args, "resolution", None) or resolution,
+        data_dir=args.data_dir, prompt_style=prompt_style,
+    )
+
+
+def model_resolution(pipeline) -> int | None:
+    """The size a pipeline's UNet was trained at (`sample_size`): data of another size is resized to it by default,
+    as training resized it."""
+    unet = getattr(pipeline, "unet", None)
+    return None if unet is None else int(unet.config.sample_size)
+
+
+def is_lidc(args) -> bool:
+    """The flags name the shared LIDC crops (the LIDC prompt styles, card and defaults apply)."""
+    return args.train_data_dir is None and args.dataset_name in (None, "lidc64")
+
+
+def dataset_label(args) -> str:
+    """The dataset's name for cards and logs: a Hub id as it is, a local folder by its own name (not its path)."""
+    name = args.train_data_dir if args.train_data_dir is not None else args.dataset_name
+    return Path(name).name if Path(str(name)).is_dir() else str(name)

