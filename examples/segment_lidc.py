@@ -16,6 +16,8 @@ import numpy as np
 import torch
 
 from ambiseg_diffusers import AmbiSegPipeline
+from ambiseg_diffusers.data import rater_masks
+from ambiseg_diffusers.pipelines.pipeline_ambiseg import native_bf16
 from ambiseg_diffusers.lidc import load_lidc64, pipeline_prompt_style
 from ambiseg_diffusers.metrics import format_table, summarize
 from ambiseg_diffusers.evaluation import evaluate_pipeline
@@ -32,7 +34,9 @@ def main() -> None:
     parser.add_argument("--num_samples", type=int, default=16)
     parser.add_argument("--prompts", default="annotator", choices=["annotator", "nodule", "none"])
     parser.add_argument("--output_dir", default="outputs/segment_lidc")
-    parser.add_argument("--fp32", action="store_true", help="no bf16 autocast (bf16 halves the time, same metrics)")
+    parser.add_argument("--fp32", action="store_true",
+                        help="no bf16 autocast; by default bf16 where the hardware computes it natively (AVX512-BF16 or "
+                             "AMX CPUs, Ampere+ GPUs; emulated bf16 is about 30x slower than float32 on an AVX2 CPU)")
     args = parser.parse_args()
 
     pipe = AmbiSegPipeline.from_pretrained(args.model)
@@ -43,7 +47,7 @@ def main() -> None:
     started = time.time()
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
     pipe.to(device_type)
-    with torch.autocast(device_type, dtype=torch.bfloat16, enabled=not args.fp32):
+    with torch.autocast(device_type, dtype=torch.bfloat16, enabled=native_bf16(torch.device(device_type)) and not args.fp32):
         per_image, samples = evaluate_pipeline(pipe, dataset, args.num_samples, prompts=args.prompts, images_per_call=4,
                                                progress=True)
     seconds = time.time() - started
@@ -54,7 +58,7 @@ def main() -> None:
     (output_dir / "metrics.md").write_text(report)
     rows = np.linspace(0, len(dataset) - 1, 6).astype(int).tolist()
     picked = dataset[rows]
-    sample_grid(np.asarray(picked["image"]), np.asarray(picked["masks"]), samples[rows]).save(output_dir / "samples.png")
+    sample_grid(np.asarray(picked["image"]), rater_masks(picked), samples[rows]).save(output_dir / "samples.png")
     print(report)
     print(f"wrote {output_dir / 'metrics.md'} and {output_dir / 'samples.png'} "
           "(columns: image | raters | samples | pixel-wise mean | majority vote | variance)")

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from ambiseg_diffusers import load_pipeline
+from ambiseg_diffusers import AmbiSegPipeline, load_pipeline
 from ambiseg_diffusers.diagnostics import ambiguity_diagnostics
 from ambiseg_diffusers.lidc import load_split, pipeline_prompt_style
 
@@ -41,6 +41,10 @@ def main(argv=None) -> dict:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     pipe = load_pipeline(args.model, dtype=torch.float32).to(device)
     pipe.set_progress_bar_config(disable=True)
+    if not isinstance(pipe, AmbiSegPipeline):
+        print(f"nothing to report: {args.model} is a {type(pipe).__name__}; these diagnostics read an AmbiSeg "
+              "pipeline's prior, posterior and denoiser (the ambiguity term of the mask-diffusion model)")
+        return {}
     dataset = load_split("lidc64", args.split, args.data_dir, pipeline_prompt_style(pipe))
     with torch.autocast(device, dtype=torch.bfloat16, enabled=args.bf16):
         report = ambiguity_diagnostics(pipe, dataset, args.max_images, args.num_samples, args.seed,

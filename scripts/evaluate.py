@@ -28,7 +28,9 @@ from accelerate import PartialState
 from tqdm.auto import tqdm
 
 from ambiseg_diffusers import load_pipeline
-from ambiseg_diffusers.evaluation import SAMPLING_SCHEDULERS, build_sampling_scheduler, cpu_only, sample_rows
+from ambiseg_diffusers.evaluation import (
+    SAMPLING_SCHEDULERS, build_sampling_scheduler, cpu_only, sample_rows, warn_if_emulated_bf16,
+)
 from ambiseg_diffusers.data import add_data_arguments, evaluation_split, load_from_args, model_resolution, rater_masks
 from ambiseg_diffusers.lidc import pipeline_prompt_style
 from ambiseg_diffusers.metrics import METRIC_NAMES, compute_metrics_batch, format_table, summarize
@@ -61,7 +63,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--images_per_call", type=int, default=4, help="images per pipeline call (memory only)")
     parser.add_argument("--batch_size", type=int, default=None,
                         help="rows (image x sample) per UNet call, default: the pipeline's (memory and speed only)")
-    parser.add_argument("--bf16", action="store_true", help="bf16 autocast (faster on CPUs with AVX-512 BF16 and on GPUs)")
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast (faster on CPUs with AVX-512 BF16 or AMX and "
+                        "on Ampere+ GPUs; emulated elsewhere, and far slower than float32 there)")
     parser.add_argument("--seed", type=int, default=0, help="image i samples with a generator seeded seed + i")
     parser.add_argument("--output_dir", required=True)
     parser.add_argument("--overwrite", action="store_true",
@@ -115,6 +118,7 @@ def result_arguments(args, pipe, total: int) -> dict:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    warn_if_emulated_bf16(args.bf16)
     state = PartialState(cpu=cpu_only())
     output_dir = Path(args.output_dir)
     pipe = load_model(args).to(state.device)

@@ -27,10 +27,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "training"))  # tra
 import build_preferences  # noqa: E402  (beside this script)
 import train_dpo  # noqa: E402
 from ambiseg_diffusers import AmbiSegPipeline
+from ambiseg_diffusers.configs import DPO_CONFIGS
 from ambiseg_diffusers.evaluation import evaluate_pipeline
 from ambiseg_diffusers.lidc import load_split, pipeline_prompt_style
 from ambiseg_diffusers.metrics import paired_difference
 from ambiseg_diffusers.run_records import check_resumable
+from ambiseg_diffusers.training_utils import recipe_from_args
 
 ROUND_METRICS = ("avg_dice", "ged", "ci")
 
@@ -56,11 +58,15 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, list[str]]:
     args = parser.parse_args(own)
     if args.rounds < 1:
         parser.error(f"--rounds must be >= 1, got {args.rounds}")
-    if "--lora_rank" in dpo_args and dpo_args[dpo_args.index("--lora_rank") + 1] == "0":
-        parser.error("rounds go on from the last round's LoRA adapter: pass train_dpo.py a --lora_rank > 0")
     if any(a in dpo_args for a in ("--reference", "--preferences", "--output_dir", "--init_adapter")):
         parser.error("after `--` pass only the recipe and run options of train_dpo.py: this script sets --reference, "
                      "--preferences, --output_dir and --init_adapter itself")
+    # the recipe as train_dpo.py resolves it (a --config preset with its flags on top), not the literal flags
+    recipe = recipe_from_args(train_dpo.parse_args(
+        dpo_args + ["--reference", args.reference, "--preferences", "-", "--output_dir", "-"]), DPO_CONFIGS)
+    if recipe.lora_rank < 1:
+        parser.error(f"rounds go on from the last round's LoRA adapter, and the train_dpo.py recipe after `--` has "
+                     f"lora_rank {recipe.lora_rank} (a full fine-tune): pass --lora_rank > 0")
     return args, dpo_args
 
 

@@ -43,6 +43,7 @@ import torch
 from ambiseg_diffusers import AmbiSegPipeline
 from ambiseg_diffusers.evaluation import (
     SAMPLING_SCHEDULERS, build_sampling_scheduler, consensus_areas, evaluate_pipeline, largest_consensus_slices,
+    warn_if_emulated_bf16,
 )
 from ambiseg_diffusers.data import add_data_arguments, load_from_args, model_resolution, rater_masks
 from ambiseg_diffusers.lidc import pipeline_prompt_style
@@ -125,6 +126,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--overwrite", action="store_true", help="delete the folder's earlier results first")
     args = parser.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    warn_if_emulated_bf16(args.bf16)
     for config in args.configs:
         try:
             parse_config(config)

@@ -155,6 +155,18 @@ def test_distillation_refuses_more_ddim_steps_than_the_teacher_has(teacher, tmp_
                                            "--num_validation_images", "0"))
 
 
+@needs_data
+def test_a_run_resumed_past_its_last_step_saves_without_training(teacher, tmp_path):
+    from safetensors.numpy import load_file
+
+    done = train_consistency.main(distil_args(teacher, tmp_path / "a", "--num_validation_images", "0"))
+    before = load_file(str(done / "pytorch_lora_weights.safetensors"))
+    again = train_consistency.main(distil_args(teacher, tmp_path / "a", "--num_validation_images", "0",
+                                               "--max_train_steps", "2", "--resume_from_checkpoint", "latest"))
+    after = load_file(str(again / "pytorch_lora_weights.safetensors"))  # the step-4 checkpoint, nothing trained
+    assert before.keys() == after.keys() and all((before[k] == after[k]).all() for k in before)
+
+
 @pytest.fixture
 def recorded(teacher, tmp_path):
     import record_trajectories

@@ -117,7 +117,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     run.add_argument("--output_dir", required=True, help="run folder: checkpoints, logs, the final pipeline")
     run.add_argument("--seed", type=int, default=0, help="seed of every random choice")
     run.add_argument("--init_from", default=None, help="warm start: a pipeline folder or Hub id whose unet, prior and "
-                     "posterior weights (and their configs) replace the fresh models; the recipe's other fields apply")
+                     "posterior weights (and their configs) replace the fresh models; --ambiguity, --latent_dim and "
+                     "--text_pooling default to the saved ones; the recipe's other fields apply")
     run.add_argument("--max_train_minutes", type=float, default=None,
                      help="wall-clock budget: stop after this many minutes of training steps (validation and saving "
                           "not counted; carried across resumes) even before --max_train_steps")
@@ -189,9 +190,14 @@ def training_loss(batch, unet, prior, posterior, encode, noise_scheduler, config
 
 def main(argv=None) -> Path:
     args = parse_args(argv)
+    if args.init_from:  # the architecture flags not given are the warm start's own
+        for name, value in saved_architecture(args.init_from).items():
+            if getattr(args, name) is None:
+                setattr(args, name, value)
     config: AmbiSegTrainingConfig = recipe_from_args(args, CONFIGS)
     if not 0.0 <= config.prior_z_fraction <= 1.0:
         raise ValueError(f"`--prior_z_fraction` must be in [0, 1], got {config.prior_z_fraction}.")
+    refuse_idle_flags(args, ambiguity_design(config))
     output_dir = Path(args.output_dir)
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps, mixed_precision=args.mixed_precision,
@@ -315,7 +321,8 @@ def main(argv=None) -> Path:
                 optimizer.step()
                 lr_scheduler.step()
                 optimizer.zero_grad()
-                skipped += int(accelerator.optimizer_step_was_skipped)  # fp16: GradScaler skips on inf/NaN gradients
+                if accelerator.sync_gradients:  # one optimizer step per accumulation cycle, counted once
+                    skipped += int(accelerator.optimizer_step_was_skipped)  # fp16: GradScaler skips inf/NaN gradients
 
         for model, ema in zip(trainable, ema_models):
             ema.step(accelerator.unwrap_model(model).parameters())
@@ -377,6 +384,30 @@ def main(argv=None) -> Path:
             push_folder_to_hub(output_dir, repo_id, token=args.hub_token)
     accelerator.end_training()
     return output_dir
+
+
+def refuse_idle_flags(args, design: str) -> None:
+    """A flag given for a part the recipe's ambiguity design does not have would be recorded and do nothing: refuse
+    it, as `--freeze_ambiguity_encoders` is refused outside 'prediction_kl' (training_utils.build_models)."""
+    idle = {"prior_z_fraction": design != "latent", "text_pooling": design == "none"}
+    for name, does_nothing in idle.items():
+        if does_nothing and getattr(args, name) is not None:
+            raise ValueError(f"`--{name}` does nothing with ambiguity {design!r}: "
+                             + ("it applies to 'latent' only." if name == "prior_z_fraction" else
+                                "there is no prior or posterior to read the prompt."))
+
+
+def saved_architecture(name_or_path: str) -> dict:
+    """The ambiguity design, latent size and text pooling of a saved pipeline (`--init_from`), as recipe fields."""
+    from ambiseg_diffusers.hub_utils import resolve_pretrained_path
+
+    folder = Path(resolve_pretrained_path(name_or_path))
+    unet = json.loads((folder / "unet" / "config.json").read_text())
+    if not (folder / "prior" / "config.json").is_file():
+        return {"ambiguity": "none", "latent_dim": 0}
+    prior = json.loads((folder / "prior" / "config.json").read_text())
+    design = "latent" if unet.get("projection_class_embeddings_input_dim") else "prediction_kl"
+    return {"ambiguity": design, "latent_dim": prior["latent_dim"], "text_pooling": prior.get("text_pooling", "mean")}
 
 
 def load_training_data(args, config: AmbiSegTrainingConfig):

@@ -448,8 +448,8 @@ def main(argv=None) -> Path:
         return metrics
 
     batches = (itertools.repeat(None) if recorded else
-               step_batches(dataset, data_config, args.seed, accelerator, first_step, args.max_train_steps - first_step,
-                            args.dataloader_num_workers))
+               step_batches(dataset, data_config, args.seed, accelerator, first_step,
+                            max(args.max_train_steps - first_step, 0), args.dataloader_num_workers))
     progress = clock.progress_bar(first_step, args.max_train_steps, disable=not accelerator.is_local_main_process)
     ran, metrics, metrics_step, done = 0, {}, None, first_step
     for step, batch in zip(range(first_step, args.max_train_steps), batches):

@@ -17,6 +17,7 @@ import numpy as np
 import PIL.Image
 import torch
 from diffusers import DiffusionPipeline
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.loaders import StableDiffusionLoraLoaderMixin
 from diffusers.schedulers import KarrasDiffusionSchedulers
 from diffusers.utils import BaseOutput, logging
@@ -42,6 +43,14 @@ CONSISTENCY_FILE = "consistency.json"
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 OUTPUT_TYPES = ("np", "pt", "pil", "latent")
 AUTOCAST_MODES = ("auto", "bf16", "no")
+# The diffusers schedulers that sample an x0-predicting model (prediction_type "sample", every committed checkpoint):
+# each run through a call in tests/test_pipeline_conventions.py. Others (EulerAncestral, PNDM, KDPM2, ...) raise
+# inside `step` on this prediction type, so a call refuses them up front.
+SAMPLE_PREDICTION_SCHEDULERS = (
+    "DDIMScheduler", "DDIMParallelScheduler", "DDPMScheduler", "DDPMParallelScheduler", "DEISMultistepScheduler",
+    "DPMSolverMultistepScheduler", "DPMSolverSinglestepScheduler", "EulerDiscreteScheduler", "HeunDiscreteScheduler",
+    "LCMScheduler", "LMSDiscreteScheduler", "TCDScheduler", "UniPCMultistepScheduler",
+)
 
 
 def native_bf16(device: torch.device) -> bool:
@@ -128,7 +137,8 @@ class AmbiSegPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
     Components (`unet`, `scheduler`, `text_encoder` and `tokenizer` are required arguments, `prior` and `posterior`
     optional ones; any may be `None`, and `__call__` says which one it needs):
         unet ([`AmbiSegUNet`]): the mask denoiser.
-        scheduler: any diffusers scheduler (DDPM, DDIM, DPM-Solver++, UniPC, Euler, ...).
+        scheduler: a diffusers scheduler of the model's prediction type: for the x0-predicting checkpoints one of
+            `SAMPLE_PREDICTION_SCHEDULERS` (DDIM, DDPM, DPM-Solver++, UniPC, DEIS, Euler, Heun, LMS, LCM, TCD, ...).
         text_encoder ([`~transformers.PreTrainedModel`]): frozen BERT-style encoder; its last hidden states are used.
         tokenizer ([`~transformers.PreTrainedTokenizer`]).
         prior ([`AmbiguityEncoder`], optional): p(z | image, prompt); needed when the UNet takes a latent.
@@ -317,6 +327,10 @@ class AmbiSegPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         return self._guidance_scale > 1.0
 
     @property
+    def cross_attention_kwargs(self) -> dict | None:
+        return getattr(self, "_cross_attention_kwargs", None)
+
+    @property
     def num_timesteps(self) -> int:
         return self._num_timesteps
 
@@ -423,12 +437,17 @@ class AmbiSegPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         self, image, prompt, num_samples, num_inference_steps, output_type, batch_size, threshold, prior_temperature,
         prompt_embeds, prompt_attention_mask, negative_prompt_embeds, negative_prompt_attention_mask,
         callback_on_step_end_tensor_inputs, generator=None, negative_prompt=None, guidance_scale=1.0,
-        ambiguity_latents=None,
+        ambiguity_latents=None, eta=0.0, cross_attention_kwargs=None,
     ) -> None:
         """Raises `ValueError` naming the argument that is wrong, and the component a call needs but lacks."""
         for component in ("unet", "scheduler"):
             if getattr(self, component, None) is None:
                 raise ValueError(f"this pipeline has no `{component}`; set `pipe.{component} = ...` before calling it.")
+        scheduler = type(self.scheduler).__name__
+        if self.scheduler.config.get("prediction_type") == "sample" and scheduler not in SAMPLE_PREDICTION_SCHEDULERS:
+            raise ValueError(f"`scheduler` {scheduler} cannot sample this model (it predicts the clean mask, "
+                             f"prediction_type 'sample'); use one of {list(SAMPLE_PREDICTION_SCHEDULERS)}, e.g. "
+                             "`pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)`.")
         if image is None:
             raise ValueError("`image` is required: the CT image (or batch) to segment.")
         if not isinstance(num_samples, numbers.Integral) or isinstance(num_samples, bool) or num_samples < 1:
@@ -444,8 +463,9 @@ class AmbiSegPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
             raise ValueError(f"`batch_size` must be >= 1, got {batch_size}.")
         if not 0.0 <= threshold <= 1.0:
             raise ValueError(f"`threshold` must be in [0, 1], got {threshold}.")
-        if prior_temperature < 0:
-            raise ValueError(f"`prior_temperature` must be >= 0, got {prior_temperature}.")
+        for name, value in (("prior_temperature", prior_temperature), ("eta", eta)):
+            if not (isinstance(value, numbers.Real) and math.isfinite(value) and value >= 0):
+                raise ValueError(f"`{name}` must be a finite number >= 0, got {value!r}.")
         if num_inference_steps is not None and num_inference_steps < 1:
             raise ValueError(f"`num_inference_steps` must be >= 1, got {num_inference_steps}.")
         if prompt is not None and prompt_embeds is not None:
@@ -472,6 +492,9 @@ class AmbiSegPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
             if ambiguity_latents.ndim != 2 or ambiguity_latents.shape[1] != self.unet.latent_dim:
                 raise ValueError(f"`ambiguity_latents` must be (rows, {self.unet.latent_dim}), got "
                                  f"{tuple(ambiguity_latents.shape)}.")
+        if cross_attention_kwargs is not None and not isinstance(cross_attention_kwargs, dict):
+            raise ValueError(f"`cross_attention_kwargs` must be a dict (e.g. {{'scale': 0.5}}), got "
+                             f"{type(cross_attention_kwargs).__name__}.")
         unknown = set(callback_on_step_end_tensor_inputs or []) - set(self._callback_tensor_inputs)
         if unknown:
             raise ValueError(f"`callback_on_step_end_tensor_inputs` must be among {self._callback_tensor_inputs}, got "
@@ -496,6 +519,13 @@ class AmbiSegPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         layers = [m for m in (self.unet.modules() if self.unet is not None else [])
                   if hasattr(m, "set_scale") and PREFERENCE_ADAPTER in getattr(m, "scaling", {})]
         if not layers:
+            named = list(getattr(self.unet, "peft_config", None) or {})
+            if named:
+                raise ValueError(
+                    f"`preference_scale` scales the LoRA adapter named '{PREFERENCE_ADAPTER}'; this UNet's adapters are "
+                    f"{named}. Load a TDG-DiffDPO adapter under that name (`pipe.load_lora_weights(folder, "
+                    f"adapter_name='{PREFERENCE_ADAPTER}')`, as `AmbiSegPipeline.from_pretrained(folder)` does), or "
+                    "scale every adapter with `cross_attention_kwargs={'scale': s}`.")
             raise ValueError("`preference_scale` needs a TDG-DiffDPO checkpoint (a 'preference' LoRA adapter on the UNet).")
         if any(PREFERENCE_ADAPTER in getattr(m, "merged_adapters", []) for m in layers):
             raise ValueError("the 'preference' adapter is fused into the UNet's weights (`fuse_lora`), where "
@@ -526,7 +556,7 @@ class AmbiSegPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
             z = None if z is None else torch.cat([z, z])
         output = self.unet(
             torch.cat([images, latent_input], dim=1), t, encoder_hidden_states=embeds, encoder_attention_mask=mask,
-            class_labels=z,
+            class_labels=z, cross_attention_kwargs=self.cross_attention_kwargs,
         ).sample
         if negative_embeds is not None:
             conditional, unconditional = output.chunk(2)
@@ -556,6 +586,7 @@ class AmbiSegPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         batch_size: int = 64,
         preference_scale: float | None = None,
         autocast: str | None = None,
+        cross_attention_kwargs: dict[str, Any] | None = None,
         output_type: str = "np",
         return_dict: bool = True,
         callback_on_step_end: Callable[[Any, int, Any, dict], dict] | None = None,
@@ -588,25 +619,36 @@ class AmbiSegPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
             preference_scale: for a TDG-DiffDPO checkpoint (a "preference" LoRA adapter on the UNet), the knob between
                 the reference model (0) and the aligned model (1), for this call; values above 1 extrapolate. `None` =
                 the adapters as they are (weight 1 after loading, or what `set_adapters` set).
+            cross_attention_kwargs: passed to the UNet's attention processors, as in diffusers; `{"scale": s}` scales
+                every LoRA adapter on the UNet for this call (with the preference adapter alone: `preference_scale`).
             autocast: "auto", "bf16" or "no" for this call; `None` = the pipeline's `autocast` config ("auto": bf16
-                where the hardware computes it natively). Results are bit-reproducible for a given generator and mode.
+                where the hardware computes it natively). Applies to float32 weights; half-precision weights
+                (`from_pretrained(..., torch_dtype=torch.float16)`) compute in their own dtype. Results are bit-reproducible for a given generator and mode.
             output_type: "np", "pt", "pil" (a list per image of `PIL.Image` masks) or "latent" (the raw samples).
             return_dict: an [`AmbiSegPipelineOutput`] (True) or a tuple.
             callback_on_step_end: called after every denoising step as `callback(pipe, step, timestep, kwargs)` with
-                `kwargs` holding the tensors named in `callback_on_step_end_tensor_inputs`; the dict it returns may
-                replace them. Set `pipe._interrupt = True` in it to skip the remaining steps.
+                `kwargs` holding the tensors named in `callback_on_step_end_tensor_inputs` (a diffusers
+                `PipelineCallback` names its own); the dict it returns may replace them. Set `pipe._interrupt = True`
+                in it to skip the remaining steps. A callback that turns guidance off (`pipe._guidance_scale` <= 1,
+                diffusers' `SDCFGCutoffCallback`) ends the unconditional branch; returned `prompt_embeds` of one row
+                are used for every row.
 
         Returns:
             [`AmbiSegPipelineOutput`] (or a tuple `(masks, probabilities, pixel_mean, pixel_variance)`).
         """
+        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
+            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
+
         # 0. Check inputs. Raise an error naming the argument if not correct.
         self.check_inputs(
             image, prompt, num_samples, num_inference_steps, output_type, batch_size, threshold, prior_temperature,
             prompt_embeds, prompt_attention_mask, negative_prompt_embeds, negative_prompt_attention_mask,
-            callback_on_step_end_tensor_inputs, generator, negative_prompt, guidance_scale, ambiguity_latents,
+            callback_on_step_end_tensor_inputs, generator, negative_prompt, guidance_scale, ambiguity_latents, eta,
+            cross_attention_kwargs,
         )
         num_samples = int(num_samples)
         self._guidance_scale = guidance_scale
+        self._cross_attention_kwargs = cross_attention_kwargs
         self._interrupt = False
 
         # 1. Define call parameters.
@@ -614,7 +656,9 @@ class AmbiSegPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         mode = autocast or self.config.get("autocast", "auto")
         if mode not in AUTOCAST_MODES:
             raise ValueError(f"`autocast` must be one of {AUTOCAST_MODES}, got {mode!r}.")
-        use_bf16 = mode == "bf16" or (mode == "auto" and native_bf16(device))
+        # Autocast is for float32 weights; fp16 / bf16 weights (`torch_dtype=...`) compute in their own dtype (bf16
+        # autocast over fp16 weights would mix the two in BERT's LayerNorm and fail).
+        use_bf16 = (mode == "bf16" or (mode == "auto" and native_bf16(device))) and self.unet.dtype == torch.float32
         with self._preference_scale(preference_scale), torch.autocast(device.type, torch.bfloat16, enabled=use_bf16):
             dtype = self.unet.dtype
             images = self.preprocess(image).to(device=device, dtype=dtype)
@@ -708,6 +752,11 @@ class AmbiSegPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
                         prompt_embeds = callback_outputs.pop("prompt_embeds", prompt_embeds)
                         negative_prompt_embeds = callback_outputs.pop("negative_prompt_embeds", negative_prompt_embeds)
                         ambiguity_latents = callback_outputs.pop("ambiguity_latents", ambiguity_latents)
+                        if len(prompt_embeds) == 1 < rows:  # one row for all (SDCFGCutoffCallback keeps the last)
+                            prompt_embeds = prompt_embeds.expand(rows, -1, -1)
+                            prompt_attention_mask = prompt_attention_mask[-1:].expand(rows, -1)
+                        if not self.do_classifier_free_guidance:  # the callback turned guidance off
+                            negative_prompt_embeds = negative_prompt_attention_mask = None
                     progress_bar.update()
 
             # 8. Post-process: [-1, 1] samples -> probabilities, masks and the per-pixel statistics.

@@ -1,0 +1,100 @@
+"""The pipeline used the diffusers way (issue 35): `cross_attention_kwargs={"scale": s}` as LoRA strength, diffusers'
+`PipelineCallback`s, half-precision weights under the default autocast, schedulers refused up front when they
+cannot sample an x0 model, and sampling knobs that cannot be NaN."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDIMScheduler, EulerAncestralDiscreteScheduler, PNDMScheduler
+from diffusers.callbacks import SDCFGCutoffCallback
+
+from ambiseg_diffusers.pipelines import pipeline_ambiseg
+
+from conftest import make_pipeline
+from test_pipeline_conventions import add_tiny_adapter
+
+
+def seeded(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def test_cross_attention_scale_is_the_adapter_strength(tokenizer, image):
+    pipe = make_pipeline(tokenizer)
+    add_tiny_adapter(pipe.unet)
+    call = dict(image=image, prompt="a nodule", num_samples=2, output_type="latent")
+    scaled = pipe(**call, cross_attention_kwargs={"scale": 0.5}, generator=seeded(0)).masks
+    torch.testing.assert_close(scaled, pipe(**call, preference_scale=0.5, generator=seeded(0)).masks)
+    full = pipe(**call, generator=seeded(0)).masks
+    assert (scaled - full).abs().max() > 1e-3  # the scale acts
+    torch.testing.assert_close(pipe(**call, cross_attention_kwargs={"scale": 1.0}, generator=seeded(0)).masks, full)
+
+
+def test_preference_scale_on_an_adapter_of_another_name_says_how_to_name_it(tokenizer, image):
+    pipe = make_pipeline(tokenizer)
+    add_tiny_adapter(pipe.unet, name="default_0")
+    with pytest.raises(ValueError, match=r"adapters are \['default_0'\].*adapter_name='preference'"):
+        pipe(image, "a nodule", num_samples=1, preference_scale=0.5)
+
+
+@pytest.mark.parametrize("scheduler_class", [EulerAncestralDiscreteScheduler, PNDMScheduler])
+def test_a_scheduler_that_cannot_sample_an_x0_model_is_refused_naming_those_that_can(tokenizer, image, scheduler_class):
+    pipe = make_pipeline(tokenizer)
+    pipe.scheduler = scheduler_class.from_config(pipe.scheduler.config)
+    with pytest.raises(ValueError, match=rf"`scheduler` {scheduler_class.__name__} cannot sample.*'DDIMScheduler'"):
+        pipe(image, "a nodule", num_samples=1)
+
+
+@pytest.mark.parametrize("name", ["DDIMScheduler", "DPMSolverMultistepScheduler", "UniPCMultistepScheduler",
+                                  "EulerDiscreteScheduler", "HeunDiscreteScheduler", "LMSDiscreteScheduler",
+                                  "DPMSolverSinglestepScheduler", "TCDScheduler", "LCMScheduler"])
+def test_the_listed_schedulers_sample_an_x0_model_to_masks(tokenizer, image, name):
+    import diffusers
+
+    assert name in pipeline_ambiseg.SAMPLE_PREDICTION_SCHEDULERS
+    pipe = make_pipeline(tokenizer)
+    pipe.scheduler = getattr(diffusers, name).from_config(pipe.scheduler.config)
+    samples = pipe(image, "a nodule", num_samples=2, num_inference_steps=4, generator=seeded(0), output_type="latent").masks
+    assert torch.isfinite(samples).all() and samples.abs().max() <= 1.1
+
+
+def test_sd_cfg_cutoff_callback_ends_guidance_at_its_step(tokenizer, image):
+    pipe = make_pipeline(tokenizer)
+    call = dict(image=image, prompt="a round nodule", num_samples=2, guidance_scale=3.0, output_type="latent")
+    cutoff = pipe(**call, callback_on_step_end=SDCFGCutoffCallback(cutoff_step_ratio=None, cutoff_step_index=1), generator=seeded(0)).masks
+
+    def off_after_step_1(p, step, timestep, kwargs):  # the same by hand: guidance off from the third step on
+        if step == 1:
+            p._guidance_scale = 0.0
+        return {}
+
+    by_hand = pipe(**call, callback_on_step_end=off_after_step_1, generator=seeded(0)).masks
+    torch.testing.assert_close(cutoff, by_hand)
+    guided = pipe(**call, generator=seeded(0)).masks
+    assert (cutoff - guided).abs().max() > 1e-4  # guidance did stop
+
+
+def test_half_precision_weights_sample_under_the_default_autocast(tokenizer, image, monkeypatch):
+    monkeypatch.setattr(pipeline_ambiseg, "native_bf16", lambda device: True)  # "auto" chooses bf16 here
+    pipe = make_pipeline(tokenizer)
+    pipe.register_to_config(autocast="auto")
+    pipe.to(torch.float16)  # under bf16 autocast BERT's fp16 LayerNorm met bf16 activations and failed
+    default = pipe(image, "a nodule", num_samples=2, generator=seeded(0), output_type="latent").masks
+    plain = pipe(image, "a nodule", num_samples=2, generator=seeded(0), output_type="latent", autocast="no").masks
+    assert default.dtype == torch.float16
+    torch.testing.assert_close(default, plain)
+
+
+@pytest.mark.parametrize("knob, value", [("prior_temperature", float("nan")), ("prior_temperature", float("inf")),
+                                         ("eta", float("nan")), ("eta", -0.5)])
+def test_sampling_knobs_refuse_nan_inf_and_negative_values(pipe, image, knob, value):
+    with pytest.raises(ValueError, match=rf"`{knob}` must be a finite number >= 0"):
+        pipe(image, "a nodule", num_samples=1, **{knob: value})
+
+
+def test_eta_still_moves_ddim(tokenizer, image):
+    pipe = make_pipeline(tokenizer, DDIMScheduler(num_train_timesteps=100, prediction_type="sample", clip_sample=True))
+    a = pipe(image, "a nodule", num_samples=2, eta=0.0, generator=seeded(0), output_type="latent").masks
+    b = pipe(image, "a nodule", num_samples=2, eta=1.0, generator=seeded(0), output_type="latent").masks
+    assert (a - b).abs().max() > 1e-3
