@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from ambiseg_diffusers import AmbiSegPipeline
@@ -113,3 +114,36 @@ def test_committed_prob_unet_baseline_loads_in_one_line_and_segments(tmp_path):
     """, tmp_path / "hub", tmp_path / "home")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "LATENT 6" in result.stdout
+
+
+HUB_IDS = {"ambiseg-lidc64": "ambiseg-diffusers/ambiseg-lidc64", "tdg-diffdpo-lidc64": "ambiseg-diffusers/tdg-diffdpo-lidc64",
+           "ambiseg-lidc64-lcm": "ambiseg-diffusers/ambiseg-lidc64-lcm", "prob-unet-lidc64": "ambiseg-diffusers/prob-unet-lidc64"}
+
+
+def test_every_committed_cards_snippet_runs_as_written(tmp_path):
+    """Each card's code as a Hub user copies it (its own image and prompt; the diffusers loaders too), offline from a
+    Hub cache holding the four committed repositories; one process, each card in its own namespace."""
+    import re
+
+    from test_pipeline import fill_hub_cache, run_offline
+
+    for folder, repo_id in HUB_IDS.items():
+        fill_hub_cache(CHECKPOINTS / folder, tmp_path / "hub", repo_id)
+    cards = {name: "\n".join(re.findall(r"```python\n(.*?)```", (CHECKPOINTS / name / "README.md").read_text(), re.S))
+             for name in HUB_IDS}
+    script = "".join(f"space = {{}}\nexec({code!r}, space)\nprint('CARD', {name!r}, tuple(space['out'].masks.shape))\n"
+                     for name, code in cards.items())
+    result = run_offline(script, tmp_path / "hub", tmp_path / "home")
+    assert result.returncode == 0, result.stderr[-3000:]
+    for name in HUB_IDS:
+        assert f"CARD {name} (1, 16, 64, 64)" in result.stdout
+
+
+def test_the_committed_pipelines_are_saved_in_the_hubs_custom_code_layout():
+    for name, pipeline, modules in (("ambiseg-lidc64", "pipeline_ambiseg", {"unet": "unet_ambiseg",
+                                     "prior": "ambiguity_encoder", "posterior": "ambiguity_encoder"}),
+                                    ("prob-unet-lidc64", "pipeline_prob_unet", {"prob_unet": "prob_unet"})):
+        index = json.loads((CHECKPOINTS / name / "model_index.json").read_text())
+        assert index["_class_name"][0] == pipeline and (CHECKPOINTS / name / f"{pipeline}.py").is_file()
+        for component, module in modules.items():
+            assert index[component][0] == module and (CHECKPOINTS / name / component / f"{module}.py").is_file()

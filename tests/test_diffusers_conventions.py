@@ -98,3 +98,39 @@ def test_eta_still_moves_ddim(tokenizer, image):
     a = pipe(image, "a nodule", num_samples=2, eta=0.0, generator=seeded(0), output_type="latent").masks
     b = pipe(image, "a nodule", num_samples=2, eta=1.0, generator=seeded(0), output_type="latent").masks
     assert (a - b).abs().max() > 1e-3
+
+
+def test_diffusers_own_loader_returns_the_same_pipeline_and_a_resave_keeps_the_hub_layout(tokenizer, image, tmp_path):
+    import json
+
+    from diffusers import DiffusionPipeline
+
+    from ambiseg_diffusers import AmbiSegPipeline
+
+    make_pipeline(tokenizer).save_pretrained(tmp_path / "saved")
+    index = json.loads((tmp_path / "saved" / "model_index.json").read_text())
+    assert index["_class_name"] == ["pipeline_ambiseg", "AmbiSegPipeline"]
+    assert index["unet"] == ["unet_ambiseg", "AmbiSegUNet"] and index["prior"] == ["ambiguity_encoder", "AmbiguityEncoder"]
+    ours = AmbiSegPipeline.from_pretrained(tmp_path / "saved")
+    theirs = DiffusionPipeline.from_pretrained(tmp_path / "saved", trust_remote_code=True)
+    assert type(theirs) is AmbiSegPipeline and theirs.config.default_num_inference_steps == 3
+    theirs.set_progress_bar_config(disable=True)
+    call = dict(image=image, prompt="a nodule", num_samples=2, output_type="latent")
+    torch.testing.assert_close(theirs(**call, generator=seeded(0)).masks, ours(**call, generator=seeded(0)).masks,
+                               rtol=0, atol=0)
+    theirs.save_pretrained(tmp_path / "again")  # a re-push keeps the layout
+    again = json.loads((tmp_path / "again" / "model_index.json").read_text())
+    assert {k: v for k, v in again.items() if k != "_name_or_path"} == index
+    assert (tmp_path / "again" / "pipeline_ambiseg.py").read_text() == (tmp_path / "saved" / "pipeline_ambiseg.py").read_text()
+
+
+def test_this_packages_loader_runs_no_code_from_the_folder(tokenizer, tmp_path):
+    from diffusers import DiffusionPipeline
+
+    from ambiseg_diffusers import AmbiSegPipeline
+
+    make_pipeline(tokenizer).save_pretrained(tmp_path / "saved")
+    (tmp_path / "saved" / "unet" / "unet_ambiseg.py").write_text("raise RuntimeError('ran the repository code')\n")
+    assert AmbiSegPipeline.from_pretrained(tmp_path / "saved").unet is not None  # imports the installed package
+    with pytest.raises(RuntimeError, match="ran the repository code"):  # diffusers' route runs it, when trusted
+        DiffusionPipeline.from_pretrained(tmp_path / "saved", trust_remote_code=True)

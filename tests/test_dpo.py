@@ -482,3 +482,35 @@ def test_an_adapter_is_not_published_without_a_downloadable_base(tmp_path, capsy
     args = train_dpo.parse_args(["--reference", str(tmp_path / "reference"), "--preferences", "p", "--output_dir", "o",
                                  "--push_to_hub", "--base_model_id", "org/reference"])
     assert args.base_model_id == "org/reference"
+
+
+@needs_data
+def test_pushing_creates_the_repo_first_and_uploads_no_local_path(reference_and_pairs, tmp_path, monkeypatch):
+    import huggingface_hub
+
+    _, reference, prefs = reference_and_pairs
+    args = dpo_args(reference, prefs, "--num_validation_images", "0", "--push_to_hub", "--base_model_id", "org/reference",
+                    "--output_dir", str(tmp_path / "tdg-diffdpo"))
+
+    def offline(repo_id, **kwargs):
+        raise OSError("no network")
+
+    monkeypatch.setattr(huggingface_hub, "create_repo", offline)
+    with pytest.raises(OSError, match="no network"):  # before any training step, not after the run
+        train_dpo.main(args)
+    assert not list((tmp_path / "tdg-diffdpo").glob("checkpoint-*"))
+
+    uploads = []
+
+    class Repo:
+        def __init__(self, repo_id):
+            self.repo_id = repo_id if "/" in repo_id else f"user/{repo_id}"  # the Hub adds the namespace
+
+    monkeypatch.setattr(huggingface_hub, "create_repo", lambda repo_id, **kwargs: Repo(repo_id))
+    monkeypatch.setattr(huggingface_hub, "upload_folder", lambda **kwargs: uploads.append(kwargs))
+    out = train_dpo.main(args)
+    assert [u["repo_id"] for u in uploads] == ["user/tdg-diffdpo"]
+    info = json.loads((out / "preference.json").read_text())
+    assert info == {"adapter_name": "preference", "base_model": "org/reference"}  # no path of the trainer's machine
+    card = (out / "README.md").read_text()
+    assert 'load_lora_weights("user/tdg-diffdpo"' in card and "(no validation in this run" in card and "{}" not in card

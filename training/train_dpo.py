@@ -269,9 +269,14 @@ def main(argv=None) -> Path:
     )
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     set_seed(args.seed)
+    repo_id = args.hub_model_id or output_dir.name
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "dpo_config.json").write_text(json.dumps(asdict(config), indent=2))
+        if args.push_to_hub:  # before training, as diffusers' examples do: a Hub problem must not cost a run
+            from huggingface_hub import create_repo
+
+            repo_id = create_repo(repo_id, exist_ok=True, token=args.hub_token).repo_id  # with its namespace
 
     # Every frozen module the steps, validation and saving touch lives on the accelerator's device.
     reference = AmbiSegPipeline.from_pretrained(args.reference, dtype=torch.float32).to(accelerator.device)
@@ -454,13 +459,13 @@ def main(argv=None) -> Path:
             logger.info("implicit accuracy on %s by timestep: %s", args.diagnostic_preferences,
                         dict(zip(diagnostic["timesteps"], [round(a, 2) for a in diagnostic["implicit_accuracy"]])))
         base_model_id = save_aligned(aligned_pipeline(), args, config, output_dir)
-        repo_id = args.hub_model_id or output_dir.name
         model_card(
             "tdg-diffdpo.md", repo_id, base_model=base_model_id, extra_tags=["tdg-diffdpo", "diffusion-dpo", "lora"],
             lidc=pipeline_prompt_style(reference) != FREE_TEXT,
             reference=args.reference,
             preferences=args.preferences, num_pairs=len(pairs), config_json=json.dumps(asdict(config), indent=2),
-            metrics=json.dumps({k: round(v, 4) for k, v in metrics.items()}, indent=2),
+            metrics="```json\n" + json.dumps({k: round(v, 4) for k, v in metrics.items()}, indent=2) + "\n```" if metrics else
+            "(no validation in this run: `--num_validation_images 0`)",
         ).save(output_dir / "README.md")
         if args.push_to_hub:
             push_folder_to_hub(output_dir, repo_id, token=args.hub_token)
@@ -497,9 +502,11 @@ def save_aligned(pipe: AmbiSegPipeline, args, config: DPOTrainingConfig, output_
         weight_name=LORA_WEIGHT_NAME, unet_lora_adapter_metadata=unet.peft_config[PREFERENCE_ADAPTER].to_dict(),
     )
     info = {"adapter_name": PREFERENCE_ADAPTER, "base_model": base_model_id}
-    if args.init_adapter:  # the round it went on from
+    # Local folders relative to the output, for checkouts; an upload names its reference by Hub id only (a path on
+    # the trainer's machine means nothing on the Hub)
+    if args.init_adapter and not args.push_to_hub:  # the round it went on from
         info["init_adapter"] = os.path.relpath(os.path.abspath(args.init_adapter), os.path.abspath(output_dir))
-    if os.path.isdir(args.reference):
+    if os.path.isdir(args.reference) and not args.push_to_hub:
         info["base_model_path"] = os.path.relpath(os.path.abspath(args.reference), os.path.abspath(output_dir))
     (output_dir / ADAPTER_FILE).write_text(json.dumps(info, indent=2))
     return base_model_id

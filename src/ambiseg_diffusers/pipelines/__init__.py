@@ -22,6 +22,7 @@ def load_pipeline(pretrained_model_name_or_path: str | os.PathLike, **kwargs):
     if os.path.isfile(index):
         with open(index) as f:
             name = json.load(f).get("_class_name", name)
+        name = name[1] if isinstance(name, list) else name  # the Hub's custom-code layout: [module, class]
     if name not in PIPELINE_CLASSES:
         raise ValueError(f"{index} names the pipeline class {name!r}; this package loads {sorted(PIPELINE_CLASSES)}.")
     return PIPELINE_CLASSES[name].from_pretrained(path, **kwargs)

@@ -30,6 +30,7 @@ from ..image_processing import ImageInput, normalize_image, prepare_image
 from ..lidc import RECORDED_PROMPT_STYLES
 from ..models import AmbiguityEncoder, AmbiSegUNet
 from ..text import encode_prompts
+from .custom_code import CustomCodeLayoutMixin
 
 logger = logging.get_logger(__name__)
 
@@ -128,7 +129,7 @@ def _pad_tokens(states: torch.Tensor, mask: torch.Tensor, length: int) -> tuple[
     return torch.nn.functional.pad(states, (0, 0, 0, extra)), torch.nn.functional.pad(mask, (0, extra))
 
 
-class AmbiSegPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
+class AmbiSegPipeline(CustomCodeLayoutMixin, DiffusionPipeline, StableDiffusionLoraLoaderMixin):
     r"""Ambiguous segmentation by mask diffusion (AmbiSeg).
 
     The image is a fixed condition concatenated to the noisy mask; the prompt steers the denoiser through
@@ -184,6 +185,11 @@ class AmbiSegPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
             raise ValueError(f"`autocast` must be one of {AUTOCAST_MODES}, got {autocast!r}.")
         if prompt_style not in RECORDED_PROMPT_STYLES:
             raise ValueError(f"`prompt_style` must be one of {RECORDED_PROMPT_STYLES}, got {prompt_style!r}.")
+        if (unet is not None and text_encoder is not None and unet.dtype == torch.float32
+                and text_encoder.dtype in (torch.float16, torch.bfloat16)):
+            # Checkpoints store the frozen encoder in half precision to stay small; a float32 UNet reads float32
+            # text states whichever loader built the pipeline (DiffusionPipeline.from_pretrained keeps stored dtypes).
+            text_encoder = text_encoder.to(torch.float32)
         self.register_modules(
             unet=unet, scheduler=scheduler, text_encoder=text_encoder, tokenizer=tokenizer, prior=prior, posterior=posterior
         )

@@ -13,12 +13,13 @@ from diffusers.utils.torch_utils import randn_tensor
 from ..hub_utils import check_finite_weights, check_weight_files, download_kwargs_of, resolve_pretrained_path
 from ..image_processing import ImageInput, normalize_image, prepare_image
 from ..models.prob_unet import ProbUNetModel
+from .custom_code import CustomCodeLayoutMixin
 from .pipeline_ambiseg import OUTPUT_TYPES, AmbiSegPipelineOutput, PromptInput, format_samples
 
 logger = logging.get_logger(__name__)
 
 
-class ProbUNetPipeline(DiffusionPipeline):
+class ProbUNetPipeline(CustomCodeLayoutMixin, DiffusionPipeline):
     r"""Samples plausible masks from a Probabilistic U-Net (Kohl et al. 2018): one U-Net pass per image, then one
     cheap 1x1 "fcomb" pass per latent z ~ p(z | image). The baseline of the comparison tables in docs/results.md.
 

@@ -1,0 +1,98 @@
+"""The Hub's custom-code layout, so that `DiffusionPipeline.from_pretrained(repo, trust_remote_code=True)` (the snippet
+the Hub shows for `library_name: diffusers`) loads this package's pipelines.
+
+diffusers' convention for pipelines it does not ship: `model_index.json` names the pipeline and each custom component
+as `[module, class]` pairs, and the repository carries those modules: `pipeline_ambiseg.py` at its root,
+`unet/unet_ambiseg.py`, `prior/ambiguity_encoder.py`, ... Here each module is a two-line shim importing the class from
+the installed `ambiseg-diffusers` package (docs/usage.md says why: the code a repository runs is the reviewed,
+versioned package a user installed, not a copy that drifts from it, and the shims hold nothing to review).
+
+This package's own loaders (`AmbiSegPipeline.from_pretrained`, `load_pipeline`) read the same folder without running
+any of its code: `CustomCodeLayoutMixin.load_config` maps the pairs back onto the installed modules.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+PACKAGE = "ambiseg_diffusers"
+SHIM = """# `DiffusionPipeline.from_pretrained(<this repository>, trust_remote_code=True)` imports {cls} from this file. The
+# class is the installed ambiseg-diffusers package's (pip install ambiseg-diffusers): this repository carries no code.
+from {module} import {cls}
+
+__all__ = ["{cls}"]
+"""
+
+
+def _file_of(module: str) -> str:
+    return module.rsplit(".", 1)[-1]
+
+
+def package_classes() -> dict[str, str]:
+    """{class name: its module} for the pipeline and model classes of this package that a folder can name."""
+    from ..models import AmbiguityEncoder, AmbiSegUNet
+    from ..models.prob_unet import ProbUNetModel
+    from .pipeline_ambiseg import AmbiSegPipeline
+    from .pipeline_prob_unet import ProbUNetPipeline
+
+    return {c.__name__: c.__module__ for c in (AmbiSegPipeline, ProbUNetPipeline, AmbiSegUNet, AmbiguityEncoder,
+                                                ProbUNetModel)}
+
+
+def write_custom_code_layout(folder: str | os.PathLike) -> None:
+    """Rewrites a saved pipeline folder's `model_index.json` in the Hub layout and writes the shim modules. Idempotent:
+    a folder already in the layout (a re-save, a re-push) keeps it."""
+    folder = Path(folder)
+    index_file = folder / "model_index.json"
+    index = from_custom_code_layout(json.loads(index_file.read_text()))
+    known = package_classes()
+    pipeline = index["_class_name"]
+    index["_class_name"] = [_file_of(known[pipeline]), pipeline]
+    (folder / f"{_file_of(known[pipeline])}.py").write_text(SHIM.format(module=known[pipeline], cls=pipeline))
+    for name, spec in index.items():
+        if isinstance(spec, list) and len(spec) == 2 and spec[0] and spec[0].startswith(f"{PACKAGE}."):
+            module, cls = spec
+            index[name] = [_file_of(module), cls]
+            (folder / name).mkdir(exist_ok=True)
+            (folder / name / f"{_file_of(module)}.py").write_text(SHIM.format(module=module, cls=cls))
+    index_file.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+
+def from_custom_code_layout(config: dict) -> dict:
+    """A `model_index.json` dict in the Hub layout -> the same with this package's importable modules (a plain
+    `_class_name`, `[ambiseg_diffusers.models.unet_ambiseg, AmbiSegUNet]`); other entries unchanged."""
+    known = package_classes()
+    config = dict(config)
+    if isinstance(config.get("_class_name"), (list, tuple)) and config["_class_name"][1] in known:
+        config["_class_name"] = config["_class_name"][1]
+    for name, spec in config.items():
+        if (not name.startswith("_") and isinstance(spec, (list, tuple)) and len(spec) == 2 and spec[1] in known
+                and spec[0] == _file_of(known[spec[1]])):
+            config[name] = [known[spec[1]], spec[1]]
+    return config
+
+
+class CustomCodeLayoutMixin:
+    """Saves in the Hub's custom-code layout and loads it with this package's classes (no repository code runs)."""
+
+    @classmethod
+    def load_config(cls, *args, **kwargs):
+        loaded = super().load_config(*args, **kwargs)
+        if isinstance(loaded, tuple):  # (config, unused kwargs[, commit hash])
+            return (from_custom_code_layout(loaded[0]), *loaded[1:])
+        return from_custom_code_layout(loaded)
+
+    def save_pretrained(self, save_directory: str | os.PathLike, push_to_hub: bool = False, **kwargs) -> None:
+        """diffusers' `save_pretrained`, then the layout; `push_to_hub=True` uploads the folder once it is complete."""
+        hub = {k: kwargs.pop(k) for k in ("repo_id", "token", "private", "create_pr", "commit_message") if k in kwargs}
+        super().save_pretrained(save_directory, **kwargs)
+        write_custom_code_layout(save_directory)
+        if push_to_hub:
+            from huggingface_hub import create_repo, upload_folder
+
+            repo_id = create_repo(hub.get("repo_id") or Path(save_directory).name, private=hub.get("private"),
+                                  token=hub.get("token"), exist_ok=True).repo_id
+            upload_folder(repo_id=repo_id, folder_path=str(save_directory), token=hub.get("token"),
+                          create_pr=hub.get("create_pr", False), commit_message=hub.get("commit_message"))
