@@ -316,3 +316,34 @@ def test_recording_resumes_the_missing_images_and_refuses_an_unsampleable_schedu
     with pytest.raises(ValueError, match="must divide the teacher's 100 training timesteps"):
         record_trajectories.main(["--teacher", str(teacher), "--split", "mini", "--max_images", "1",
                                   "--num_inference_steps", "3", "--output_dir", str(tmp_path / "three")])
+
+
+@needs_data
+def test_an_aligned_teacher_keeps_its_adapter_in_teacher_and_student(tokenizer, tmp_path, monkeypatch):
+    """A TDG-DiffDPO folder as teacher: its 'preference' adapter acts in the teacher's and the student's calls (as
+    loading the distilled sampler turns both on) and stays frozen; only the new adapter trains."""
+    from ambiseg_diffusers import AmbiSegPipeline, AmbiSegUNet
+
+    from test_pipeline_conventions import add_tiny_adapter
+
+    aligned = make_pipeline(tokenizer)
+    add_tiny_adapter(aligned.unet)
+    aligned.save_pretrained(tmp_path / "aligned")  # base weights, the adapter and preference.json in one folder
+    calls = []
+    forward = AmbiSegUNet.forward
+
+    def recording(self, *args, **kwargs):
+        disabled = any(getattr(m, "disable_adapters", False) for m in self.modules() if hasattr(m, "scaling"))
+        calls.append(("off" if disabled else tuple(sorted(self.active_adapters())),
+                      {n.split(".lora_")[1].split(".")[1] for n, p in self.named_parameters() if p.requires_grad}))
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(AmbiSegUNet, "forward", recording)
+    out = train_consistency.main(distil_args(tmp_path / "aligned", tmp_path / "lcm", "--max_train_steps", "1",
+                                             "--num_validation_images", "0"))
+    student, teacher, target = (c[0] for c in calls[:3])
+    assert student == target == ("consistency", "preference") and teacher == ("preference",)
+    assert all(c[1] == {"consistency"} for c in calls[:3])  # the teacher's adapter never trains
+    monkeypatch.setattr(AmbiSegUNet, "forward", forward)
+    loaded = AmbiSegPipeline.from_pretrained(out)
+    assert sorted(loaded.unet.active_adapters()) == ["consistency", "preference"]

@@ -281,6 +281,14 @@ def distance(prediction: torch.Tensor, target: torch.Tensor, loss_type: str, hub
     return (torch.sqrt((prediction.float() - target.float()) ** 2 + huber_c**2) - huber_c).mean()
 
 
+def use_adapters(unet, names: list[str]) -> None:
+    """Only the LoRA adapters `names` act (diffusers' `set_adapters`); only the student's (`ADAPTER_NAME`) trains,
+    whatever peft's activation made trainable."""
+    unet.set_adapters(names)
+    for name, parameter in unet.named_parameters():
+        parameter.requires_grad_(f".{ADAPTER_NAME}." in name)
+
+
 def main(argv=None) -> Path:
     args = parse_args(argv)
     output_dir = Path(args.output_dir)
@@ -317,12 +325,16 @@ def main(argv=None) -> Path:
     from peft import LoraConfig
 
     unet = teacher.unet.requires_grad_(False)
+    # An aligned teacher (a TDG-DiffDPO folder) carries its own adapter: the teacher is the UNet with it, the student
+    # the UNet with it and the new one, as loading the result turns both on.
+    teacher_adapters = list(getattr(unet, "peft_config", None) or {})
     if args.init_adapter:  # go on from an earlier distilled sampler (e.g. a chosen snapshot, at a lower rate)
         check_same_teacher(args.init_adapter, args.teacher)
         load_trainable_adapter(teacher, args.init_adapter, ADAPTER_NAME, args.lora_rank)
     else:
         unet.add_adapter(LoraConfig(r=args.lora_rank, lora_alpha=args.lora_rank, init_lora_weights="gaussian",
                                     target_modules=LORA_TARGETS), adapter_name=ADAPTER_NAME)
+    use_adapters(unet, teacher_adapters + [ADAPTER_NAME])
     params = [p for p in unet.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=0.0)
     lr_scheduler = get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=0,
@@ -386,11 +398,17 @@ def main(argv=None) -> Path:
             prediction = consistency_output(scalings(start), noisy,
                                             unet_x0(unet, noisy, start, images, text, text_mask, z, straight_through=True))
             with torch.no_grad():
-                model.disable_adapters()
+                if teacher_adapters:
+                    use_adapters(model, teacher_adapters)
+                else:
+                    model.disable_adapters()
                 try:
                     teacher_x0 = unet_x0(model, noisy, start, images, text, text_mask, z)
                 finally:
-                    model.enable_adapters()
+                    if teacher_adapters:
+                        use_adapters(model, teacher_adapters + [ADAPTER_NAME])
+                    else:
+                        model.enable_adapters()
                 previous = ddim_solver_step(noise_scheduler, teacher_x0, noisy.float(), start, end)
                 with adapter_weights(emas.get("target_ema")):
                     target = consistency_output(scalings(end), previous,
