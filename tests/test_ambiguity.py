@@ -189,3 +189,22 @@ def test_diagnostics_match_a_hand_computation(tokenizer):
     assert sorted(gap_rows) == ["ged_posterior_z", "ged_prior_z"]
     assert report["prior_gap"] == pytest.approx(report["ged_prior_z"] - report["ged_posterior_z"])
     assert own == pytest.approx(ambiguity_diagnostics(pipe, rows[1:], num_samples=4, seed=4)["ged_prior_z"], rel=1e-6)
+
+    # The posterior row, by hand: sample s takes rater (s mod 4)'s posterior, z = mean + std * the normal draws that
+    # follow the initial noise in the generator, with the same noise and prompts (rows[1]: four raters, so a row
+    # using one rater, or a z that ignores the posterior, gives another GED).
+    generator = torch.Generator().manual_seed(4)
+    latents = torch.randn(4, 1, SIZE, SIZE, generator=generator)
+    draws = torch.randn(4, LATENT_DIM, generator=generator)
+    embeds, attention, _, _ = pipe.encode_prompt([row["prompts"]], num_samples=4)
+    image = pipe.preprocess(row["image"]).expand(4, -1, -1, -1)
+    q = pipe.posterior(torch.cat([image, torch.as_tensor(row["masks"][:, None]).float() * 2 - 1], 1), embeds, attention)
+    z = q.mean + torch.exp(0.5 * q.logvar) * draws  # rater s for sample s (s mod 4 = s here)
+    masks = pipe(row["image"], [row["prompts"]], num_samples=4, latents=latents, ambiguity_latents=z,
+                 generator=torch.Generator().manual_seed(4)).masks
+    by_hand = compute_metrics_batch(masks, row["masks"][None])["ged"][0]
+    assert by_hand == pytest.approx(ambiguity_diagnostics(pipe, rows[1:], num_samples=4, seed=4)["ged_posterior_z"],
+                                    rel=1e-6)
+    one_rater = pipe(row["image"], [row["prompts"]], num_samples=4, latents=latents, ambiguity_latents=z[:1].expand(4, -1),
+                     generator=torch.Generator().manual_seed(4)).masks
+    assert compute_metrics_batch(one_rater, row["masks"][None])["ged"][0] != pytest.approx(by_hand, abs=1e-3)
