@@ -61,7 +61,9 @@ def test_the_listed_schedulers_sample_an_x0_model_to_masks(tokenizer, image, nam
 
 def test_sd_cfg_cutoff_callback_ends_guidance_at_its_step(tokenizer, image):
     pipe = make_pipeline(tokenizer)
-    call = dict(image=image, prompt="a round nodule", num_samples=2, guidance_scale=3.0, output_type="latent")
+    # two prompts spread over the samples: after the cutoff each sample must keep its own (not the last row's)
+    call = dict(image=image, prompt=[["a round nodule", "a small solid nodule"]], num_samples=2, guidance_scale=3.0,
+                output_type="latent")
     cutoff = pipe(**call, callback_on_step_end=SDCFGCutoffCallback(cutoff_step_ratio=None, cutoff_step_index=1), generator=seeded(0)).masks
 
     def off_after_step_1(p, step, timestep, kwargs):  # the same by hand: guidance off from the third step on

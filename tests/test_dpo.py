@@ -507,10 +507,13 @@ def test_pushing_creates_the_repo_first_and_uploads_no_local_path(reference_and_
             self.repo_id = repo_id if "/" in repo_id else f"user/{repo_id}"  # the Hub adds the namespace
 
     monkeypatch.setattr(huggingface_hub, "create_repo", lambda repo_id, **kwargs: Repo(repo_id))
-    monkeypatch.setattr(huggingface_hub, "upload_folder", lambda **kwargs: uploads.append(kwargs))
+    def upload_folder(**kwargs):  # what would reach the Hub, read before the staging folder goes
+        uploads.append({**kwargs, "info": json.loads((Path(kwargs["folder_path"]) / "preference.json").read_text())})
+
+    monkeypatch.setattr(huggingface_hub, "upload_folder", upload_folder)
     out = train_dpo.main(args)
     assert [u["repo_id"] for u in uploads] == ["user/tdg-diffdpo"]
-    info = json.loads((out / "preference.json").read_text())
-    assert info == {"adapter_name": "preference", "base_model": "org/reference"}  # no path of the trainer's machine
+    assert uploads[0]["info"] == {"adapter_name": "preference", "base_model": "org/reference"}  # no local path
+    assert json.loads((out / "preference.json").read_text())["base_model_path"] == "../reference"  # kept locally
     card = (out / "README.md").read_text()
     assert 'load_lora_weights("user/tdg-diffdpo"' in card and "(no validation in this run" in card and "{}" not in card

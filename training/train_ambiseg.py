@@ -221,7 +221,7 @@ def main(argv=None) -> Path:
     image_channels = 1 if np.asarray(dataset[0]["image"]).ndim == 2 else np.asarray(dataset[0]["image"]).shape[0]
     unet, prior, posterior = build_models(config, text_encoder.config.hidden_size, image_channels)
     if args.init_from:
-        unet, prior, posterior = warm_start(args.init_from, config)
+        unet, prior, posterior = warm_start(args.init_from, config, image_channels)
     noise_scheduler = build_noise_scheduler(config)
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
@@ -442,7 +442,7 @@ def dataset_facts(args, dataset) -> dict:
     image = np.asarray(dataset[0]["image"])
     return dict(image_column=args.image_column, mask_column=args.mask_column, caption_column=args.caption_column,
                 min_raters=min(raters), max_raters=max(raters), mean_raters=f"{np.mean(raters):.2f}",
-                image_size="x".join(map(str, image.shape[-2:])),
+                image_size="x".join(map(str, image.shape[-2:])), image_shape=", ".join(map(str, image.shape)),
                 image_channels=1 if image.ndim == 2 else image.shape[0],
                 example_prompt=prompts[0] if prompts else "")
 

@@ -461,16 +461,34 @@ def main(argv=None) -> Path:
         base_model_id = save_aligned(aligned_pipeline(), args, config, output_dir)
         model_card(
             "tdg-diffdpo.md", repo_id, base_model=base_model_id, extra_tags=["tdg-diffdpo", "diffusion-dpo", "lora"],
-            lidc=pipeline_prompt_style(reference) != FREE_TEXT,
+            lidc=pipeline_prompt_style(reference) != FREE_TEXT, prompt_style=pipeline_prompt_style(reference),
+            image_size=reference.unet.config.sample_size, example_prompt=pairs[0]["prompt"] if len(pairs) else "",
             reference=args.reference,
             preferences=args.preferences, num_pairs=len(pairs), config_json=json.dumps(asdict(config), indent=2),
             metrics="```json\n" + json.dumps({k: round(v, 4) for k, v in metrics.items()}, indent=2) + "\n```" if metrics else
             "(no validation in this run: `--num_validation_images 0`)",
         ).save(output_dir / "README.md")
         if args.push_to_hub:
-            push_folder_to_hub(output_dir, repo_id, token=args.hub_token)
+            push_adapter(output_dir, repo_id, args.hub_token)
     accelerator.end_training()
     return output_dir
+
+
+def push_adapter(output_dir: Path, repo_id: str, token: str | None) -> None:
+    """Uploads the output folder with `preference.json` naming the reference by Hub id only: the local paths it keeps
+    for checkouts and further rounds mean nothing on the Hub (and tell of the trainer's folders)."""
+    import shutil
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as staging:
+        shutil.copytree(output_dir, staging, dirs_exist_ok=True, ignore=shutil.ignore_patterns(
+            "checkpoint-*", ".checkpoint-*", "logs", "snapshots"))
+        info_file = Path(staging) / ADAPTER_FILE
+        if info_file.is_file():
+            info = json.loads(info_file.read_text())
+            info_file.write_text(json.dumps({k: v for k, v in info.items() if k not in ("base_model_path", "init_adapter")},
+                                            indent=2))
+        push_folder_to_hub(staging, repo_id, token=token)
 
 
 def check_adapter_base(adapter: str, reference: str) -> None:
@@ -502,11 +520,10 @@ def save_aligned(pipe: AmbiSegPipeline, args, config: DPOTrainingConfig, output_
         weight_name=LORA_WEIGHT_NAME, unet_lora_adapter_metadata=unet.peft_config[PREFERENCE_ADAPTER].to_dict(),
     )
     info = {"adapter_name": PREFERENCE_ADAPTER, "base_model": base_model_id}
-    # Local folders relative to the output, for checkouts; an upload names its reference by Hub id only (a path on
-    # the trainer's machine means nothing on the Hub)
-    if args.init_adapter and not args.push_to_hub:  # the round it went on from
+    # Local folders relative to the output, for checkouts and further rounds (an upload drops them: push_adapter)
+    if args.init_adapter:  # the round it went on from
         info["init_adapter"] = os.path.relpath(os.path.abspath(args.init_adapter), os.path.abspath(output_dir))
-    if os.path.isdir(args.reference) and not args.push_to_hub:
+    if os.path.isdir(args.reference):
         info["base_model_path"] = os.path.relpath(os.path.abspath(args.reference), os.path.abspath(output_dir))
     (output_dir / ADAPTER_FILE).write_text(json.dumps(info, indent=2))
     return base_model_id

@@ -19,6 +19,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
@@ -82,9 +83,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def build_model(config: ProbUNetTrainingConfig) -> ProbUNetModel:
+def build_model(config: ProbUNetTrainingConfig, image_channels: int = 1) -> ProbUNetModel:
     return ProbUNetModel(
-        latent_dim=config.latent_dim, block_out_channels=tuple(config.block_out_channels),
+        image_channels=image_channels, latent_dim=config.latent_dim, block_out_channels=tuple(config.block_out_channels),
         convs_per_block=config.convs_per_block, num_1x1_convs=config.num_1x1_convs,
     )
 
@@ -104,18 +105,20 @@ def main(argv=None) -> Path:
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "training_config.json").write_text(json.dumps(asdict(config), indent=2))
 
-    model = build_model(config)
+    # Data first: every row is checked before anything is built or trained.
+    args.train_split, args.validation_split = default_splits(
+        args.dataset_name, args.train_data_dir, args.train_split, args.validation_split, args.data_dir)
+    dataset = load_from_args(args, args.train_split, resolution=config.resolution)
+    validation = (load_from_args(args, args.validation_split, resolution=config.resolution)
+                  if args.num_validation_images else None)
+    image = np.asarray(dataset[0]["image"])
+    model = build_model(config, image_channels=1 if image.ndim == 2 else image.shape[0])
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.adam_weight_decay)
     lr_scheduler = get_scheduler(
         config.lr_scheduler, optimizer, num_warmup_steps=config.lr_warmup_steps * accelerator.num_processes,
         num_training_steps=config.max_train_steps * accelerator.num_processes,
     )
     model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
-    args.train_split, args.validation_split = default_splits(
-        args.dataset_name, args.train_data_dir, args.train_split, args.validation_split, args.data_dir)
-    dataset = load_from_args(args, args.train_split, resolution=config.resolution)
-    validation = (load_from_args(args, args.validation_split, resolution=config.resolution)
-                  if args.num_validation_images else None)
 
     first_step, seconds = resume_training(accelerator, output_dir, args.resume_from_checkpoint)
     clock = TrainingClock(args.max_train_minutes, args.snapshot_minutes, seconds)

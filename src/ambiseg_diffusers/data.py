@@ -67,7 +67,7 @@ def load_multirater(
     else:
         source = str(train_data_dir if train_data_dir is not None else dataset_name)
         rows = pick_split(_load_raw(dataset_name, train_data_dir), split, source)
-        if prompt_style not in (None, "free") and "ratings" in rows.column_names:
+        if prompt_style not in (None, "free") and is_lidc_rows(rows) and "ratings" in rows.column_names:
             from .lidc import with_prompt_style
 
             rows = with_prompt_style(rows, prompt_style)  # a LIDC folder written by scripts/prepare_lidc.py
@@ -101,17 +101,22 @@ def pick_split(data: Dataset | DatasetDict, split: str, source: str = "the datas
         return data[split]
     if split in HOLDOUT_SPLITS and "train" in data:
         train = data["train"]
-        held = holdout_rows(len(train))
+        groups = train["patient_id"] if "patient_id" in train.column_names else range(len(train))
+        held = holdout_rows(groups)
         keep = held if split == "selection" else sorted(set(range(len(train))) - set(held))
         return train.select(keep)
     raise DatasetContractError(f"{source} has no split {split!r}; it has {sorted(data)} (and 'selection' / "
                                f"'train_fit', a seeded {HOLDOUT_FRACTION:.0%} of 'train' and the rest).")
 
 
-def holdout_rows(num_rows: int) -> list[int]:
-    """The seeded `HOLDOUT_FRACTION` of `num_rows` training rows held out as "selection" (at least one)."""
-    count = max(1, round(num_rows * HOLDOUT_FRACTION))
-    return sorted(np.random.default_rng(HOLDOUT_SEED).permutation(num_rows)[:count].tolist())
+def holdout_rows(groups) -> list[int]:
+    """The rows held out as "selection": a seeded `HOLDOUT_FRACTION` (at least one) of the distinct `groups`, one
+    entry per row (a dataset's `patient_id` column, so no patient is on both sides; else the row indices)."""
+    groups = [str(g) for g in groups]
+    unique = sorted(set(groups))
+    count = max(1, round(len(unique) * HOLDOUT_FRACTION))
+    chosen = {unique[i] for i in np.random.default_rng(HOLDOUT_SEED).permutation(len(unique))[:count]}
+    return [i for i, g in enumerate(groups) if g in chosen]
 
 
 def is_lidc_rows(rows: Dataset) -> bool:
@@ -124,15 +129,17 @@ def default_splits(dataset_name: str | None, train_data_dir, train_split: str | 
     """The training and validation splits to use when the flags leave them unset, and a line for the log.
 
     lidc64: train on "train", validate on "mini". Other data: validate on its "validation" split (or "valid",
-    "val", "test", in that order); without one, on "selection" (a seeded 10% of "train") and train on "train_fit"
-    (the rest), so validation never sees a training row."""
+    "val"; never "test", which reports); without one, on "selection" (a seeded 10% of "train", by `patient_id` where
+    the data has one) and train on "train_fit" (the rest), so validation never sees a training row. Validating on
+    "selection" always trains on "train_fit" unless a training split is named."""
+    fit = "train_fit" if validation_split == "selection" else "train"
     if train_data_dir is None and dataset_name in (None, "lidc64"):
-        return train_split or "train", validation_split or "mini"
+        return train_split or fit, validation_split or "mini"
     if validation_split is not None:
-        return train_split or "train", validation_split
+        return train_split or fit, validation_split
     data = _load_raw(dataset_name, train_data_dir)
     names = sorted(data) if isinstance(data, DatasetDict) else ["train"]
-    for name in ("validation", "valid", "val", "test"):
+    for name in ("validation", "valid", "val"):
         if name in names:
             return train_split or "train", name
     if train_split not in (None, "train"):
@@ -177,13 +184,19 @@ def to_contract(rows: Dataset, image_column: str = IMAGE_COLUMN, mask_column: st
         raise DatasetContractError(f"`resolution` must be at least 2 pixels, got {resolution}.")
     if len(rows) == 0:
         raise DatasetContractError(f"{source} has no rows.")
+    nesting = mask_nesting(rows.features[mask_column])
+    if nesting not in (2, 3):
+        raise DatasetContractError(
+            f"`{mask_column}` ({mask_column!r}, --mask_column) holds {rows.features[mask_column]}; expected a list of "
+            "rater masks per row (images or 2-D arrays), or one mask per row.")
+    single = nesting == 2  # one mask per row: a colour mask must not become a list of raters
     size = (resolution, resolution) if resolution else None
     shape = {}  # row 0's (H, W) and channel count, which every row must share
 
     def convert(batch: dict, indices: list[int]) -> dict:
         out = {"image": [], "masks": [], "prompts": [], "annotator_valid": [], "nodule_id": [], "nodule_prompt": []}
         for j, index in enumerate(indices):
-            masks = _masks(batch[mask_column][j], index, mask_column)
+            masks = _masks(batch[mask_column][j], index, mask_column, single)
             image = _channels_first(_image_array(batch[image_column][j], index, image_column), masks.shape[1:],
                                     index, image_column)
             if size is not None and image.shape[-2:] != size:
@@ -212,6 +225,7 @@ def to_contract(rows: Dataset, image_column: str = IMAGE_COLUMN, mask_column: st
 
     # The output's fixed image shape is row 0's.
     probe = convert({k: v[:1] for k, v in rows.with_format("numpy")[:1].items()}, [0])
+    shape.pop("resized", None)  # counted again by the map
     image_shape = probe["image"][0].shape
     features = Features({
         "image": Array2D(image_shape, "float32") if len(image_shape) == 2 else Array3D(image_shape, "float32"),
@@ -221,11 +235,12 @@ def to_contract(rows: Dataset, image_column: str = IMAGE_COLUMN, mask_column: st
         "nodule_id": Value("string"),
         "nodule_prompt": Value("string"),
     })
-    keep = [c for c in ("diameter_mm", "volume_mm3", "ratings", "patient_id", "slice") if c in have]
+    # LIDC's own columns stay (ratings re-prompt, sizes, ids); other data keeps the contract's columns only
+    keep = [c for c in ("diameter_mm", "volume_mm3", "ratings", "patient_id", "slice") if c in have and is_lidc_rows(rows)]
     converted = rows.with_format("numpy").map(
         convert, batched=True, batch_size=64, with_indices=True, features=Features({**features, **{
             c: rows.features[c] for c in keep}}), remove_columns=[c for c in have if c not in keep],
-        desc=f"checking {source}", load_from_cache_file=False,
+        desc=f"checking {source}", keep_in_memory=True,  # no cache file beside the user's data, none per process
     )
     if shape.get("resized"):
         logger.warning(f"{source}: {shape['resized']} of {len(rows)} rows resized to {resolution}x{resolution} (images "
@@ -258,10 +273,23 @@ def _channels_first(image: np.ndarray, mask_hw: tuple, index: int, column: str) 
     return image[0] if image.shape[0] == 1 else image
 
 
-def _masks(value, index: int, column: str) -> np.ndarray:
-    """A row's rater masks -> uint8 {0, 1} `(M, H, W)`."""
-    raters = [value] if not isinstance(value, (list, tuple, np.ndarray)) or (
-        isinstance(value, np.ndarray) and value.dtype != object and value.ndim == 2) else list(value)
+def mask_nesting(feature) -> int:
+    """How many axes a mask column's feature nests: 2 for one mask per row (an image, a 2-D array), 3 for a list."""
+    from datasets import Array2D as A2, Array3D as A3, Image, LargeList, Sequence
+
+    if isinstance(feature, (Image, A2)):
+        return 2
+    if isinstance(feature, A3):
+        return 3
+    if isinstance(feature, (List, LargeList, Sequence, list)):
+        inner = feature[0] if isinstance(feature, list) else feature.feature
+        return 1 + mask_nesting(inner)
+    return 0
+
+
+def _masks(value, index: int, column: str, single: bool) -> np.ndarray:
+    """A row's rater masks (`single`: the column holds one mask per row) -> uint8 {0, 1} `(M, H, W)`."""
+    raters = [value] if single else list(value)
     if len(raters) == 0:
         raise DatasetContractError(f"`{column}` row {index} holds no rater mask; expected a list of one or more.")
     out = []
@@ -375,4 +403,4 @@ def is_lidc(args) -> bool:
 def dataset_label(args) -> str:
     """The dataset's name for cards and logs: a Hub id as it is, a local folder by its own name (not its path)."""
     name = args.train_data_dir if args.train_data_dir is not None else args.dataset_name
-    return Path(name).name if Path(str(name)).is_dir() else str(name)
+    return Path(name).resolve().name if Path(str(name)).is_dir() else str(name)

@@ -129,7 +129,7 @@ def model_card(
     )
     return ModelCard.from_template(
         data, template_str=_template(template), repo_id=repo_id, base_model=base_model,
-        attribution=LIDC_ATTRIBUTION if lidc else OWN_DATA_ATTRIBUTION, **values,
+        attribution=LIDC_ATTRIBUTION if lidc else OWN_DATA_ATTRIBUTION, lidc=lidc, **values,
     )
 
 

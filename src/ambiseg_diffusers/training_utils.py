@@ -109,22 +109,25 @@ def build_models(config: AmbiSegTrainingConfig, text_embed_dim: int, image_chann
     return unet, prior, posterior
 
 
-def warm_start(name_or_path: str, config: AmbiSegTrainingConfig):
+def warm_start(name_or_path: str, config: AmbiSegTrainingConfig, image_channels: int = 1):
     """The UNet, prior and posterior of a saved pipeline, to continue training from (`--init_from`). Their
-    architecture is the saved one; it must match the recipe's ambiguity design."""
+    architecture is the saved one; it must match the recipe's ambiguity design and the data's `image_channels`."""
     from .pipelines import AmbiSegPipeline
 
     pipe = AmbiSegPipeline.from_pretrained(name_or_path)
     design = ambiguity_design(config)
     prior = pipe.prior if design != "none" else None
-    saved = dict(unet_latent_dim=pipe.unet.latent_dim, prior_channels=prior and prior.config.in_channels,
+    saved = dict(image_channels=pipe.unet.image_channels, unet_latent_dim=pipe.unet.latent_dim,
+                 prior_channels=prior and prior.config.in_channels,
                  latent_dim=prior and prior.config.latent_dim, text_pooling=prior and prior.config.text_pooling)
-    wanted = dict(unet_latent_dim=unet_latent_dim(config), prior_channels={"latent": 1, "prediction_kl": 2}.get(design),
+    wanted = dict(image_channels=image_channels, unet_latent_dim=unet_latent_dim(config),
+                  prior_channels=None if design == "none" else image_channels + (design != "latent"),
                   latent_dim=config.latent_dim if design != "none" else None,
                   text_pooling=config.text_pooling if design != "none" else None)
     if saved != wanted:
         raise ValueError(f"`--init_from` {name_or_path!r} holds {saved}; the recipe (ambiguity {design!r}) needs "
-                         f"{wanted}: pass the saved run's --ambiguity, --latent_dim and --text_pooling.")
+                         f"{wanted}: pass the saved run's --ambiguity, --latent_dim and --text_pooling (and data with "
+                         "its number of image channels).")
     if config.freeze_ambiguity_encoders:
         pipe.prior.requires_grad_(False)
         pipe.posterior.requires_grad_(False)

@@ -86,13 +86,26 @@ class CustomCodeLayoutMixin:
 
     def save_pretrained(self, save_directory: str | os.PathLike, push_to_hub: bool = False, **kwargs) -> None:
         """diffusers' `save_pretrained`, then the layout; `push_to_hub=True` uploads the folder once it is complete."""
-        hub = {k: kwargs.pop(k) for k in ("repo_id", "token", "private", "create_pr", "commit_message") if k in kwargs}
+        hub = pop_hub_kwargs(kwargs)
         super().save_pretrained(save_directory, **kwargs)
         write_custom_code_layout(save_directory)
         if push_to_hub:
-            from huggingface_hub import create_repo, upload_folder
+            upload_saved_folder(save_directory, hub)
 
-            repo_id = create_repo(hub.get("repo_id") or Path(save_directory).name, private=hub.get("private"),
-                                  token=hub.get("token"), exist_ok=True).repo_id
-            upload_folder(repo_id=repo_id, folder_path=str(save_directory), token=hub.get("token"),
-                          create_pr=hub.get("create_pr", False), commit_message=hub.get("commit_message"))
+
+HUB_KWARGS = ("repo_id", "token", "private", "create_pr", "commit_message")
+
+
+def pop_hub_kwargs(kwargs: dict) -> dict:
+    """The Hub options of diffusers' `save_pretrained(..., push_to_hub=True, ...)`, removed from `kwargs`."""
+    return {k: kwargs.pop(k) for k in HUB_KWARGS if k in kwargs}
+
+
+def upload_saved_folder(folder: str | os.PathLike, hub: dict) -> None:
+    """Uploads a saved folder to `hub["repo_id"]` (default: the folder's name), creating the repository if needed."""
+    from huggingface_hub import create_repo, upload_folder
+
+    repo_id = create_repo(hub.get("repo_id") or Path(folder).name, private=hub.get("private"), token=hub.get("token"),
+                          exist_ok=True).repo_id
+    upload_folder(repo_id=repo_id, folder_path=str(folder), token=hub.get("token"),
+                  create_pr=hub.get("create_pr", False), commit_message=hub.get("commit_message"))

@@ -30,7 +30,7 @@ from ..image_processing import ImageInput, normalize_image, prepare_image
 from ..lidc import RECORDED_PROMPT_STYLES
 from ..models import AmbiguityEncoder, AmbiSegUNet
 from ..text import encode_prompts
-from .custom_code import CustomCodeLayoutMixin
+from .custom_code import CustomCodeLayoutMixin, pop_hub_kwargs, upload_saved_folder
 
 logger = logging.get_logger(__name__)
 
@@ -45,7 +45,7 @@ LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 OUTPUT_TYPES = ("np", "pt", "pil", "latent")
 AUTOCAST_MODES = ("auto", "bf16", "no")
 # The diffusers schedulers that sample an x0-predicting model (prediction_type "sample", every committed checkpoint):
-# each run through a call in tests/test_pipeline_conventions.py. Others (EulerAncestral, PNDM, KDPM2, ...) raise
+# each run through a call in tests/test_diffusers_conventions.py. Others (EulerAncestral, PNDM, KDPM2, ...) raise
 # inside `step` on this prediction type, so a call refuses them up front.
 SAMPLE_PREDICTION_SCHEDULERS = (
     "DDIMScheduler", "DDIMParallelScheduler", "DDPMScheduler", "DDPMParallelScheduler", "DEISMultistepScheduler",
@@ -272,6 +272,7 @@ class AmbiSegPipeline(CustomCodeLayoutMixin, DiffusionPipeline, StableDiffusionL
         adapters = list(getattr(self.unet, "peft_config", None) or {})
         if not adapters:
             return super().save_pretrained(save_directory, **kwargs)
+        push_to_hub, hub = kwargs.pop("push_to_hub", False), pop_hub_kwargs(kwargs)  # uploaded once complete
         if len(adapters) > 1:
             raise ValueError(f"the UNet carries several LoRA adapters {adapters}; delete all but one "
                              "(`delete_adapters`) or fuse them (`fuse_lora`, `unload_lora_weights`) before saving.")
@@ -296,6 +297,8 @@ class AmbiSegPipeline(CustomCodeLayoutMixin, DiffusionPipeline, StableDiffusionL
         )
         with open(os.path.join(save_directory, ADAPTER_FILE), "w") as f:
             json.dump({"adapter_name": name}, f, indent=2)
+        if push_to_hub:
+            upload_saved_folder(save_directory, hub)
 
     def push_to_hub(
         self,
@@ -315,7 +318,8 @@ class AmbiSegPipeline(CustomCodeLayoutMixin, DiffusionPipeline, StableDiffusionL
         repo_id = create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
         with tempfile.TemporaryDirectory() as folder:
             self.save_pretrained(folder)
-            card = model_card if model_card is not None else str(_default_card(repo_id))
+            card = model_card if model_card is not None else str(
+                _default_card(repo_id, lidc=self.config.get("prompt_style") != "free"))
             with open(os.path.join(folder, "README.md"), "w") as f:
                 f.write(card)
             return upload_folder(
@@ -636,8 +640,7 @@ class AmbiSegPipeline(CustomCodeLayoutMixin, DiffusionPipeline, StableDiffusionL
                 `kwargs` holding the tensors named in `callback_on_step_end_tensor_inputs` (a diffusers
                 `PipelineCallback` names its own); the dict it returns may replace them. Set `pipe._interrupt = True`
                 in it to skip the remaining steps. A callback that turns guidance off (`pipe._guidance_scale` <= 1,
-                diffusers' `SDCFGCutoffCallback`) ends the unconditional branch; returned `prompt_embeds` of one row
-                are used for every row.
+                diffusers' `SDCFGCutoffCallback`) ends the unconditional branch, each sample keeping its prompt.
 
         Returns:
             [`AmbiSegPipelineOutput`] (or a tuple `(masks, probabilities, pixel_mean, pixel_variance)`).
@@ -755,12 +758,16 @@ class AmbiSegPipeline(CustomCodeLayoutMixin, DiffusionPipeline, StableDiffusionL
                             callback_kwargs[k] = locals()[k]
                         callback_outputs = callback_on_step_end(self, i, t, callback_kwargs) or {}
                         latents = callback_outputs.pop("latents", latents)
-                        prompt_embeds = callback_outputs.pop("prompt_embeds", prompt_embeds)
+                        returned = callback_outputs.pop("prompt_embeds", prompt_embeds)
+                        if len(returned) == rows:
+                            prompt_embeds = returned
+                        elif not (len(returned) == 1 and not self.do_classifier_free_guidance):
+                            raise ValueError(f"`callback_on_step_end` returned `prompt_embeds` of {len(returned)} "
+                                             f"rows; expected one per sample ({rows}).")
+                        # else: SDCFGCutoffCallback keeps SD's last (conditional) row when it ends guidance; here the
+                        # unconditional rows are held apart, so each sample keeps its own prompt
                         negative_prompt_embeds = callback_outputs.pop("negative_prompt_embeds", negative_prompt_embeds)
                         ambiguity_latents = callback_outputs.pop("ambiguity_latents", ambiguity_latents)
-                        if len(prompt_embeds) == 1 < rows:  # one row for all (SDCFGCutoffCallback keeps the last)
-                            prompt_embeds = prompt_embeds.expand(rows, -1, -1)
-                            prompt_attention_mask = prompt_attention_mask[-1:].expand(rows, -1)
                         if not self.do_classifier_free_guidance:  # the callback turned guidance off
                             negative_prompt_embeds = negative_prompt_attention_mask = None
                     progress_bar.update()
@@ -773,5 +780,5 @@ class AmbiSegPipeline(CustomCodeLayoutMixin, DiffusionPipeline, StableDiffusionL
             return format_samples(probabilities, threshold, output_type, return_dict)
 
 
-def _default_card(repo_id: str):
-    return model_card("pipeline.md", repo_id)
+def _default_card(repo_id: str, lidc: bool = True):
+    return model_card("pipeline.md", repo_id, lidc=lidc)
