@@ -318,7 +318,7 @@ def test_the_final_weights_are_validated_after_a_periodic_validation(reference_a
     card = (out / "README.md").read_text()
     assert '"ged": 2.0' in card  # the card shows the final validation
     # no --base_model_id: the card names the reference's folder, never a Hub link to "None"
-    assert "None" not in card and f"in the folder `{reference}`" in card and f'from_pretrained("{reference}")' in card
+    assert "None" not in card and f"in the folder `{reference}`" in card and f'from_pretrained("{reference}", trust_remote_code=True)' in card
 
 
 @needs_data
