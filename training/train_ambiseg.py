@@ -415,7 +415,7 @@ def load_training_data(args, config: AmbiSegTrainingConfig):
     LIDC rows are prompted in the recipe's style, other data's own text is used as stored ("free"). Every row is
     checked (data.load_multirater) before training starts; the splits default to ones the data has."""
     args.train_split, args.validation_split = default_splits(
-        args.dataset_name, args.train_data_dir, args.train_split, args.validation_split, args.data_dir)
+        args.dataset_name, args.train_data_dir, args.train_split, args.validation_split)
     style = config.prompt_style
     dataset = load_from_args(args, args.train_split, style, config.resolution)
     if "ratings" not in dataset.column_names:  # not LIDC: the data's own text
@@ -427,7 +427,7 @@ def load_training_data(args, config: AmbiSegTrainingConfig):
         dataset = dataset.select(select_rows(len(dataset), args.train_fraction, args.fraction_seed))
     validation = (load_from_args(args, args.validation_split, style, config.resolution)
                   if args.num_validation_images else None)
-    raters = [len(m) for m in dataset["masks"]]
+    raters = [len(v) for v in dataset["annotator_valid"]]  # one flag per rater: no mask column read whole
     logger.info(f"{dataset_label(args)}: training on `{args.train_split}` ({len(dataset)} rows, {min(raters)}-"
                 f"{max(raters)} raters per row), validating on `{args.validation_split}`"
                 f"{f' ({len(validation)} rows)' if validation is not None else ' (off)'}; prompt style "
@@ -437,7 +437,7 @@ def load_training_data(args, config: AmbiSegTrainingConfig):
 
 def dataset_facts(args, dataset) -> dict:
     """What the model card says about a dataset that is not LIDC: its columns, size and rater counts, an example."""
-    raters = [len(m) for m in dataset["masks"]]
+    raters = [len(v) for v in dataset["annotator_valid"]]
     prompts = [p for row in dataset["prompts"] for p in row if p]
     image = np.asarray(dataset[0]["image"])
     return dict(image_column=args.image_column, mask_column=args.mask_column, caption_column=args.caption_column,

@@ -107,7 +107,7 @@ def main(argv=None) -> Path:
 
     # Data first: every row is checked before anything is built or trained.
     args.train_split, args.validation_split = default_splits(
-        args.dataset_name, args.train_data_dir, args.train_split, args.validation_split, args.data_dir)
+        args.dataset_name, args.train_data_dir, args.train_split, args.validation_split)
     dataset = load_from_args(args, args.train_split, resolution=config.resolution)
     validation = (load_from_args(args, args.validation_split, resolution=config.resolution)
                   if args.num_validation_images else None)

@@ -60,7 +60,7 @@ def load_multirater(
     (bilinear) and mask (nearest) to `resolution` x `resolution`; without it, all rows must share one size.
     Raises `DatasetContractError` naming the first bad row, a missing column (with the columns there are) or split.
     """
-    if train_data_dir is None and dataset_name in (None, "lidc64"):
+    if names_lidc64(dataset_name, train_data_dir):
         from .lidc import load_lidc64
 
         rows, source = load_lidc64(split, data_dir, prompt_style or "paper"), "lidc64"
@@ -124,21 +124,30 @@ def is_lidc_rows(rows: Dataset) -> bool:
     return {"masks", "prompts", "annotator_valid"} <= set(rows.column_names)
 
 
-def default_splits(dataset_name: str | None, train_data_dir, train_split: str | None, validation_split: str | None,
-                   data_dir=None) -> tuple[str, str]:
-    """The training and validation splits to use when the flags leave them unset, and a line for the log.
+def names_lidc64(dataset_name: str | None, train_data_dir) -> bool:
+    """The data flags name the shared LIDC crops (their loader, prompt styles, splits and card apply)."""
+    return train_data_dir is None and dataset_name in (None, "lidc64")
+
+
+def _split_names(dataset_name: str | None, train_data_dir) -> list[str]:
+    data = _load_raw(dataset_name, train_data_dir)
+    return sorted(data) if isinstance(data, DatasetDict) else ["train"]
+
+
+def default_splits(dataset_name: str | None, train_data_dir, train_split: str | None,
+                   validation_split: str | None) -> tuple[str, str]:
+    """The training and validation splits to use when the flags leave them unset.
 
     lidc64: train on "train", validate on "mini". Other data: validate on its "validation" split (or "valid",
     "val"; never "test", which reports); without one, on "selection" (a seeded 10% of "train", by `patient_id` where
     the data has one) and train on "train_fit" (the rest), so validation never sees a training row. Validating on
     "selection" always trains on "train_fit" unless a training split is named."""
     fit = "train_fit" if validation_split == "selection" else "train"
-    if train_data_dir is None and dataset_name in (None, "lidc64"):
+    if names_lidc64(dataset_name, train_data_dir):
         return train_split or fit, validation_split or "mini"
     if validation_split is not None:
         return train_split or fit, validation_split
-    data = _load_raw(dataset_name, train_data_dir)
-    names = sorted(data) if isinstance(data, DatasetDict) else ["train"]
+    names = _split_names(dataset_name, train_data_dir)
     for name in ("validation", "valid", "val"):
         if name in names:
             return train_split or "train", name
@@ -152,10 +161,9 @@ def default_splits(dataset_name: str | None, train_data_dir, train_split: str | 
 def evaluation_split(dataset_name: str | None, train_data_dir) -> str:
     """The split results are reported on when none is named: lidc64 "validate"; other data its "test" split, else
     "validation" (or "valid", "val")."""
-    if train_data_dir is None and dataset_name in (None, "lidc64"):
+    if names_lidc64(dataset_name, train_data_dir):
         return "validate"
-    data = _load_raw(dataset_name, train_data_dir)
-    names = sorted(data) if isinstance(data, DatasetDict) else ["train"]
+    names = _split_names(dataset_name, train_data_dir)
     for name in ("test", "validation", "valid", "val"):
         if name in names:
             return name
@@ -396,8 +404,8 @@ def model_resolution(pipeline) -> int | None:
 
 
 def is_lidc(args) -> bool:
-    """The flags name the shared LIDC crops (the LIDC prompt styles, card and defaults apply)."""
-    return args.train_data_dir is None and args.dataset_name in (None, "lidc64")
+    """`names_lidc64` of a script's data flags."""
+    return names_lidc64(args.dataset_name, args.train_data_dir)
 
 
 def dataset_label(args) -> str:
