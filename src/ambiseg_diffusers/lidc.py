@@ -329,7 +329,7 @@ def with_prompt_style(dataset: Dataset, style: str) -> Dataset:
         per_slot, nodule = slice_prompts(np.asarray(row["ratings"]), np.asarray(row["annotator_valid"]), style, *sizes)
         return {"prompts": per_slot, "nodule_prompt": nodule}
 
-    return dataset.map(reprompt, desc=f"prompts ({style})")
+    return dataset.map(reprompt, desc=f"prompts ({style})", keep_in_memory=True)  # no cache beside the data
 
 
 def lidc64_features(size: int = 64, raters: int = 4) -> Features:

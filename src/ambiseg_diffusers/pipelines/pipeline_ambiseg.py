@@ -186,7 +186,8 @@ class AmbiSegPipeline(CustomCodeLayoutMixin, DiffusionPipeline, StableDiffusionL
         if prompt_style not in RECORDED_PROMPT_STYLES:
             raise ValueError(f"`prompt_style` must be one of {RECORDED_PROMPT_STYLES}, got {prompt_style!r}.")
         if (unet is not None and text_encoder is not None and unet.dtype == torch.float32
-                and text_encoder.dtype in (torch.float16, torch.bfloat16)):
+                and text_encoder.dtype in (torch.float16, torch.bfloat16)
+                and not getattr(text_encoder, "is_quantized", False)):  # a quantized encoder cannot be cast
             # Checkpoints store the frozen encoder in half precision to stay small; a float32 UNet reads float32
             # text states whichever loader built the pipeline (DiffusionPipeline.from_pretrained keeps stored dtypes).
             text_encoder = text_encoder.to(torch.float32)
@@ -630,7 +631,8 @@ class AmbiSegPipeline(CustomCodeLayoutMixin, DiffusionPipeline, StableDiffusionL
                 the reference model (0) and the aligned model (1), for this call; values above 1 extrapolate. `None` =
                 the adapters as they are (weight 1 after loading, or what `set_adapters` set).
             cross_attention_kwargs: passed to the UNet's attention processors, as in diffusers; `{"scale": s}` scales
-                every LoRA adapter on the UNet for this call (with the preference adapter alone: `preference_scale`).
+                every LoRA adapter on the UNet for this call (with the preference adapter alone: `preference_scale`;
+                diffusers resets `set_adapters` weights after a call at scale 0: use `preference_scale=0` there).
             autocast: "auto", "bf16" or "no" for this call; `None` = the pipeline's `autocast` config ("auto": bf16
                 where the hardware computes it natively). Applies to float32 weights; half-precision weights
                 (`from_pretrained(..., torch_dtype=torch.float16)`) compute in their own dtype. Results are bit-reproducible for a given generator and mode.
