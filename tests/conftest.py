@@ -103,3 +103,7 @@ def fresh_accelerate_state():
     AcceleratorState._reset_state(reset_partial_state=True)
     yield
     AcceleratorState._reset_state(reset_partial_state=True)
+
+# diffusers' vendored test helpers are imported by tests, never collected on their own (their unittest classes would
+# try the Hub).
+collect_ignore = ["diffusers_suite"]

@@ -136,3 +136,29 @@ def test_this_packages_loader_runs_no_code_from_the_folder(tokenizer, tmp_path):
     assert AmbiSegPipeline.from_pretrained(tmp_path / "saved").unet is not None  # imports the installed package
     with pytest.raises(RuntimeError, match="ran the repository code"):  # diffusers' route runs it, when trusted
         DiffusionPipeline.from_pretrained(tmp_path / "saved", trust_remote_code=True)
+
+
+def test_a_pipeline_built_from_components_keeps_its_settings(tokenizer, image, tmp_path):
+    from ambiseg_diffusers import AmbiSegPipeline, ProbUNetPipeline
+    from ambiseg_diffusers.models.prob_unet import ProbUNetModel
+
+    pipe = make_pipeline(tokenizer)  # 3 steps, autocast "no": not the class defaults (20, "auto")
+    pipe.register_to_config(image_clip=2.0, prompt_style="free")
+    settings = {k: pipe.config[k] for k in ("image_clip", "default_num_inference_steps", "autocast", "prompt_style")}
+    rebuilt = AmbiSegPipeline(**pipe.components)
+    assert {k: rebuilt.config[k] for k in settings} == settings == {
+        "image_clip": 2.0, "default_num_inference_steps": 3, "autocast": "no", "prompt_style": "free"}
+    rebuilt.set_progress_bar_config(disable=True)
+    np.testing.assert_array_equal(rebuilt(image, "a nodule", num_samples=2, generator=seeded(0)).probabilities,
+                                  pipe(image, "a nodule", num_samples=2, generator=seeded(0)).probabilities)
+    assert AmbiSegPipeline(**pipe.components, default_num_inference_steps=5).config.default_num_inference_steps == 5
+    # The record travels with the UNet's saved config, and a fresh UNet has none: the class defaults.
+    pipe.save_pretrained(tmp_path)
+    loaded = AmbiSegPipeline.from_pretrained(tmp_path)
+    assert AmbiSegPipeline(**loaded.components).config.default_num_inference_steps == 3
+    from conftest import tiny_unet
+    assert AmbiSegPipeline(**{**pipe.components, "unet": tiny_unet()}).config.default_num_inference_steps == 20
+
+    prob = ProbUNetPipeline(ProbUNetModel(latent_dim=2, block_out_channels=(8, 8), encoder_block_out_channels=(8, 8),
+                                          norm_num_groups=4), image_clip=2.5)
+    assert ProbUNetPipeline(**prob.components).config.image_clip == 2.5

@@ -165,7 +165,7 @@ def test_output_types_hold_the_same_result(pipe, image):
     np.testing.assert_array_equal(pt.probabilities.numpy(), np_out.probabilities)
     pil = call(output_type="pil")
     np.testing.assert_array_equal(np.asarray(pil.masks[0][1]) > 0, np_out.masks[0, 1])
-    masks, probabilities, mean, variance = call(return_dict=False)
+    probabilities, masks, mean, variance = call(return_dict=False)  # probabilities first, as diffusers' images
     np.testing.assert_array_equal(masks, np_out.probabilities > 0.4)
     np.testing.assert_array_equal(probabilities, np_out.probabilities)
     np.testing.assert_allclose(mean, np_out.probabilities.mean(1), atol=1e-6)

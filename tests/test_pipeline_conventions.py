@@ -6,6 +6,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from diffusers import DiffusionPipeline
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import load_file
@@ -117,10 +118,11 @@ def test_latent_output_is_the_unthresholded_sample(pipe, image):
 
 def test_optional_components(tokenizer, image, tmp_path):
     full = make_pipeline(tokenizer)
-    empty = AmbiSegPipeline(unet=None, scheduler=full.scheduler, text_encoder=None, tokenizer=None)
+    empty = AmbiSegPipeline(unet=None, scheduler=full.scheduler, text_encoder=None, tokenizer=None, prior=None)
     with pytest.raises(ValueError, match="no `unet`"):
         empty(image)
-    text_only = AmbiSegPipeline(unet=None, scheduler=None, text_encoder=full.text_encoder, tokenizer=tokenizer)
+    text_only = AmbiSegPipeline(unet=None, scheduler=None, text_encoder=full.text_encoder, tokenizer=tokenizer,
+                                prior=None)
     embeds, mask, _, _ = text_only.encode_prompt("a nodule", "cpu")
     assert embeds.shape[-1] == full.text_encoder.config.hidden_size
 
@@ -140,6 +142,7 @@ def test_optional_components(tokenizer, image, tmp_path):
     full.save_pretrained(tmp_path)  # None components round-trip
     loaded = AmbiSegPipeline.from_pretrained(tmp_path)
     assert loaded.prior is None and loaded.posterior is None and loaded.unet is not None
+    assert DiffusionPipeline.from_pretrained(tmp_path, trust_remote_code=True).prior is None
 
     index = json.loads((tmp_path / "model_index.json").read_text())
     del index["unet"]  # a folder without its denoiser is refused at loading, not at the first call

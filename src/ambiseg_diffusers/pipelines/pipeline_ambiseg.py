@@ -31,6 +31,7 @@ from ..lidc import RECORDED_PROMPT_STYLES
 from ..models import AmbiguityEncoder, AmbiSegUNet
 from ..text import encode_prompts
 from .custom_code import CustomCodeLayoutMixin, pop_hub_kwargs, upload_saved_folder
+from .pipeline_settings import SettingsOnModelMixin
 
 logger = logging.get_logger(__name__)
 
@@ -70,16 +71,18 @@ def native_bf16(device: torch.device) -> bool:
 class AmbiSegPipelineOutput(BaseOutput):
     """
     Args:
-        masks: bool `(batch, num_samples, H, W)`: the sampled segmentations. With `output_type="latent"`: the final
-            denoised samples `(batch * num_samples, mask_channels, H, W)` in [-1, 1], before thresholding.
-        probabilities: float in [0, 1], `(batch, num_samples, H, W)`: each sample before thresholding.
+        probabilities: float in [0, 1], `(batch, num_samples, H, W)`: each sample before thresholding. First, as
+            diffusers' `images` are: `output[0]` is the pipeline's continuous output.
+        masks: bool `(batch, num_samples, H, W)`: the sampled segmentations (`probabilities > threshold`). With
+            `output_type="latent"`: the final denoised samples `(batch * num_samples, mask_channels, H, W)` in [-1, 1],
+            before thresholding (then the only field, so also `output[0]`).
         pixel_mean: float in [0, 1] `(batch, H, W)`: mean of `probabilities` over the samples.
         pixel_variance: float in [0, 0.25] `(batch, H, W)`: variance of `probabilities` over the samples, an
             uncertainty map (largest where the samples disagree).
     """
 
-    masks: Union[np.ndarray, torch.Tensor, list]
     probabilities: Union[np.ndarray, torch.Tensor, list, None] = None
+    masks: Union[np.ndarray, torch.Tensor, list, None] = None
     pixel_mean: Union[np.ndarray, torch.Tensor, None] = None
     pixel_variance: Union[np.ndarray, torch.Tensor, None] = None
 
@@ -98,8 +101,8 @@ def format_samples(probabilities: torch.Tensor, threshold: float, output_type: s
         probabilities = [[PIL.Image.fromarray((p.cpu().numpy() * 255).round().astype(np.uint8)) for p in per]
                          for per in probabilities]
     if not return_dict:
-        return masks, probabilities, pixel_mean, pixel_variance
-    return AmbiSegPipelineOutput(masks=masks, probabilities=probabilities, pixel_mean=pixel_mean, pixel_variance=pixel_variance)
+        return probabilities, masks, pixel_mean, pixel_variance
+    return AmbiSegPipelineOutput(probabilities=probabilities, masks=masks, pixel_mean=pixel_mean, pixel_variance=pixel_variance)
 
 
 def normalize_prompts(prompt: PromptInput, batch_size: int) -> list[list[str]]:
@@ -129,7 +132,20 @@ def _pad_tokens(states: torch.Tensor, mask: torch.Tensor, length: int) -> tuple[
     return torch.nn.functional.pad(states, (0, 0, 0, extra)), torch.nn.functional.pad(mask, (0, extra))
 
 
-class AmbiSegPipeline(CustomCodeLayoutMixin, DiffusionPipeline, StableDiffusionLoraLoaderMixin):
+class _OptionalComponents:
+    """`AmbiSegPipeline._optional_components`: the components a pipeline samples without.
+
+    diffusers reads the list on the class when loading (each may be stored as null: both here) and on a pipeline when
+    saving, and its pipeline tests call a pipeline with each listed component set to None. A UNet that takes an
+    ambiguity latent cannot sample without its prior, so on such a pipeline the list is the posterior alone.
+    """
+
+    def __get__(self, pipeline, owner=None) -> list[str]:
+        unet = pipeline.__dict__.get("unet") if pipeline is not None else None
+        return ["posterior"] if unet is not None and unet.latent_dim else ["prior", "posterior"]
+
+
+class AmbiSegPipeline(SettingsOnModelMixin, CustomCodeLayoutMixin, DiffusionPipeline, StableDiffusionLoraLoaderMixin):
     r"""Ambiguous segmentation by mask diffusion (AmbiSeg).
 
     The image is a fixed condition concatenated to the noisy mask; the prompt steers the denoiser through
@@ -142,15 +158,19 @@ class AmbiSegPipeline(CustomCodeLayoutMixin, DiffusionPipeline, StableDiffusionL
             `SAMPLE_PREDICTION_SCHEDULERS` (DDIM, DDPM, DPM-Solver++, UniPC, DEIS, Euler, Heun, LMS, LCM, TCD, ...).
         text_encoder ([`~transformers.PreTrainedModel`]): frozen BERT-style encoder; its last hidden states are used.
         tokenizer ([`~transformers.PreTrainedTokenizer`]).
-        prior ([`AmbiguityEncoder`], optional): p(z | image, prompt); needed when the UNet takes a latent.
+        prior ([`AmbiguityEncoder`], optional): p(z | image, prompt); needed when the UNet takes a latent (then it is
+            not optional: see `_optional_components`).
         posterior ([`AmbiguityEncoder`], optional): q(z | image, prompt, mask), used by training only.
-        image_clip (`float`): the image normalisation used in training (see [`normalize_image`]).
-        default_num_inference_steps (`int`): steps used when `__call__` gets `num_inference_steps=None`.
-        autocast (`str`): the default precision of a call: "auto" (bf16 autocast where the hardware computes bf16
-            natively: CUDA GPUs that support it, CPUs with AVX512-BF16 or AMX; float32 elsewhere), "bf16" or "no".
-        prompt_style (`str`): the form of the prompts the model was trained on: "paper", "ratings" or "short" (LIDC
-            ratings as text, see [`ratings_to_prompt`]; data loaders and scripts build LIDC prompts in it), or "free"
-            (a dataset's own text, used as stored).
+
+    Settings (each `None` = the value recorded on the UNet by the pipeline it came from, else the default shown), so
+    `AmbiSegPipeline(**pipe.components)` samples as `pipe` does (see `pipeline_settings.py`):
+        image_clip (`float`, 3.0): the image normalisation used in training (see [`normalize_image`]).
+        default_num_inference_steps (`int`, 20): steps used when `__call__` gets `num_inference_steps=None`.
+        autocast (`str`, "auto"): the default precision of a call: "auto" (bf16 autocast where the hardware computes
+            bf16 natively: CUDA GPUs that support it, CPUs with AVX512-BF16 or AMX; float32 elsewhere), "bf16" or "no".
+        prompt_style (`str`, "paper"): the form of the prompts the model was trained on: "paper", "ratings" or
+            "short" (LIDC ratings as text, see [`ratings_to_prompt`]; data loaders and scripts build LIDC prompts in
+            it), or "free" (a dataset's own text, used as stored).
 
     LoRA adapters load the diffusers way (`load_lora_weights`, `set_adapters`, `fuse_lora`, `unload_lora_weights`).
     A TDG-DiffDPO checkpoint is such an adapter, named "preference"; `preference_scale` sets its weight.
@@ -161,10 +181,13 @@ class AmbiSegPipeline(CustomCodeLayoutMixin, DiffusionPipeline, StableDiffusionL
     """
 
     model_cpu_offload_seq = "text_encoder->prior->unet"
-    # What sampling runs without: the posterior (training only) and the prior (only a UNet that takes z uses it). The
-    # other four are required arguments (diffusers reads a defaulted one as configuration); each may still be None,
-    # and a call says which one it is missing.
-    _optional_components = ["prior", "posterior"]
+    # What sampling runs without: the posterior (training only), and the prior unless the UNet takes z (see
+    # `_OptionalComponents`). The other four are required arguments (diffusers reads a defaulted one as
+    # configuration); each may still be None, and a call says which one it is missing.
+    _optional_components = _OptionalComponents()
+    _settings_model = "unet"
+    _setting_defaults = {"image_clip": 3.0, "default_num_inference_steps": 20, "autocast": "auto",
+                         "prompt_style": "paper"}
     _callback_tensor_inputs = ["latents", "prompt_embeds", "negative_prompt_embeds", "ambiguity_latents"]
 
     def __init__(
@@ -175,16 +198,18 @@ class AmbiSegPipeline(CustomCodeLayoutMixin, DiffusionPipeline, StableDiffusionL
         tokenizer,
         prior: AmbiguityEncoder | None = None,
         posterior: AmbiguityEncoder | None = None,
-        image_clip: float = 3.0,
-        default_num_inference_steps: int = 20,
-        autocast: str = "auto",
-        prompt_style: str = "paper",
+        image_clip: float | None = None,
+        default_num_inference_steps: int | None = None,
+        autocast: str | None = None,
+        prompt_style: str | None = None,
     ):
         super().__init__()
-        if autocast not in AUTOCAST_MODES:
-            raise ValueError(f"`autocast` must be one of {AUTOCAST_MODES}, got {autocast!r}.")
-        if prompt_style not in RECORDED_PROMPT_STYLES:
-            raise ValueError(f"`prompt_style` must be one of {RECORDED_PROMPT_STYLES}, got {prompt_style!r}.")
+        settings = self._resolve_settings(unet, image_clip=image_clip, autocast=autocast, prompt_style=prompt_style,
+                                          default_num_inference_steps=default_num_inference_steps)
+        if settings["autocast"] not in AUTOCAST_MODES:
+            raise ValueError(f"`autocast` must be one of {AUTOCAST_MODES}, got {settings['autocast']!r}.")
+        if settings["prompt_style"] not in RECORDED_PROMPT_STYLES:
+            raise ValueError(f"`prompt_style` must be one of {RECORDED_PROMPT_STYLES}, got {settings['prompt_style']!r}.")
         if (unet is not None and text_encoder is not None and unet.dtype == torch.float32
                 and text_encoder.dtype in (torch.float16, torch.bfloat16)
                 and not getattr(text_encoder, "is_quantized", False)):  # a quantized encoder cannot be cast
@@ -194,8 +219,7 @@ class AmbiSegPipeline(CustomCodeLayoutMixin, DiffusionPipeline, StableDiffusionL
         self.register_modules(
             unet=unet, scheduler=scheduler, text_encoder=text_encoder, tokenizer=tokenizer, prior=prior, posterior=posterior
         )
-        self.register_to_config(image_clip=image_clip, default_num_inference_steps=default_num_inference_steps,
-                                autocast=autocast, prompt_style=prompt_style)
+        self.register_to_config(**settings)
 
     # ---------------------------------------------------------------------------------------------- loading, saving
     @classmethod
@@ -424,8 +448,16 @@ class AmbiSegPipeline(CustomCodeLayoutMixin, DiffusionPipeline, StableDiffusionL
         prior = self.prior(images[pairs // rows], prompt_embeds[first_row], prompt_attention_mask[first_row])
         # Under a device_map the prior may sit on another GPU, and accelerate's hooks do not move a dataclass output
         # back: index and sample where the prior's output is, then bring z to the UNet's inputs.
-        return prior.select(pair_of_row.to(prior.mean.device)).sample(
-            generator=generator, temperature=prior_temperature).to(images.device)
+        rows_prior = prior.select(pair_of_row.to(prior.mean.device))
+        noise_shape, where = (num_samples, rows_prior.mean.shape[1]), dict(device=rows_prior.mean.device,
+                                                                          dtype=rows_prior.mean.dtype)
+        if isinstance(generator, list):  # per row: image b's block of samples from its own generator in one draw,
+            # as a call on image b alone draws it (torch draws fewer than 16 normals another way than a block)
+            noise = torch.cat([randn_tensor(noise_shape, generator=generator[b * num_samples], **where)
+                               for b in range(images.shape[0])])
+        else:
+            noise = randn_tensor((rows, noise_shape[1]), generator=generator, **where)
+        return rows_prior.sample(noise=noise, temperature=prior_temperature).to(images.device)
 
     def prepare_latents(self, shape: tuple, dtype, device, generator, latents: torch.Tensor | None = None) -> torch.Tensor:
         if latents is None:
@@ -645,7 +677,7 @@ class AmbiSegPipeline(CustomCodeLayoutMixin, DiffusionPipeline, StableDiffusionL
                 diffusers' `SDCFGCutoffCallback`) ends the unconditional branch, each sample keeping its prompt.
 
         Returns:
-            [`AmbiSegPipelineOutput`] (or a tuple `(masks, probabilities, pixel_mean, pixel_variance)`).
+            [`AmbiSegPipelineOutput`] (or a tuple `(probabilities, masks, pixel_mean, pixel_variance)`).
         """
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs

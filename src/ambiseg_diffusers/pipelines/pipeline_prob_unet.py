@@ -14,26 +14,30 @@ from ..hub_utils import check_finite_weights, check_weight_files, download_kwarg
 from ..image_processing import ImageInput, normalize_image, prepare_image
 from ..models.prob_unet import ProbUNetModel
 from .custom_code import CustomCodeLayoutMixin
+from .pipeline_settings import SettingsOnModelMixin
 from .pipeline_ambiseg import OUTPUT_TYPES, AmbiSegPipelineOutput, PromptInput, format_samples
 
 logger = logging.get_logger(__name__)
 
 
-class ProbUNetPipeline(CustomCodeLayoutMixin, DiffusionPipeline):
+class ProbUNetPipeline(SettingsOnModelMixin, CustomCodeLayoutMixin, DiffusionPipeline):
     r"""Samples plausible masks from a Probabilistic U-Net (Kohl et al. 2018): one U-Net pass per image, then one
     cheap 1x1 "fcomb" pass per latent z ~ p(z | image). The baseline of the comparison tables in docs/results.md.
 
     Args:
         prob_unet ([`ProbUNetModel`]): the U-Net with its prior and posterior nets.
-        image_clip (`float`): the image normalisation used in training (see [`normalize_image`]).
+        image_clip (`float`, optional): the image normalisation used in training (see [`normalize_image`]); `None` =
+            the value the pipeline it came from recorded on `prob_unet`, else 3.0 (see `pipeline_settings.py`).
     """
 
     model_cpu_offload_seq = "prob_unet"
+    _settings_model = "prob_unet"
+    _setting_defaults = {"image_clip": 3.0}
 
-    def __init__(self, prob_unet: ProbUNetModel, image_clip: float = 3.0):
+    def __init__(self, prob_unet: ProbUNetModel, image_clip: float | None = None):
         super().__init__()
         self.register_modules(prob_unet=prob_unet)
-        self.register_to_config(image_clip=image_clip)
+        self.register_to_config(**self._resolve_settings(prob_unet, image_clip=image_clip))
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> "ProbUNetPipeline":
@@ -83,7 +87,7 @@ class ProbUNetPipeline(CustomCodeLayoutMixin, DiffusionPipeline):
             output_type: "np" (default), "pt" or "pil".
 
         Returns:
-            [`AmbiSegPipelineOutput`]: `masks` bool `(batch, num_samples, H, W)`, `probabilities` in [0, 1] of the
+            [`AmbiSegPipelineOutput`]: `probabilities` in [0, 1] `(batch, num_samples, H, W)`, `masks` bool of the
             same shape, `pixel_mean` and `pixel_variance` `(batch, H, W)`.
         """
         if not isinstance(num_samples, int) or isinstance(num_samples, bool) or num_samples < 1:

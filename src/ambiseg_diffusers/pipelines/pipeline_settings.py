@@ -1,0 +1,39 @@
+"""Pipeline settings that survive `Pipeline(**pipe.components)`.
+
+diffusers' `components` holds a pipeline's modules only (its own pipeline tests check exactly that), so a pipeline
+rebuilt from them, diffusers' documented way to share models between pipelines, starts from the class defaults: for
+this package a silently different number of denoising steps (2 -> 20 for the committed checkpoint), image
+normalisation or prompt form. So each pipeline also records its settings on the model the settings describe (the
+UNet, or the Probabilistic U-Net) as one private config entry, which diffusers keeps through `save_pretrained`,
+`from_pretrained` and `copy.deepcopy`; a pipeline built without a setting takes the value recorded there.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+RECORD_KEY = "_pipeline_settings"
+
+
+class SettingsOnModelMixin:
+    """For a `DiffusionPipeline` whose `__init__` takes its settings as keyword arguments defaulting to `None`.
+
+    `_setting_defaults`: {setting: value when neither given nor recorded}. `_settings_model`: the component that
+    carries the record.
+    """
+
+    _setting_defaults: dict[str, Any] = {}
+    _settings_model: str = ""
+
+    def _resolve_settings(self, model, **given) -> dict[str, Any]:
+        """Each setting: the given value, else the one recorded on `model`, else the class default."""
+        recorded = (model.config.get(RECORD_KEY) or {}) if model is not None else {}
+        return {name: given[name] if given.get(name) is not None else recorded.get(name, default)
+                for name, default in self._setting_defaults.items()}
+
+    def register_to_config(self, **kwargs) -> None:
+        super().register_to_config(**kwargs)
+        settings = {k: v for k, v in kwargs.items() if k in self._setting_defaults}
+        model = self.__dict__.get(self._settings_model)  # not getattr: ConfigMixin would answer from the config
+        if settings and model is not None and hasattr(model, "register_to_config"):
+            model.register_to_config(**{RECORD_KEY: {**(model.config.get(RECORD_KEY) or {}), **settings}})
