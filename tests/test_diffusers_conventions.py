@@ -158,6 +158,11 @@ def test_a_pipeline_built_from_components_keeps_its_settings(tokenizer, image, t
     assert AmbiSegPipeline(**loaded.components).config.default_num_inference_steps == 3
     from conftest import tiny_unet
     assert AmbiSegPipeline(**{**pipe.components, "unet": tiny_unet()}).config.default_num_inference_steps == 20
+    # A UNet shared with a pipeline of other settings, or assigned to `pipe.unet`: `components` hands over pipe's.
+    AmbiSegPipeline(**pipe.components, default_num_inference_steps=50)
+    assert AmbiSegPipeline(**pipe.components).config.default_num_inference_steps == 3
+    pipe.unet = tiny_unet()
+    assert AmbiSegPipeline(**pipe.components).config.default_num_inference_steps == 3
 
     prob = ProbUNetPipeline(ProbUNetModel(latent_dim=2, block_out_channels=(8, 8), encoder_block_out_channels=(8, 8),
                                           norm_num_groups=4), image_clip=2.5)

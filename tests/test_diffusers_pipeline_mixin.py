@@ -28,10 +28,6 @@ from diffusers_suite.pipelines.pipeline_params import (
 )
 from diffusers_suite.pipelines.test_pipelines_common import PipelineTesterMixin
 
-# test_encode_prompt_works_in_isolation reads `encode_prompt`'s source from `diffusers.pipelines.<class name>`, where
-# every pipeline diffusers ships lives; an out-of-tree pipeline is put there for the test's lookup.
-diffusers.pipelines.AmbiSegPipeline = AmbiSegPipeline
-
 
 class AmbiSegPipelineFastTests(PipelineTesterMixin, unittest.TestCase):
     pipeline_class = AmbiSegPipeline
@@ -40,6 +36,13 @@ class AmbiSegPipelineFastTests(PipelineTesterMixin, unittest.TestCase):
     callback_cfg_params = TEXT_TO_IMAGE_CALLBACK_CFG_PARAMS
     required_optional_params = PipelineTesterMixin.required_optional_params - {"num_images_per_prompt"}
     latent_dim = 3
+
+    @classmethod
+    def setUpClass(cls):
+        # test_encode_prompt_works_in_isolation reads `encode_prompt`'s source from `diffusers.pipelines.<class name>`,
+        # where every pipeline diffusers ships lives; an out-of-tree pipeline is put there for this class's tests.
+        diffusers.pipelines.AmbiSegPipeline = AmbiSegPipeline
+        cls.addClassCleanup(delattr, diffusers.pipelines, "AmbiSegPipeline")
 
     def get_dummy_components(self):
         return {

@@ -137,12 +137,15 @@ class _OptionalComponents:
 
     diffusers reads the list on the class when loading (each may be stored as null: both here) and on a pipeline when
     saving, and its pipeline tests call a pipeline with each listed component set to None. A UNet that takes an
-    ambiguity latent cannot sample without its prior, so on such a pipeline the list is the posterior alone.
+    ambiguity latent cannot sample without its prior, so on such a pipeline (prior present) the list is the posterior
+    alone; a prior already None stays listed, so that saving skips it as diffusers skips any absent optional one.
     """
 
     def __get__(self, pipeline, owner=None) -> list[str]:
-        unet = pipeline.__dict__.get("unet") if pipeline is not None else None
-        return ["posterior"] if unet is not None and unet.latent_dim else ["prior", "posterior"]
+        if pipeline is None:
+            return ["prior", "posterior"]
+        needs_prior = getattr(pipeline.__dict__.get("unet"), "latent_dim", 0) and pipeline.__dict__.get("prior") is not None
+        return ["posterior"] if needs_prior else ["prior", "posterior"]
 
 
 class AmbiSegPipeline(SettingsOnModelMixin, CustomCodeLayoutMixin, DiffusionPipeline, StableDiffusionLoraLoaderMixin):
@@ -649,7 +652,8 @@ class AmbiSegPipeline(SettingsOnModelMixin, CustomCodeLayoutMixin, DiffusionPipe
             negative_prompt: the unconditional prompt of guidance (default: the empty prompt).
             prior_temperature: scales the prior's standard deviation (0 = always the prior mean).
             eta: DDIM's eta (ignored by other schedulers).
-            generator: a `torch.Generator`, or one per image for per-image reproducibility.
+            generator: a `torch.Generator`, or one per image: then image `b`'s samples are those of a call on image
+                `b` alone with `generator[b]`, whatever the batch (diffusers' batch-vs-single convention).
             latents: pre-drawn initial noise `(batch * num_samples, mask_channels, H, W)`, row `b * num_samples + s`
                 for sample `s` of image `b`; `None` = drawn from `generator`.
             ambiguity_latents: the ambiguity latents `z` `(batch * num_samples, latent_dim)`; `None` = drawn from the

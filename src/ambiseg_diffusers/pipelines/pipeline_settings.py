@@ -19,7 +19,8 @@ class SettingsOnModelMixin:
     """For a `DiffusionPipeline` whose `__init__` takes its settings as keyword arguments defaulting to `None`.
 
     `_setting_defaults`: {setting: value when neither given nor recorded}. `_settings_model`: the component that
-    carries the record.
+    carries the record, written when the pipeline is built or its settings change, and again when its `components`
+    are taken or it is saved (a model shared by two pipelines holds the last one's until then).
     """
 
     _setting_defaults: dict[str, Any] = {}
@@ -31,9 +32,26 @@ class SettingsOnModelMixin:
         return {name: given[name] if given.get(name) is not None else recorded.get(name, default)
                 for name, default in self._setting_defaults.items()}
 
+    def _record_settings(self, **settings) -> None:
+        """Writes `settings` (default: all of this pipeline's) into the record on the carrying model."""
+        model = self.__dict__.get(self._settings_model)  # not getattr: ConfigMixin would answer from the config
+        settings = settings or {name: self.config[name] for name in self._setting_defaults if name in self.config}
+        if settings and model is not None and hasattr(model, "register_to_config"):
+            model.register_to_config(**{RECORD_KEY: {**(model.config.get(RECORD_KEY) or {}), **settings}})
+
     def register_to_config(self, **kwargs) -> None:
         super().register_to_config(**kwargs)
         settings = {k: v for k, v in kwargs.items() if k in self._setting_defaults}
-        model = self.__dict__.get(self._settings_model)  # not getattr: ConfigMixin would answer from the config
-        if settings and model is not None and hasattr(model, "register_to_config"):
-            model.register_to_config(**{RECORD_KEY: {**(model.config.get(RECORD_KEY) or {}), **settings}})
+        if settings:
+            self._record_settings(**settings)
+
+    @property
+    def components(self) -> dict[str, Any]:
+        # Recorded again where they are handed over: a model shared with another pipeline, or assigned with
+        # `pipe.unet = ...`, carries this pipeline's settings into the one built from these components.
+        self._record_settings()
+        return super().components
+
+    def save_pretrained(self, save_directory, **kwargs) -> None:
+        self._record_settings()  # the saved model's record agrees with the saved model_index.json
+        return super().save_pretrained(save_directory, **kwargs)
