@@ -2,6 +2,10 @@
 """Diagnose a checkpoint's ambiguity term on the selection split (never on validate for a choice).
 
     python scripts/diagnose_ambiguity.py --model checkpoints/ambiseg-lidc64 --split selection --output_dir runs/diag
+    python scripts/diagnose_ambiguity.py --model runs/my-ambiseg --train_data_dir my_data --output_dir runs/my-diag
+
+The data flags are evaluate.py's (docs/own_data.md); the default split is the one training validated on (lidc64:
+selection; other data its validation split, else the held-out "selection").
 
 Prints and writes (`diagnostics.json`) the KL(q || p) of each latent dimension and the number of live ones, the
 per-dimension correlation of the prior's and the posterior's means over the (image, rater) pairs, and, when the UNet
@@ -18,15 +22,17 @@ from pathlib import Path
 import torch
 
 from ambiseg_diffusers import AmbiSegPipeline, load_pipeline
+from ambiseg_diffusers.data import add_data_arguments, load_from_args, model_resolution, selection_split
 from ambiseg_diffusers.diagnostics import ambiguity_diagnostics
-from ambiseg_diffusers.lidc import load_split, pipeline_prompt_style
+from ambiseg_diffusers.lidc import pipeline_prompt_style
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="pipeline folder or Hub id")
-    parser.add_argument("--split", default="selection", help="lidc64 split (selection: the training patients held out)")
-    parser.add_argument("--data_dir", default=None, help="the lidc64 folder or the folder above it")
+    add_data_arguments(parser)
+    parser.add_argument("--split", default=None, help="default: the split training validated on (lidc64: selection, "
+                        "the training patients held out)")
     parser.add_argument("--max_images", type=int, default=None, help="only the first N images")
     parser.add_argument("--num_samples", type=int, default=16, help="samples per image for the prior gap")
     parser.add_argument("--no_prior_gap", action="store_true", help="latent statistics only (no sampling)")
@@ -45,7 +51,9 @@ def main(argv=None) -> dict:
         print(f"nothing to report: {args.model} is a {type(pipe).__name__}; these diagnostics read an AmbiSeg "
               "pipeline's prior, posterior and denoiser (the ambiguity term of the mask-diffusion model)")
         return {}
-    dataset = load_split("lidc64", args.split, args.data_dir, pipeline_prompt_style(pipe))
+    if args.split is None:
+        args.split = selection_split(args.dataset_name, args.train_data_dir)
+    dataset = load_from_args(args, args.split, pipeline_prompt_style(pipe), model_resolution(pipe))
     with torch.autocast(device, dtype=torch.bfloat16, enabled=args.bf16):
         report = ambiguity_diagnostics(pipe, dataset, args.max_images, args.num_samples, args.seed,
                                        prior_gap=not args.no_prior_gap)

@@ -10,7 +10,9 @@ aligned model (the reference + its adapter) and trains on, starting from that ad
 is scored on `--score_split` (default `selection`: training patients, where choices are made) with the same seeds, and
 `rounds.md` / `rounds.json` give each round's GED, CI and average Dice with the paired difference to the reference.
 Each stage resumes (pairs per chunk, training per checkpoint); finished rounds are skipped; a rerun into the same
-folder with other arguments (`--rounds` aside, so more rounds can be added) is refused.
+folder with other arguments (`--rounds` aside, so more rounds can be added) is refused. The data flags are
+evaluate.py's (docs/own_data.md); they reach build_preferences.py and train_dpo.py too, and on other data than lidc64
+the default `--score_split` is the split training validated on (its validation split, else `selection`).
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ import train_dpo  # noqa: E402
 from ambiseg_diffusers import AmbiSegPipeline
 from ambiseg_diffusers.configs import DPO_CONFIGS
 from ambiseg_diffusers.evaluation import evaluate_pipeline
-from ambiseg_diffusers.lidc import load_split, pipeline_prompt_style
+from ambiseg_diffusers.data import add_data_arguments, data_flags, load_from_args, model_resolution, selection_split
+from ambiseg_diffusers.lidc import pipeline_prompt_style
 from ambiseg_diffusers.metrics import paired_difference
 from ambiseg_diffusers.run_records import check_resumable
 from ambiseg_diffusers.training_utils import recipe_from_args
@@ -50,12 +53,16 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--fraction", type=float, default=0.25, help="fraction of the split's rows per round")
     parser.add_argument("--num_candidates", type=int, default=4, help="candidates per image")
     parser.add_argument("--record_states", action="store_true", help="pairs denoised as sampled (train_dpo.py)")
-    parser.add_argument("--data_dir", default=None, help="the lidc64 folder or the folder above it")
-    parser.add_argument("--score_split", default="selection", help="where each round is scored")
+    add_data_arguments(parser)
+    parser.add_argument("--score_split", default=None, help="where each round is scored (default: lidc64 "
+                        "selection, other data the split training validated on); never one that reports")
     parser.add_argument("--max_images", type=int, default=None, help="score on the first N images only (tests)")
     parser.add_argument("--num_samples", type=int, default=16, help="samples per image when scoring")
     parser.add_argument("--seed", type=int, default=0, help="seed of pairs (varied per round) and scoring")
     args = parser.parse_args(own)
+    args.score_split = args.score_split or selection_split(args.dataset_name, args.train_data_dir)
+    if args.score_split in ("validate", "test"):
+        parser.error(f"--score_split {args.score_split}: it reports, it never chooses; score rounds on selection")
     if args.rounds < 1:
         parser.error(f"--rounds must be >= 1, got {args.rounds}")
     if any(a in dpo_args for a in ("--reference", "--preferences", "--output_dir", "--init_adapter")):
@@ -74,7 +81,7 @@ def score(model: str | Path, args: argparse.Namespace) -> dict[str, list[float]]
     """Per-image metrics of one pipeline on the scoring split (the same seeds for every round)."""
     pipe = AmbiSegPipeline.from_pretrained(str(model)).to("cuda" if torch.cuda.is_available() else "cpu")
     pipe.set_progress_bar_config(disable=True)
-    dataset = load_split("lidc64", args.score_split, args.data_dir, pipeline_prompt_style(pipe))
+    dataset = load_from_args(args, args.score_split, pipeline_prompt_style(pipe), model_resolution(pipe))
     per_image, _ = evaluate_pipeline(pipe, dataset, args.num_samples, seed=args.seed, max_images=args.max_images)
     return {k: per_image[k].tolist() for k in ROUND_METRICS}
 
@@ -105,11 +112,11 @@ def main(argv=None) -> dict:
                      "--fraction", str(args.fraction), "--num_candidates", str(args.num_candidates),
                      "--seed", str(args.seed + round_number - 1), "--output_dir", str(folder / "pairs")]
             build += ["--record_states"] if args.record_states else []
-            build += ["--data_dir", args.data_dir] if args.data_dir else []
+            build += data_flags(args)
             if not (folder / "pairs" / "preference_report.json").exists():
                 build_preferences.main(build)
             train = ["--reference", args.reference, "--preferences", str(folder / "pairs"), "--output_dir", str(adapter),
-                     "--resume_from_checkpoint", "latest", *dpo_args]
+                     "--resume_from_checkpoint", "latest", *data_flags(args), *dpo_args]
             train += ["--init_adapter", str(policy)] if round_number > 1 else []
             train_dpo.main(train)
         if f"round-{round_number}" not in record:

@@ -5,6 +5,11 @@ pipeline are sampled on the same slices with the same seeds, and the lowest GED 
 
     python scripts/select_checkpoint.py --run_dir ~/ambiseg-runs/ambiseg-45min
     python scripts/evaluate.py --model "$(python scripts/select_checkpoint.py --run_dir R --print_best)" --split validate ...
+    python scripts/select_checkpoint.py --run_dir runs/my-ambiseg --train_data_dir my_data   # your own data
+
+The data flags are evaluate.py's (docs/own_data.md). The default split to choose on is the one training validated on:
+lidc64 "selection"; other data its validation split, else "selection" (the seeded 10% of "train" held out of
+training). Choosing on a split that reports ("validate", "test") is refused.
 
 Writes `selection.json` (every candidate's GED, CI and average Dice, and the chosen one) in the (first) run folder
 and prints the chosen folder. Several runs (and `--extra` folders, e.g. the committed checkpoint) can compete. Works for any pipeline of the package (AmbiSeg, ProbUNet).
@@ -19,8 +24,9 @@ from pathlib import Path
 import torch
 
 from ambiseg_diffusers import load_pipeline
+from ambiseg_diffusers.data import add_data_arguments, load_from_args, model_resolution, selection_split
 from ambiseg_diffusers.evaluation import evaluate_pipeline
-from ambiseg_diffusers.lidc import load_split, pipeline_prompt_style
+from ambiseg_diffusers.lidc import pipeline_prompt_style
 
 SELECTION_FILE = "selection.json"
 
@@ -40,20 +46,21 @@ def candidates(run_dir: Path) -> list[Path]:
     return snapshots + final
 
 
-def select(paths: list[Path], output: Path, split: str = "selection", num_samples: int = 16,
-           max_images: int | None = None, images_per_call: int = 16, bf16: bool = False, data_dir: str | None = None,
+def select(paths: list[Path], output: Path, data_args: argparse.Namespace, split: str = "selection",
+           num_samples: int = 16, max_images: int | None = None, images_per_call: int = 16, bf16: bool = False,
            seed: int = 0, prompts: str = "annotator", batch_size: int | None = None) -> dict:
-    """Scores every pipeline folder in `paths` on `split` and writes the record, with the lowest-GED one as `best`.
-    Each pipeline gets the prompts in its own `prompt_style`."""
+    """Scores every pipeline folder in `paths` on `split` of the data `data_args` names (the flags of
+    `add_data_arguments`) and writes the record, with the lowest-GED one as `best`. Each pipeline gets the prompts in
+    its own `prompt_style`, and the images at its own size unless `--resolution` names one."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    rows, datasets = [], {}  # the split loaded once per prompt style
+    rows, datasets = [], {}  # the split loaded once per prompt style and size
     for path in paths:
         pipe = load_pipeline(str(path)).to(device)
         pipe.set_progress_bar_config(disable=True)
-        style = pipeline_prompt_style(pipe)
-        if style not in datasets:
-            datasets[style] = load_split("lidc64", split, data_dir, style)
-        dataset = datasets[style]
+        key = (pipeline_prompt_style(pipe), model_resolution(pipe))
+        if key not in datasets:
+            datasets[key] = load_from_args(data_args, split, *key)
+        dataset = datasets[key]
         with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
             per_image, _ = evaluate_pipeline(pipe, dataset, num_samples, seed=seed, images_per_call=images_per_call,
                                              max_images=max_images, prompts=prompts,
@@ -76,8 +83,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--output", default=None, help="the record (default: selection.json in the first run folder)")
     parser.add_argument("--prompts", default="annotator", choices=["annotator", "nodule", "none"],
                         help="prompt protocol ('none' for models trained without text)")
-    parser.add_argument("--split", default="selection", help="lidc64 split to choose on (never validate)")
-    parser.add_argument("--data_dir", default=None, help="the lidc64 folder or the folder above it")
+    add_data_arguments(parser)
+    parser.add_argument("--split", default=None, help="the split to choose on (default: the one training validated "
+                        "on; lidc64: selection); never one that reports (validate, test)")
     parser.add_argument("--num_samples", type=int, default=16)
     parser.add_argument("--max_images", type=int, default=None, help="only the first N images of the split")
     parser.add_argument("--images_per_call", type=int, default=16)
@@ -89,14 +97,16 @@ def main(argv=None) -> dict:
     run_dirs = [Path(d).expanduser() for d in args.run_dir]
     output = Path(args.output) if args.output else run_dirs[0] / SELECTION_FILE
     output.parent.mkdir(parents=True, exist_ok=True)
-    if args.split == "validate":
-        parser.error("--split validate: validate reports, it never chooses; use the selection split")
+    if args.split is None:
+        args.split = selection_split(args.dataset_name, args.train_data_dir)
+    if args.split in ("validate", "test"):
+        parser.error(f"--split {args.split}: {args.split} reports, it never chooses; use the selection split")
     if args.print_best and output.is_file():
         record = json.loads(output.read_text())
     else:
         paths = [p for d in run_dirs for p in candidates(d)] + [Path(e) for e in args.extra]
-        record = select(paths, output, args.split, args.num_samples, args.max_images, args.images_per_call, args.bf16,
-                        args.data_dir, args.seed, args.prompts, args.batch_size)
+        record = select(paths, output, args, args.split, args.num_samples, args.max_images, args.images_per_call,
+                        args.bf16, args.seed, args.prompts, args.batch_size)
     print(record["best"])
     return record
 

