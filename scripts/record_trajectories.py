@@ -8,7 +8,8 @@ one prior z per row, seeded noise), and for every row the state x_t before each 
         --num_inference_steps 20 --bf16 --output_dir runs/trajectories
 
 Resumable: every `--images_per_call` images are one shard (`shard-00000.npz`, named by its first image, written
-atomically); a rerun with the same arguments records only the images no shard holds yet. A shard holds, for its R rows: `images` (R, 1, H, W) float32 as the
+atomically); a rerun with the same arguments records only the images no shard holds yet. The data flags are
+evaluate.py's (docs/own_data.md); train_consistency.py takes them from the recording. A shard holds, for its R rows: `images` (R, 1, H, W) float32 as the
 UNet sees them, `prompts` (R,), `z` (R, latent_dim) float32 (absent for a teacher without a latent), `states`
 (R, K, C, H, W) float16 with `timesteps` (K,) the DDIM timesteps they sit at (states[:, 0] is the initial noise),
 `final` (R, C, H, W) float32 in [-1, 1] (the teacher's last x0), `positions` (R,) the dataset rows. Record on
@@ -27,16 +28,16 @@ from diffusers import DDIMScheduler
 from tqdm.auto import tqdm
 
 from ambiseg_diffusers import AmbiSegPipeline
+from ambiseg_diffusers.data import add_data_arguments, load_from_args, model_resolution
 from ambiseg_diffusers.evaluation import build_sampling_scheduler
-from ambiseg_diffusers.lidc import eval_prompts, load_split, pipeline_prompt_style
+from ambiseg_diffusers.lidc import eval_prompts, pipeline_prompt_style
 from ambiseg_diffusers.run_records import check_resumable, pipeline_fingerprint
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--teacher", required=True, help="the AmbiSeg pipeline whose trajectories are recorded")
-    parser.add_argument("--dataset", default="lidc64", help="'lidc64' or a folder saved with save_to_disk")
-    parser.add_argument("--data_dir", default=None, help="the lidc64 folder or the folder above it")
+    add_data_arguments(parser, resolution=False)  # evaluate.py's data flags (docs/own_data.md); the teacher's size
     parser.add_argument("--split", default="train_fit", help="training rows (keep the selection patients out)")
     parser.add_argument("--num_inference_steps", type=int, default=20, help="DDIM steps of the teacher (>= 2)")
     parser.add_argument("--samples_per_image", type=int, default=16, help="rows recorded per image")
@@ -110,7 +111,7 @@ def main(argv=None) -> Path:
     # the last step lands on x0 itself (alpha 1), so `final` is the teacher's last clean-mask prediction
     pipe.scheduler = DDIMScheduler.from_config(build_sampling_scheduler(pipe.scheduler, "ddim").config,
                                                set_alpha_to_one=True)
-    dataset = load_split(args.dataset, args.split, args.data_dir, pipeline_prompt_style(pipe))
+    dataset = load_from_args(args, args.split, pipeline_prompt_style(pipe), model_resolution(pipe))
     total = len(dataset) if args.max_images is None else min(args.max_images, len(dataset))
     output_dir = Path(args.output_dir)
     # images_per_call changes the batching only: each image's rows draw from their own generators (in bf16 the

@@ -167,6 +167,14 @@ def test_a_run_resumed_past_its_last_step_saves_without_training(teacher, tmp_pa
     assert before.keys() == after.keys() and all((before[k] == after[k]).all() for k in before)
 
 
+def mini_at_teacher_size(pipe):
+    """The mini split as record_trajectories.py reads it: resized to the teacher's size, in its prompt style."""
+    from ambiseg_diffusers.data import load_multirater, model_resolution
+    from ambiseg_diffusers.lidc import pipeline_prompt_style
+
+    return load_multirater("lidc64", "mini", resolution=model_resolution(pipe), prompt_style=pipeline_prompt_style(pipe))
+
+
 @pytest.fixture
 def recorded(teacher, tmp_path):
     import record_trajectories
@@ -186,14 +194,13 @@ def test_recorded_trajectories_are_the_teachers_ddim_samples(teacher, recorded):
     shards = [np.load(p) for p in sorted(recorded.glob("shard-*.npz"))]
     assert [len(s["final"]) for s in shards] == [6, 3]  # 2 + 1 images, 3 rows each
     shard = shards[0]
-    assert shard["timesteps"].tolist() == [99, 74, 49, 24] and shard["states"].shape == (6, 4, 1, 64, 64)
+    # the 64 x 64 crops at the teacher's size (16), as evaluation resizes them
+    assert shard["timesteps"].tolist() == [99, 74, 49, 24] and shard["states"].shape == (6, 4, 1, 16, 16)
     assert shard["positions"].tolist() == [0, 0, 0, 1, 1, 1]
     pipe = AmbiSegPipeline.from_pretrained(teacher)
     pipe.scheduler = build_sampling_scheduler(pipe.scheduler, "ddim")
     pipe.set_progress_bar_config(disable=True)
-    from ambiseg_diffusers.lidc import load_split, pipeline_prompt_style
-
-    raw = load_split("lidc64", "mini", None, pipeline_prompt_style(pipe))[:2]["image"]
+    raw = mini_at_teacher_size(pipe)[:2]["image"]
     states = []
     for row in (0, 4):  # two rows of two images, one at a time: nothing depends on the batch they were recorded in
         image = np.asarray(raw[shard["positions"][row]], np.float32)
@@ -217,7 +224,6 @@ def test_trajectory_distillation_learns_the_teachers_samples_and_resumes_exactly
     from safetensors.numpy import load_file
 
     from ambiseg_diffusers import load_pipeline
-    from ambiseg_diffusers.lidc import load_split, pipeline_prompt_style
 
     def args(output, *extra):
         return ["--teacher", str(teacher), "--trajectories", str(recorded), "--output_dir", str(output),
@@ -233,7 +239,7 @@ def test_trajectory_distillation_learns_the_teachers_samples_and_resumes_exactly
         """Mean squared distance of the one-call sampler's masks, from the recorded noise, to the teacher's."""
         pipe = load_pipeline(str(folder))
         pipe.set_progress_bar_config(disable=True)
-        image = np.asarray(load_split("lidc64", "mini", None, pipeline_prompt_style(pipe))[0]["image"], np.float32)
+        image = np.asarray(mini_at_teacher_size(pipe)[0]["image"], np.float32)
         out = pipe(image, [[str(p) for p in shards[0]["prompts"][:3]]], num_samples=3,
                    latents=noise[:3, 0], ambiguity_latents=z[:3], output_type="latent")
         assert pipe.scheduler.timesteps.tolist() == [99]
@@ -250,7 +256,7 @@ def test_trajectory_distillation_learns_the_teachers_samples_and_resumes_exactly
     # the LoRA fused into the UNet's weights (the fast way to sample) gives the same samples
     pipe = load_pipeline(str(trained_dir))
     pipe.set_progress_bar_config(disable=True)
-    image = np.asarray(load_split("lidc64", "mini", None, pipeline_prompt_style(pipe))[0]["image"], np.float32)
+    image = np.asarray(mini_at_teacher_size(pipe)[0]["image"], np.float32)
     call = dict(image=image, prompt="a nodule", num_samples=2, output_type="latent")
     unfused = pipe(**call, generator=torch.Generator().manual_seed(0)).masks
     pipe.fuse_lora()

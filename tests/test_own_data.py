@@ -286,3 +286,39 @@ def test_iterated_dpo_rounds_run_and_score_on_an_imagefolder(tmp_path, tokenizer
     report = json.loads((tmp_path / "rounds" / "round-1" / "pairs" / "preference_report.json").read_text())
     assert report["images"] == len(RATERS["train"]) - len(held_out)  # train_fit of the imagefolder, not lidc64
     assert (tmp_path / "rounds" / "round-1" / "adapter" / "pytorch_lora_weights.safetensors").exists()
+
+
+def test_distilling_a_sampler_from_an_imagefolder_records_and_trains_on_it(tmp_path, tokenizer):
+    """record_trajectories.py and train_consistency.py on a user's data: the recording holds the imagefolder's
+    train_fit rows with their own text, distillation takes the data flags from the recording, and the card snippet
+    prompts with the data's text, not LIDC ratings."""
+    import record_trajectories
+    import train_consistency
+
+    from ambiseg_diffusers.data import holdout_rows
+
+    from conftest import make_pipeline
+
+    data = write_imagefolder(tmp_path / "my_data", raters={"train": RATERS["train"], "test": RATERS["test"]})
+    teacher = make_pipeline(tokenizer)
+    teacher.register_to_config(prompt_style="free")
+    teacher.save_pretrained(tmp_path / "teacher")
+    recording = record_trajectories.main(["--teacher", str(tmp_path / "teacher"), "--train_data_dir", str(data),
+                                          "--split", "train_fit", "--samples_per_image", "2", "--num_inference_steps",
+                                          "4", "--output_dir", str(tmp_path / "trajectories")])
+    shard = np.load(next(recording.glob("shard-*.npz")))
+    fit = sorted(set(range(len(RATERS["train"]))) - set(holdout_rows(range(len(RATERS["train"])))))
+    assert sorted(set(shard["positions"].tolist())) == list(range(len(fit)))  # the train_fit rows, 2 samples each
+    assert set(shard["prompts"].tolist()) <= set(WORDS)
+
+    distilled = train_consistency.main([
+        "--teacher", str(tmp_path / "teacher"), "--trajectories", str(recording), "--output_dir", str(tmp_path / "lcm"),
+        "--max_train_steps", "2", "--train_batch_size", "2", "--lora_rank", "2", "--sampling_steps", "1",
+        "--num_validation_images", "1", "--report_to", "none"])
+    config = json.loads((distilled / "consistency.json").read_text())["config"]
+    assert config["train_data_dir"] == str(data) and config["dataset_name"] == "lidc64"  # the flag's default, unused
+    card = (distilled / "README.md").read_text()
+    assert "ratings_to_prompt" not in card and "LIDC" not in card and json.dumps(str(shard["prompts"][0])) in card
+    with pytest.raises(SystemExit):  # data flags that contradict the recording
+        train_consistency.parse_args(["--teacher", str(tmp_path / "teacher"), "--trajectories", str(recording),
+                                      "--output_dir", str(tmp_path / "x"), "--train_data_dir", str(tmp_path)])

@@ -70,9 +70,10 @@ from diffusers.training_utils import EMAModel
 
 from ambiseg_diffusers import AmbiSegPipeline
 from ambiseg_diffusers.configs import CONFIGS
+from ambiseg_diffusers.data import DATA_FLAGS, add_data_arguments, load_from_args
 from ambiseg_diffusers.evaluation import cpu_only, validation_report
 from ambiseg_diffusers.hub_utils import model_card, push_folder_to_hub
-from ambiseg_diffusers.lidc import load_split, pipeline_prompt_style
+from ambiseg_diffusers.lidc import FREE_TEXT, pipeline_prompt_style
 from ambiseg_diffusers.losses import consistency_output, ddim_solver_step
 from ambiseg_diffusers.pipelines.pipeline_ambiseg import CONSISTENCY_FILE, LORA_WEIGHT_NAME
 from ambiseg_diffusers.run_records import RECORD_FILE, pipeline_fingerprint
@@ -95,9 +96,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     data.add_argument("--base_model_id", default=None,
                       help="Hub id of the teacher, written into consistency.json and the card (default: --teacher "
                            "when it is a Hub id); a local teacher folder is recorded by its relative path too")
-    data.add_argument("--dataset", default=None,
-                      help="'lidc64' (default) or a save_to_disk folder; with --trajectories, the recording's")
-    data.add_argument("--data_dir", default=None, help="the lidc64 folder or the folder above it")
+    add_data_arguments(data, resolution=False)  # images are resized to the teacher's size; with --trajectories, the
+    # recording's data
     data.add_argument("--train_split", default=None,
                       help="training rows (default train_fit: the selection patients stay out; with --trajectories, "
                            "the recording's split)")
@@ -163,9 +163,12 @@ def parse_args(argv=None) -> argparse.Namespace:
             parser.error(f"--trajectories {args.trajectories!r} holds no {RECORD_FILE} (record it with "
                          "scripts/record_trajectories.py)")
         recording = json.loads(recorded.read_text())
-        for name, value in (("num_ddim_timesteps", recording["num_inference_steps"]), ("train_split", recording["split"]),
-                            ("dataset", recording["dataset"])):
-            if getattr(args, name) not in (None, value):
+        recording.setdefault("dataset_name", recording.get("dataset", "lidc64"))  # recordings before the data flags
+        taken = {"num_ddim_timesteps": "num_inference_steps", "train_split": "split",
+                 **{name: name for name in DATA_FLAGS if name not in ("resolution", "data_dir")}}  # the folder may move
+        for name, key in taken.items():
+            value = recording.get(key, parser.get_default(name))
+            if getattr(args, name) not in (parser.get_default(name), value):
                 parser.error(f"--{name} {getattr(args, name)!r} differs from the recording's {value!r} in "
                              f"--trajectories {args.trajectories!r}; leave it out")
             setattr(args, name, value)  # so the run's record and card say what was trained on
@@ -178,8 +181,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     else:
         if args.top_state_fraction is not None:
             parser.error("--top_state_fraction applies to trajectory distillation only (--trajectories)")
-        for name, default in (("num_ddim_timesteps", 50), ("train_split", "train_fit"), ("dataset", "lidc64"),
-                              ("loss_type", "huber")):
+        for name, default in (("num_ddim_timesteps", 50), ("train_split", "train_fit"), ("loss_type", "huber")):
             if getattr(args, name) is None:  # a given 0 stays 0, for the check below to refuse
                 setattr(args, name, default)
     for name in ("num_ddim_timesteps", "lora_rank", "max_train_steps", "train_batch_size", "checkpointing_steps",
@@ -353,9 +355,9 @@ def main(argv=None) -> Path:
         CONFIGS["cpu"], train_batch_size=args.train_batch_size, resolution=teacher.unet.config.sample_size,
         prompt_dropout=0.0, image_clip=teacher.config.image_clip, prompt_style=style,
     )
-    dataset = None if recorded else load_split(args.dataset, args.train_split, args.data_dir, style)
-    validation = (load_split(args.dataset, args.validation_split, args.data_dir, style)
-                  if args.num_validation_images else None)
+    size = teacher.unet.config.sample_size
+    dataset = None if recorded else load_from_args(args, args.train_split, style, size)
+    validation = load_from_args(args, args.validation_split, style, size) if args.num_validation_images else None
     first_step, seconds = resume_training(accelerator, output_dir, args.resume_from_checkpoint)
     clock = TrainingClock(args.max_train_minutes, args.snapshot_minutes, seconds)
     if accelerator.is_main_process:
@@ -520,7 +522,8 @@ def main(argv=None) -> Path:
         results = ("## Validation at the end of training\n\n"
                    + (f"```json\n{json.dumps({k: round(v, 4) for k, v in metrics.items()}, indent=2)}\n```"
                       if metrics else "None ran (`--num_validation_images 0`): score it with scripts/sweep_samplers.py."))
-        distilled_card(output_dir, repo_id, results).save(output_dir / "README.md")
+        example = str(recorded["prompts"][0]) if recorded else dataset[0]["prompts"][0]  # for a free-text card
+        distilled_card(output_dir, repo_id, results, style, size, example).save(output_dir / "README.md")
         if args.push_to_hub:
             push_folder_to_hub(output_dir, repo_id, token=args.hub_token)
     accelerator.end_training()
@@ -549,13 +552,15 @@ def save_distilled(unet, lcm: LCMScheduler, args, output_dir: Path, steps: int, 
     (output_dir / CONSISTENCY_FILE).write_text(json.dumps(info, indent=2))
 
 
-def distilled_card(folder: Path, repo_id: str, results: str):
+def distilled_card(folder: Path, repo_id: str, results: str, prompt_style: str, image_size: int, example_prompt: str):
     """The model card of a distilled sampler folder (from its `consistency.json`), with `results` (markdown) as the
-    measurements section."""
+    measurements section; its snippet prompts as the teacher was trained (`prompt_style`; "free": `example_prompt`,
+    a text of the data)."""
     info = json.loads((Path(folder) / CONSISTENCY_FILE).read_text())
     config = info["config"]
     return model_card(
-        "consistency.md", repo_id, base_model=info.get("base_model"),
+        "consistency.md", repo_id, base_model=info.get("base_model"), lidc=prompt_style != FREE_TEXT,
+        prompt_style=prompt_style, image_size=image_size, example_prompt=example_prompt,
         extra_tags=[f"{info.get('method', 'consistency')}-distillation", "lcm", "lora"], teacher=config["teacher"],
         method=info.get("method", "consistency"),
         num_ddim_timesteps=info["num_ddim_timesteps"], train_steps=info["train_steps"],
