@@ -31,7 +31,10 @@ import train_dpo  # noqa: E402
 from ambiseg_diffusers import AmbiSegPipeline
 from ambiseg_diffusers.configs import DPO_CONFIGS
 from ambiseg_diffusers.evaluation import evaluate_pipeline
-from ambiseg_diffusers.data import add_data_arguments, data_flags, load_from_args, model_resolution, selection_split
+from ambiseg_diffusers.data import (
+    DATA_FLAGS, DatasetContractError, add_data_arguments, check_choosing_split, data_flags, load_from_args,
+    model_resolution, selection_split,
+)
 from ambiseg_diffusers.lidc import pipeline_prompt_style
 from ambiseg_diffusers.metrics import paired_difference
 from ambiseg_diffusers.run_records import check_resumable
@@ -61,13 +64,18 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--seed", type=int, default=0, help="seed of pairs (varied per round) and scoring")
     args = parser.parse_args(own)
     args.score_split = args.score_split or selection_split(args.dataset_name, args.train_data_dir)
-    if args.score_split in ("validate", "test"):
-        parser.error(f"--score_split {args.score_split}: it reports, it never chooses; score rounds on selection")
+    try:
+        check_choosing_split(args.dataset_name, args.train_data_dir, args.score_split)
+    except DatasetContractError as error:
+        parser.error(f"--score_split: {error}")
     if args.rounds < 1:
         parser.error(f"--rounds must be >= 1, got {args.rounds}")
-    if any(a in dpo_args for a in ("--reference", "--preferences", "--output_dir", "--init_adapter")):
+    own_flags = ("--reference", "--preferences", "--output_dir", "--init_adapter", "--dataset",
+                 *(f"--{name}" for name in DATA_FLAGS))
+    if any(a.split("=")[0] in own_flags for a in dpo_args):
         parser.error("after `--` pass only the recipe and run options of train_dpo.py: this script sets --reference, "
-                     "--preferences, --output_dir and --init_adapter itself")
+                     "--preferences, --output_dir and --init_adapter itself, and passes its own data flags (before "
+                     "`--`) on to build_preferences.py and train_dpo.py")
     # the recipe as train_dpo.py resolves it (a --config preset with its flags on top), not the literal flags
     recipe = recipe_from_args(train_dpo.parse_args(
         dpo_args + ["--reference", args.reference, "--preferences", "-", "--output_dir", "-"]), DPO_CONFIGS)

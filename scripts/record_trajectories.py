@@ -9,7 +9,7 @@ one prior z per row, seeded noise), and for every row the state x_t before each 
 
 Resumable: every `--images_per_call` images are one shard (`shard-00000.npz`, named by its first image, written
 atomically); a rerun with the same arguments records only the images no shard holds yet. The data flags are
-evaluate.py's (docs/own_data.md); train_consistency.py takes them from the recording. A shard holds, for its R rows: `images` (R, 1, H, W) float32 as the
+evaluate.py's (docs/own_data.md); train_consistency.py takes them from the recording. A shard holds, for its R rows: `images` (R, C, H, W) float32 as the
 UNet sees them, `prompts` (R,), `z` (R, latent_dim) float32 (absent for a teacher without a latent), `states`
 (R, K, C, H, W) float16 with `timesteps` (K,) the DDIM timesteps they sit at (states[:, 0] is the initial noise),
 `final` (R, C, H, W) float32 in [-1, 1] (the teacher's last x0), `positions` (R,) the dataset rows. Record on
@@ -28,7 +28,7 @@ from diffusers import DDIMScheduler
 from tqdm.auto import tqdm
 
 from ambiseg_diffusers import AmbiSegPipeline
-from ambiseg_diffusers.data import add_data_arguments, load_from_args, model_resolution
+from ambiseg_diffusers.data import add_data_arguments, distillation_splits, load_from_args, model_resolution
 from ambiseg_diffusers.evaluation import build_sampling_scheduler
 from ambiseg_diffusers.lidc import eval_prompts, pipeline_prompt_style
 from ambiseg_diffusers.run_records import check_resumable, pipeline_fingerprint
@@ -38,7 +38,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--teacher", required=True, help="the AmbiSeg pipeline whose trajectories are recorded")
     add_data_arguments(parser, resolution=False)  # evaluate.py's data flags (docs/own_data.md); the teacher's size
-    parser.add_argument("--split", default="train_fit", help="training rows (keep the selection patients out)")
+    parser.add_argument("--split", default=None, help="training rows (default: lidc64 train_fit, keeping the "
+                        "selection patients out; other data the split the teacher trained on)")
     parser.add_argument("--num_inference_steps", type=int, default=20, help="DDIM steps of the teacher (>= 2)")
     parser.add_argument("--samples_per_image", type=int, default=16, help="rows recorded per image")
     parser.add_argument("--prompts", default="annotator", choices=["annotator", "nodule", "none"],
@@ -52,6 +53,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--output_dir", required=True, help="the shards and run_arguments.json")
     parser.add_argument("--overwrite", action="store_true", help="delete the folder's earlier shards first")
     args = parser.parse_args(argv)
+    args.split = distillation_splits(args.dataset_name, args.train_data_dir, args.split, None)[0]
     if args.num_inference_steps < 2:
         parser.error(f"--num_inference_steps must be at least 2, got {args.num_inference_steps}")
     if args.samples_per_image < 1 or args.images_per_call < 1:

@@ -24,7 +24,10 @@ from pathlib import Path
 import torch
 
 from ambiseg_diffusers import load_pipeline
-from ambiseg_diffusers.data import add_data_arguments, load_from_args, model_resolution, selection_split
+from ambiseg_diffusers.data import (
+    DatasetContractError, add_data_arguments, check_choosing_split, dataset_label, load_from_args, model_resolution,
+    selection_split,
+)
 from ambiseg_diffusers.evaluation import evaluate_pipeline
 from ambiseg_diffusers.lidc import pipeline_prompt_style
 
@@ -69,7 +72,7 @@ def select(paths: list[Path], output: Path, data_args: argparse.Namespace, split
                      "avg_dice": float(per_image["avg_dice"].mean())})
         print(f"{path}: GED {rows[-1]['ged']:.4f}  CI {rows[-1]['ci']:.4f}", flush=True)
     best = min(rows, key=lambda r: r["ged"])
-    record = {"split": split, "images": len(per_image["ged"]), "num_samples": num_samples, "seed": seed,
+    record = {"dataset": dataset_label(data_args), "split": split, "images": len(per_image["ged"]), "num_samples": num_samples, "seed": seed,
               "prompts": prompts, "criterion": "lowest mean GED", "candidates": rows, "best": best["path"]}
     output.write_text(json.dumps(record, indent=2))
     return record
@@ -97,13 +100,14 @@ def main(argv=None) -> dict:
     run_dirs = [Path(d).expanduser() for d in args.run_dir]
     output = Path(args.output) if args.output else run_dirs[0] / SELECTION_FILE
     output.parent.mkdir(parents=True, exist_ok=True)
-    if args.split is None:
-        args.split = selection_split(args.dataset_name, args.train_data_dir)
-    if args.split in ("validate", "test"):
-        parser.error(f"--split {args.split}: {args.split} reports, it never chooses; use the selection split")
     if args.print_best and output.is_file():
         record = json.loads(output.read_text())
     else:
+        args.split = args.split or selection_split(args.dataset_name, args.train_data_dir)
+        try:
+            check_choosing_split(args.dataset_name, args.train_data_dir, args.split)
+        except DatasetContractError as error:
+            parser.error(f"--split: {error}")
         paths = [p for d in run_dirs for p in candidates(d)] + [Path(e) for e in args.extra]
         record = select(paths, output, args, args.split, args.num_samples, args.max_images, args.images_per_call,
                         args.bf16, args.seed, args.prompts, args.batch_size)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import re
 import shlex
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -319,6 +320,33 @@ def test_distilling_a_sampler_from_an_imagefolder_records_and_trains_on_it(tmp_p
     assert config["train_data_dir"] == str(data) and config["dataset_name"] == "lidc64"  # the flag's default, unused
     card = (distilled / "README.md").read_text()
     assert "ratings_to_prompt" not in card and "LIDC" not in card and json.dumps(str(shard["prompts"][0])) in card
+    assert config["train_split"] == "train_fit" and config["validation_split"] == "selection"  # no validation/
+    base = ["--teacher", str(tmp_path / "teacher"), "--trajectories", str(recording), "--output_dir", str(tmp_path / "x")]
     with pytest.raises(SystemExit):  # data flags that contradict the recording
-        train_consistency.parse_args(["--teacher", str(tmp_path / "teacher"), "--trajectories", str(recording),
-                                      "--output_dir", str(tmp_path / "x"), "--train_data_dir", str(tmp_path)])
+        train_consistency.parse_args(base + ["--caption_column", "report"])
+    shutil.copytree(data, tmp_path / "moved")
+    moved = train_consistency.parse_args(base + ["--train_data_dir", str(tmp_path / "moved")])
+    assert moved.train_data_dir == str(tmp_path / "moved")  # a folder may move: the given one wins
+
+
+def test_data_flags_are_forwarded_when_set_and_reporting_splits_never_choose(tmp_path, capsys):
+    import argparse
+
+    import iterate_dpo
+    import select_checkpoint
+
+    from ambiseg_diffusers.data import add_data_arguments, data_flags
+
+    parser = argparse.ArgumentParser()
+    add_data_arguments(parser)
+    assert data_flags(parser.parse_args([])) == []
+    assert data_flags(parser.parse_args(["--train_data_dir", "d", "--caption_column", "report", "--resolution", "32"])) == [
+        "--train_data_dir", "d", "--caption_column", "report", "--resolution", "32"]
+    data = write_imagefolder(tmp_path / "my_data", raters={"train": RATERS["train"], "test": RATERS["test"]})
+    for split in ("test", "validate"):
+        with pytest.raises(SystemExit):
+            select_checkpoint.main(["--run_dir", str(tmp_path), "--train_data_dir", str(data), "--split", split])
+        assert "reports, it never chooses: choose on 'selection'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # data flags go before `--`, to every stage, not to train_dpo alone
+        iterate_dpo.parse_args(["--reference", "r", "--output_dir", "o", "--", "--train_data_dir", str(data)])
+    assert "passes its own data flags" in capsys.readouterr().err

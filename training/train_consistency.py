@@ -70,10 +70,10 @@ from diffusers.training_utils import EMAModel
 
 from ambiseg_diffusers import AmbiSegPipeline
 from ambiseg_diffusers.configs import CONFIGS
-from ambiseg_diffusers.data import DATA_FLAGS, add_data_arguments, load_from_args
+from ambiseg_diffusers.data import DATA_FLAGS, add_data_arguments, distillation_splits, load_from_args
 from ambiseg_diffusers.evaluation import cpu_only, validation_report
 from ambiseg_diffusers.hub_utils import model_card, push_folder_to_hub
-from ambiseg_diffusers.lidc import FREE_TEXT, pipeline_prompt_style
+from ambiseg_diffusers.lidc import FREE_TEXT, eval_prompts, pipeline_prompt_style
 from ambiseg_diffusers.losses import consistency_output, ddim_solver_step
 from ambiseg_diffusers.pipelines.pipeline_ambiseg import CONSISTENCY_FILE, LORA_WEIGHT_NAME
 from ambiseg_diffusers.run_records import RECORD_FILE, pipeline_fingerprint
@@ -101,7 +101,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     data.add_argument("--train_split", default=None,
                       help="training rows (default train_fit: the selection patients stay out; with --trajectories, "
                            "the recording's split)")
-    data.add_argument("--validation_split", default="selection", help="split of the validation samples")
+    data.add_argument("--validation_split", default=None, help="split of the validation samples (default: lidc64 "
+                      "selection; other data the one the teacher's training validated on)")
     data.add_argument("--dataloader_num_workers", type=int, default=0, help="processes preparing batches ahead")
 
     recipe = parser.add_argument_group("recipe")
@@ -165,7 +166,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         recording = json.loads(recorded.read_text())
         recording.setdefault("dataset_name", recording.get("dataset", "lidc64"))  # recordings before the data flags
         taken = {"num_ddim_timesteps": "num_inference_steps", "train_split": "split",
-                 **{name: name for name in DATA_FLAGS if name not in ("resolution", "data_dir")}}  # the folder may move
+                 **{name: name for name in DATA_FLAGS if name not in ("resolution", "data_dir", "train_data_dir")}}
+        for folder in ("data_dir", "train_data_dir"):  # a given one wins: the folder may have moved
+            setattr(args, folder, getattr(args, folder) or recording.get(folder))
         for name, key in taken.items():
             value = recording.get(key, parser.get_default(name))
             if getattr(args, name) not in (parser.get_default(name), value):
@@ -181,9 +184,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     else:
         if args.top_state_fraction is not None:
             parser.error("--top_state_fraction applies to trajectory distillation only (--trajectories)")
-        for name, default in (("num_ddim_timesteps", 50), ("train_split", "train_fit"), ("loss_type", "huber")):
+        for name, default in (("num_ddim_timesteps", 50), ("loss_type", "huber")):
             if getattr(args, name) is None:  # a given 0 stays 0, for the check below to refuse
                 setattr(args, name, default)
+    args.train_split, args.validation_split = distillation_splits(args.dataset_name, args.train_data_dir,
+                                                                  args.train_split, args.validation_split)
     for name in ("num_ddim_timesteps", "lora_rank", "max_train_steps", "train_batch_size", "checkpointing_steps",
                  "sampling_steps"):
         if getattr(args, name) < 1:
@@ -522,7 +527,7 @@ def main(argv=None) -> Path:
         results = ("## Validation at the end of training\n\n"
                    + (f"```json\n{json.dumps({k: round(v, 4) for k, v in metrics.items()}, indent=2)}\n```"
                       if metrics else "None ran (`--num_validation_images 0`): score it with scripts/sweep_samplers.py."))
-        example = str(recorded["prompts"][0]) if recorded else dataset[0]["prompts"][0]  # for a free-text card
+        example = str(recorded["prompts"][0]) if recorded else eval_prompts(dataset[0], "annotator")[0]
         distilled_card(output_dir, repo_id, results, style, size, example).save(output_dir / "README.md")
         if args.push_to_hub:
             push_folder_to_hub(output_dir, repo_id, token=args.hub_token)

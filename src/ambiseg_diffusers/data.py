@@ -166,6 +166,27 @@ def selection_split(dataset_name: str | None, train_data_dir) -> str:
     return default_splits(dataset_name, train_data_dir, None, None)[1]
 
 
+def distillation_splits(dataset_name: str | None, train_data_dir, train_split: str | None,
+                        validation_split: str | None) -> tuple[str, str]:
+    """The training and validation splits of a script that goes on from a trained model (distillation): lidc64
+    "train_fit" and "selection"; other data the splits the model's own training used (`default_splits`)."""
+    if names_lidc64(dataset_name, train_data_dir):
+        return train_split or "train_fit", validation_split or "selection"
+    return default_splits(dataset_name, train_data_dir, train_split, validation_split)
+
+
+def check_choosing_split(dataset_name: str | None, train_data_dir, split: str) -> None:
+    """A split choices are made on: one that reports ("validate", "test") is refused; the split evaluation reports on
+    by default (other data without a test split: its validation split) is allowed with a warning."""
+    if split in ("validate", "test"):
+        raise DatasetContractError(f"split {split!r} reports, it never chooses: choose on "
+                                   f"{selection_split(dataset_name, train_data_dir)!r}")
+    if not names_lidc64(dataset_name, train_data_dir) and split == evaluation_split(dataset_name, train_data_dir):
+        logger.warning(f"choosing on {split!r}, the split results are reported on ({dataset_name or train_data_dir} "
+                       "has no test split): report on other data, or train with --validation_split selection (a "
+                       "held-out 10% of train) and choose on selection")
+
+
 def evaluation_split(dataset_name: str | None, train_data_dir) -> str:
     """The split results are reported on when none is named: lidc64 "validate"; other data its "test" split, else
     "validation" (or "valid", "val")."""
