@@ -30,11 +30,11 @@ import build_preferences  # noqa: E402  (beside this script)
 import train_dpo  # noqa: E402
 from ambiseg_diffusers import AmbiSegPipeline
 from ambiseg_diffusers.configs import DPO_CONFIGS
-from ambiseg_diffusers.evaluation import evaluate_pipeline
 from ambiseg_diffusers.data import (
     DATA_FLAGS, DatasetContractError, add_data_arguments, check_choosing_split, data_flags, load_from_args,
     model_resolution, selection_split,
 )
+from ambiseg_diffusers.evaluation import evaluate_pipeline
 from ambiseg_diffusers.lidc import pipeline_prompt_style
 from ambiseg_diffusers.metrics import paired_difference
 from ambiseg_diffusers.run_records import check_resumable

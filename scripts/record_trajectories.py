@@ -9,7 +9,8 @@ one prior z per row, seeded noise), and for every row the state x_t before each 
 
 Resumable: every `--images_per_call` images are one shard (`shard-00000.npz`, named by its first image, written
 atomically); a rerun with the same arguments records only the images no shard holds yet. The data flags are
-evaluate.py's (docs/own_data.md); train_consistency.py takes them from the recording. A shard holds, for its R rows: `images` (R, C, H, W) float32 as the
+evaluate.py's (docs/own_data.md), images read at the teacher's size; train_consistency.py takes the flags from the
+recording. A shard holds, for its R rows: `images` (R, C, H, W) float32 as the
 UNet sees them, `prompts` (R,), `z` (R, latent_dim) float32 (absent for a teacher without a latent), `states`
 (R, K, C, H, W) float16 with `timesteps` (K,) the DDIM timesteps they sit at (states[:, 0] is the initial noise),
 `final` (R, C, H, W) float32 in [-1, 1] (the teacher's last x0), `positions` (R,) the dataset rows. Record on

@@ -72,8 +72,9 @@ def select(paths: list[Path], output: Path, data_args: argparse.Namespace, split
                      "avg_dice": float(per_image["avg_dice"].mean())})
         print(f"{path}: GED {rows[-1]['ged']:.4f}  CI {rows[-1]['ci']:.4f}", flush=True)
     best = min(rows, key=lambda r: r["ged"])
-    record = {"dataset": dataset_label(data_args), "split": split, "images": len(per_image["ged"]), "num_samples": num_samples, "seed": seed,
-              "prompts": prompts, "criterion": "lowest mean GED", "candidates": rows, "best": best["path"]}
+    record = {"dataset": dataset_label(data_args), "split": split, "images": len(per_image["ged"]),
+              "num_samples": num_samples, "seed": seed, "prompts": prompts, "criterion": "lowest mean GED",
+              "candidates": rows, "best": best["path"]}
     output.write_text(json.dumps(record, indent=2))
     return record
 

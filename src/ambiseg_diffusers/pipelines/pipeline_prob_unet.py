@@ -14,8 +14,8 @@ from ..hub_utils import check_finite_weights, check_weight_files, download_kwarg
 from ..image_processing import ImageInput, normalize_image, prepare_image
 from ..models.prob_unet import ProbUNetModel
 from .custom_code import CustomCodeLayoutMixin
-from .pipeline_settings import SettingsOnModelMixin
 from .pipeline_ambiseg import OUTPUT_TYPES, AmbiSegPipelineOutput, PromptInput, format_samples
+from .pipeline_settings import SettingsOnModelMixin
 
 logger = logging.get_logger(__name__)
 
