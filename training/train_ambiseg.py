@@ -36,7 +36,9 @@ from ambiseg_diffusers.configs import CONFIGS, AmbiSegTrainingConfig
 from ambiseg_diffusers.diagnostics import ambiguity_diagnostics
 from ambiseg_diffusers.evaluation import SAMPLING_SCHEDULERS, build_sampling_scheduler, cpu_only, validation_report
 from ambiseg_diffusers.hub_utils import model_card, push_folder_to_hub
-from ambiseg_diffusers.data import add_data_arguments, dataset_label, default_splits, is_lidc, load_from_args
+from ambiseg_diffusers.data import (
+    add_data_arguments, dataset_label, default_splits, image_channels, is_lidc, load_from_args,
+)
 from ambiseg_diffusers.lidc import FREE_TEXT, PROMPT_STYLES
 from ambiseg_diffusers.losses import ambiseg_loss, diffusion_target, predicted_clean
 from ambiseg_diffusers.metrics import TABLE_COLUMNS
@@ -218,10 +220,10 @@ def main(argv=None) -> Path:
     tokenizer, text_encoder = load_text_components(config.text_encoder)
     text_encoder.to(accelerator.device)
     encode = PromptCache(tokenizer, text_encoder)
-    image_channels = 1 if np.asarray(dataset[0]["image"]).ndim == 2 else np.asarray(dataset[0]["image"]).shape[0]
-    unet, prior, posterior = build_models(config, text_encoder.config.hidden_size, image_channels)
+    channels = image_channels(dataset)
+    unet, prior, posterior = build_models(config, text_encoder.config.hidden_size, channels)
     if args.init_from:
-        unet, prior, posterior = warm_start(args.init_from, config, image_channels)
+        unet, prior, posterior = warm_start(args.init_from, config, channels)
     noise_scheduler = build_noise_scheduler(config)
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
@@ -443,7 +445,7 @@ def dataset_facts(args, dataset) -> dict:
     return dict(image_column=args.image_column, mask_column=args.mask_column, caption_column=args.caption_column,
                 min_raters=min(raters), max_raters=max(raters), mean_raters=f"{np.mean(raters):.2f}",
                 image_size="x".join(map(str, image.shape[-2:])), image_shape=", ".join(map(str, image.shape)),
-                image_channels=1 if image.ndim == 2 else image.shape[0],
+                image_channels=image_channels(dataset),
                 example_prompt=prompts[0] if prompts else "")
 
 

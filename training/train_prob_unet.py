@@ -19,7 +19,6 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
@@ -30,7 +29,7 @@ from ambiseg_diffusers import ProbUNetModel, ProbUNetPipeline
 from ambiseg_diffusers.configs import PROB_UNET_CONFIGS, ProbUNetTrainingConfig
 from ambiseg_diffusers.evaluation import cpu_only, validation_report
 from ambiseg_diffusers.hub_utils import model_card, push_folder_to_hub
-from ambiseg_diffusers.data import add_data_arguments, dataset_label, default_splits, load_from_args
+from ambiseg_diffusers.data import add_data_arguments, dataset_label, default_splits, image_channels, load_from_args
 from ambiseg_diffusers.training_utils import (
     TrainingClock, generator_of, log_validation, recipe_from_args, resume_training, save_checkpoint, step_batches,
 )
@@ -111,8 +110,7 @@ def main(argv=None) -> Path:
     dataset = load_from_args(args, args.train_split, resolution=config.resolution)
     validation = (load_from_args(args, args.validation_split, resolution=config.resolution)
                   if args.num_validation_images else None)
-    image = np.asarray(dataset[0]["image"])
-    model = build_model(config, image_channels=1 if image.ndim == 2 else image.shape[0])
+    model = build_model(config, image_channels=image_channels(dataset))
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.adam_weight_decay)
     lr_scheduler = get_scheduler(
         config.lr_scheduler, optimizer, num_warmup_steps=config.lr_warmup_steps * accelerator.num_processes,

@@ -20,6 +20,7 @@ flags), `nodule_id` and `nodule_prompt` (the per-image text, None where the text
 
 from __future__ import annotations
 
+import argparse
 import os
 from pathlib import Path
 
@@ -158,14 +159,6 @@ def default_splits(dataset_name: str | None, train_data_dir, train_split: str | 
     return "train_fit", "selection"
 
 
-def selection_split(dataset_name: str | None, train_data_dir) -> str:
-    """The split choices (checkpoint, knob) are made on when none is named: lidc64 "selection" (training patients
-    held out of training); other data the split training validates on (`default_splits`)."""
-    if names_lidc64(dataset_name, train_data_dir):
-        return "selection"
-    return default_splits(dataset_name, train_data_dir, None, None)[1]
-
-
 def distillation_splits(dataset_name: str | None, train_data_dir, train_split: str | None,
                         validation_split: str | None) -> tuple[str, str]:
     """The training and validation splits of a script that goes on from a trained model (distillation): lidc64
@@ -173,6 +166,12 @@ def distillation_splits(dataset_name: str | None, train_data_dir, train_split: s
     if names_lidc64(dataset_name, train_data_dir):
         return train_split or "train_fit", validation_split or "selection"
     return default_splits(dataset_name, train_data_dir, train_split, validation_split)
+
+
+def selection_split(dataset_name: str | None, train_data_dir) -> str:
+    """The split choices (checkpoint, knob) are made on when none is named: lidc64 "selection" (training patients
+    held out of training); other data the split training validates on."""
+    return distillation_splits(dataset_name, train_data_dir, None, None)[1]
 
 
 def check_choosing_split(dataset_name: str | None, train_data_dir, split: str) -> None:
@@ -421,12 +420,13 @@ DATA_FLAGS = ("dataset_name", "train_data_dir", "data_dir", "image_column", "mas
 def data_flags(args) -> list[str]:
     """The flags of `add_data_arguments` that `args` sets to other than their defaults, as a command line, for a
     script that runs another one on the same data."""
-    defaults = {"dataset_name": "lidc64", "image_column": IMAGE_COLUMN, "mask_column": MASK_COLUMN,
-                "caption_column": CAPTION_COLUMN}
+    parser = argparse.ArgumentParser()
+    add_data_arguments(parser)
+    defaults = vars(parser.parse_args([]))
     flags = []
     for name in DATA_FLAGS:
         value = getattr(args, name, None)
-        if value is not None and value != defaults.get(name):
+        if value is not None and value != defaults[name]:
             flags += [f"--{name}", str(value)]
     return flags
 
@@ -440,6 +440,12 @@ def load_from_args(args, split: str, prompt_style: str | None = None, resolution
         resolution=getattr(args, "resolution", None) or resolution,
         data_dir=args.data_dir, prompt_style=prompt_style,
     )
+
+
+def image_channels(rows: Dataset) -> int:
+    """The channels of a checked dataset's images (row 0's: `to_contract` makes every row share them)."""
+    image = np.asarray(rows[0]["image"])
+    return 1 if image.ndim == 2 else image.shape[0]
 
 
 def model_resolution(pipeline) -> int | None:

@@ -36,8 +36,12 @@ class SettingsOnModelMixin:
         """Writes `settings` (default: all of this pipeline's) into the record on the carrying model."""
         model = self.__dict__.get(self._settings_model)  # not getattr: ConfigMixin would answer from the config
         settings = settings or {name: self.config[name] for name in self._setting_defaults if name in self.config}
-        if settings and model is not None and hasattr(model, "register_to_config"):
-            model.register_to_config(**{RECORD_KEY: {**(model.config.get(RECORD_KEY) or {}), **settings}})
+        if not settings or model is None or not hasattr(model, "register_to_config"):
+            return
+        recorded = model.config.get(RECORD_KEY) or {}
+        if any(recorded.get(name) != value for name, value in settings.items()):  # diffusers reads `components`
+            # several times a call (`_execution_device`, offload hooks): write only what changed
+            model.register_to_config(**{RECORD_KEY: {**recorded, **settings}})
 
     def register_to_config(self, **kwargs) -> None:
         super().register_to_config(**kwargs)
