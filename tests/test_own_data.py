@@ -350,3 +350,21 @@ def test_data_flags_are_forwarded_when_set_and_reporting_splits_never_choose(tmp
     with pytest.raises(SystemExit):  # data flags go before `--`, to every stage, not to train_dpo alone
         iterate_dpo.parse_args(["--reference", "r", "--output_dir", "o", "--", "--train_data_dir", str(data)])
     assert "passes its own data flags" in capsys.readouterr().err
+
+
+def test_trajectory_distillation_without_validation_reads_no_data(tmp_path):
+    """A GPU box may hold only the recorded shards: without validation images the recording's data folder is never
+    opened (it does not exist here)."""
+    import train_consistency
+
+    from ambiseg_diffusers.run_records import RECORD_FILE
+
+    recording = tmp_path / "trajectories"
+    recording.mkdir()
+    (recording / RECORD_FILE).write_text(json.dumps({"num_inference_steps": 4, "split": "train_fit",
+                                                     "dataset_name": "lidc64", "train_data_dir": str(tmp_path / "gone")}))
+    base = ["--teacher", str(tmp_path), "--trajectories", str(recording), "--output_dir", str(tmp_path / "out")]
+    args = train_consistency.parse_args(base + ["--num_validation_images", "0"])
+    assert args.train_split == "train_fit" and args.validation_split is None
+    with pytest.raises(FileNotFoundError, match="gone"):  # validation reads the data, which is not there
+        train_consistency.parse_args(base)

@@ -187,8 +187,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         for name, default in (("num_ddim_timesteps", 50), ("loss_type", "huber")):
             if getattr(args, name) is None:  # a given 0 stays 0, for the check below to refuse
                 setattr(args, name, default)
-    args.train_split, args.validation_split = distillation_splits(args.dataset_name, args.train_data_dir,
-                                                                  args.train_split, args.validation_split)
+    if not args.trajectories or args.num_validation_images:  # else no data is read (a GPU box may hold only the
+        # recorded shards): the splits are looked up only where they are used
+        args.train_split, args.validation_split = distillation_splits(args.dataset_name, args.train_data_dir,
+                                                                      args.train_split, args.validation_split)
     for name in ("num_ddim_timesteps", "lora_rank", "max_train_steps", "train_batch_size", "checkpointing_steps",
                  "sampling_steps"):
         if getattr(args, name) < 1:

@@ -653,7 +653,7 @@ class AmbiSegPipeline(SettingsOnModelMixin, CustomCodeLayoutMixin, DiffusionPipe
             prior_temperature: scales the prior's standard deviation (0 = always the prior mean).
             eta: DDIM's eta (ignored by other schedulers).
             generator: a `torch.Generator`, or one per image: then image `b`'s samples are those of a call on image
-                `b` alone with `generator[b]`, whatever the batch (diffusers' batch-vs-single convention).
+                `b` alone with `[generator[b]]`, whatever the batch (diffusers' batch-vs-single convention).
             latents: pre-drawn initial noise `(batch * num_samples, mask_channels, H, W)`, row `b * num_samples + s`
                 for sample `s` of image `b`; `None` = drawn from `generator`.
             ambiguity_latents: the ambiguity latents `z` `(batch * num_samples, latent_dim)`; `None` = drawn from the
