@@ -1,9 +1,9 @@
 #!/usr/bin/env python
 """Quality against sampler and steps on the same images and seeds, each against a quality reference (DDIM-100),
 on three views of the split: all its slices; its largest-consensus slice per nodule (the slice a radiologist reads
-first, `largest_consensus_slices`); and every slice whose raters' consensus area is above the split's median (the
-large-nodule view the default is chosen on: few steps lose where the nodule is large, which a view of mostly small
-edge slices hides, and one slice per nodule gives too few slices for an interval to decide anything).
+first, `largest_consensus_slices`); and every slice whose raters' consensus area is above the split's median (a
+large-nodule view: few steps lose where the nodule is large, which a view of mostly small edge slices hides). The
+default is chosen on all three.
 
     python scripts/sweep_samplers.py --model checkpoints/ambiseg-lidc64 --split selection --bf16 \\
         --output_dir runs/sweep --configs ddim:100 ddim:10 dpm:8 dpm_sde:10 unipc:8 deis:8 ddim:20:eta=1
@@ -22,9 +22,9 @@ Choices (the pipeline's default sampler and steps) are made on the `selection` s
 validate. Writes `sweep.md` (per view: the paper-layout table with 95% bootstrap intervals, seconds per image, and the
 paired difference in GED to the reference with its own interval), `sweep.json` and `quality_vs_steps.png` (every
 view; intervals shown, GED axis from 0, the "no worse than the reference + 0.005" line). Lower GED is better. The
-default is the cheapest configuration (fewest UNet calls) that meets `meets_default_rule`: mean GED at most 0.005
-above the reference on the all-slices and the above-median views, and the upper end of the all-slices paired 95%
-interval below 0.01 (being better by more is no defect). A configuration a scheduler cannot run is reported, not
+default is the cheapest configuration (fewest UNet calls; between equals, the nearer to the reference) that meets
+`meets_default_rule`: mean GED at most 0.005 above the reference on all three views, and the upper end of the
+all-slices paired 95% interval below 0.01 (being better by more is no defect). A configuration a scheduler cannot run is reported, not
 fatal.
 """
 
@@ -59,18 +59,20 @@ def meets_target(difference: dict | None) -> bool:
     return difference is not None and difference["mean"] <= TOLERANCE and difference["high"] < INTERVAL_LIMIT
 
 
-def meets_default_rule(all_slices: dict | None, large: dict | None) -> bool:
-    """The rule a default sampler is chosen by (issue 34): mean GED at most TOLERANCE above the reference on both
-    views, and the upper end of the all-slices interval below INTERVAL_LIMIT (the large-nodule view is the smaller
-    one: its interval is reported, not required)."""
-    return meets_target(all_slices) and large is not None and large["mean"] <= TOLERANCE
+def meets_default_rule(all_slices: dict | None, *other_views: dict | None) -> bool:
+    """The rule a default sampler is chosen by (issues 34 and 40): mean GED at most TOLERANCE above the reference on
+    every view, and the upper end of the all-slices interval below INTERVAL_LIMIT (the other views are smaller:
+    their intervals are reported, not required)."""
+    return meets_target(all_slices) and all(v is not None and v["mean"] <= TOLERANCE for v in other_views)
 
 
 # The views: every slice; one slice per nodule (where its raters' consensus is largest); and the large-nodule view
 # the default is chosen on, every slice whose consensus area is above the split's median (many more slices than
 # nodules, so its interval can decide something).
 VIEWS = ("all slices", "largest-consensus slice per nodule", "slices with consensus area above the median")
-RULE_VIEWS = (VIEWS[0], VIEWS[2])
+# Every view: the above-median view alone let DDIM-2 pass within 0.005 while the largest-consensus view, where a
+# radiologist reads first, showed it +0.06 off (issue 40).
+RULE_VIEWS = VIEWS
 
 
 class Config(NamedTuple):
@@ -229,11 +231,15 @@ def main(argv=None) -> dict:
     equal = [c for c in per_config
              if meets_default_rule(*(report["views"][v]["ged_minus_reference"].get(c) for v in RULE_VIEWS))]
     if equal:  # the reference at least, when it was measured
-        cheapest = min(equal, key=lambda c: (parse_config(c).steps, seconds[c]))
+        # equal UNet calls cost the same (a solver's own arithmetic is negligible beside a UNet call, and seconds
+        # measured in different runs are not comparable): the nearer one to the reference on all slices wins
+        nearest = lambda c: report["views"][VIEWS[0]]["ged_minus_reference"][c]["mean"]  # noqa: E731
+        cheapest = min(equal, key=lambda c: (parse_config(c).steps, nearest(c)))
         report["cheapest_meeting_rule"] = cheapest
-        sections.append(f"Cheapest meeting the rule (fewest UNet calls, then s/image; GED − reference <= {TOLERANCE} on "
-                        f"'{RULE_VIEWS[0]}' and '{RULE_VIEWS[1]}', the upper end of the all-slices 95% interval below "
-                        f"{INTERVAL_LIMIT}): {cheapest}\n")
+        views = ", ".join(f"'{v}'" for v in RULE_VIEWS)
+        sections.append(f"Cheapest meeting the rule (fewest UNet calls, then the smallest all-slices GED − reference; "
+                        f"GED − reference <= {TOLERANCE} on {views}, the upper end of the all-slices 95% interval "
+                        f"below {INTERVAL_LIMIT}): {cheapest}\n")
     sections += [f"{config} does not run: {error}\n" for config, error in failed.items()]
     text = "\n".join(sections)
     (output_dir / "sweep.md").write_text(text)

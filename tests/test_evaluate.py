@@ -218,13 +218,17 @@ def test_equal_quality_needs_the_mean_and_the_upper_bound():
     assert not sweep_samplers.meets_target(None)  # not measured
 
 
-def test_the_default_rule_needs_the_all_slices_bound_and_both_means():
+def test_the_default_rule_needs_the_all_slices_bound_and_every_views_mean():
     close = {"mean": 0.004, "low": -0.001, "high": 0.009}
     close_but_wide = {"mean": 0.004, "low": -0.012, "high": 0.02}
-    assert sweep_samplers.meets_default_rule(close, close_but_wide)  # the smaller view's interval is reported only
-    assert not sweep_samplers.meets_default_rule(close_but_wide, close)
-    assert not sweep_samplers.meets_default_rule(close, {"mean": 0.006, "low": 0.001, "high": 0.009})
-    assert not sweep_samplers.meets_default_rule(close, None)
+    far = {"mean": 0.006, "low": 0.001, "high": 0.009}
+    assert sweep_samplers.meets_default_rule(close, close_but_wide, close_but_wide)  # smaller views: interval reported
+    assert not sweep_samplers.meets_default_rule(close_but_wide, close, close)
+    assert not sweep_samplers.meets_default_rule(close, close, far)
+    # the largest-consensus view counts (issue 40: dpm:5 was +0.005 on all slices, +0.029 there)
+    assert not sweep_samplers.meets_default_rule(close, far, close)
+    assert not sweep_samplers.meets_default_rule(close, None, close)
+    assert sweep_samplers.RULE_VIEWS == sweep_samplers.VIEWS
 
 
 def test_sampler_configurations_parse_eta_and_refuse_what_does_not_apply():

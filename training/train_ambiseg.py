@@ -45,7 +45,7 @@ from ambiseg_diffusers.metrics import TABLE_COLUMNS
 from ambiseg_diffusers.models.ambiguity_encoder import AMBIGUITY_DESIGNS, TEXT_POOLINGS
 from ambiseg_diffusers.models.unet_ambiseg import UNET_PRESETS
 from ambiseg_diffusers.preferences import select_rows
-from ambiseg_diffusers.text import PromptCache
+from ambiseg_diffusers.text import PromptCache, sentence_encoded
 from ambiseg_diffusers.training_utils import (
     TrainingClock, ambiguity_design, build_models, build_noise_scheduler, generator_of, load_ema, load_text_components,
     log_validation, recipe_from_args, resume_training, save_checkpoint, save_ema, step_batches, str2bool,
@@ -91,6 +91,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     recipe.add_argument("--prompt_style", choices=PROMPT_STYLES,
                         help="LIDC data: form of the rating prompts (lidc.ratings_to_prompt), recorded in the saved "
                              "pipeline; other data's own text is used as stored (recorded as 'free')")
+    recipe.add_argument("--counterfactual_rate", type=float,
+                        help="style 'slice': share of training pairs edited to a drawn diameter/shape, prompt restated")
+    recipe.add_argument("--counterfactual_shape_rate", type=float,
+                        help="share of the edited pairs whose boundary is also smoothed or roughened")
+    recipe.add_argument("--plain_prompt_rate", type=float,
+                        help="style 'slice': share of prompts written as a plain sentence instead of the paper's form")
     recipe.add_argument("--prediction_type", choices=["epsilon", "sample", "v_prediction"],
                         help="what the UNet predicts: the noise, the clean mask (x0) or v")
     recipe.add_argument("--num_train_timesteps", type=int, help="diffusion steps T")
@@ -200,6 +206,13 @@ def main(argv=None) -> Path:
     if not 0.0 <= config.prior_z_fraction <= 1.0:
         raise ValueError(f"`--prior_z_fraction` must be in [0, 1], got {config.prior_z_fraction}.")
     refuse_idle_flags(args, ambiguity_design(config))
+    for name in ("counterfactual_rate", "counterfactual_shape_rate", "plain_prompt_rate"):
+        value = getattr(config, name)
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"`--{name}` must be in [0, 1], got {value}.")
+        if getattr(args, name) is not None and config.prompt_style != "slice":
+            raise ValueError(f"`--{name}` restates prompts in style 'slice' (LIDC ratings and the mask's diameter); "
+                             f"the recipe's style is {config.prompt_style!r}: add --prompt_style slice.")
     output_dir = Path(args.output_dir)
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps, mixed_precision=args.mixed_precision,
@@ -219,7 +232,10 @@ def main(argv=None) -> Path:
     # Components. The text encoder is frozen: each distinct prompt is encoded once and cached.
     tokenizer, text_encoder = load_text_components(config.text_encoder)
     text_encoder.to(accelerator.device)
-    encode = PromptCache(tokenizer, text_encoder)
+    # Style "slice" prompts are restated each step (text_control) and read sentence by sentence: a bounded cache of
+    # sentences, nearly all of them hits
+    by_sentence = sentence_encoded(config.prompt_style)
+    encode = PromptCache(tokenizer, text_encoder, max_entries=20_000 if by_sentence else None, by_sentence=by_sentence)
     channels = image_channels(dataset)
     unet, prior, posterior = build_models(config, text_encoder.config.hidden_size, channels)
     if args.init_from:

@@ -77,7 +77,7 @@ from ambiseg_diffusers.lidc import FREE_TEXT, eval_prompts, pipeline_prompt_styl
 from ambiseg_diffusers.losses import consistency_output, ddim_solver_step
 from ambiseg_diffusers.pipelines.pipeline_ambiseg import CONSISTENCY_FILE, LORA_WEIGHT_NAME
 from ambiseg_diffusers.run_records import RECORD_FILE, pipeline_fingerprint
-from ambiseg_diffusers.text import PromptCache
+from ambiseg_diffusers.text import PromptCache, sentence_encoded
 from ambiseg_diffusers.training_utils import (
     LORA_TARGETS, TrainingClock, adapter_base_matches, generator_of, load_ema, load_trainable_adapter, log_validation,
     resume_training, save_checkpoint, save_ema, shard, step_batches, step_generator,
@@ -328,7 +328,8 @@ def main(argv=None) -> Path:
                          f"{accelerator.num_processes} processes.")
     recorded = load_trajectories(args.trajectories, teacher, schedule) if args.trajectories else None
     stride = noise_scheduler.config.num_train_timesteps // args.num_ddim_timesteps
-    encode = PromptCache(teacher.tokenizer, teacher.text_encoder)
+    encode = PromptCache(teacher.tokenizer, teacher.text_encoder,
+                         by_sentence=sentence_encoded(pipeline_prompt_style(teacher)))
     prior = teacher.prior.requires_grad_(False).eval() if teacher.unet.latent_dim else None
 
     from peft import LoraConfig

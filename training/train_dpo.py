@@ -64,7 +64,7 @@ from ambiseg_diffusers.data import add_data_arguments, default_splits, load_from
 from ambiseg_diffusers.lidc import FREE_TEXT, augment, pipeline_prompt_style
 from ambiseg_diffusers.losses import DPO_ERROR_SPACES, diffusion_dpo_loss, dpo_errors
 from ambiseg_diffusers.pipelines.pipeline_ambiseg import ADAPTER_FILE, LORA_WEIGHT_NAME, PREFERENCE_ADAPTER
-from ambiseg_diffusers.text import PromptCache
+from ambiseg_diffusers.text import PromptCache, sentence_encoded
 from ambiseg_diffusers.training_utils import (
     LORA_TARGETS, adapter_base_matches, batch_indices, checkpoint_step, load_ema, load_trainable_adapter, log_validation,
     recipe_from_args, resume_checkpoint, save_checkpoint, save_ema, shard, step_generator, str2bool,
@@ -284,7 +284,8 @@ def main(argv=None) -> Path:
     # The training noising process, whatever sampler the reference was saved with (an Euler scheduler's add_noise is
     # variance-exploding: the UNet never saw such inputs), as diffusers' DPO example does.
     noise_scheduler = DDPMScheduler.from_config(reference.scheduler.config)
-    encode = PromptCache(reference.tokenizer, reference.text_encoder)
+    encode = PromptCache(reference.tokenizer, reference.text_encoder,
+                         by_sentence=sentence_encoded(pipeline_prompt_style(reference)))
     # Only a UNet that takes z needs one per pair (a "prediction_kl" or "none" reference denoises without).
     takes_z = bool(reference.unet.latent_dim)
     posterior = reference.posterior.requires_grad_(False).eval() if takes_z and reference.posterior is not None else None

@@ -29,7 +29,14 @@ class AmbiSegTrainingConfig(_Recipe):
     prior_z_fraction: float = 0.0  # "latent": share of training rows whose UNet gets a prior z instead of a posterior z
     use_text: bool = True  # False = the "no text" ablation (empty prompt always)
     text_encoder: str = "offline-minilm"  # Hub id or folder; "offline-minilm" = all-MiniLM-L6-v2 from PyPI
-    prompt_style: str = "paper"  # lidc.ratings_to_prompt: "paper" (Figure 5, with diameter and volume), "ratings", "short"
+    prompt_style: str = "paper"  # lidc.ratings_to_prompt: "paper" (Figure 5, with diameter and volume), "ratings", "short",
+    # "slice" (the paper's form stating the mask's diameter on this slice: the text-control recipe)
+    # Text control (text_control.py; style "slice" on LIDC rows): the share of training pairs whose rater mask is edited
+    # to a drawn diameter (and, for `counterfactual_shape_rate` of them, a smoothed or roughened boundary) with the
+    # prompt restated from the edit; and the share of prompts written as a plain sentence instead of the paper's form.
+    counterfactual_rate: float = 0.0
+    counterfactual_shape_rate: float = 0.5
+    plain_prompt_rate: float = 0.0
     # Diffusion
     prediction_type: str = "sample"  # "epsilon" (paper), "sample" (x0) or "v_prediction"
     num_train_timesteps: int = 1000
@@ -50,10 +57,10 @@ class AmbiSegTrainingConfig(_Recipe):
     ema_warmup: bool = True  # diffusers EMAModel warm-up (decay grows with the step count)
     prompt_dropout: float = 0.1  # empty prompt this often, for classifier-free guidance at inference
     # Sampling (validation and the saved pipeline's defaults)
-    sampling_scheduler: str = "ddim"
-    # x0-prediction: DDIM-2 is within 0.005 GED of DDIM-100 on the selection split (docs/results.md, sampling steps); the
-    # paper preset sets 100 for its epsilon model.
-    sampling_steps: int = 2
+    # UniPC-6: the fewest UNet calls within 0.005 GED of DDIM-100 on all three selection views (issue 40;
+    # docs/results/sweep-selection/sweep.md); the paper preset sets DDIM-100 for its epsilon model.
+    sampling_scheduler: str = "unipc"
+    sampling_steps: int = 6
     image_clip: float = 3.0
 
 
@@ -65,7 +72,8 @@ CONFIGS: dict[str, AmbiSegTrainingConfig] = {
     # from 1e-4, lambda_KL = 1e-3, EMA 0.9999, 128x128, Bio_ClinicalBERT, DDIM-100 sampling).
     "paper": AmbiSegTrainingConfig(
         unet_preset="paper", resolution=128, text_encoder="emilyalsentzer/Bio_ClinicalBERT", prediction_type="epsilon",
-        max_train_steps=50_000, learning_rate=1e-4, ema_decay=0.9999, ema_warmup=False, sampling_steps=100,
+        max_train_steps=50_000, learning_rate=1e-4, ema_decay=0.9999, ema_warmup=False, sampling_scheduler="ddim",
+        sampling_steps=100,
     ),
 }
 

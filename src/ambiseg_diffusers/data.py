@@ -272,7 +272,8 @@ def to_contract(rows: Dataset, image_column: str = IMAGE_COLUMN, mask_column: st
         "nodule_prompt": Value("string"),
     })
     # LIDC's own columns stay (ratings re-prompt, sizes, ids); other data keeps the contract's columns only
-    keep = [c for c in ("diameter_mm", "volume_mm3", "ratings", "patient_id", "slice") if c in have and is_lidc_rows(rows)]
+    keep = [c for c in ("diameter_mm", "volume_mm3", "slice_diameter_mm", "pixel_spacing_mm", "ratings", "patient_id",
+                        "slice") if c in have and is_lidc_rows(rows)]
     converted = rows.with_format("numpy").map(
         convert, batched=True, batch_size=64, with_indices=True, features=Features({**features, **{
             c: rows.features[c] for c in keep}}), remove_columns=[c for c in have if c not in keep],

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from datasets import Array2D, Array3D, Dataset, Features, Sequence as SequenceFeature, Value
 from diffusers.utils import logging
+from scipy.spatial import ConvexHull
 
 logger = logging.get_logger(__name__)
 
@@ -41,7 +42,7 @@ RATING_MEANINGS: dict[str, tuple[str, ...]] = {
     "texture": ("Non-Solid/GGO", "Non-Solid/Mixed", "Part Solid/Mixed", "Solid/Mixed", "Solid"),
     "malignancy": ("Highly Unlikely", "Moderately Unlikely", "Indeterminate", "Moderately Suspicious", "Highly Suspicious"),
 }
-PROMPT_STYLES = ("paper", "ratings", "short")
+PROMPT_STYLES = ("paper", "ratings", "short", "slice")
 # What a pipeline records as its `prompt_style`: one of the LIDC styles above, or "free" for a dataset's own text.
 FREE_TEXT = "free"
 RECORDED_PROMPT_STYLES = PROMPT_STYLES + (FREE_TEXT,)
@@ -82,6 +83,15 @@ def _size_sentences(diameter_mm: float | None, volume_mm3: float | None) -> str:
     return f"The diameter is {diameter_mm:.1f} mm. The volume is {volume_mm3:.0f} mm3."
 
 
+def slice_size_sentence(diameter_mm: float | None) -> str:
+    """The size sentence of style "slice": this slice's extent in whole millimetres ("The diameter is 12 mm."), one
+    word piece for the number (a frozen BERT reads "12.3" as "12", ".", "3")."""
+    if diameter_mm is None or not np.isfinite(diameter_mm) or diameter_mm < 0:
+        raise ValueError(f"style='slice' states the nodule's extent on this slice: `diameter_mm` must be a finite "
+                         f"number >= 0, got {diameter_mm!r}.")
+    return f"The diameter is {diameter_mm:.0f} mm."
+
+
 def ratings_to_prompt(ratings: Mapping[str, int], style: str = "paper", diameter_mm: float | None = None,
                       volume_mm3: float | None = None) -> str:
     """The nine LIDC ratings of one rater (and, for the paper's prompt, that rater's nodule size) -> text.
@@ -92,6 +102,9 @@ def ratings_to_prompt(ratings: Mapping[str, int], style: str = "paper", diameter
     sentences and with a shorter closing instruction (the form the first checkpoints were trained on).
     `style="short"`: one natural sentence, as in the paper's control experiments ("A solid, round nodule with marked
     spiculation and a sharp margin.").
+    `style="slice"`: the paper's prompt with one size sentence, the extent of the mask *on this slice* in whole
+    millimetres ("The diameter is 12 mm.", `diameter_mm` = the slice's Feret diameter), no volume: what a 2-D
+    denoiser can draw, and what the controllable checkpoints are trained on (docs/design.md, "Text control").
     Raises `ValueError` for a missing or out-of-range rating or size, or an unknown style.
     """
     if style not in PROMPT_STYLES:
@@ -108,6 +121,8 @@ def ratings_to_prompt(ratings: Mapping[str, int], style: str = "paper", diameter
     semantic = " ".join(f"The {name[0].upper() + name[1:]} is {RATING_MEANINGS[name][r[name] - 1]}." for name in RATING_NAMES)
     if style == "ratings":
         return f"{numeric} {semantic} {RATINGS_CLOSING}"
+    if style == "slice":
+        return f"{numeric} {semantic} {slice_size_sentence(diameter_mm)} {PAPER_CLOSING}"
     return f"{numeric} {semantic} {_size_sentences(diameter_mm, volume_mm3)} {PAPER_CLOSING}"
 
 
@@ -123,9 +138,12 @@ def slice_prompts(ratings: np.ndarray, valid: np.ndarray, style: str = "paper", 
                   volume_mm3: np.ndarray | None = None) -> tuple[list[str], str]:
     """One prompt per rater slot (the nodule-level prompt for slots without a reading) and the nodule-level prompt.
 
-    `ratings` `(M, 9)`, `valid` `(M,)`; for style "paper" also each slot's `diameter_mm` and `volume_mm3` `(M,)`.
+    `ratings` `(M, 9)`, `valid` `(M,)`; for style "paper" also each slot's `diameter_mm` and `volume_mm3` `(M,)`,
+    for style "slice" each slot's diameter on this slice as `diameter_mm` (`volume_mm3` unused).
     The nodule-level prompt uses the median rating and the median size of the raters who read the nodule.
     """
+    if style == "slice" and diameter_mm is not None:
+        volume_mm3 = np.zeros(len(valid)) if volume_mm3 is None else volume_mm3
     sizes = [None, None] if diameter_mm is None or volume_mm3 is None else [np.asarray(diameter_mm, np.float64),
                                                                           np.asarray(volume_mm3, np.float64)]
     slot_size = lambda m: [None if s is None else float(s[m]) for s in sizes]  # noqa: E731
@@ -140,13 +158,16 @@ def slice_prompts(ratings: np.ndarray, valid: np.ndarray, style: str = "paper", 
 
 def feret_diameter(mask: np.ndarray, pixel_spacing_mm: float) -> float:
     """The longest distance (mm) across a 2-D mask `(H, W)`, measured between the corners of its pixel squares (as a
-    caliper would across the marked region); 0 for an empty mask."""
+    caliper would across the marked region; the farthest pair lies on their convex hull); 0 for an empty mask."""
     rows, cols = np.nonzero(mask)
     if rows.size == 0:
         return 0.0
-    corners = np.unique(np.concatenate([np.stack([rows + dr, cols + dc], 1) for dr in (0, 1) for dc in (0, 1)]), axis=0)
-    points = torch.as_tensor(corners, dtype=torch.float64)
-    return float(torch.cdist(points, points).max()) * float(pixel_spacing_mm)
+    corners = np.unique(np.concatenate([np.stack([rows + dr, cols + dc], 1) for dr in (0, 1) for dc in (0, 1)]),
+                        axis=0).astype(np.float64)
+    if len(corners) > 4:
+        corners = corners[ConvexHull(corners).vertices]
+    gaps = corners[:, None, :] - corners[None, :, :]
+    return float(np.sqrt((gaps**2).sum(-1).max())) * float(pixel_spacing_mm)
 
 
 def rater_sizes(masks: np.ndarray, annotation_ids: np.ndarray, pixel_spacing_mm: np.ndarray,
@@ -324,8 +345,13 @@ def with_prompt_style(dataset: Dataset, style: str) -> Dataset:
         raise ValueError("prompt_style='paper' needs the columns diameter_mm and volume_mm3 (rebuild the data set with "
                          "scripts/prepare_lidc.py) or use prompt_style='ratings'.")
 
+    if style == "slice" and "slice_diameter_mm" not in dataset.column_names:
+        raise ValueError("prompt_style='slice' needs the column slice_diameter_mm (load the data with load_lidc64) or "
+                         "use prompt_style='paper'.")
+
     def reprompt(row):
-        sizes = (row["diameter_mm"], row["volume_mm3"]) if style == "paper" else (None, None)
+        sizes = {"paper": (row["diameter_mm"], row["volume_mm3"]),
+                 "slice": (row.get("slice_diameter_mm"), None)}.get(style, (None, None))
         per_slot, nodule = slice_prompts(np.asarray(row["ratings"]), np.asarray(row["annotator_valid"]), style, *sizes)
         return {"prompts": per_slot, "nodule_prompt": nodule}
 
@@ -340,6 +366,8 @@ def lidc64_features(size: int = 64, raters: int = 4) -> Features:
         "ratings": Array2D((raters, len(RATING_NAMES)), "int8"),
         "diameter_mm": SequenceFeature(Value("float32"), length=raters),
         "volume_mm3": SequenceFeature(Value("float32"), length=raters),
+        "slice_diameter_mm": SequenceFeature(Value("float32"), length=raters),
+        "pixel_spacing_mm": Value("float32"),
         "prompts": SequenceFeature(Value("string"), length=raters),
         "nodule_prompt": Value("string"),
         "patient_id": Value("string"),
@@ -357,7 +385,8 @@ def load_lidc64(split: str = "train", data_dir: str | os.PathLike | None = None,
     "train_fit" (the other 49).
     Columns: image `(64, 64)` float32 (z-scored per slice, as stored), masks `(4, 64, 64)` uint8 {0, 1},
     annotator_valid `(4,)` bool, ratings `(4, 9)` int8 (0 where not valid), diameter_mm / volume_mm3 `(4,)` float32
-    (each rater's nodule size from its masks, `rater_sizes`; 0 where not valid), prompts (4 str in `prompt_style`,
+    (each rater's nodule size from its masks, `rater_sizes`; 0 where not valid), slice_diameter_mm `(4,)` float32
+    (each slot's mask's Feret diameter on this slice), pixel_spacing_mm (the scan's in-plane spacing), prompts (4 str in `prompt_style`,
     see module docstring and `ratings_to_prompt`), nodule_prompt, patient_id, nodule_id ("<patient>_<nodule
     index>"), slice. A model answers best to the prompt style it was trained on: pass its
     `pipeline.config.prompt_style`.
@@ -379,21 +408,34 @@ def load_lidc64(split: str = "train", data_dir: str | os.PathLike | None = None,
     stack = lambda key, _stack=stack: _stack(key)[keep]  # noqa: E731
     valid, ratings, patients = stack("annotator_valid"), stack("ratings"), stack("patient_id")
     diameter, volume = _lidc64_sizes(folder, split, stack("pylidc_annotation_id"))
-    prompts = [slice_prompts(r, v, prompt_style, d, vol) for r, v, d, vol in zip(ratings, valid, diameter, volume)]
+    nodule_ids = [f"{str(p)[-4:]}_{int(n)}" for p, n in zip(patients, stack("nodule_idx"))]
+    spacing = _pixel_spacings(folder.resolve(), tuple(nodule_ids))
+    masks = stack("masks").astype(np.uint8)
+    slice_diameter = np.array([[feret_diameter(m, s) for m in row] for row, s in zip(masks, spacing)], np.float32)
+    sizes = (slice_diameter, np.zeros_like(slice_diameter)) if prompt_style == "slice" else (diameter, volume)
+    prompts = [slice_prompts(r, v, prompt_style, d, vol) for r, v, d, vol in zip(ratings, valid, *sizes)]
     columns = {
         "image": stack("images").astype(np.float32),
-        "masks": stack("masks").astype(np.uint8),
+        "masks": masks,
         "annotator_valid": valid.tolist(),
         "ratings": ratings.astype(np.int8),
         "diameter_mm": diameter,
         "volume_mm3": volume,
+        "slice_diameter_mm": slice_diameter,
+        "pixel_spacing_mm": spacing,
         "prompts": [p[0] for p in prompts],
         "nodule_prompt": [p[1] for p in prompts],
         "patient_id": [str(p) for p in patients],
-        "nodule_id": [f"{str(p)[-4:]}_{int(n)}" for p, n in zip(patients, stack("nodule_idx"))],
+        "nodule_id": nodule_ids,
         "slice": stack("slice_idx").astype(np.int16),
     }
     return Dataset.from_dict(columns, features=lidc64_features())
+
+
+def _pixel_spacings(folder: Path, nodule_ids: tuple[str, ...]) -> np.ndarray:
+    """In-plane pixel spacing (mm) of each row's scan, from lidc64_nodules.json. `(N,)` float32."""
+    nodules = json.loads((folder / "lidc64_nodules.json").read_text())
+    return np.array([nodules[k]["pixel_spacing_mm"] for k in nodule_ids], np.float32)
 
 
 @lru_cache(maxsize=8)

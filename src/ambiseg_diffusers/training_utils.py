@@ -20,10 +20,11 @@ from transformers import AutoModel, AutoTokenizer
 
 from .configs import AmbiSegTrainingConfig
 from .image_processing import masks_to_model_range, normalize_image
-from .lidc import augment
+from .lidc import augment, feret_diameter
 from .models import AmbiguityEncoder, AmbiSegUNet
 from .models.ambiguity_encoder import AMBIGUITY_DESIGNS
 from .text import resolve_text_encoder
+from .text_control import counterfactual_pair, ratings_of, training_prompt
 
 logger = logging.getLogger(__name__)
 
@@ -175,15 +176,36 @@ def training_batch(dataset, indices: list[int], config: AmbiSegTrainingConfig, g
             image = torch.nn.functional.interpolate(image[None], size=config.resolution, mode="bilinear")[0]
             raters = torch.nn.functional.interpolate(raters[None], size=config.resolution, mode="nearest")[0]
         rater = int(torch.randint(0, raters.shape[0], (1,), generator=generator))
+        mask, prompt = raters[rater : rater + 1], rows["prompts"][i][rater]
+        if config.prompt_style == "slice" and rows["annotator_valid"][i][rater]:
+            # stored size / training size: the pixel spacing of the resized crop
+            spacing = float(rows["pixel_spacing_mm"][i]) * np.asarray(rows["image"][i]).shape[-1] / config.resolution
+            mask, prompt = restated_pair(mask, rows["ratings"][i][rater], spacing, config, generator)
         images.append(image)
-        masks.append(raters[rater : rater + 1])
+        masks.append(mask)
         drop = float(torch.rand(1, generator=generator)) < config.prompt_dropout
-        prompts.append("" if drop or not config.use_text else rows["prompts"][i][rater])
+        prompts.append("" if drop or not config.use_text else prompt)
     return {
         "pixel_values": normalize_image(torch.stack(images), config.image_clip),
         "mask_values": masks_to_model_range(torch.stack(masks)),
         "prompts": prompts,
     }
+
+
+def restated_pair(mask: torch.Tensor, ratings, pixel_spacing_mm: float, config: AmbiSegTrainingConfig,
+                  generator: torch.Generator) -> tuple[torch.Tensor, str]:
+    """A rater's mask `(1, R, R)` {0, 1} and its prompt in style "slice", stating the mask's diameter on this slice:
+    with probability `config.counterfactual_rate` the mask is first edited (text_control.counterfactual_pair), and
+    with probability `config.plain_prompt_rate` the prompt is a plain sentence. Every draw comes from `generator`."""
+    rng = np.random.default_rng(int(torch.randint(0, 2**62, (1,), generator=generator)))
+    binary, ratings = mask[0].numpy() > 0.5, ratings_of(ratings)
+    if binary.any() and rng.uniform() < config.counterfactual_rate:
+        binary, ratings, diameter = counterfactual_pair(binary, ratings, pixel_spacing_mm, rng,
+                                                        config.counterfactual_shape_rate)
+        mask = torch.from_numpy(binary[None].astype(np.float32))
+    else:
+        diameter = feret_diameter(binary, pixel_spacing_mm)
+    return mask, training_prompt(ratings, diameter, rng, config.plain_prompt_rate)
 
 
 class StepBatches(torch.utils.data.Dataset):

@@ -29,7 +29,7 @@ from ..hub_utils import (
 from ..image_processing import ImageInput, normalize_image, prepare_image
 from ..lidc import RECORDED_PROMPT_STYLES
 from ..models import AmbiguityEncoder, AmbiSegUNet
-from ..text import encode_prompts
+from ..text import encode_prompts, sentence_encoded
 from .custom_code import CustomCodeLayoutMixin, pop_hub_kwargs, upload_saved_folder
 from .pipeline_settings import SettingsOnModelMixin
 
@@ -427,7 +427,8 @@ class AmbiSegPipeline(SettingsOnModelMixin, CustomCodeLayoutMixin, DiffusionPipe
         if self.text_encoder is None or self.tokenizer is None:
             raise ValueError("this pipeline has no `text_encoder`/`tokenizer`; pass `prompt_embeds` instead of `prompt`.")
         unique = sorted(set(row_prompts))
-        states, mask = encode_prompts(self.tokenizer, self.text_encoder, unique, device=device)
+        states, mask = encode_prompts(self.tokenizer, self.text_encoder, unique, device=device,
+                                      by_sentence=sentence_encoded(self.config.get("prompt_style")))
         index = torch.tensor([unique.index(p) for p in row_prompts], device=states.device)
         return states[index], mask[index]
 
