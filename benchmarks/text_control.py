@@ -11,10 +11,10 @@ seed per nodule) are sampled under prompts that differ in one statement only:
   samples count 0) of the `--num_samples` masks; per nodule the rank correlation of stated and produced size and
   whether it rises monotonically; pooled over (nodule, size) the linear and rank correlation; the mean produced size
   per stated size.
-- **shape**: at the first rater's own stated size, spiculation stated as none and as marked (paper form: the
-  spiculation rating 1 vs 5, nothing else changed; plain form: "with a smooth margin" vs "with marked
-  spiculation"). Measured: the samples' mean compactness 4 pi area / perimeter^2 (1 = a disk, lower = jagged or
-  elongated); the share of nodules whose smooth prompt gives the more compact masks.
+- **shape**: at the first rater's own stated size, the nodule stated round and elongated (paper form: the sphericity
+  rating 5 "Round" vs 1 "Linear", nothing else changed; plain form: "A 12 mm round nodule." vs "A 12 mm elongated
+  nodule."). Measured: the samples' mean compactness 4 pi area / perimeter^2 (1 = a disk, lower = elongated or
+  jagged); the share of nodules whose round prompt gives the more compact masks.
 
 The targets of issue 41 (within-nodule rank correlation >= 0.9, pooled correlation >= 0.8, shape in the stated
 direction for >= 80% of nodules) are printed beside the figures. Any checkpoint, any LIDC split; choices are made on
@@ -62,11 +62,10 @@ def size_prompt(form: str, style: str, ratings: dict, diameter_mm: float) -> str
 
 
 def shape_prompts(form: str, style: str, ratings: dict, diameter_mm: float) -> tuple[str, str]:
-    """(smooth, spiculated) prompts of `form` at `diameter_mm`, differing in the stated spiculation only."""
+    """(round, elongated) prompts of `form` at `diameter_mm`, differing in the stated sphericity only."""
     if form == "plain":
-        return (f"A {diameter_mm:g} mm nodule with a smooth margin.",
-                f"A {diameter_mm:g} mm nodule with marked spiculation.")
-    return tuple(size_prompt(form, style, {**ratings, "spiculation": score}, diameter_mm) for score in (1, 5))
+        return f"A {diameter_mm:g} mm round nodule.", f"A {diameter_mm:g} mm elongated nodule."
+    return tuple(size_prompt(form, style, {**ratings, "sphericity": score}, diameter_mm) for score in (5, 1))
 
 
 def stated_size(style: str, row: dict, rater: int) -> float:
@@ -97,8 +96,8 @@ def summarize(records: list[dict], sizes: list[float], forms: list[str]) -> dict
         produced = np.array([r[form]["produced_mm"] for r in records])  # (nodules, sizes)
         within = [stats.spearmanr(sizes, row).statistic for row in produced]
         stated = np.tile(sizes, len(records))
-        smooth, spiculated = (np.array([r[form][k] for r in records]) for k in ("smooth_compactness",
-                                                                                 "spiculated_compactness"))
+        rounded, elongated = (np.array([r[form][k] for r in records]) for k in ("round_compactness",
+                                                                                 "elongated_compactness"))
         summary[form] = {
             "within_nodule_spearman": float(np.nanmean(within)),
             "monotone_nodules": float(np.mean([bool(np.all(np.diff(row) > 0)) for row in produced])),
@@ -107,9 +106,9 @@ def summarize(records: list[dict], sizes: list[float], forms: list[str]) -> dict
             "mean_produced_mm": dict(zip(map(str, sizes), produced.mean(0).round(2).tolist())),
             "mean_abs_error_mm": float(np.abs(produced - np.asarray(sizes)).mean()),
             "empty_share": float(np.mean([r[form]["empty_share"] for r in records])),
-            "shape_in_stated_direction": float(np.mean(smooth > spiculated)),
-            "smooth_compactness": float(np.nanmean(smooth)),
-            "spiculated_compactness": float(np.nanmean(spiculated)),
+            "shape_in_stated_direction": float(np.mean(rounded > elongated)),
+            "round_compactness": float(np.nanmean(rounded)),
+            "elongated_compactness": float(np.nanmean(elongated)),
         }
     return summary
 
@@ -117,13 +116,13 @@ def summarize(records: list[dict], sizes: list[float], forms: list[str]) -> dict
 def markdown(summary: dict, sizes: list[float], header: str) -> str:
     lines = [header, "", "| form | within-nodule rank corr. (≥ 0.9) | monotone nodules | pooled corr. (≥ 0.8) | pooled rank "
              "corr. | " + " | ".join(f"{s:g} mm" for s in sizes) + " | shape in stated direction (≥ 80%) | "
-             "compactness smooth / spiculated |", "|---" * (7 + len(sizes)) + "|"]
+             "compactness round / elongated |", "|---" * (7 + len(sizes)) + "|"]
     for form, s in summary.items():
         lines.append(
             f"| {form} | {s['within_nodule_spearman']:.2f} | {s['monotone_nodules']:.0%} | {s['pooled_pearson']:.2f} | "
             f"{s['pooled_spearman']:.2f} | " + " | ".join(f"{v:.1f}" for v in s["mean_produced_mm"].values())
-            + f" | {s['shape_in_stated_direction']:.0%} | {s['smooth_compactness']:.3f} / "
-            f"{s['spiculated_compactness']:.3f} |")
+            + f" | {s['shape_in_stated_direction']:.0%} | {s['round_compactness']:.3f} / "
+            f"{s['elongated_compactness']:.3f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -212,13 +211,13 @@ def main(argv=None) -> dict:
             record[form] = {
                 "produced_mm": [m[0] for m in measured[: len(args.sizes)]],
                 "empty_share": float(np.mean([m[2] for m in measured[: len(args.sizes)]])),
-                "smooth_compactness": measured[-2][1], "spiculated_compactness": measured[-1][1],
+                "round_compactness": measured[-2][1], "elongated_compactness": measured[-1][1],
                 "prompts": prompts,
             }
             if example is None or (form == args.forms[0] and abs(own_size - 10) < abs(example["own_size"] - 10)):
                 picks = [0, len(args.sizes) // 2, len(args.sizes) - 1]
                 example = {"own_size": own_size, "image": np.asarray(row["image"]),
-                           "labels": [f"{args.sizes[i]:g} mm" for i in picks] + ["smooth", "spiculated"],
+                           "labels": [f"{args.sizes[i]:g} mm" for i in picks] + ["round", "elongated"],
                            "pixel_mean": [pixel_mean[i] for i in picks] + [pixel_mean[-2], pixel_mean[-1]]}
         records.append(record)
 

@@ -13,8 +13,7 @@ from ambiseg_diffusers.configs import AmbiSegTrainingConfig
 from ambiseg_diffusers.lidc import RATING_NAMES, feret_diameter, load_lidc64, ratings_to_prompt, slice_prompts
 from ambiseg_diffusers.text import PromptCache
 from ambiseg_diffusers.text_control import (
-    boundary_length, compactness, counterfactual_pair, plain_prompt, resize_to_diameter, roughen_boundary,
-    smooth_boundary,
+    boundary_length, compactness, counterfactual_pair, elongate, plain_prompt, resize_to_diameter, round_shape,
 )
 from ambiseg_diffusers.training_utils import step_generator, training_batch
 
@@ -70,12 +69,14 @@ def test_resize_to_diameter_hits_the_target_and_keeps_the_position():
     assert 0 < tiny.sum() <= 5 and tiny[20, 20]
 
 
-def test_shape_edits_move_compactness_both_ways():
-    rng = np.random.default_rng(0)
-    blob = disk(7) | (np.roll(disk(4), 7, axis=1))  # a lobulated blob
-    rough = roughen_boundary(blob, rng)
-    assert compactness(smooth_boundary(blob)) > compactness(blob) > compactness(rough)
-    assert compactness(rough) < 0.75 * compactness(blob)
+def test_shape_edits_round_or_stretch_the_mask_at_the_same_area():
+    blob = disk(7) | (np.roll(disk(4), 7, axis=1))  # a lobulated blob, longer left to right
+    rounded, stretched = round_shape(blob), elongate(blob, 4.0)
+    assert compactness(rounded) > compactness(blob) > compactness(stretched)
+    assert rounded.sum() == pytest.approx(blob.sum(), rel=0.08) and stretched.sum() == pytest.approx(blob.sum(), rel=0.1)
+    rows, cols = np.nonzero(stretched)
+    assert np.ptp(cols) > 1.6 * np.ptp(rows)  # stretched along the blob's own long axis (the columns)
+    assert np.ptp(cols) == pytest.approx(2.0 * np.ptp(np.nonzero(blob)[1]), rel=0.15)  # sqrt(4) longer
 
 
 def test_counterfactual_pair_restates_what_the_edited_mask_shows():
@@ -85,19 +86,21 @@ def test_counterfactual_pair_restates_what_the_edited_mask_shows():
     assert min(diameters) < 4 and max(diameters) > 18  # the drawn range spans the benchmark's 3-25 mm
     for mask, ratings, diameter in draws:
         assert diameter == pytest.approx(feret_diameter(mask, 0.7))
-        assert (ratings["spiculation"], ratings["lobulation"]) in ((1, 1), (5, 4))
-        assert {k: v for k, v in ratings.items() if k not in ("spiculation", "lobulation")} == {
-            k: v for k, v in RATINGS.items() if k not in ("spiculation", "lobulation")}
+        assert ratings["sphericity"] in (1, 5)
+        assert {k: v for k, v in ratings.items() if k != "sphericity"} == {
+            k: v for k, v in RATINGS.items() if k != "sphericity"}
 
 
-def test_plain_prompts_state_the_size_and_the_spiculation_words():
+def test_plain_prompts_state_the_size_and_the_shape_words():
     rng = np.random.default_rng(0)
-    smooth = [plain_prompt({**RATINGS, "spiculation": 1}, 12.4, rng) for _ in range(60)]
-    spiculated = [plain_prompt({**RATINGS, "spiculation": 5}, 7.0, rng) for _ in range(60)]
-    assert all("12 mm" in p and p.endswith(".") for p in smooth) and all("7 mm" in p for p in spiculated)
-    assert any("smooth" in p for p in smooth) and not any("spicul" in p and "no spicul" not in p for p in smooth)
-    assert any("marked spiculation" in p for p in spiculated) and not any("smooth" in p for p in spiculated)
-    assert len(set(smooth)) > 5  # several forms, not one template
+    rounded = [plain_prompt({**RATINGS, "sphericity": 5, "spiculation": 1}, 12.4, rng) for _ in range(60)]
+    linear = [plain_prompt({**RATINGS, "sphericity": 1, "spiculation": 5}, 7.0, rng) for _ in range(60)]
+    assert all("12 mm" in p and p.endswith(".") for p in rounded) and all("7 mm" in p for p in linear)
+    assert any("round" in p for p in rounded) and not any("elongated" in p or "linear" in p for p in rounded)
+    assert any("elongated" in p for p in linear) and any("linear" in p for p in linear)
+    assert not any("round" in p for p in linear)
+    assert any("smooth" in p for p in rounded) and any("marked spiculation" in p for p in linear)
+    assert len(set(rounded)) > 5  # several forms, not one template
 
 
 def _lidc_like_rows():
@@ -131,7 +134,7 @@ def test_training_batches_restate_each_prompt_from_the_mask_they_train_on():
             measured = feret_diameter((mask[0] > 0).numpy(), 0.5)
             assert stated_mm(prompt) == round(measured)
             stated.append(stated_mm(prompt))
-    assert seen >= 8 and len(set(stated)) >= 5  # edited to many sizes (the real square is 4.2 mm)
+    assert seen >= 8 and len(set(stated)) >= 4  # edited to many sizes (the real square is 4.2 mm; at most 6.4 here)
     real = training_batch(rows, [0, 1], config.override(counterfactual_rate=0.0), step_generator(0, 0))
     for mask, prompt in zip(real["mask_values"], real["prompts"]):
         assert prompt == "stored nodule" or ("The diameter is 4 mm." in prompt and (mask > 0).sum() == 36)
@@ -154,10 +157,10 @@ def test_prompt_cache_keeps_the_most_recent_entries(tokenizer):
 def test_benchmark_summary_by_hand():
     sizes = [3.0, 10.0, 25.0]
     records = [
-        {"plain": {"produced_mm": [4.0, 9.0, 20.0], "empty_share": 0.0, "smooth_compactness": 0.9,
-                   "spiculated_compactness": 0.5}},
-        {"plain": {"produced_mm": [8.0, 7.0, 12.0], "empty_share": 0.5, "smooth_compactness": 0.4,
-                   "spiculated_compactness": 0.6}},
+        {"plain": {"produced_mm": [4.0, 9.0, 20.0], "empty_share": 0.0, "round_compactness": 0.9,
+                   "elongated_compactness": 0.5}},
+        {"plain": {"produced_mm": [8.0, 7.0, 12.0], "empty_share": 0.5, "round_compactness": 0.4,
+                   "elongated_compactness": 0.6}},
     ]
     summary = benchmark.summarize(records, sizes, ["plain"])["plain"]
     assert summary["within_nodule_spearman"] == pytest.approx((1.0 + 0.5) / 2)
@@ -172,9 +175,9 @@ def test_benchmark_prompts_differ_in_one_statement():
     paper = benchmark.size_prompt("paper", "paper", RATINGS, 10.0)
     assert "The diameter is 10.0 mm. The volume is 524 mm3." in paper  # a sphere of 10 mm: 523.6 mm3
     assert benchmark.size_prompt("paper", "slice", RATINGS, 10.0) == ratings_to_prompt(RATINGS, "slice", 10.0)
-    smooth, spiculated = benchmark.shape_prompts("paper", "slice", RATINGS, 8.0)
-    assert smooth.replace("The spiculation is 1.", "The spiculation is 5.").replace(
-        "No Spiculation", "Marked Spiculation") == spiculated
+    rounded, linear = benchmark.shape_prompts("paper", "slice", RATINGS, 8.0)
+    assert rounded.replace("The sphericity is 5.", "The sphericity is 1.").replace(
+        "The Sphericity is Round.", "The Sphericity is Linear.") == linear != rounded
     with pytest.raises(ValueError, match="states no size"):
         benchmark.size_prompt("paper", "short", RATINGS, 10.0)
 

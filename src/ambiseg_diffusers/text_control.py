@@ -4,8 +4,8 @@ text-control benchmark (benchmarks/text_control.py) reads off the samples.
 Why training pairs are edited: the raters' own prompts state sizes that differ little between raters of one
 nodule while their masks differ at the boundary, so a model trained on them alone learns to read the image and
 treat the size sentence as weak evidence. A *counterfactual* pair takes a rater's mask, grows or shrinks it to a drawn
-diameter (optionally smoothing or roughening its boundary) and restates the prompt's size and shape sentences from
-the edited mask: the image no longer tells the target's size, the text does (docs/design.md, "Text control").
+diameter (optionally rounding it into a disk or stretching it along its long axis) and restates the prompt's size
+and shape sentences from the edited mask: the image no longer tells the target's size, the text does (docs/design.md, "Text control").
 """
 
 from __future__ import annotations
@@ -21,9 +21,13 @@ from .lidc import RATING_NAMES, feret_diameter, ratings_to_prompt
 
 # Stated diameters the counterfactual masks are drawn at (mm, log-uniform): the benchmark's 3-25 mm and a margin.
 COUNTERFACTUAL_DIAMETER_MM = (2.0, 32.0)
-SHAPE_EDITS = ("none", "smooth", "rough")
-# What a shape edit says: smoothing -> no spiculation or lobulation; roughening -> marked spiculation and lobulation.
-SHAPE_RATINGS = {"smooth": {"spiculation": 1, "lobulation": 1}, "rough": {"spiculation": 5, "lobulation": 4}}
+SHAPE_EDITS = ("none", "round", "elongated")
+# What a shape edit says (the LIDC sphericity rating): a disk -> 5 "Round"; stretched -> 1 "Linear" or 2
+# "Ovoid/Linear". Sphericity, not spiculation: a roughened boundary's spikes fall at random places, so the
+# x0-predicting denoiser learns their mean, a smooth outline (tried: 625 steps with every edited pair smoothed or
+# roughened moved compactness in the stated direction for 4 and 1 of 10 selection nodules); a disk or a stretch
+# along the mask's own long axis is a shape the image and the text together decide.
+SHAPE_RATINGS = {"round": {"sphericity": 5}, "elongated": {"sphericity": 1}}
 
 
 # ----------------------------------------------------------------------------------------------- measures
@@ -44,88 +48,81 @@ def compactness(mask: np.ndarray) -> float:
 
 
 # ----------------------------------------------------------------------------------------------- counterfactuals
-def signed_distance(mask: np.ndarray) -> np.ndarray:
-    """Pixels' distance to the mask's boundary, negative inside, positive outside `(H, W)` float."""
-    mask = np.asarray(mask, bool)
-    return ndimage.distance_transform_edt(~mask) - ndimage.distance_transform_edt(mask)
-
-
 def resize_to_diameter(mask: np.ndarray, diameter_mm: float, pixel_spacing_mm: float) -> np.ndarray:
-    """`mask` grown or shrunk along its signed distance until its Feret diameter is near `diameter_mm` (a grown
-    or shrunk shape changes its diameter by about twice the offset: three corrections of the offset suffice); a mask
-    that an erosion would erase becomes a disk of that diameter at its deepest point."""
-    sdf = signed_distance(mask)
-    offset, best, best_error = 0.0, np.asarray(mask, bool), float("inf")
-    for _ in range(4):
-        edited = sdf <= offset
-        error = diameter_mm - feret_diameter(edited, pixel_spacing_mm)
-        if edited.any() and abs(error) < best_error:
-            best, best_error = edited, abs(error)
+    """`mask` scaled about its centroid until its Feret diameter is near `diameter_mm`: the rater's shape kept (an
+    elongated mask stays elongated, so the stated longest axis means what it means on real masks; growing along the
+    signed distance instead turned every large target into a round blob, and the model then drew blobs twice the
+    raters' area for their own stated diameters). A mask the scaling would erase becomes a disk of that diameter at
+    its centroid."""
+    mask = np.asarray(mask, bool)
+    rows, cols = np.nonzero(mask)
+    centre = np.array([rows.mean(), cols.mean()])
+    factor, best, best_error = 1.0, mask, float("inf")
+    for _ in range(3):  # the corners of the scaled pixels shift the diameter a little: two corrections
+        factor *= diameter_mm / max(feret_diameter(best, pixel_spacing_mm), pixel_spacing_mm) if best.any() else 1.0
+        scaled = ndimage.affine_transform(mask.astype(np.float32), np.eye(2) / factor, offset=centre - centre / factor,
+                                          order=1, mode="constant") >= 0.5
+        error = abs(feret_diameter(scaled, pixel_spacing_mm) - diameter_mm)
+        if scaled.any() and error < best_error:
+            best, best_error = scaled, error
         if best_error <= pixel_spacing_mm / 2:
             break
-        offset += error / pixel_spacing_mm / 2
-    if best_error > pixel_spacing_mm:  # erased before it got that small: a disk of that size at the deepest point
-        centre = np.unravel_index(np.argmin(sdf), sdf.shape)
-        rows, cols = np.ogrid[: mask.shape[0], : mask.shape[1]]
+    if best_error > pixel_spacing_mm:
+        grid_rows, grid_cols = np.ogrid[: mask.shape[0], : mask.shape[1]]
         radius = max(diameter_mm / pixel_spacing_mm / 2 - 0.5, 0.0)
-        best = (rows - centre[0]) ** 2 + (cols - centre[1]) ** 2 <= radius**2
+        best = (grid_rows - round(centre[0])) ** 2 + (grid_cols - round(centre[1])) ** 2 <= radius**2
     return best
 
 
-def smooth_boundary(mask: np.ndarray, sigma: float = 1.5) -> np.ndarray:
-    """Blurred and re-thresholded: corners rounded, spikes and notches gone (compactness rises)."""
-    blurred = ndimage.gaussian_filter(np.asarray(mask, np.float32), sigma)
-    smoothed = blurred >= 0.5
-    return smoothed if smoothed.any() else np.asarray(mask, bool)
-
-
-def roughen_boundary(mask: np.ndarray, rng: np.random.Generator, amplitude: float = 1.6,
-                     spikes: int = 6) -> np.ndarray:
-    """A jagged boundary: the signed distance perturbed by a fine random field (lobulation), plus thin radial
-    spikes of a third to two thirds of the nodule's radius (spiculation). Compactness falls."""
+def round_shape(mask: np.ndarray) -> np.ndarray:
+    """A disk of the mask's area at its centroid (compactness near 1)."""
     mask = np.asarray(mask, bool)
-    field = ndimage.gaussian_filter(rng.standard_normal(mask.shape), 0.8)
-    field *= amplitude / max(float(np.abs(field).max()), 1e-6)
-    rough = signed_distance(mask) + field <= 0
     rows, cols = np.nonzero(mask)
-    if rows.size == 0:
-        return mask
-    centre = np.array([rows.mean(), cols.mean()])
-    edge = np.argwhere(mask & ~ndimage.binary_erosion(mask, border_value=0))
+    grid_rows, grid_cols = np.ogrid[: mask.shape[0], : mask.shape[1]]
     radius = math.sqrt(rows.size / math.pi)
-    for point in edge[rng.choice(len(edge), size=min(spikes, len(edge)), replace=False)]:
-        direction = point - centre
-        direction = direction / max(float(np.linalg.norm(direction)), 1e-6)
-        for step in np.arange(0.0, rng.uniform(0.3, 0.7) * radius + 1.0, 0.5):  # spikes in proportion to the nodule
-            r, c = np.round(point + direction * step).astype(int)
-            if 0 <= r < mask.shape[0] and 0 <= c < mask.shape[1]:
-                rough[r, c] = True
-    return rough if rough.any() else mask
+    return (grid_rows - rows.mean()) ** 2 + (grid_cols - cols.mean()) ** 2 <= radius**2
+
+
+def elongate(mask: np.ndarray, stretch: float) -> np.ndarray:
+    """The mask's aspect ratio multiplied by `stretch` about its centroid: longer by `sqrt(stretch)` along its long
+    (principal) axis, narrower by as much across it, so its area stays (compactness falls)."""
+    mask = np.asarray(mask, bool)
+    points = np.argwhere(mask).astype(np.float64)
+    centre = points.mean(0)
+    if len(points) < 2:
+        return mask
+    _, vectors = np.linalg.eigh(np.cov((points - centre).T) + 1e-6 * np.eye(2))
+    axes = vectors[:, ::-1]  # columns: the long axis, then the short one
+    scale = axes @ np.diag([math.sqrt(stretch), 1 / math.sqrt(stretch)]) @ axes.T  # output = centre + scale (input - centre)
+    inverse = np.linalg.inv(scale)
+    stretched = ndimage.affine_transform(mask.astype(np.float32), inverse, offset=centre - inverse @ centre, order=1,
+                                         mode="constant") >= 0.5
+    return stretched if stretched.any() else mask
 
 
 def counterfactual_pair(mask: np.ndarray, ratings: Mapping[str, int], pixel_spacing_mm: float,
                         rng: np.random.Generator, shape_rate: float = 0.5) -> tuple[np.ndarray, dict[str, int], float]:
-    """One edited training pair from a rater's non-empty mask `(H, W)`: a diameter drawn log-uniformly in
-    `COUNTERFACTUAL_DIAMETER_MM` (capped by what the crop holds), then, with probability `shape_rate`, a smoothed or
-    roughened boundary. Returns the edited mask (bool), the ratings with the shape edit's spiculation and lobulation,
-    and the edited mask's measured diameter (mm), which the prompt states."""
+    """One edited training pair from a rater's non-empty mask `(H, W)`: with probability `shape_rate` first rounded
+    into a disk or stretched (aspect ratio x1.6-2.6) along its long axis, then scaled to a diameter drawn log-uniformly in
+    `COUNTERFACTUAL_DIAMETER_MM` (capped by what the crop holds). Returns the edited mask (bool), the ratings with the
+    shape edit's sphericity, and the edited mask's measured diameter (mm), which the prompt states."""
     low, high = COUNTERFACTUAL_DIAMETER_MM
     high = min(high, 0.8 * mask.shape[0] * pixel_spacing_mm)
     target = math.exp(rng.uniform(math.log(low), math.log(high)))
-    edited = resize_to_diameter(mask, target, pixel_spacing_mm)
-    ratings = dict(ratings)
     edit = SHAPE_EDITS[0] if rng.uniform() >= shape_rate else SHAPE_EDITS[1 + int(rng.integers(2))]
-    if edit == "smooth":
-        edited = smooth_boundary(edited)
-    elif edit == "rough":
-        edited = roughen_boundary(edited, rng)
-    ratings.update(SHAPE_RATINGS.get(edit, {}))
+    edited = np.asarray(mask, bool)
+    if edit == "round":
+        edited = round_shape(edited)
+    elif edit == "elongated":
+        edited = elongate(edited, rng.uniform(1.6, 2.6))
+    edited = resize_to_diameter(edited, target, pixel_spacing_mm)
+    ratings = {**ratings, **SHAPE_RATINGS.get(edit, {})}
     return edited, ratings, feret_diameter(edited, pixel_spacing_mm)
 
 
 # ----------------------------------------------------------------------------------------------- prompt forms
 _TEXTURE = ("ground-glass", "mostly ground-glass", "part-solid", "mostly solid", "solid")
-_SHAPE = ("linear", "ovoid-linear", "ovoid", "roundish", "round")
+_SHAPE = (("linear", "elongated"), ("ovoid-linear", "elongated"), ("ovoid",), ("roundish",), ("round",))
 _MARGIN = ("a poorly defined margin", "a fairly poorly defined margin", "a medium margin", "a fairly sharp margin",
            "a sharp margin")
 
@@ -144,8 +141,9 @@ def plain_prompt(ratings: Mapping[str, int], diameter_mm: float, rng: np.random.
     "Solid nodule, 8 mm, with marked spiculation.". Training on such forms beside the paper's prompt lets a plain
     sentence steer the model."""
     size = f"{diameter_mm:.0f} mm"
-    adjectives = [words[ratings[name] - 1] for name, words in (("texture", _TEXTURE), ("sphericity", _SHAPE))
-                  if rng.uniform() < 0.5]
+    adjectives = [_TEXTURE[ratings["texture"] - 1]] if rng.uniform() < 0.5 else []
+    if rng.uniform() < 0.7:
+        adjectives.append(str(rng.choice(_SHAPE[ratings["sphericity"] - 1])))
     details = [str(rng.choice(_spiculation_phrases(ratings["spiculation"])))] if rng.uniform() < 0.7 else []
     if rng.uniform() < 0.3:
         details.append(_MARGIN[ratings["margin"] - 1])
