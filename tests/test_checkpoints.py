@@ -23,7 +23,8 @@ def test_committed_checkpoints_load_and_sample():
     reference.set_progress_bar_config(disable=True)
     row = load_lidc64("mini", prompt_style=pipeline_prompt_style(reference))[0]  # the prompts it was trained on
     image, prompts = np.asarray(row["image"]), [eval_prompts(row, "annotator")]
-    assert reference.unet.dtype == torch.float32 and reference.config.default_num_inference_steps == 2
+    assert reference.unet.dtype == torch.float32 and reference.config.default_num_inference_steps == 6
+    assert type(reference.scheduler).__name__ == "UniPCMultistepScheduler"  # the default-quality sweep's choice
     out = reference(image, prompts, num_samples=4, generator=torch.Generator().manual_seed(0))
     assert out.masks.shape == (1, 4, 64, 64)
     # a trained model: nodule-sized masks that overlap the raters', not noise
