@@ -6,7 +6,8 @@
 
 Samples K candidates for a seeded fraction of the training rows, ranks them by Dice against the raters
 (`best_rater`, `mean_dice` or `stochastic_run`), and saves the (winner, loser) pairs as a `datasets.Dataset`.
-An interrupted build continues where it stopped when run again with the same arguments (and reference weights);
+An interrupted build continues where it stopped when run again with the same arguments, reference weights and data
+(its resolved folder, every data flag and the rows' contents);
 other arguments are refused unless `--overwrite` starts over. `--push_to_hub` uploads the pairs with a dataset card
 carrying the LIDC-IDRI CC BY 3.0 attribution.
 """
@@ -23,6 +24,7 @@ from ambiseg_diffusers.hub_utils import dataset_card, push_dataset_to_hub
 from ambiseg_diffusers.data import add_data_arguments, dataset_label, load_from_args, model_resolution
 from ambiseg_diffusers.lidc import pipeline_prompt_style
 from ambiseg_diffusers.preferences import STRATEGIES, build_preferences
+from ambiseg_diffusers.run_records import data_arguments
 
 
 def parse_args(argv=None):
@@ -52,11 +54,15 @@ def main(argv=None):
     pairs, report = build_preferences(
         pipe, dataset, args.output_dir, strategy=args.strategy, num_candidates=args.num_candidates,
         fraction=args.fraction, seed=args.seed, images_per_call=args.images_per_call,
-        num_inference_steps=args.num_inference_steps, source={"dataset": dataset_label(args), "split": args.split},
+        num_inference_steps=args.num_inference_steps, source=data_arguments(args, dataset, args.split),
         overwrite=args.overwrite, record_states=args.record_states,
     )
     print(f"{report['pairs']} pairs from {report['images']} images ({report['ties']} images with all candidates tied, "
           f"no pair) -> {args.output_dir}")
+    if report["pairs"] == 0:  # an empty, loadable result; train_dpo.py refuses it
+        print("no pair: every image's candidates tied (the same Dice against the raters: blank masks, or masks the "
+              "reference always gets equally right); raise --num_candidates or use another --strategy, reference or "
+              "split", file=sys.stderr)
     if args.push_to_hub:
         card = dataset_card(
             f"TDG-DiffDPO preference pairs ({args.strategy})",

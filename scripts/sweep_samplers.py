@@ -48,7 +48,7 @@ from ambiseg_diffusers.evaluation import (
 from ambiseg_diffusers.data import add_data_arguments, load_from_args, model_resolution, rater_masks
 from ambiseg_diffusers.lidc import pipeline_prompt_style
 from ambiseg_diffusers.metrics import format_table, paired_difference, summarize
-from ambiseg_diffusers.run_records import check_resumable, pipeline_fingerprint
+from ambiseg_diffusers.run_records import check_resumable, data_arguments, pipeline_fingerprint
 
 TOLERANCE = 0.005  # "equal quality": GED at most this above the reference (lower GED is better) ...
 INTERVAL_LIMIT = 0.01  # ... and the upper end of the paired difference's 95% interval below this
@@ -161,6 +161,7 @@ def main(argv=None) -> dict:
     deciding = {k: v for k, v in vars(args).items()
                 if k not in ("configs", "reference", "output_dir", "overwrite", "images_per_call", "paper_protocol_images")}
     deciding["model_sha256"] = pipeline_fingerprint(base)  # a folder whose weights were replaced is another model
+    deciding.update(data_arguments(args, dataset, args.split))  # the data resolved and by content, not by name
     deciding["device"], deciding["torch"] = device, torch.__version__  # GPU and CPU numbers are not mixed in one table
     check_resumable(output_dir, deciding, sorted(cache.glob("*.npz")), overwrite=args.overwrite)
     cache.mkdir(parents=True, exist_ok=True)

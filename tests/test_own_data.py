@@ -368,3 +368,69 @@ def test_trajectory_distillation_without_validation_reads_no_data(tmp_path):
     assert args.train_split == "train_fit" and args.validation_split is None
     with pytest.raises(FileNotFoundError, match="gone"):  # validation reads the data, which is not there
         train_consistency.parse_args(base)
+
+
+# ---------------------------------------------------------------------------------------------- resuming on other data
+def _blank_masks(root: Path) -> Path:
+    """Every rater mask of an imagefolder made empty: the same layout and names, other data."""
+    for mask in root.rglob("*_rater*.png"):
+        PIL.Image.fromarray(np.zeros((SIZE, SIZE), np.uint8)).save(mask)
+    return root
+
+
+@pytest.fixture
+def two_sites(tmp_path, tokenizer):
+    """siteA/my_data and siteB/my_data (the same base name, siteB's masks all blank) and a saved reference."""
+    from conftest import make_pipeline
+
+    site_a = write_imagefolder(tmp_path / "siteA" / "my_data")
+    for metadata in site_a.rglob("metadata.jsonl"):  # a second text column, "report"
+        lines = [json.loads(line) for line in metadata.read_text().splitlines()]
+        metadata.write_text("".join(json.dumps({**line, "report": ["another text"] * len(line["mask_file_names"])})
+                                    + "\n" for line in lines))
+    site_b = _blank_masks(write_imagefolder(tmp_path / "siteB" / "my_data"))
+    reference = make_pipeline(tokenizer)
+    reference.register_to_config(prompt_style="free")
+    reference.save_pretrained(tmp_path / "reference")
+    return site_a, site_b, tmp_path / "reference"
+
+
+def test_an_interrupted_preference_build_never_resumes_on_other_data(two_sites, tmp_path, monkeypatch):
+    """The resume key holds the resolved folder, every data flag and the rows' contents: another folder of the same
+    name, another caption column or another size is refused, where it used to resume with the first data's pairs."""
+    import build_preferences
+
+    from ambiseg_diffusers import preferences
+
+    site_a, site_b, reference = two_sites
+    argv = ["--reference", str(reference), "--split", "train", "--num_candidates", "2", "--fraction", "1.0",
+            "--images_per_call", "2", "--output_dir", str(tmp_path / "pairs")]
+
+    def killed(*args, **kwargs):  # every chunk is written, the run dies before the result is assembled
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(preferences, "_assemble", killed)
+    with pytest.raises(KeyboardInterrupt):
+        build_preferences.main(argv + ["--train_data_dir", str(site_a)])
+    monkeypatch.undo()
+    for other in (["--train_data_dir", str(site_b)],  # same base name, blank masks
+                  ["--train_data_dir", str(site_a), "--caption_column", "report"],
+                  ["--train_data_dir", str(site_a), "--resolution", str(SIZE // 2)]):
+        with pytest.raises(ValueError, match="holds results made with other arguments.*data"):
+            build_preferences.main(argv + other)
+    fresh, report = build_preferences.main(argv + ["--train_data_dir", str(site_b), "--output_dir",
+                                                   str(tmp_path / "fresh")])
+    assert len(fresh) == report["pairs"] == 0 and report["ties"] == len(RATERS["train"])  # blank raters: all tie
+    resumed, _ = build_preferences.main(argv + ["--train_data_dir", str(site_a)])  # the same data resumes
+    assert len(resumed) > 0
+
+
+def test_an_evaluation_never_resumes_on_other_data_of_the_same_name(two_sites, tmp_path):
+    import evaluate
+
+    site_a, site_b, reference = two_sites
+    argv = ["--model", str(reference), "--split", "test", "--num_samples", "2", "--max_images", "1",
+            "--output_dir", str(tmp_path / "eval")]
+    evaluate.main(argv + ["--train_data_dir", str(site_a)])
+    with pytest.raises(ValueError, match=r"data\.sha256.*data\.source"):
+        evaluate.main(argv + ["--train_data_dir", str(site_b)])

@@ -312,6 +312,9 @@ def main(argv=None) -> Path:
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.adam_weight_decay)
 
     pairs = load_preferences(args.preferences)
+    if len(pairs) == 0:
+        raise ValueError(f"`--preferences` {args.preferences!r} holds no pair (every image's candidates tied when they "
+                         "were built): rebuild them with more --num_candidates, another --strategy or split.")
     if "winner_states" in pairs.column_names:
         if takes_z and "winner_z" not in pairs.column_names:
             raise ValueError(f"{args.preferences} holds sampling states without the z each mask was sampled with, but "

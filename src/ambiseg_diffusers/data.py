@@ -461,6 +461,16 @@ def is_lidc(args) -> bool:
     return names_lidc64(args.dataset_name, args.train_data_dir)
 
 
+def data_source(args) -> str:
+    """Where a script's data flags resolve to: the lidc64 folder in use, an absolute local folder, or a Hub id."""
+    if is_lidc(args):
+        from .lidc import find_lidc64
+
+        return str(find_lidc64(args.data_dir).resolve())
+    name = args.train_data_dir if args.train_data_dir is not None else args.dataset_name
+    return str(Path(name).resolve()) if Path(str(name)).is_dir() else str(name)
+
+
 def dataset_label(args) -> str:
     """The dataset's name for cards and logs: a Hub id as it is, a local folder by its own name (not its path)."""
     name = args.train_data_dir if args.train_data_dir is not None else args.dataset_name
