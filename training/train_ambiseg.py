@@ -46,6 +46,7 @@ from ambiseg_diffusers.models.ambiguity_encoder import AMBIGUITY_DESIGNS, TEXT_P
 from ambiseg_diffusers.models.unet_ambiseg import UNET_PRESETS
 from ambiseg_diffusers.preferences import select_rows
 from ambiseg_diffusers.text import PromptCache, sentence_encoded
+from ambiseg_diffusers.run_records import data_arguments
 from ambiseg_diffusers.training_utils import (
     TrainingClock, ambiguity_design, build_models, build_noise_scheduler, generator_of, load_ema, load_text_components,
     log_validation, recipe_from_args, resume_training, save_checkpoint, save_ema, step_batches, str2bool,
@@ -272,7 +273,8 @@ def main(argv=None) -> Path:
     accelerator.register_load_state_pre_hook(
         lambda models, folder: [load_ema(ema, folder, f"ema_{i}") for i, ema in enumerate(ema_models)])
 
-    first_step, seconds = resume_training(accelerator, output_dir, args.resume_from_checkpoint)
+    trained_on = data_arguments(args, dataset, args.train_split)  # a resume on other data is refused
+    first_step, seconds = resume_training(accelerator, output_dir, args.resume_from_checkpoint, trained_on)
     clock = TrainingClock(args.max_train_minutes, args.snapshot_minutes, seconds)
     if accelerator.is_main_process:
         accelerator.init_trackers("ambiseg", config=asdict(config))
@@ -356,7 +358,7 @@ def main(argv=None) -> Path:
                              s_per_step=f"{seconds_per_step(started, warm, ran):.2f}")
 
         if accelerator.is_main_process and done % args.checkpointing_steps == 0:
-            save_checkpoint(accelerator, output_dir, done, args.checkpoints_total_limit, clock.seconds)
+            save_checkpoint(accelerator, output_dir, done, args.checkpoints_total_limit, clock.seconds, trained_on)
         if accelerator.is_main_process and snapshot_due:
             # saved from where it lives: moving it to the CPU would move the shared text encoder too
             ema_pipeline().save_pretrained(output_dir / "snapshots" / f"step-{done:06d}")

@@ -76,7 +76,7 @@ from ambiseg_diffusers.hub_utils import model_card, push_folder_to_hub
 from ambiseg_diffusers.lidc import FREE_TEXT, eval_prompts, pipeline_prompt_style
 from ambiseg_diffusers.losses import consistency_output, ddim_solver_step
 from ambiseg_diffusers.pipelines.pipeline_ambiseg import CONSISTENCY_FILE, LORA_WEIGHT_NAME
-from ambiseg_diffusers.run_records import RECORD_FILE, pipeline_fingerprint
+from ambiseg_diffusers.run_records import RECORD_FILE, data_arguments, pipeline_fingerprint
 from ambiseg_diffusers.text import PromptCache, sentence_encoded
 from ambiseg_diffusers.training_utils import (
     LORA_TARGETS, TrainingClock, adapter_base_matches, generator_of, load_ema, load_trainable_adapter, log_validation,
@@ -366,7 +366,11 @@ def main(argv=None) -> Path:
     size = teacher.unet.config.sample_size
     dataset = None if recorded else load_from_args(args, args.train_split, style, size)
     validation = load_from_args(args, args.validation_split, style, size) if args.num_validation_images else None
-    first_step, seconds = resume_training(accelerator, output_dir, args.resume_from_checkpoint)
+    trained_on = (data_arguments(args, dataset, args.train_split) if dataset is not None  # resumes on it alone
+                  else {"trajectories": str(Path(args.trajectories).resolve()), **{
+                      k: v for k, v in json.loads((Path(args.trajectories) / RECORD_FILE).read_text()).items()
+                      if k.startswith("data.")}})
+    first_step, seconds = resume_training(accelerator, output_dir, args.resume_from_checkpoint, trained_on)
     clock = TrainingClock(args.max_train_minutes, args.snapshot_minutes, seconds)
     if accelerator.is_main_process:
         accelerator.init_trackers("ambiseg-consistency",
@@ -501,7 +505,7 @@ def main(argv=None) -> Path:
         accelerator.log(logs, step=done)
         progress.set_postfix(loss=f"{logs['loss']:.5f}")
         if accelerator.is_main_process and done % args.checkpointing_steps == 0:
-            save_checkpoint(accelerator, output_dir, done, args.checkpoints_total_limit, clock.seconds)
+            save_checkpoint(accelerator, output_dir, done, args.checkpoints_total_limit, clock.seconds, trained_on)
         if accelerator.is_main_process and snapshot_due:
             snapshot = output_dir / "snapshots" / f"step-{done:06d}"
             partial = snapshot.with_name(f".{snapshot.name}.partial")  # a killed save leaves no half-written candidate

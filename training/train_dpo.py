@@ -67,7 +67,7 @@ from ambiseg_diffusers.pipelines.pipeline_ambiseg import ADAPTER_FILE, LORA_WEIG
 from ambiseg_diffusers.text import PromptCache, sentence_encoded
 from ambiseg_diffusers.training_utils import (
     LORA_TARGETS, adapter_base_matches, batch_indices, checkpoint_step, load_ema, load_trainable_adapter, log_validation,
-    recipe_from_args, resume_checkpoint, save_checkpoint, save_ema, shard, step_generator, str2bool,
+    check_checkpoint_data, recipe_from_args, resume_checkpoint, save_checkpoint, save_ema, shard, step_generator, str2bool,
 )
 
 logger = get_logger(__name__)
@@ -143,6 +143,19 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("--push_to_hub with a local --reference needs --base_model_id (the reference's Hub repo): the "
                      "published adapter must name a base model that others can download")
     return args
+
+
+def pairs_fingerprint(pairs) -> str:
+    """sha256 of the pairs' images, prompts and masks: what a DPO run trains on, wherever the folder is."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for start in range(0, len(pairs), 256):
+        batch = pairs.with_format("numpy")[start : start + 256]
+        for key in ("image", "winner", "loser"):
+            digest.update(np.ascontiguousarray(batch[key]).tobytes())
+        digest.update(json.dumps([str(p) for p in batch["prompt"]]).encode())
+    return digest.hexdigest()
 
 
 def load_preferences(name: str):
@@ -339,7 +352,9 @@ def main(argv=None) -> Path:
 
     first_step = 0
     checkpoint = resume_checkpoint(output_dir, args.resume_from_checkpoint)
+    trained_on = {"preferences_sha256": pairs_fingerprint(pairs)}  # the pairs by content: a moved folder resumes
     if checkpoint:
+        check_checkpoint_data(checkpoint, trained_on)  # a resume on other pairs is refused
         accelerator.load_state(str(checkpoint))
         first_step = checkpoint_step(checkpoint)
         logger.info(f"resumed from {checkpoint} at step {first_step}")
@@ -440,7 +455,7 @@ def main(argv=None) -> Path:
         progress.set_postfix(loss=f"{logs['loss']:.4f}", acc=f"{logs['implicit_accuracy']:.2f}",
                              s_per_step=f"{(time.time() - started) / ran:.2f}")
         if accelerator.is_main_process and done % args.checkpointing_steps == 0:
-            save_checkpoint(accelerator, output_dir, done, args.checkpoints_total_limit)
+            save_checkpoint(accelerator, output_dir, done, args.checkpoints_total_limit, data=trained_on)
         if validation is not None and args.validation_steps and done % args.validation_steps == 0:
             if accelerator.is_main_process:
                 metrics, metrics_step = validate(done), done

@@ -39,6 +39,9 @@ LIDC_COLUMNS = {"image_column": "image", "mask_column": "masks", "caption_column
 HOLDOUT_FRACTION = 0.1
 HOLDOUT_SEED = 0
 HOLDOUT_SPLITS = ("selection", "train_fit")
+# Masks are resized with the pixel-centre rule bilinear images use (align_corners=False); torch's "nearest" picks
+# floor(i * scale), which shifts a mask about half a target pixel up-left of its image.
+MASK_RESIZE_MODE = "nearest-exact"
 
 
 class DatasetContractError(ValueError):
@@ -378,12 +381,13 @@ def _texts(value, num_raters: int, index: int, column: str | None) -> list[str]:
 
 
 def resize(image: np.ndarray, masks: np.ndarray, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
-    """An image `(H, W)` / `(C, H, W)` resized bilinearly and its masks `(M, H, W)` by nearest neighbour to `size`."""
+    """An image `(H, W)` / `(C, H, W)` resized bilinearly and its masks `(M, H, W)` by nearest neighbour to `size`,
+    both sampled at the same pixel centres (`MASK_RESIZE_MODE`), so a mask stays on its image."""
     picture = torch.as_tensor(image, dtype=torch.float32)
     picture = picture[None, None] if picture.ndim == 2 else picture[None]
     picture = torch.nn.functional.interpolate(picture, size=size, mode="bilinear", align_corners=False)[0]
     raters = torch.nn.functional.interpolate(torch.as_tensor(masks, dtype=torch.float32)[None], size=size,
-                                             mode="nearest")[0]
+                                             mode=MASK_RESIZE_MODE)[0]
     return (picture[0] if image.ndim == 2 else picture).numpy(), raters.to(torch.uint8).numpy()
 
 
