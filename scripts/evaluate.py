@@ -31,7 +31,9 @@ from ambiseg_diffusers import load_pipeline
 from ambiseg_diffusers.evaluation import (
     SAMPLING_SCHEDULERS, build_sampling_scheduler, cpu_only, sample_rows, warn_if_emulated_bf16,
 )
-from ambiseg_diffusers.data import add_data_arguments, evaluation_split, load_from_args, model_resolution, rater_masks
+from ambiseg_diffusers.data import (
+    add_data_arguments, check_prompts_for_model, evaluation_split, load_from_args, model_resolution, rater_masks,
+)
 from ambiseg_diffusers.lidc import pipeline_prompt_style
 from ambiseg_diffusers.metrics import METRIC_NAMES, compute_metrics_batch, format_table, summarize
 from ambiseg_diffusers.run_records import check_resumable, data_arguments, pipeline_fingerprint
@@ -126,6 +128,7 @@ def main(argv=None) -> dict:
     args.split = args.split or evaluation_split(args.dataset_name, args.train_data_dir)
     args.resolution = args.resolution or model_resolution(pipe)  # data of another size is resized as training did
     dataset = load_from_args(args, args.split, pipeline_prompt_style(pipe))
+    check_prompts_for_model(pipe, dataset, args.prompts)  # a text model on data without its text: refused
     total = len(dataset) if args.max_images is None else min(args.max_images, len(dataset))
     if state.is_main_process:
         print(f"evaluating {total} images on {state.num_processes} process(es)", flush=True)

@@ -32,7 +32,7 @@ from ambiseg_diffusers import AmbiSegPipeline
 from ambiseg_diffusers.configs import DPO_CONFIGS
 from ambiseg_diffusers.data import (
     DATA_FLAGS, DatasetContractError, add_data_arguments, check_choosing_split, data_flags, load_from_args,
-    model_resolution, selection_split,
+    model_resolution, selection_split, splits_overlap,
 )
 from ambiseg_diffusers.evaluation import evaluate_pipeline
 from ambiseg_diffusers.lidc import pipeline_prompt_style
@@ -68,6 +68,9 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, list[str]]:
         check_choosing_split(args.dataset_name, args.train_data_dir, args.score_split)
     except DatasetContractError as error:
         parser.error(f"--score_split: {error}")
+    if splits_overlap(args.split, args.score_split):
+        parser.error(f"--split {args.split!r} holds the rows of --score_split {args.score_split!r}: rounds would be "
+                     "scored on rows their pairs came from; build pairs on train_fit")
     if args.rounds < 1:
         parser.error(f"--rounds must be >= 1, got {args.rounds}")
     own_flags = ("--reference", "--preferences", "--output_dir", "--init_adapter", "--dataset",

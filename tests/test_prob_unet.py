@@ -133,9 +133,9 @@ def test_train_resume_budget_snapshots_evaluate_and_select(tmp_path):
     assert json.loads((budget / "training_summary.json").read_text())["steps"] == 1
     assert [p.name for p in (budget / "snapshots").iterdir()] == ["step-000001"]
 
-    summary = evaluate.main(["--model", str(straight), "--split", "mini", "--max_images", "2", "--num_samples", "4",
+    summary = evaluate.main(["--model", str(straight), "--split", "selection", "--max_images", "2", "--num_samples", "4",
                              "--prompts", "none", "--output_dir", str(tmp_path / "eval")])
-    record = select_checkpoint.main(["--run_dir", str(straight), str(budget), "--split", "mini", "--max_images", "2",
+    record = select_checkpoint.main(["--run_dir", str(straight), str(budget), "--split", "selection", "--max_images", "2",
                                      "--num_samples", "4", "--prompts", "none"])
     scores = {c["path"]: c["ged"] for c in record["candidates"]}
     # The budget run's snapshot at its last step holds its final weights: scored once, as the final pipeline.

@@ -37,7 +37,8 @@ from ambiseg_diffusers.diagnostics import ambiguity_diagnostics
 from ambiseg_diffusers.evaluation import SAMPLING_SCHEDULERS, build_sampling_scheduler, cpu_only, validation_report
 from ambiseg_diffusers.hub_utils import model_card, push_folder_to_hub
 from ambiseg_diffusers.data import (
-    add_data_arguments, dataset_label, default_splits, image_channels, is_lidc, load_from_args,
+    LIDC_COLUMNS, add_data_arguments, dataset_label, default_splits, image_channels, is_lidc, load_from_args,
+    record_training_text,
 )
 from ambiseg_diffusers.lidc import FREE_TEXT, PROMPT_STYLES
 from ambiseg_diffusers.losses import ambiseg_loss, diffusion_target, predicted_clean
@@ -241,6 +242,8 @@ def main(argv=None) -> Path:
     unet, prior, posterior = build_models(config, text_encoder.config.hidden_size, channels)
     if args.init_from:
         unet, prior, posterior = warm_start(args.init_from, config, channels)
+    text_column = LIDC_COLUMNS["caption_column"] if "ratings" in dataset.column_names else args.caption_column
+    record_training_text(unet, dataset, text_column, config.use_text)  # saved with the UNet
     noise_scheduler = build_noise_scheduler(config)
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()

@@ -60,7 +60,10 @@ from ambiseg_diffusers.configs import DPO_CONFIGS, DPOTrainingConfig
 from ambiseg_diffusers.evaluation import cpu_only, validation_report
 from ambiseg_diffusers.hub_utils import model_card, push_folder_to_hub
 from ambiseg_diffusers.image_processing import masks_to_model_range, normalize_image
-from ambiseg_diffusers.data import add_data_arguments, default_splits, load_from_args, model_resolution
+from ambiseg_diffusers.data import (
+    add_data_arguments, check_prompts_for_model, data_source, default_splits, distillation_splits, load_from_args,
+    model_resolution, splits_overlap,
+)
 from ambiseg_diffusers.lidc import FREE_TEXT, augment, pipeline_prompt_style
 from ambiseg_diffusers.losses import DPO_ERROR_SPACES, diffusion_dpo_loss, dpo_errors
 from ambiseg_diffusers.pipelines.pipeline_ambiseg import ADAPTER_FILE, LORA_WEIGHT_NAME, PREFERENCE_ADAPTER
@@ -143,6 +146,23 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("--push_to_hub with a local --reference needs --base_model_id (the reference's Hub repo): the "
                      "published adapter must name a base model that others can download")
     return args
+
+
+def check_pairs_split(args) -> None:
+    """Refuses to validate on rows the pairs were built from (their build's record names its data and split; pairs
+    without one, e.g. from the Hub, are not checked)."""
+    record = Path(args.preferences) / "run_arguments.json"
+    if not record.is_file():
+        return
+    built = json.loads(record.read_text())
+    split = built.get("data.split", built.get("split"))
+    same_data = built.get("data.source", data_source(args)) == data_source(args)
+    if split is not None and same_data and splits_overlap(split, args.validation_split):
+        raise ValueError(
+            f"`--preferences` {args.preferences!r} were built on {split!r}, which holds the rows of --validation_split "
+            f"{args.validation_split!r}: validation would score rows the pairs came from. Build the pairs on "
+            f"{distillation_splits(args.dataset_name, args.train_data_dir, None, None)[0]!r} (build_preferences.py's "
+            "default), or pass another --validation_split.")
 
 
 def pairs_fingerprint(pairs) -> str:
@@ -347,8 +367,10 @@ def main(argv=None) -> Path:
     validation = None
     if args.num_validation_images:
         _, args.validation_split = default_splits(args.dataset_name, args.train_data_dir, None, args.validation_split)
+        check_pairs_split(args)
         validation = load_from_args(args, args.validation_split, pipeline_prompt_style(reference),
                                     model_resolution(reference))
+        check_prompts_for_model(reference, validation, opt_in=None)  # before training, not at the first validation
 
     first_step = 0
     checkpoint = resume_checkpoint(output_dir, args.resume_from_checkpoint)

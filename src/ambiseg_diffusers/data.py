@@ -138,6 +138,31 @@ def _split_names(dataset_name: str | None, train_data_dir) -> list[str]:
     return sorted(data) if isinstance(data, DatasetDict) else ["train"]
 
 
+# Splits that hold another's rows (lidc64 and the carved holdout of any data): "selection" and "train_fit" are carved
+# from "train" (lidc64: from train_a + train_b), "mini" is one slice per nodule of "validate".
+_CONTAINED = {"train": {"selection", "train_fit", "train_a", "train_b"}, "train_a": {"selection", "train_fit"},
+              "train_b": {"selection", "train_fit"}, "validate": {"mini"}}
+
+
+def splits_overlap(first: str, second: str) -> bool:
+    """Whether two splits share rows: the same split, or one carved from the other (`_CONTAINED`)."""
+    return first == second or second in _CONTAINED.get(first, ()) or first in _CONTAINED.get(second, ())
+
+
+def _check_disjoint(train_split: str, validation_split: str) -> tuple[str, str]:
+    """Refuses a training split that holds the rows validation is carved from (`--train_split train` with
+    "selection"): those validation numbers, and any choice made on them, would be on trained rows. The same split
+    named twice stays allowed (a smoke test's `mini` / `mini`)."""
+    if train_split != validation_split and splits_overlap(train_split, validation_split):
+        fit = "train_fit" if validation_split == "selection" else None
+        raise DatasetContractError(
+            f"--train_split {train_split!r} holds the rows of --validation_split {validation_split!r}, so validation "
+            f"(and the choices made on it) would see training rows: "
+            + (f"pass --train_split {fit} (train without the selection rows)" if fit else "pass disjoint splits")
+            + " or a --validation_split of its own (the data's validation split).")
+    return train_split, validation_split
+
+
 def default_splits(dataset_name: str | None, train_data_dir, train_split: str | None,
                    validation_split: str | None) -> tuple[str, str]:
     """The training and validation splits to use when the flags leave them unset.
@@ -145,18 +170,19 @@ def default_splits(dataset_name: str | None, train_data_dir, train_split: str | 
     lidc64: train on "train", validate on "mini". Other data: validate on its "validation" split (or "valid",
     "val"; never "test", which reports); without one, on "selection" (a seeded 10% of "train", by `patient_id` where
     the data has one) and train on "train_fit" (the rest), so validation never sees a training row. Validating on
-    "selection" always trains on "train_fit" unless a training split is named."""
+    "selection" always trains on "train_fit" unless a training split is named; a named training split that holds
+    the validation rows ("train" with "selection") is refused (`DatasetContractError`), never silently replaced."""
     fit = "train_fit" if validation_split == "selection" else "train"
     if names_lidc64(dataset_name, train_data_dir):
-        return train_split or fit, validation_split or "mini"
+        return _check_disjoint(train_split or fit, validation_split or "mini")
     if validation_split is not None:
-        return train_split or fit, validation_split
+        return _check_disjoint(train_split or fit, validation_split)
     names = _split_names(dataset_name, train_data_dir)
     for name in ("validation", "valid", "val"):
         if name in names:
             return train_split or "train", name
-    if train_split not in (None, "train"):
-        return train_split, "selection"
+    if train_split is not None:
+        return _check_disjoint(train_split, "selection")
     logger.warning(f"no validation split in {dataset_name or train_data_dir} (splits: {names}): validating on "
                    f"'selection', a seeded {HOLDOUT_FRACTION:.0%} of 'train', and training on 'train_fit', the rest")
     return "train_fit", "selection"
@@ -167,7 +193,7 @@ def distillation_splits(dataset_name: str | None, train_data_dir, train_split: s
     """The training and validation splits of a script that goes on from a trained model (distillation): lidc64
     "train_fit" and "selection"; other data the splits the model's own training used (`default_splits`)."""
     if names_lidc64(dataset_name, train_data_dir):
-        return train_split or "train_fit", validation_split or "selection"
+        return _check_disjoint(train_split or "train_fit", validation_split or "selection")
     return default_splits(dataset_name, train_data_dir, train_split, validation_split)
 
 
@@ -178,10 +204,13 @@ def selection_split(dataset_name: str | None, train_data_dir) -> str:
 
 
 def check_choosing_split(dataset_name: str | None, train_data_dir, split: str) -> None:
-    """A split choices are made on: one that reports ("validate", "test") is refused; the split evaluation reports on
-    by default (other data without a test split: its validation split) is allowed with a warning."""
-    if split in ("validate", "test"):
-        raise DatasetContractError(f"split {split!r} reports, it never chooses: choose on "
+    """A split choices are made on: one that reports ("validate", "test", lidc64's "mini", a subset of "validate")
+    is refused; the split evaluation reports on by default (other data without a test split: its validation split)
+    is allowed with a warning."""
+    mini = split == "mini" and names_lidc64(dataset_name, train_data_dir)
+    if split in ("validate", "test") or mini:
+        within = " (a subset of 'validate')" if mini else ""
+        raise DatasetContractError(f"split {split!r}{within} reports, it never chooses: choose on "
                                    f"{selection_split(dataset_name, train_data_dir)!r}")
     if not names_lidc64(dataset_name, train_data_dir) and split == evaluation_split(dataset_name, train_data_dir):
         logger.warning(f"choosing on {split!r}, the split results are reported on ({dataset_name or train_data_dir} "
@@ -451,6 +480,37 @@ def image_channels(rows: Dataset) -> int:
     """The channels of a checked dataset's images (row 0's: `to_contract` makes every row share them)."""
     image = np.asarray(rows[0]["image"])
     return 1 if image.ndim == 2 else image.shape[0]
+
+
+TRAINING_DATA_KEY = "_training_data"  # a private UNet config entry: it travels with the weights (Hub, DPO, distillation)
+
+
+def record_training_text(unet, rows: Dataset, caption_column: str | None, use_text: bool = True) -> None:
+    """Records on the UNet the text column the model was trained on (None: it saw only empty prompts), so that
+    sampling it without that text is refused rather than silently done (`check_prompts_for_model`)."""
+    has_text = use_text and caption_column is not None and any(p for row in rows["prompts"] for p in row)
+    unet.register_to_config(**{TRAINING_DATA_KEY: {"caption_column": caption_column if has_text else None}})
+
+
+def trained_caption_column(pipeline) -> str | None:
+    """The text column recorded at training (`record_training_text`); None for a model trained without text, one
+    saved before the record existed, or a model that takes no text (the Probabilistic U-Net)."""
+    unet = getattr(pipeline, "unet", None)
+    record = (unet.config.get(TRAINING_DATA_KEY) or {}) if unet is not None else {}
+    return record.get("caption_column")
+
+
+def check_prompts_for_model(pipeline, rows: Dataset, prompts: str = "annotator",
+                            opt_in: str | None = "--prompts none") -> None:
+    """Refuses to sample a text-trained model on empty prompts (data without its text column) unless `prompts` is
+    "none", the explicit choice of empty prompts (`opt_in`: the flag that says so, named in the error)."""
+    column = trained_caption_column(pipeline)
+    if column is None or prompts == "none" or any(p for row in rows["prompts"] for p in row):
+        return
+    raise DatasetContractError(
+        f"the model was trained on text (the column {column!r}), but every prompt of this data is empty (no text "
+        f"column; --caption_column names it): pass --caption_column {column} (or the column holding that text)"
+        + (f", or {opt_in} to sample on empty prompts on purpose." if opt_in else "."))
 
 
 def model_resolution(pipeline) -> int | None:
