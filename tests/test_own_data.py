@@ -571,3 +571,50 @@ def test_a_text_trained_model_is_never_evaluated_on_empty_prompts_unless_asked(f
                                     "2", "--resolution", str(SIZE), "--report_to", "none", "--mixed_precision", "no"])
     assert trained_caption_column(AmbiSegPipeline.from_pretrained(untrained)) is None  # trained on empty prompts
     evaluate.main(["--model", str(untrained), *argv[2:], "--output_dir", str(tmp_path / "eval-bare")])
+
+
+# ---------------------------------------------------------------------------------------------- errors name the file
+def test_a_bad_row_is_named_by_its_file_and_its_row_in_train(tmp_path):
+    """A row's number in a carved split is not where the user looks: the error names the file, and in a carved split
+    the row of `train` too."""
+    from ambiseg_diffusers.data import holdout_rows
+
+    data = write_imagefolder(tmp_path / "my_data", raters={"train": [1] * 12})
+    lines = [json.loads(line) for line in (data / "train" / "metadata.jsonl").read_text().splitlines()]
+    bad = lines[9]
+    PIL.Image.fromarray((np.eye(SIZE) * 7).astype(np.uint8)).save(data / "train" / bad["mask_file_names"][0])
+    rows = load_dataset_raw(data)
+    position = next(i for i, p in enumerate(rows["__path"]) if p == bad["file_name"])
+    held = set(holdout_rows(range(12)))
+    split = "selection" if position in held else "train_fit"
+    in_split = sorted(held if split == "selection" else set(range(12)) - held).index(position)
+    with pytest.raises(DatasetContractError, match=rf"`mask` row {in_split} \({bad['file_name']}; row {position} of "
+                                                   rf"`train`\) rater 0 holds values \{{0, 7\}}"):
+        load_multirater(None, split, train_data_dir=data)
+    with pytest.raises(DatasetContractError, match=rf"`mask` row {position} \({bad['file_name']}\) rater 0"):
+        load_multirater(None, "train", train_data_dir=data)
+
+
+def load_dataset_raw(data: Path):
+    """The imagefolder's train rows with each image's file name (the order `datasets` reads them in)."""
+    from datasets import Image, load_dataset
+
+    rows = load_dataset("imagefolder", data_dir=str(data))["train"].cast_column("image", Image(decode=False))
+    return {"__path": [Path(r["path"]).name for r in rows["image"]]}
+
+
+def test_a_truncated_image_names_its_file_and_column(tmp_path):
+    data = write_imagefolder(tmp_path / "my_data", raters={"train": [1] * 4})
+    victim = data / "train" / "case_0003.png"
+    victim.write_bytes(victim.read_bytes()[:200])
+    with pytest.raises(DatasetContractError, match=r"`image` row \d+ \(case_0003\.png\) cannot be read.*re-export"):
+        load_multirater(None, "train", train_data_dir=data)
+
+
+def test_a_constant_image_is_warned_about_by_name(tmp_path, caplog):
+    data = write_imagefolder(tmp_path / "my_data", raters={"train": [1] * 4})
+    PIL.Image.fromarray(np.zeros((SIZE, SIZE), np.uint16)).save(data / "train" / "case_0002.png")
+    with caplog.at_level("WARNING"):
+        rows = load_multirater(None, "train", train_data_dir=data)
+    assert len(rows) == 4
+    assert re.search(r"1 image\(s\) hold a single value \(row \d \(case_0002\.png\)\)", caplog.text), caplog.text

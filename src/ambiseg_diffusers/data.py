@@ -39,6 +39,7 @@ LIDC_COLUMNS = {"image_column": "image", "mask_column": "masks", "caption_column
 HOLDOUT_FRACTION = 0.1
 HOLDOUT_SEED = 0
 HOLDOUT_SPLITS = ("selection", "train_fit")
+SOURCE_ROW = "__source_row"  # a carved split's row number in "train"
 # Masks are resized with the pixel-centre rule bilinear images use (align_corners=False); torch's "nearest" picks
 # floor(i * scale), which shifts a mask about half a target pixel up-left of its image.
 MASK_RESIZE_MODE = "nearest-exact"
@@ -108,7 +109,8 @@ def pick_split(data: Dataset | DatasetDict, split: str, source: str = "the datas
         groups = train["patient_id"] if "patient_id" in train.column_names else range(len(train))
         held = holdout_rows(groups)
         keep = held if split == "selection" else sorted(set(range(len(train))) - set(held))
-        return train.select(keep)
+        # each row's place in "train", for errors that name a row (to_contract drops the column)
+        return train.add_column(SOURCE_ROW, list(range(len(train)))).select(keep)
     raise DatasetContractError(f"{source} has no split {split!r}; it has {sorted(data)} (and 'selection' / "
                                f"'train_fit', a seeded {HOLDOUT_FRACTION:.0%} of 'train' and the rest).")
 
@@ -236,8 +238,10 @@ def to_contract(rows: Dataset, image_column: str = IMAGE_COLUMN, mask_column: st
                 caption_column: str | None = CAPTION_COLUMN, resolution: int | None = None,
                 source: str = "the dataset") -> Dataset:
     """`rows` checked row by row and mapped onto the library's columns (module docstring). A missing caption column
-    trains and evaluates on the empty prompt, and says so; a missing image or mask column is an error."""
-    have = rows.column_names
+    trains and evaluates on the empty prompt, and says so; a missing image or mask column is an error. Errors name
+    the row, its file (where the data has files) and, in a carved split, its row in "train"; an image of one value
+    is warned about by name (it trains on nothing)."""
+    have = [c for c in rows.column_names if c != SOURCE_ROW]
     for flag, name in (("--image_column", image_column), ("--mask_column", mask_column)):
         if name not in have:
             raise DatasetContractError(f"{source} has no column {name!r} ({flag}); its columns are {have}.")
@@ -264,36 +268,47 @@ def to_contract(rows: Dataset, image_column: str = IMAGE_COLUMN, mask_column: st
     def convert(batch: dict, indices: list[int]) -> dict:
         out = {"image": [], "masks": [], "prompts": [], "annotator_valid": [], "nodule_id": [], "nodule_prompt": []}
         for j, index in enumerate(indices):
-            masks = _masks(batch[mask_column][j], index, mask_column, single)
-            image = _channels_first(_image_array(batch[image_column][j], index, image_column), masks.shape[1:],
-                                    index, image_column)
-            if size is not None and image.shape[-2:] != size:
-                image, masks = resize(image, masks, size)
-                shape["resized"] = shape.get("resized", 0) + 1
-            shape.setdefault("hw", image.shape[-2:])
-            shape.setdefault("channels", 1 if image.ndim == 2 else image.shape[0])
-            if image.shape[-2:] != shape["hw"] or (1 if image.ndim == 2 else image.shape[0]) != shape["channels"]:
-                raise DatasetContractError(
-                    f"`{image_column}` row {index} is {tuple(image.shape)}, row 0 is {tuple(shape['hw'])} with "
-                    f"{shape['channels']} channel(s); every row must share one size and channel count (pass "
-                    "--resolution to resize them).")
-            texts = _texts(batch[caption_column][j] if caption_column else None, len(masks), index, caption_column)
-            out["image"].append(image.astype(np.float32))
-            out["masks"].append(masks)
-            out["prompts"].append(texts)
-            # LIDC's slots without a reading stay marked (their empty masks are annotations, their prompts not a
-            # rater's); every row of other data is its own nodule for the largest-consensus view
-            out["annotator_valid"].append(batch["annotator_valid"][j].tolist() if "annotator_valid" in batch
-                                          else [True] * len(masks))
-            out["nodule_id"].append(str(batch["nodule_id"][j]) if "nodule_id" in batch else str(index))
-            per_image = caption_column is None or isinstance(batch[caption_column][j], str) or len(set(texts)) == 1
-            out["nodule_prompt"].append(
-                batch["nodule_prompt"][j] if "nodule_prompt" in batch else (texts[0] if per_image else None))
+            try:
+                convert_row(batch, j, index, out)
+            except DatasetContractError as error:  # the row's file and source row, looked up only now
+                raise DatasetContractError(str(error).replace(f"row {index}", describe_row(rows, index, image_column),
+                                                              1)) from None
         return out
 
+    def convert_row(batch: dict, j: int, index: int, out: dict) -> None:
+        masks = _masks(batch[mask_column][j], index, mask_column, single)
+        image = _channels_first(_image_array(batch[image_column][j], index, image_column), masks.shape[1:],
+                                index, image_column)
+        if size is not None and image.shape[-2:] != size:
+            image, masks = resize(image, masks, size)
+            shape["resized"] = shape.get("resized", 0) + 1
+        shape.setdefault("hw", image.shape[-2:])
+        shape.setdefault("channels", 1 if image.ndim == 2 else image.shape[0])
+        if image.shape[-2:] != shape["hw"] or (1 if image.ndim == 2 else image.shape[0]) != shape["channels"]:
+            raise DatasetContractError(
+                f"`{image_column}` row {index} is {tuple(image.shape)}, row 0 is {tuple(shape['hw'])} with "
+                f"{shape['channels']} channel(s); every row must share one size and channel count (pass "
+                "--resolution to resize them).")
+        texts = _texts(batch[caption_column][j] if caption_column else None, len(masks), index, caption_column)
+        out["image"].append(image.astype(np.float32))
+        out["masks"].append(masks)
+        out["prompts"].append(texts)
+        # LIDC's slots without a reading stay marked (their empty masks are annotations, their prompts not a
+        # rater's); every row of other data is its own nodule for the largest-consensus view
+        out["annotator_valid"].append(batch["annotator_valid"][j].tolist() if "annotator_valid" in batch
+                                      else [True] * len(masks))
+        out["nodule_id"].append(str(batch["nodule_id"][j]) if "nodule_id" in batch else str(index))
+        per_image = caption_column is None or isinstance(batch[caption_column][j], str) or len(set(texts)) == 1
+        out["nodule_prompt"].append(
+            batch["nodule_prompt"][j] if "nodule_prompt" in batch else (texts[0] if per_image else None))
+        if image.size and image.min() == image.max():
+            shape.setdefault("constant", []).append(index)
+
     # The output's fixed image shape is row 0's.
-    probe = convert({k: v[:1] for k, v in rows.with_format("numpy")[:1].items()}, [0])
+    with _naming_unreadable_files(rows, (image_column, mask_column)):
+        probe = convert({k: v[:1] for k, v in rows.with_format("numpy")[:1].items()}, [0])
     shape.pop("resized", None)  # counted again by the map
+    shape.pop("constant", None)
     image_shape = probe["image"][0].shape
     features = Features({
         "image": Array2D(image_shape, "float32") if len(image_shape) == 2 else Array3D(image_shape, "float32"),
@@ -306,15 +321,86 @@ def to_contract(rows: Dataset, image_column: str = IMAGE_COLUMN, mask_column: st
     # LIDC's own columns stay (ratings re-prompt, sizes, ids); other data keeps the contract's columns only
     keep = [c for c in ("diameter_mm", "volume_mm3", "slice_diameter_mm", "pixel_spacing_mm", "ratings", "patient_id",
                         "slice") if c in have and is_lidc_rows(rows)]
-    converted = rows.with_format("numpy").map(
-        convert, batched=True, batch_size=64, with_indices=True, features=Features({**features, **{
-            c: rows.features[c] for c in keep}}), remove_columns=[c for c in have if c not in keep],
-        desc=f"checking {source}", keep_in_memory=True,  # no cache file beside the user's data, none per process
-    )
+    with _naming_unreadable_files(rows, (image_column, mask_column)):
+        converted = rows.with_format("numpy").map(
+            convert, batched=True, batch_size=64, with_indices=True, features=Features({**features, **{
+                c: rows.features[c] for c in keep}}), remove_columns=[c for c in rows.column_names if c not in keep],
+            desc=f"checking {source}", keep_in_memory=True,  # no cache file beside the user's data, none per process
+        )
+    if shape.get("constant"):
+        named = ", ".join(describe_row(rows, i, image_column) for i in shape["constant"][:5])
+        logger.warning(f"{source}: {len(shape['constant'])} image(s) hold a single value ({named}"
+                       f"{', ...' if len(shape['constant']) > 5 else ''}): blank or failed exports, which give the "
+                       "model nothing to segment from; check or drop them")
     if shape.get("resized"):
         logger.warning(f"{source}: {shape['resized']} of {len(rows)} rows resized to {resolution}x{resolution} (images "
                        "bilinear, masks nearest neighbour)")
     return converted.with_format(None)
+
+
+def _file_name(rows: Dataset, index: int, column: str) -> str | None:
+    """The file a row's image was read from (an imagefolder's `file_name`), where the data keeps one."""
+    from datasets import Image
+
+    if not isinstance(rows.features.get(column), Image):
+        return None
+    path = (rows.cast_column(column, Image(decode=False))[index][column] or {}).get("path")
+    return Path(path).name if path else None
+
+
+def describe_row(rows: Dataset, index: int, image_column: str = IMAGE_COLUMN) -> str:
+    """"row 17 (img_020.png)", "row 0 (img_005.png; row 4 of `train`)": a row as the user can find it in their files,
+    not only by its place in a carved split."""
+    details = [_file_name(rows, index, image_column)]
+    if SOURCE_ROW in rows.column_names:
+        details.append(f"row {rows[index][SOURCE_ROW]} of `train`")
+    details = [d for d in details if d]
+    return f"row {index}" + (f" ({'; '.join(details)})" if details else "")
+
+
+class _naming_unreadable_files:
+    """Turns an image file that cannot be decoded (`OSError: image file is truncated`, which names nothing) into a
+    `DatasetContractError` naming its column, row and file."""
+
+    def __init__(self, rows: Dataset, columns: tuple[str, ...]):
+        self.rows, self.columns = rows, columns
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, traceback):
+        if kind is None or not issubclass(kind, (OSError, SyntaxError)) or isinstance(error, DatasetContractError):
+            return False  # PIL raises SyntaxError for some broken PNG chunks
+        found = _first_unreadable(self.rows, self.columns)
+        if found is None:
+            return False
+        column, index, name, reason = found
+        raise DatasetContractError(f"`{column}` {describe_row(self.rows, index, self.columns[0])} cannot be read: "
+                                   f"{name or 'its image'} ({reason}); re-export that file.") from error
+
+
+def _first_unreadable(rows: Dataset, columns: tuple[str, ...]) -> tuple[str, int, str | None, str] | None:
+    """(column, row, file name, reason) of the first image that PIL cannot decode, else None."""
+    import io
+
+    import PIL.Image
+    from datasets import Image
+
+    for column in columns:
+        feature = rows.features.get(column)
+        inner = feature if isinstance(feature, Image) else getattr(feature, "feature", None)
+        if not isinstance(inner, Image):
+            continue
+        raw = rows.cast_column(column, Image(decode=False) if inner is feature else type(feature)(Image(decode=False)))
+        for index, value in enumerate(raw[column]):
+            for item in value if isinstance(value, list) else [value]:
+                try:
+                    with PIL.Image.open(io.BytesIO(item["bytes"]) if item.get("bytes") else item["path"]) as image:
+                        image.load()
+                except (OSError, SyntaxError) as error:
+                    path = item.get("path")
+                    return column, index, Path(path).name if path else None, f"{type(error).__name__}: {error}"
+    return None
 
 
 def _image_array(value, index: int, column: str) -> np.ndarray:
