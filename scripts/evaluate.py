@@ -116,7 +116,8 @@ def result_arguments(args, pipe, total: int, dataset=None) -> dict:
     keys = ("dataset_name", "train_data_dir", "image_column", "mask_column", "caption_column", "resolution", "split", "num_samples", "prompts", "scheduler", "steps", "deterministic", "guidance_scale",
             "prior_temperature", "preference_scale", "bf16", "seed")
     return {"model": args.model, "model_sha256": pipeline_fingerprint(pipe), "images": total,
-            **{k: getattr(args, k) for k in keys}, **({} if dataset is None else data_arguments(args, dataset, args.split))}
+            **{k: getattr(args, k) for k in keys},
+            **({} if dataset is None else data_arguments(args, dataset, args.split))}
 
 
 def main(argv=None) -> dict:
@@ -135,7 +136,8 @@ def main(argv=None) -> dict:
 
     # Resumable: each process appends finished images to its own file; a rerun skips the images in any of them.
     partial = sorted(output_dir.glob("per_image.rank*.jsonl"))
-    check_resumable(output_dir, result_arguments(args, pipe, total, dataset), partial, args.overwrite, write=state.is_main_process)
+    check_resumable(output_dir, result_arguments(args, pipe, total, dataset), partial, args.overwrite,
+                    write=state.is_main_process)
     state.wait_for_everyone()
     done = {json.loads(line)["index"] for path in output_dir.glob("per_image.rank*.jsonl")
             for line in path.read_text().splitlines()}

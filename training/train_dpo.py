@@ -70,7 +70,8 @@ from ambiseg_diffusers.pipelines.pipeline_ambiseg import ADAPTER_FILE, LORA_WEIG
 from ambiseg_diffusers.text import PromptCache, sentence_encoded
 from ambiseg_diffusers.training_utils import (
     LORA_TARGETS, adapter_base_matches, batch_indices, checkpoint_step, load_ema, load_trainable_adapter, log_validation,
-    check_checkpoint_data, recipe_from_args, resume_checkpoint, save_checkpoint, save_ema, shard, step_generator, str2bool,
+    check_checkpoint_data, recipe_from_args, resume_checkpoint, save_checkpoint, save_ema, shard, step_generator,
+    str2bool,
 )
 
 logger = get_logger(__name__)

@@ -568,7 +568,8 @@ def image_channels(rows: Dataset) -> int:
     return 1 if image.ndim == 2 else image.shape[0]
 
 
-TRAINING_DATA_KEY = "_training_data"  # a private UNet config entry: it travels with the weights (Hub, DPO, distillation)
+# a private UNet config entry: it travels with the weights (Hub, DPO, distillation)
+TRAINING_DATA_KEY = "_training_data"
 
 
 def record_training_text(unet, rows: Dataset, caption_column: str | None, use_text: bool = True) -> None:

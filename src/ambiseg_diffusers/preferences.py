@@ -126,7 +126,8 @@ def build_preferences(
 
     Resumable: each chunk of images is stored in `.<output_dir>.parts/` beside it as it finishes, and a rerun with
     the same arguments (these, the reference's weights, the rows' contents and `source`, e.g. the data flags and split)
-    skips chunks already there; other arguments are refused (ValueError) unless `overwrite` starts over. The prompt of a row is
+    skips chunks already there; other arguments are refused (ValueError) unless `overwrite` starts over. The prompt
+    of a row is
     one of its raters' prompts (seeded choice among the raters who read it). `record_states`: see the module docstring
     (the initial noise is then drawn outside the pipeline, so the candidates differ from a build without it).
     Returns the dataset and a report {"images", "pairs", "ties", "strategy"}.

@@ -336,8 +336,8 @@ def check_checkpoint_data(checkpoint: str | os.PathLike, data: dict | None) -> N
     changed = sorted(k for k in set(stored) | set(data) if stored.get(k) != data.get(k))
     if changed:
         details = "; ".join(f"{k}: {stored.get(k)!r} -> {data.get(k)!r}" for k in changed)
-        raise ValueError(f"`--resume_from_checkpoint` {str(checkpoint)!r} was trained on other data ({details}): resume "
-                         "with the data flags it was trained with, or train into another --output_dir.")
+        raise ValueError(f"`--resume_from_checkpoint` {str(checkpoint)!r} was trained on other data ({details}): "
+                         "resume with the data flags it was trained with, or train into another --output_dir.")
 
 
 def resume_training(accelerator, output_dir: str | os.PathLike, resume_from_checkpoint: str | None,

@@ -24,7 +24,8 @@ from diffusers.utils import BaseOutput, logging
 from diffusers.utils.torch_utils import randn_tensor
 
 from ..hub_utils import (
-    BASE_DOWNLOAD_KWARGS, check_finite_weights, check_weight_files, download_kwargs_of, model_card, resolve_pretrained_path,
+    BASE_DOWNLOAD_KWARGS, check_finite_weights, check_pipeline_class, check_weight_files, download_kwargs_of, model_card,
+    resolve_pretrained_path,
 )
 from ..image_processing import ImageInput, normalize_image, prepare_image
 from ..lidc import RECORDED_PROMPT_STYLES
@@ -281,6 +282,7 @@ class AmbiSegPipeline(SettingsOnModelMixin, CustomCodeLayoutMixin, DiffusionPipe
     def _load_checked(cls, path: str, **kwargs) -> "AmbiSegPipeline":
         """diffusers' loading, between two cheap checks: weight files present and readable before, every weight
         finite after (a corrupted file must not load silently and give empty masks)."""
+        check_pipeline_class(path, cls)
         check_weight_files(path)
         pipe = super().from_pretrained(path, **kwargs)
         check_finite_weights(pipe, path)
