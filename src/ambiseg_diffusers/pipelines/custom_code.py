@@ -13,6 +13,8 @@ any of its code: `CustomCodeLayoutMixin.load_config` maps the pairs back onto th
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import json
 import os
 from pathlib import Path
@@ -77,8 +79,31 @@ def from_custom_code_layout(config: dict) -> dict:
     return config
 
 
+# Set while this package's own `from_pretrained` runs diffusers' loader: a pipeline built outside it was built by
+# `DiffusionPipeline.from_pretrained`, which knows nothing of the folder's adapter files.
+_OWN_LOADER = contextvars.ContextVar("ambiseg_own_loader", default=False)
+
+
+@contextlib.contextmanager
+def own_loader():
+    token = _OWN_LOADER.set(True)
+    try:
+        yield
+    finally:
+        _OWN_LOADER.reset(token)
+
+
 class CustomCodeLayoutMixin:
-    """Saves in the Hub's custom-code layout and loads it with this package's classes (no repository code runs)."""
+    """Saves in the Hub's custom-code layout and loads it with this package's classes (no repository code runs).
+
+    `DiffusionPipeline.from_pretrained` builds the pipeline from its components only, then records the folder as
+    `_name_or_path`; a pipeline class that keeps more in the folder (an adapter) implements
+    `_loaded_by_diffusers(name_or_path)`, called then, so that both loaders give the same pipeline."""
+
+    def register_to_config(self, **kwargs) -> None:
+        super().register_to_config(**kwargs)
+        if "_name_or_path" in kwargs and not _OWN_LOADER.get() and hasattr(self, "_loaded_by_diffusers"):
+            self._loaded_by_diffusers(kwargs["_name_or_path"])
 
     @classmethod
     def load_config(cls, *args, **kwargs):
