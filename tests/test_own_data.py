@@ -248,7 +248,9 @@ def test_the_guides_commands_train_sample_evaluate_and_align_on_an_imagefolder(t
 
     aligned = train_dpo.main(commands["train_dpo"] + SPEED["train_dpo"])
     assert (Path(aligned) / "pytorch_lora_weights.safetensors").exists()
-    assert "lidc" not in (Path(aligned) / "README.md").read_text().lower()
+    dpo_card = (Path(aligned) / "README.md").read_text()
+    assert "lidc" not in dpo_card.lower() and "radiologist" not in dpo_card  # raters, not LIDC's radiologists
+    assert "runs/my-pairs" not in dpo_card and "`my-pairs`" in dpo_card  # the pairs by name, never a local path
 
 
 def test_training_batches_carry_the_raters_text(folder):
@@ -568,8 +570,11 @@ def test_a_text_trained_model_is_never_evaluated_on_empty_prompts_unless_asked(f
     assert np.isfinite(summary["ged"]["mean"])
     untrained = train_ambiseg.main(["--train_data_dir", str(bare), "--output_dir", str(tmp_path / "run-bare"),
                                     "--max_train_steps", "1", "--num_validation_images", "0", "--train_batch_size",
-                                    "2", "--resolution", str(SIZE), "--report_to", "none", "--mixed_precision", "no"])
+                                    "2", "--resolution", str(SIZE // 2), "--report_to", "none", "--mixed_precision", "no"])
     assert trained_caption_column(AmbiSegPipeline.from_pretrained(untrained)) is None  # trained on empty prompts
+    card = (untrained / "README.md").read_text()  # no text column: the card claims none, and gives both sizes
+    assert "text `text`" not in card and "no text column" in card and '"use_text": false' in card
+    assert f"stored at\n  {SIZE}x{SIZE} pixels, trained at {SIZE // 2}x{SIZE // 2}" in card
     evaluate.main(["--model", str(untrained), *argv[2:], "--output_dir", str(tmp_path / "eval-bare")])
 
 

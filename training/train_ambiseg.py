@@ -38,7 +38,7 @@ from ambiseg_diffusers.evaluation import SAMPLING_SCHEDULERS, build_sampling_sch
 from ambiseg_diffusers.hub_utils import model_card, push_folder_to_hub
 from ambiseg_diffusers.data import (
     LIDC_COLUMNS, add_data_arguments, dataset_label, default_splits, image_channels, is_lidc, load_from_args,
-    record_training_text,
+    record_training_text, stored_image_sizes,
 )
 from ambiseg_diffusers.lidc import FREE_TEXT, PROMPT_STYLES
 from ambiseg_diffusers.losses import ambiseg_loss, diffusion_target, predicted_clean
@@ -446,6 +446,8 @@ def load_training_data(args, config: AmbiSegTrainingConfig):
             raise ValueError(f"--prompt_style {args.prompt_style!r} builds prompts from LIDC ratings; "
                              f"{dataset_label(args)} has none (its own text is used as stored): drop the flag.")
         config = config.override(prompt_style=FREE_TEXT)
+        if not any(p for row in dataset["prompts"] for p in row):  # no text column: the card and record say so
+            config = config.override(use_text=False)
     if args.train_fraction < 1:
         dataset = dataset.select(select_rows(len(dataset), args.train_fraction, args.fraction_seed))
     validation = (load_from_args(args, args.validation_split, style, config.resolution)
@@ -463,9 +465,12 @@ def dataset_facts(args, dataset) -> dict:
     raters = [len(v) for v in dataset["annotator_valid"]]
     prompts = [p for row in dataset["prompts"] for p in row if p]
     image = np.asarray(dataset[0]["image"])
-    return dict(image_column=args.image_column, mask_column=args.mask_column, caption_column=args.caption_column,
+    stored = stored_image_sizes(args, args.train_split)
+    return dict(image_column=args.image_column, mask_column=args.mask_column,
+                caption_column=args.caption_column if prompts else None,  # a text column the data lacked is not one
                 min_raters=min(raters), max_raters=max(raters), mean_raters=f"{np.mean(raters):.2f}",
                 image_size="x".join(map(str, image.shape[-2:])), image_shape=", ".join(map(str, image.shape)),
+                stored_size=" to ".join(dict.fromkeys([stored[0], stored[-1]])) if stored else None,
                 image_channels=image_channels(dataset),
                 example_prompt=prompts[0] if prompts else "")
 

@@ -70,7 +70,9 @@ from diffusers.training_utils import EMAModel
 
 from ambiseg_diffusers import AmbiSegPipeline
 from ambiseg_diffusers.configs import CONFIGS
-from ambiseg_diffusers.data import DATA_FLAGS, add_data_arguments, distillation_splits, load_from_args
+from ambiseg_diffusers.data import (
+    DATA_FLAGS, add_data_arguments, distillation_splits, load_from_args, model_image_shape,
+)
 from ambiseg_diffusers.evaluation import cpu_only, validation_report
 from ambiseg_diffusers.hub_utils import model_card, push_folder_to_hub
 from ambiseg_diffusers.lidc import FREE_TEXT, eval_prompts, pipeline_prompt_style
@@ -535,7 +537,8 @@ def main(argv=None) -> Path:
                    + (f"```json\n{json.dumps({k: round(v, 4) for k, v in metrics.items()}, indent=2)}\n```"
                       if metrics else "None ran (`--num_validation_images 0`): score it with scripts/sweep_samplers.py."))
         example = str(recorded["prompts"][0]) if recorded else eval_prompts(dataset[0], "annotator")[0]
-        distilled_card(output_dir, repo_id, results, style, size, example).save(output_dir / "README.md")
+        distilled_card(output_dir, repo_id, results, style, size, example, model_image_shape(teacher)).save(
+            output_dir / "README.md")
         if args.push_to_hub:
             push_folder_to_hub(output_dir, repo_id, token=args.hub_token)
     accelerator.end_training()
@@ -564,7 +567,8 @@ def save_distilled(unet, lcm: LCMScheduler, args, output_dir: Path, steps: int, 
     (output_dir / CONSISTENCY_FILE).write_text(json.dumps(info, indent=2))
 
 
-def distilled_card(folder: Path, repo_id: str, results: str, prompt_style: str, image_size: int, example_prompt: str):
+def distilled_card(folder: Path, repo_id: str, results: str, prompt_style: str, image_size: int, example_prompt: str,
+                   image_shape: str | None = None):
     """The model card of a distilled sampler folder (from its `consistency.json`), with `results` (markdown) as the
     measurements section; its snippet prompts as the teacher was trained (`prompt_style`; "free": `example_prompt`,
     a text of the data)."""
@@ -573,6 +577,7 @@ def distilled_card(folder: Path, repo_id: str, results: str, prompt_style: str, 
     return model_card(
         "consistency.md", repo_id, base_model=info.get("base_model"), lidc=prompt_style != FREE_TEXT,
         prompt_style=prompt_style, image_size=image_size, example_prompt=example_prompt,
+        image_shape=image_shape or f"{image_size}, {image_size}",
         extra_tags=[f"{info.get('method', 'consistency')}-distillation", "lcm", "lora"], teacher=config["teacher"],
         method=info.get("method", "consistency"),
         num_ddim_timesteps=info["num_ddim_timesteps"], train_steps=info["train_steps"],

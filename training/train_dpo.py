@@ -62,7 +62,7 @@ from ambiseg_diffusers.hub_utils import model_card, push_folder_to_hub
 from ambiseg_diffusers.image_processing import masks_to_model_range, normalize_image
 from ambiseg_diffusers.data import (
     add_data_arguments, check_prompts_for_model, data_source, default_splits, distillation_splits, load_from_args,
-    model_resolution, splits_overlap,
+    model_image_shape, model_resolution, splits_overlap,
 )
 from ambiseg_diffusers.lidc import FREE_TEXT, augment, pipeline_prompt_style
 from ambiseg_diffusers.losses import DPO_ERROR_SPACES, diffusion_dpo_loss, dpo_errors
@@ -504,9 +504,9 @@ def main(argv=None) -> Path:
         model_card(
             "tdg-diffdpo.md", repo_id, base_model=base_model_id, extra_tags=["tdg-diffdpo", "diffusion-dpo", "lora"],
             lidc=pipeline_prompt_style(reference) != FREE_TEXT, prompt_style=pipeline_prompt_style(reference),
-            image_size=reference.unet.config.sample_size, example_prompt=pairs[0]["prompt"] if len(pairs) else "",
-            reference=args.reference,
-            preferences=args.preferences, num_pairs=len(pairs), config_json=json.dumps(asdict(config), indent=2),
+            image_size=reference.unet.config.sample_size, image_shape=model_image_shape(reference),
+            example_prompt=pairs[0]["prompt"] if len(pairs) else "", reference=args.reference,
+            preferences=Path(args.preferences).name if os.path.isdir(args.preferences) else args.preferences, num_pairs=len(pairs), config_json=json.dumps(asdict(config), indent=2),
             metrics="```json\n" + json.dumps({k: round(v, 4) for k, v in metrics.items()}, indent=2) + "\n```" if metrics else
             "(no validation in this run: `--num_validation_images 0`)",
         ).save(output_dir / "README.md")

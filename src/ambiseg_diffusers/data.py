@@ -135,6 +135,11 @@ def names_lidc64(dataset_name: str | None, train_data_dir) -> bool:
     return train_data_dir is None and dataset_name in (None, "lidc64")
 
 
+def _data_name(dataset_name: str | None, train_data_dir) -> str:
+    """The data the flags name, for messages: --train_data_dir wins over --dataset_name (as it does at loading)."""
+    return str(train_data_dir) if train_data_dir is not None else str(dataset_name)
+
+
 def _split_names(dataset_name: str | None, train_data_dir) -> list[str]:
     data = _load_raw(dataset_name, train_data_dir)
     return sorted(data) if isinstance(data, DatasetDict) else ["train"]
@@ -185,7 +190,7 @@ def default_splits(dataset_name: str | None, train_data_dir, train_split: str | 
             return train_split or "train", name
     if train_split is not None:
         return _check_disjoint(train_split, "selection")
-    logger.warning(f"no validation split in {dataset_name or train_data_dir} (splits: {names}): validating on "
+    logger.warning(f"no validation split in {_data_name(dataset_name, train_data_dir)} (splits: {names}): validating on "
                    f"'selection', a seeded {HOLDOUT_FRACTION:.0%} of 'train', and training on 'train_fit', the rest")
     return "train_fit", "selection"
 
@@ -215,7 +220,7 @@ def check_choosing_split(dataset_name: str | None, train_data_dir, split: str) -
         raise DatasetContractError(f"split {split!r}{within} reports, it never chooses: choose on "
                                    f"{selection_split(dataset_name, train_data_dir)!r}")
     if not names_lidc64(dataset_name, train_data_dir) and split == evaluation_split(dataset_name, train_data_dir):
-        logger.warning(f"choosing on {split!r}, the split results are reported on ({dataset_name or train_data_dir} "
+        logger.warning(f"choosing on {split!r}, the split results are reported on ({_data_name(dataset_name, train_data_dir)} "
                        "has no test split): report on other data, or train with --validation_split selection (a "
                        "held-out 10% of train) and choose on selection")
 
@@ -229,7 +234,7 @@ def evaluation_split(dataset_name: str | None, train_data_dir) -> str:
     for name in ("test", "validation", "valid", "val"):
         if name in names:
             return name
-    raise DatasetContractError(f"{dataset_name or train_data_dir} has no test or validation split (splits: {names}); "
+    raise DatasetContractError(f"{_data_name(dataset_name, train_data_dir)} has no test or validation split (splits: {names}); "
                                "name the split to evaluate with --split.")
 
 
@@ -334,7 +339,7 @@ def to_contract(rows: Dataset, image_column: str = IMAGE_COLUMN, mask_column: st
                        "model nothing to segment from; check or drop them")
     if shape.get("resized"):
         logger.warning(f"{source}: {shape['resized']} of {len(rows)} rows resized to {resolution}x{resolution} (images "
-                       "bilinear, masks nearest neighbour)")
+                       "bilinear, masks nearest neighbour at the same pixel centres)")
     return converted.with_format(None)
 
 
@@ -598,6 +603,35 @@ def check_prompts_for_model(pipeline, rows: Dataset, prompts: str = "annotator",
         f"the model was trained on text (the column {column!r}), but every prompt of this data is empty (no text "
         f"column; --caption_column names it): pass --caption_column {column} (or the column holding that text)"
         + (f", or {opt_in} to sample on empty prompts on purpose." if opt_in else "."))
+
+
+def model_image_shape(pipeline) -> str:
+    """The shape of an image the pipeline's UNet takes, as a card writes it: "64, 64" or "3, 64, 64"."""
+    size, channels = int(pipeline.unet.config.sample_size), int(pipeline.unet.image_channels)
+    return ", ".join(map(str, ((channels,) if channels > 1 else ()) + (size, size)))
+
+
+def stored_image_sizes(args, split: str) -> list[str]:
+    """The sizes ("HxW") a split's images are stored at, before any --resolution: every row's where the images are
+    files (their headers only), else row 0's."""
+    import io
+
+    import PIL.Image
+    from datasets import Image
+
+    if is_lidc(args):
+        return []
+    rows = pick_split(_load_raw(args.dataset_name, args.train_data_dir), split)
+    feature = rows.features.get(args.image_column)
+    if isinstance(feature, Image):
+        sizes = set()
+        for item in rows.cast_column(args.image_column, Image(decode=False))[args.image_column]:
+            with PIL.Image.open(io.BytesIO(item["bytes"]) if item.get("bytes") else item["path"]) as image:
+                sizes.add((image.height, image.width))
+    else:
+        masks = np.asarray(rows[0][args.mask_column])
+        sizes = {tuple(masks.shape[-2:])}
+    return [f"{h}x{w}" for h, w in sorted(sizes)]
 
 
 def model_resolution(pipeline) -> int | None:
