@@ -168,11 +168,26 @@ def test_evaluate_pipeline_scores_rows_of_different_rater_counts_against_their_o
     rows = load_multirater(None, "train", train_data_dir=folder)
     per_image, samples = evaluate_pipeline(pipe, rows, num_samples=2, num_inference_steps=2)  # default images_per_call
     assert samples.shape == (6, 2, SIZE, SIZE)
-    expected = compute_metrics_rows(samples, [np.asarray(m, bool) for m in rows["masks"]])
-    one_by_one = [compute_metrics_rows(samples[i : i + 1], [np.asarray(rows[i]["masks"], bool)])["ged"][0]
-                  for i in range(6)]
-    np.testing.assert_allclose(per_image["ged"], expected["ged"])
-    np.testing.assert_allclose(per_image["ged"], one_by_one)
+    raters = [np.asarray(m, bool) for m in rows["masks"]]
+    assert [len(r) for r in raters] == RATERS["train"]
+    # GED by hand (docs/evaluation.md: d = 1 - Dice, Dice of two empty masks 1, squared form, diagonals included),
+    # not by the library's metric code: each row against its own raters, and padding to 3 would change it
+    expected = [_ged_by_hand(samples[i], raters[i]) for i in range(6)]
+    np.testing.assert_allclose(per_image["ged"], expected, atol=1e-6)
+    padded = [_ged_by_hand(samples[i], np.concatenate([raters[i], np.zeros((3 - len(raters[i]), SIZE, SIZE), bool)]))
+              for i in range(6)]
+    assert np.abs(np.asarray(padded) - expected).max() > 1e-3
+
+
+def _ged_by_hand(samples: np.ndarray, raters: np.ndarray) -> float:
+    def distance(a, b) -> float:
+        total = int(a.sum()) + int(b.sum())
+        return 0.0 if total == 0 else 1.0 - 2.0 * int((a & b).sum()) / total
+
+    def mean_distance(xs, ys) -> float:
+        return float(np.mean([distance(x, y) for x in xs for y in ys]))
+
+    return 2 * mean_distance(samples, raters) - mean_distance(samples, samples) - mean_distance(raters, raters)
 
 
 # ---------------------------------------------------------------------------------------------- the guide, run
