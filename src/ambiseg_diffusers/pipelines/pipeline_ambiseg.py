@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import inspect
 import json
 import math
@@ -115,7 +116,10 @@ def normalize_prompts(prompt: PromptInput, batch_size: int) -> list[list[str]]:
     if not isinstance(prompt, (list, tuple)) or len(prompt) == 0:
         raise ValueError(f"`prompt` must be a string, a non-empty list of strings or a list of lists, got {prompt!r}.")
     if len(prompt) != batch_size:
-        raise ValueError(f"`prompt` has {len(prompt)} entries but `image` has {batch_size} images; give one per image.")
+        several = (" For several prompts of one image (one per rater, spread over its samples), wrap them in a list: "
+                   "`prompt=[prompts]`.") if batch_size == 1 and all(isinstance(p, str) for p in prompt) else ""
+        raise ValueError(f"`prompt` has {len(prompt)} entries but `image` has {batch_size} images; give one per image."
+                         + several)
     per_image = []
     for i, item in enumerate(prompt):
         item = [item] if isinstance(item, str) else item
@@ -123,6 +127,11 @@ def normalize_prompts(prompt: PromptInput, batch_size: int) -> list[list[str]]:
             raise ValueError(f"`prompt[{i}]` must be a string or a non-empty list of strings, got {item!r}.")
         per_image.append(list(item))
     return per_image
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_once(message: str) -> None:
+    logger.warning(message)
 
 
 def _pad_tokens(states: torch.Tensor, mask: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -480,7 +489,9 @@ class AmbiSegPipeline(SettingsOnModelMixin, CustomCodeLayoutMixin, DiffusionPipe
         rows_prior = prior.select(pair_of_row.to(prior.mean.device))
         noise_shape, where = (num_samples, rows_prior.mean.shape[1]), dict(device=rows_prior.mean.device,
                                                                           dtype=rows_prior.mean.dtype)
-        if isinstance(generator, list):  # per row: image b's block of samples from its own generator in one draw,
+        if isinstance(generator, list) and len({id(g) for g in generator}) == rows:  # one per sample: its own z
+            noise = torch.cat([randn_tensor((1, noise_shape[1]), generator=g, **where) for g in generator])
+        elif isinstance(generator, list):  # per row: image b's block of samples from its own generator in one draw,
             # as a call on image b alone draws it (torch draws fewer than 16 normals another way than a block)
             noise = torch.cat([randn_tensor(noise_shape, generator=generator[b * num_samples], **where)
                                for b in range(images.shape[0])])
@@ -527,7 +538,7 @@ class AmbiSegPipeline(SettingsOnModelMixin, CustomCodeLayoutMixin, DiffusionPipe
         valid = generator is None or isinstance(generator, torch.Generator) or (
             isinstance(generator, list) and all(isinstance(g, torch.Generator) for g in generator))
         if not valid:
-            raise ValueError(f"`generator` must be a torch.Generator or a list of them (one per image), got "
+            raise ValueError(f"`generator` must be a torch.Generator or a list of them (one per image or per sample), got "
                              f"{type(generator).__name__}; e.g. `generator=torch.Generator().manual_seed(0)`.")
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"`output_type` must be one of {OUTPUT_TYPES}, got {output_type!r}.")
@@ -612,10 +623,14 @@ class AmbiSegPipeline(SettingsOnModelMixin, CustomCodeLayoutMixin, DiffusionPipe
                 m.scaling[PREFERENCE_ADAPTER] = value
 
     def _row_generators(self, generator, batch: int, num_samples: int):
-        """A per-image generator list becomes a per-row list, so each image's samples are independent of batching."""
+        """A per-image generator list becomes a per-row list, so each image's samples are independent of batching;
+        a list of one per sample (diffusers' habit: one per output) is already per row."""
         if isinstance(generator, list):
+            if len(generator) == batch * num_samples and batch * num_samples != batch:
+                return list(generator)
             if len(generator) != batch:
-                raise ValueError(f"`generator` is a list of {len(generator)}; expected one per image ({batch}).")
+                raise ValueError(f"`generator` is a list of {len(generator)}; expected one per image ({batch}) or one "
+                                 f"per sample ({batch * num_samples}).")
             return [g for g in generator for _ in range(num_samples)]
         return generator
 
@@ -679,7 +694,8 @@ class AmbiSegPipeline(SettingsOnModelMixin, CustomCodeLayoutMixin, DiffusionPipe
             prior_temperature: scales the prior's standard deviation (0 = always the prior mean).
             eta: DDIM's eta (ignored by other schedulers).
             generator: a `torch.Generator`, or one per image: then image `b`'s samples are those of a call on image
-                `b` alone with `[generator[b]]`, whatever the batch (diffusers' batch-vs-single convention).
+                `b` alone with `[generator[b]]`, whatever the batch (diffusers' batch-vs-single convention); or one
+                per sample (`batch * num_samples`, row `b * num_samples + s`), diffusers' one per output.
             latents: pre-drawn initial noise `(batch * num_samples, mask_channels, H, W)`, row `b * num_samples + s`
                 for sample `s` of image `b`; `None` = drawn from `generator`.
             ambiguity_latents: the ambiguity latents `z` `(batch * num_samples, latent_dim)`; `None` = drawn from the
@@ -732,6 +748,10 @@ class AmbiSegPipeline(SettingsOnModelMixin, CustomCodeLayoutMixin, DiffusionPipe
         # Autocast is for float32 weights; fp16 / bf16 weights (`torch_dtype=...`) compute in their own dtype (bf16
         # autocast over fp16 weights would mix the two in BERT's LayerNorm and fail).
         use_bf16 = (mode == "bf16" or (mode == "auto" and native_bf16(device))) and self.unet.dtype == torch.float32
+        if self.unet.dtype == torch.float16 and device.type == "cpu":
+            _warn_once("float16 weights on a CPU: CPUs emulate half precision, about 35x slower than float32 here; "
+                       "load with `dtype=torch.float32` (from_pretrained's default), which bf16 autocast speeds up "
+                       "where the CPU has native bf16.")
         with self._preference_scale(preference_scale), torch.autocast(device.type, torch.bfloat16, enabled=use_bf16):
             dtype = self.unet.dtype
             images = self.preprocess(image).to(device=device, dtype=dtype)
