@@ -583,14 +583,22 @@ class AmbiSegPipeline(SettingsOnModelMixin, CustomCodeLayoutMixin, DiffusionPipe
             raise ValueError(f"`callback_on_step_end_tensor_inputs` must be among {self._callback_tensor_inputs}, got "
                              f"{sorted(unknown)}.")
 
-    def _rows_of(self, tensor: torch.Tensor | None, name: str, batch: int, num_samples: int) -> torch.Tensor | None:
-        """A per-image `(batch, ...)` tensor repeated for each sample, or a per-row `(batch * num_samples, ...)` one."""
+    def _rows_of(self, tensor: torch.Tensor | None, name: str, batch: int, num_samples: int,
+                 round_robin: bool = False) -> torch.Tensor | None:
+        """A per-image `(batch, ...)` tensor repeated for each sample, or a per-row `(batch * num_samples, ...)` one.
+        `round_robin` (prompt embeddings): `k` rows per image are spread over its samples as a prompt list per image
+        is (sample `s` takes row `s % k`), so `encode_prompt` run with another `num_samples` is accepted too."""
         if tensor is None or tensor.shape[0] == batch * num_samples:
             return tensor
         if tensor.shape[0] == batch:
             return tensor.repeat_interleave(num_samples, dim=0)
+        if round_robin and tensor.shape[0] % batch == 0:
+            k = tensor.shape[0] // batch
+            index = [b * k + s % k for b in range(batch) for s in range(num_samples)]
+            return tensor[torch.tensor(index, device=tensor.device)]
         raise ValueError(f"`{name}` has {tensor.shape[0]} rows; expected one per image ({batch}) or one per sample "
-                         f"({batch * num_samples}).")
+                         f"({batch * num_samples})" + (", or the same number for each image" if round_robin else "")
+                         + ".")
 
     @contextlib.contextmanager
     def _preference_scale(self, scale: float | None):
@@ -766,8 +774,9 @@ class AmbiSegPipeline(SettingsOnModelMixin, CustomCodeLayoutMixin, DiffusionPipe
                     prompt, device, num_samples, self.do_classifier_free_guidance, negative_prompt, batch_size=batch
                 )
             else:
-                prompt_embeds = self._rows_of(prompt_embeds, "prompt_embeds", batch, num_samples)
-                prompt_attention_mask = self._rows_of(prompt_attention_mask, "prompt_attention_mask", batch, num_samples)
+                prompt_embeds = self._rows_of(prompt_embeds, "prompt_embeds", batch, num_samples, round_robin=True)
+                prompt_attention_mask = self._rows_of(prompt_attention_mask, "prompt_attention_mask", batch, num_samples,
+                                                      round_robin=True)
                 if self.do_classifier_free_guidance and negative_prompt_embeds is None:
                     _, _, negative_prompt_embeds, negative_prompt_attention_mask = self.encode_prompt(
                         None, device, num_samples, True, negative_prompt, batch_size=batch
