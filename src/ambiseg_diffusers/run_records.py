@@ -36,6 +36,7 @@ def dataset_fingerprint(rows) -> str:
     """sha256 of every checked row's image, rater masks, prompts and reading flags (`data.load_multirater`'s
     form): the data a result was computed on, whatever path or flags named it, at the size it was resized to."""
     digest = hashlib.sha256()
+    rows = rows.with_format("numpy")  # arrays, not nested Python lists
     for start in range(0, len(rows), 256):
         batch = rows[start : start + 256]
         for image, masks, prompts, valid in zip(batch["image"], batch["masks"], batch["prompts"],
