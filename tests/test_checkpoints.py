@@ -132,12 +132,13 @@ def test_every_committed_cards_snippet_runs_as_written(tmp_path):
         fill_hub_cache(CHECKPOINTS / folder, tmp_path / "hub", repo_id)
     cards = {name: "\n".join(re.findall(r"```python\n(.*?)```", (CHECKPOINTS / name / "README.md").read_text(), re.S))
              for name in HUB_IDS}
-    script = "".join(f"space = {{}}\nexec({code!r}, space)\nprint('CARD', {name!r}, tuple(space['out'].masks.shape))\n"
-                     for name, code in cards.items())
+    # each card segments a real crop (the package's example): every sample non-empty, not random noise's empty masks
+    script = "".join(f"space = {{}}\nexec({code!r}, space)\nprint('CARD', {name!r}, tuple(space['out'].masks.shape), "
+                     f"int((space['out'].masks.sum((-2, -1)) > 0).sum()))\n" for name, code in cards.items())
     result = run_offline(script, tmp_path / "hub", tmp_path / "home")
     assert result.returncode == 0, result.stderr[-3000:]
     for name in HUB_IDS:
-        assert f"CARD {name} (1, 16, 64, 64)" in result.stdout
+        assert f"CARD {name} (1, 16, 64, 64) 16" in result.stdout, result.stdout
 
 
 def test_the_committed_pipelines_are_saved_in_the_hubs_custom_code_layout():

@@ -12,6 +12,7 @@ The dummy call leaves `num_samples` at its default (16): `test_encode_prompt_wor
 """
 
 import unittest
+import unittest.mock
 
 import diffusers.pipelines
 import numpy as np
@@ -19,6 +20,8 @@ import torch
 from diffusers import DDIMScheduler
 
 from ambiseg_diffusers import AmbiSegPipeline
+from ambiseg_diffusers.pipelines import pipeline_ambiseg
+from ambiseg_diffusers.pipelines.pipeline_settings import RECORD_KEY
 
 from conftest import SIZE, make_tokenizer, tiny_encoder, tiny_text_encoder, tiny_unet
 from diffusers_suite.pipelines.pipeline_params import (
@@ -43,10 +46,17 @@ class AmbiSegPipelineFastTests(PipelineTesterMixin, unittest.TestCase):
         # where every pipeline diffusers ships lives; an out-of-tree pipeline is put there for this class's tests.
         diffusers.pipelines.AmbiSegPipeline = AmbiSegPipeline
         cls.addClassCleanup(delattr, diffusers.pipelines, "AmbiSegPipeline")
+        # Every CPU runs the suite as one with native bf16 would (AVX512-BF16, AMX): "auto" autocast would then choose
+        # bf16, and the mixin's float32 tolerances hold only because the dummy pipeline records autocast "no".
+        patched = unittest.mock.patch.object(pipeline_ambiseg, "native_bf16", lambda device: True)
+        patched.start()
+        cls.addClassCleanup(patched.stop)
 
     def get_dummy_components(self):
+        unet = tiny_unet(latent_dim=self.latent_dim)
+        unet.register_to_config(**{RECORD_KEY: {"autocast": "no"}})  # float32, as diffusers' dummy pipelines run
         return {
-            "unet": tiny_unet(latent_dim=self.latent_dim),
+            "unet": unet,
             "scheduler": DDIMScheduler(num_train_timesteps=100, prediction_type="sample", clip_sample=True),
             "text_encoder": tiny_text_encoder(),
             "tokenizer": make_tokenizer(),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import inspect
 import json
 import math
@@ -24,13 +25,14 @@ from diffusers.utils import BaseOutput, logging
 from diffusers.utils.torch_utils import randn_tensor
 
 from ..hub_utils import (
-    BASE_DOWNLOAD_KWARGS, check_finite_weights, check_weight_files, download_kwargs_of, model_card, resolve_pretrained_path,
+    BASE_DOWNLOAD_KWARGS, check_finite_weights, check_pipeline_class, check_weight_files, download_kwargs_of, model_card,
+    resolve_pretrained_path,
 )
 from ..image_processing import ImageInput, normalize_image, prepare_image
 from ..lidc import RECORDED_PROMPT_STYLES
 from ..models import AmbiguityEncoder, AmbiSegUNet
 from ..text import encode_prompts, sentence_encoded
-from .custom_code import CustomCodeLayoutMixin, pop_hub_kwargs, upload_saved_folder
+from .custom_code import CustomCodeLayoutMixin, own_loader, pop_hub_kwargs, upload_saved_folder
 from .pipeline_settings import SettingsOnModelMixin
 
 logger = logging.get_logger(__name__)
@@ -114,7 +116,10 @@ def normalize_prompts(prompt: PromptInput, batch_size: int) -> list[list[str]]:
     if not isinstance(prompt, (list, tuple)) or len(prompt) == 0:
         raise ValueError(f"`prompt` must be a string, a non-empty list of strings or a list of lists, got {prompt!r}.")
     if len(prompt) != batch_size:
-        raise ValueError(f"`prompt` has {len(prompt)} entries but `image` has {batch_size} images; give one per image.")
+        several = (" For several prompts of one image (one per rater, spread over its samples), wrap them in a list: "
+                   "`prompt=[prompts]`.") if batch_size == 1 and all(isinstance(p, str) for p in prompt) else ""
+        raise ValueError(f"`prompt` has {len(prompt)} entries but `image` has {batch_size} images; give one per image."
+                         + several)
     per_image = []
     for i, item in enumerate(prompt):
         item = [item] if isinstance(item, str) else item
@@ -122,6 +127,11 @@ def normalize_prompts(prompt: PromptInput, batch_size: int) -> list[list[str]]:
             raise ValueError(f"`prompt[{i}]` must be a string or a non-empty list of strings, got {item!r}.")
         per_image.append(list(item))
     return per_image
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_once(message: str) -> None:
+    logger.warning(message)
 
 
 def _pad_tokens(states: torch.Tensor, mask: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -265,24 +275,48 @@ class AmbiSegPipeline(SettingsOnModelMixin, CustomCodeLayoutMixin, DiffusionPipe
         else:
             base_kwargs = {k: v for k, v in download_kwargs.items() if k in BASE_DOWNLOAD_KWARGS}
             pipe = cls.from_pretrained(base, **kwargs, **base_kwargs)
-        earlier = list(getattr(pipe.unet, "peft_config", None) or {})
+        pipe._apply_adapter_folder(path, info_file)
+        return pipe
+
+    def _apply_adapter_folder(self, path: str, info_file: str) -> None:
+        """Loads the LoRA adapter of `path` (its `info_file`: `preference.json` or `consistency.json`) onto this
+        pipeline, and for a distilled sampler its LCMScheduler and number of calls."""
+        with open(info_file) as f:
+            info = json.load(f)
+        earlier = list(getattr(self.unet, "peft_config", None) or {})
         name = info.get("adapter_name", PREFERENCE_ADAPTER)
-        pipe.load_lora_weights(path, weight_name=LORA_WEIGHT_NAME, adapter_name=name)
+        self.load_lora_weights(path, weight_name=LORA_WEIGHT_NAME, adapter_name=name)
         if earlier:  # a distilled sampler on an aligned model: both adapters act
-            pipe.set_adapters(earlier + [name])
+            self.set_adapters(earlier + [name])
         if info_file.endswith(CONSISTENCY_FILE):
             from diffusers import LCMScheduler
 
-            pipe.scheduler = LCMScheduler.from_pretrained(path, subfolder="scheduler")
-            pipe.register_to_config(default_num_inference_steps=int(info["num_inference_steps"]))
-        return pipe
+            self.scheduler = LCMScheduler.from_pretrained(path, subfolder="scheduler")
+            self.register_to_config(default_num_inference_steps=int(info["num_inference_steps"]))
+
+    def _loaded_by_diffusers(self, name_or_path) -> None:
+        """`DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)` built this pipeline from the folder's
+        components only: its adapter (a TDG-DiffDPO or distilled folder) is applied here, as
+        `AmbiSegPipeline.from_pretrained` applies it, instead of being dropped."""
+        try:
+            path = resolve_pretrained_path(name_or_path, local_files_only=True)  # diffusers has just fetched it
+        except (OSError, FileNotFoundError):
+            return
+        info_file = next((os.path.join(path, name) for name in (ADAPTER_FILE, CONSISTENCY_FILE)
+                          if os.path.isfile(os.path.join(path, name))), None)
+        if info_file is not None and not getattr(self.unet, "peft_config", None):
+            logger.info(f"{name_or_path} holds a LoRA adapter ({os.path.basename(info_file)}): applied, as "
+                        "AmbiSegPipeline.from_pretrained does")
+            self._apply_adapter_folder(path, info_file)
 
     @classmethod
     def _load_checked(cls, path: str, **kwargs) -> "AmbiSegPipeline":
         """diffusers' loading, between two cheap checks: weight files present and readable before, every weight
         finite after (a corrupted file must not load silently and give empty masks)."""
+        check_pipeline_class(path, cls)
         check_weight_files(path)
-        pipe = super().from_pretrained(path, **kwargs)
+        with own_loader():  # the caller applies the folder's adapter itself
+            pipe = super().from_pretrained(path, **kwargs)
         check_finite_weights(pipe, path)
         return pipe
 
@@ -455,7 +489,9 @@ class AmbiSegPipeline(SettingsOnModelMixin, CustomCodeLayoutMixin, DiffusionPipe
         rows_prior = prior.select(pair_of_row.to(prior.mean.device))
         noise_shape, where = (num_samples, rows_prior.mean.shape[1]), dict(device=rows_prior.mean.device,
                                                                           dtype=rows_prior.mean.dtype)
-        if isinstance(generator, list):  # per row: image b's block of samples from its own generator in one draw,
+        if isinstance(generator, list) and len({id(g) for g in generator}) == rows:  # one per sample: its own z
+            noise = torch.cat([randn_tensor((1, noise_shape[1]), generator=g, **where) for g in generator])
+        elif isinstance(generator, list):  # per row: image b's block of samples from its own generator in one draw,
             # as a call on image b alone draws it (torch draws fewer than 16 normals another way than a block)
             noise = torch.cat([randn_tensor(noise_shape, generator=generator[b * num_samples], **where)
                                for b in range(images.shape[0])])
@@ -502,7 +538,7 @@ class AmbiSegPipeline(SettingsOnModelMixin, CustomCodeLayoutMixin, DiffusionPipe
         valid = generator is None or isinstance(generator, torch.Generator) or (
             isinstance(generator, list) and all(isinstance(g, torch.Generator) for g in generator))
         if not valid:
-            raise ValueError(f"`generator` must be a torch.Generator or a list of them (one per image), got "
+            raise ValueError(f"`generator` must be a torch.Generator or a list of them (one per image or per sample), got "
                              f"{type(generator).__name__}; e.g. `generator=torch.Generator().manual_seed(0)`.")
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"`output_type` must be one of {OUTPUT_TYPES}, got {output_type!r}.")
@@ -547,14 +583,22 @@ class AmbiSegPipeline(SettingsOnModelMixin, CustomCodeLayoutMixin, DiffusionPipe
             raise ValueError(f"`callback_on_step_end_tensor_inputs` must be among {self._callback_tensor_inputs}, got "
                              f"{sorted(unknown)}.")
 
-    def _rows_of(self, tensor: torch.Tensor | None, name: str, batch: int, num_samples: int) -> torch.Tensor | None:
-        """A per-image `(batch, ...)` tensor repeated for each sample, or a per-row `(batch * num_samples, ...)` one."""
+    def _rows_of(self, tensor: torch.Tensor | None, name: str, batch: int, num_samples: int,
+                 round_robin: bool = False) -> torch.Tensor | None:
+        """A per-image `(batch, ...)` tensor repeated for each sample, or a per-row `(batch * num_samples, ...)` one.
+        `round_robin` (prompt embeddings): `k` rows per image are spread over its samples as a prompt list per image
+        is (sample `s` takes row `s % k`), so `encode_prompt` run with another `num_samples` is accepted too."""
         if tensor is None or tensor.shape[0] == batch * num_samples:
             return tensor
         if tensor.shape[0] == batch:
             return tensor.repeat_interleave(num_samples, dim=0)
+        if round_robin and tensor.shape[0] % batch == 0:
+            k = tensor.shape[0] // batch
+            index = [b * k + s % k for b in range(batch) for s in range(num_samples)]
+            return tensor[torch.tensor(index, device=tensor.device)]
         raise ValueError(f"`{name}` has {tensor.shape[0]} rows; expected one per image ({batch}) or one per sample "
-                         f"({batch * num_samples}).")
+                         f"({batch * num_samples})" + (", or the same number for each image" if round_robin else "")
+                         + ".")
 
     @contextlib.contextmanager
     def _preference_scale(self, scale: float | None):
@@ -587,10 +631,14 @@ class AmbiSegPipeline(SettingsOnModelMixin, CustomCodeLayoutMixin, DiffusionPipe
                 m.scaling[PREFERENCE_ADAPTER] = value
 
     def _row_generators(self, generator, batch: int, num_samples: int):
-        """A per-image generator list becomes a per-row list, so each image's samples are independent of batching."""
+        """A per-image generator list becomes a per-row list, so each image's samples are independent of batching;
+        a list of one per sample (diffusers' habit: one per output) is already per row."""
         if isinstance(generator, list):
+            if len(generator) == batch * num_samples and batch * num_samples != batch:
+                return list(generator)
             if len(generator) != batch:
-                raise ValueError(f"`generator` is a list of {len(generator)}; expected one per image ({batch}).")
+                raise ValueError(f"`generator` is a list of {len(generator)}; expected one per image ({batch}) or one "
+                                 f"per sample ({batch * num_samples}).")
             return [g for g in generator for _ in range(num_samples)]
         return generator
 
@@ -654,7 +702,8 @@ class AmbiSegPipeline(SettingsOnModelMixin, CustomCodeLayoutMixin, DiffusionPipe
             prior_temperature: scales the prior's standard deviation (0 = always the prior mean).
             eta: DDIM's eta (ignored by other schedulers).
             generator: a `torch.Generator`, or one per image: then image `b`'s samples are those of a call on image
-                `b` alone with `[generator[b]]`, whatever the batch (diffusers' batch-vs-single convention).
+                `b` alone with `[generator[b]]`, whatever the batch (diffusers' batch-vs-single convention); or one
+                per sample (`batch * num_samples`, row `b * num_samples + s`), diffusers' one per output.
             latents: pre-drawn initial noise `(batch * num_samples, mask_channels, H, W)`, row `b * num_samples + s`
                 for sample `s` of image `b`; `None` = drawn from `generator`.
             ambiguity_latents: the ambiguity latents `z` `(batch * num_samples, latent_dim)`; `None` = drawn from the
@@ -707,6 +756,10 @@ class AmbiSegPipeline(SettingsOnModelMixin, CustomCodeLayoutMixin, DiffusionPipe
         # Autocast is for float32 weights; fp16 / bf16 weights (`torch_dtype=...`) compute in their own dtype (bf16
         # autocast over fp16 weights would mix the two in BERT's LayerNorm and fail).
         use_bf16 = (mode == "bf16" or (mode == "auto" and native_bf16(device))) and self.unet.dtype == torch.float32
+        if self.unet.dtype == torch.float16 and device.type == "cpu":
+            _warn_once("float16 weights on a CPU: CPUs emulate half precision, about 35x slower than float32 here; "
+                       "load with `dtype=torch.float32` (from_pretrained's default), which bf16 autocast speeds up "
+                       "where the CPU has native bf16.")
         with self._preference_scale(preference_scale), torch.autocast(device.type, torch.bfloat16, enabled=use_bf16):
             dtype = self.unet.dtype
             images = self.preprocess(image).to(device=device, dtype=dtype)
@@ -721,8 +774,9 @@ class AmbiSegPipeline(SettingsOnModelMixin, CustomCodeLayoutMixin, DiffusionPipe
                     prompt, device, num_samples, self.do_classifier_free_guidance, negative_prompt, batch_size=batch
                 )
             else:
-                prompt_embeds = self._rows_of(prompt_embeds, "prompt_embeds", batch, num_samples)
-                prompt_attention_mask = self._rows_of(prompt_attention_mask, "prompt_attention_mask", batch, num_samples)
+                prompt_embeds = self._rows_of(prompt_embeds, "prompt_embeds", batch, num_samples, round_robin=True)
+                prompt_attention_mask = self._rows_of(prompt_attention_mask, "prompt_attention_mask", batch, num_samples,
+                                                      round_robin=True)
                 if self.do_classifier_free_guidance and negative_prompt_embeds is None:
                     _, _, negative_prompt_embeds, negative_prompt_attention_mask = self.encode_prompt(
                         None, device, num_samples, True, negative_prompt, batch_size=batch
