@@ -201,11 +201,13 @@ def main(argv=None) -> dict:
             print(f"{config}: reused from {kept}", flush=True)
             continue
         pipe.scheduler = build_sampling_scheduler(saved[model], name, clip=clip)
+        print(f"{config}: sampling {count} images x {args.num_samples}", flush=True)
         started = time.perf_counter()
         try:
             with torch.autocast(device, dtype=torch.bfloat16, enabled=args.bf16):
                 per_image, samples = evaluate_pipeline(pipe, dataset, args.num_samples, steps, prompts=args.prompts,
                                                        max_images=count, images_per_call=args.images_per_call,
+                                                       progress=True,  # a bar per configuration (DDIM-100: 40 min)
                                                        **({} if eta is None else {"eta": eta}))
         except Exception as error:  # e.g. a multistep solver that needs more steps
             failed[config] = f"{type(error).__name__}: {error}"
