@@ -32,7 +32,7 @@ from ambiseg_diffusers import AmbiSegPipeline
 from ambiseg_diffusers.configs import DPO_CONFIGS
 from ambiseg_diffusers.data import (
     DATA_FLAGS, DatasetContractError, add_data_arguments, check_choosing_split, data_flags, load_from_args,
-    model_resolution, selection_split,
+    model_image_processor, selection_split,
 )
 from ambiseg_diffusers.evaluation import evaluate_pipeline
 from ambiseg_diffusers.lidc import pipeline_prompt_style
@@ -89,7 +89,7 @@ def score(model: str | Path, args: argparse.Namespace) -> dict[str, list[float]]
     """Per-image metrics of one pipeline on the scoring split (the same seeds for every round)."""
     pipe = AmbiSegPipeline.from_pretrained(str(model)).to("cuda" if torch.cuda.is_available() else "cpu")
     pipe.set_progress_bar_config(disable=True)
-    dataset = load_from_args(args, args.score_split, pipeline_prompt_style(pipe), model_resolution(pipe))
+    dataset = load_from_args(args, args.score_split, pipeline_prompt_style(pipe), image_processor=model_image_processor(pipe))
     per_image, _ = evaluate_pipeline(pipe, dataset, args.num_samples, seed=args.seed, max_images=args.max_images)
     return {k: per_image[k].tolist() for k in ROUND_METRICS}
 

@@ -1,6 +1,7 @@
 """The README's Python snippets, then those of docs/usage.md and docs/results.md, run as written, in order, in one
 namespace (on the committed checkpoints); every relative link of the README and the docs leads to a file."""
 
+import inspect
 import re
 from pathlib import Path
 
@@ -21,7 +22,8 @@ def test_readme_python_snippets_run(monkeypatch, capsys):
             count += 1
     assert count >= 4
     assert namespace["out"].masks.shape == (1, 4, 64, 64)
-    steps = namespace["pipe"].config.default_num_inference_steps
+    assert namespace["large_out"].masks.shape == (1, 4, 128, 128)  # usage.md: masks at the input's size
+    steps = inspect.signature(namespace["pipe"].__call__).parameters["num_inference_steps"].default
     assert len(capsys.readouterr().out.splitlines()) == steps  # the step callback printed once per step
 
 

@@ -15,6 +15,7 @@ denoising steps.
 from __future__ import annotations
 
 import argparse
+import inspect
 import os
 from pathlib import Path
 
@@ -169,7 +170,7 @@ def build_demo(pipe: AmbiSegPipeline, nodules=None) -> gr.Blocks:
     """The Blocks app around `pipe`; `nodules` (a lidc64 Dataset) fills the gallery, or None for uploads only."""
     pipe.set_progress_bar_config(disable=True)
     adapter = has_preference_adapter(pipe)
-    default_steps = int(pipe.config.default_num_inference_steps)
+    default_steps = int(inspect.signature(pipe.__call__).parameters["num_inference_steps"].default)
     thumbnails = [] if nodules is None else [
         (PIL.Image.fromarray(to_uint8(np.asarray(row["image"]))).resize((96, 96)), f"{row['nodule_id']} / {row['slice']}")
         for row in nodules]

@@ -25,9 +25,10 @@ import os
 from pathlib import Path
 
 import numpy as np
-import torch
 from datasets import Array2D, Array3D, Dataset, DatasetDict, Features, List, Value
 from diffusers.utils import logging
+
+from .image_processor import AmbiSegImageProcessor
 
 logger = logging.get_logger(__name__)
 
@@ -50,6 +51,7 @@ def load_multirater(
     dataset_name: str | None = "lidc64", split: str = "train", train_data_dir: str | os.PathLike | None = None,
     image_column: str = IMAGE_COLUMN, mask_column: str = MASK_COLUMN, caption_column: str | None = CAPTION_COLUMN,
     resolution: int | None = None, data_dir: str | os.PathLike | None = None, prompt_style: str | None = None,
+    image_processor: AmbiSegImageProcessor | None = None,
 ) -> Dataset:
     """One split of a multi-rater dataset, every row checked, in the library's form (module docstring).
 
@@ -57,8 +59,10 @@ def load_multirater(
     dataset id (offline: from the `datasets` cache), or a local folder (an imagefolder, or a `save_to_disk` folder).
     `train_data_dir`: an imagefolder (diffusers' flag; it wins over `dataset_name`). `split`: a split of the data;
     "selection" / "train_fit" carve a seeded 10% of "train" when the data has no such split. The three column names
-    say where the contract's columns are; LIDC's own rows are mapped without them. `resolution`: resize every image
-    (bilinear) and mask (nearest) to `resolution` x `resolution`; without it, all rows must share one size.
+    say where the contract's columns are; LIDC's own rows are mapped without them. `image_processor` (a model's:
+    what training decided) resizes every image and mask to its size as it resizes them; `resolution` stands for a
+    default processor of that size (images bilinear, masks nearest-exact); without either, all rows must share one
+    size.
     Raises `DatasetContractError` naming the first bad row, a missing column (with the columns there are) or split.
     """
     if names_lidc64(dataset_name, train_data_dir):
@@ -75,7 +79,8 @@ def load_multirater(
     columns = dict(image_column=image_column, mask_column=mask_column, caption_column=caption_column)
     if is_lidc_rows(rows) and mask_column not in rows.column_names:
         columns = LIDC_COLUMNS
-    return to_contract(rows, **columns, resolution=resolution, source=f"{source} `{split}`")
+    return to_contract(rows, **columns, resolution=resolution, image_processor=image_processor,
+                       source=f"{source} `{split}`")
 
 
 def _load_raw(dataset_name: str | None, train_data_dir: str | os.PathLike | None) -> Dataset | DatasetDict:
@@ -202,9 +207,10 @@ def evaluation_split(dataset_name: str | None, train_data_dir) -> str:
 # ----------------------------------------------------------------------------------------------- the contract
 def to_contract(rows: Dataset, image_column: str = IMAGE_COLUMN, mask_column: str = MASK_COLUMN,
                 caption_column: str | None = CAPTION_COLUMN, resolution: int | None = None,
-                source: str = "the dataset") -> Dataset:
-    """`rows` checked row by row and mapped onto the library's columns (module docstring). A missing caption column
-    trains and evaluates on the empty prompt, and says so; a missing image or mask column is an error."""
+                source: str = "the dataset", image_processor: AmbiSegImageProcessor | None = None) -> Dataset:
+    """`rows` checked row by row and mapped onto the library's columns (module docstring), resized by
+    `image_processor` (or a default one of size `resolution`) where given. A missing caption column trains and
+    evaluates on the empty prompt, and says so; a missing image or mask column is an error."""
     have = rows.column_names
     for flag, name in (("--image_column", image_column), ("--mask_column", mask_column)):
         if name not in have:
@@ -226,7 +232,10 @@ def to_contract(rows: Dataset, image_column: str = IMAGE_COLUMN, mask_column: st
             f"`{mask_column}` ({mask_column!r}, --mask_column) holds {rows.features[mask_column]}; expected a list of "
             "rater masks per row (images or 2-D arrays), or one mask per row.")
     single = nesting == 2  # one mask per row: a colour mask must not become a list of raters
-    size = (resolution, resolution) if resolution else None
+    processor = image_processor or (AmbiSegImageProcessor(size=resolution) if resolution else None)
+    if processor is not None and not processor.config.do_resize:
+        processor = None
+    size = (processor.config.size,) * 2 if processor is not None else None
     shape = {}  # row 0's (H, W) and channel count, which every row must share
 
     def convert(batch: dict, indices: list[int]) -> dict:
@@ -236,7 +245,7 @@ def to_contract(rows: Dataset, image_column: str = IMAGE_COLUMN, mask_column: st
             image = _channels_first(_image_array(batch[image_column][j], index, image_column), masks.shape[1:],
                                     index, image_column)
             if size is not None and image.shape[-2:] != size:
-                image, masks = resize(image, masks, size)
+                image, masks = processor.resize_pair(image, masks)
                 shape["resized"] = shape.get("resized", 0) + 1
             shape.setdefault("hw", image.shape[-2:])
             shape.setdefault("channels", 1 if image.ndim == 2 else image.shape[0])
@@ -280,8 +289,8 @@ def to_contract(rows: Dataset, image_column: str = IMAGE_COLUMN, mask_column: st
         desc=f"checking {source}", keep_in_memory=True,  # no cache file beside the user's data, none per process
     )
     if shape.get("resized"):
-        logger.warning(f"{source}: {shape['resized']} of {len(rows)} rows resized to {resolution}x{resolution} (images "
-                       "bilinear, masks nearest neighbour)")
+        logger.warning(f"{source}: {shape['resized']} of {len(rows)} rows resized to {size[0]}x{size[1]} (images "
+                       f"{processor.config.resample}, masks {processor.config.mask_resample})")
     return converted.with_format(None)
 
 
@@ -377,16 +386,6 @@ def _texts(value, num_raters: int, index: int, column: str | None) -> list[str]:
     return texts
 
 
-def resize(image: np.ndarray, masks: np.ndarray, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
-    """An image `(H, W)` / `(C, H, W)` resized bilinearly and its masks `(M, H, W)` by nearest neighbour to `size`."""
-    picture = torch.as_tensor(image, dtype=torch.float32)
-    picture = picture[None, None] if picture.ndim == 2 else picture[None]
-    picture = torch.nn.functional.interpolate(picture, size=size, mode="bilinear", align_corners=False)[0]
-    raters = torch.nn.functional.interpolate(torch.as_tensor(masks, dtype=torch.float32)[None], size=size,
-                                             mode="nearest")[0]
-    return (picture[0] if image.ndim == 2 else picture).numpy(), raters.to(torch.uint8).numpy()
-
-
 def rater_masks(rows) -> list[np.ndarray]:
     """Each row's rater masks as bool `(M_i, H, W)`: a list, since rows differ in rater count."""
     return [np.asarray(m).astype(bool) for m in rows["masks"]]
@@ -411,7 +410,7 @@ def add_data_arguments(parser, resolution: bool = True) -> None:
                         help="the column of texts, one per rater or one per image (optional: without it, empty prompts)")
     if resolution:
         parser.add_argument("--resolution", type=int, default=None,
-                            help="resize images (bilinear) and masks (nearest) to this size; default: as stored")
+                            help="resize images (bilinear) and masks (nearest-exact) to this size; default: as stored")
 
 
 DATA_FLAGS = ("dataset_name", "train_data_dir", "data_dir", "image_column", "mask_column", "caption_column",
@@ -432,14 +431,15 @@ def data_flags(args) -> list[str]:
     return flags
 
 
-def load_from_args(args, split: str, prompt_style: str | None = None, resolution: int | None = None) -> Dataset:
-    """`load_multirater` with the flags of `add_data_arguments`; `resolution` (e.g. the model's) unless the flags
-    name one."""
+def load_from_args(args, split: str, prompt_style: str | None = None, resolution: int | None = None,
+                   image_processor: AmbiSegImageProcessor | None = None) -> Dataset:
+    """`load_multirater` with the flags of `add_data_arguments`, resized by `image_processor` (a model's, e.g.
+    `model_image_processor(pipe)`) or to `resolution`, unless the flags name a `--resolution`."""
+    flag = getattr(args, "resolution", None)
     return load_multirater(
         args.dataset_name, split, train_data_dir=args.train_data_dir, image_column=args.image_column,
-        mask_column=args.mask_column, caption_column=args.caption_column,
-        resolution=getattr(args, "resolution", None) or resolution,
-        data_dir=args.data_dir, prompt_style=prompt_style,
+        mask_column=args.mask_column, caption_column=args.caption_column, resolution=flag or resolution,
+        data_dir=args.data_dir, prompt_style=prompt_style, image_processor=None if flag else image_processor,
     )
 
 
@@ -449,11 +449,14 @@ def image_channels(rows: Dataset) -> int:
     return 1 if image.ndim == 2 else image.shape[0]
 
 
-def model_resolution(pipeline) -> int | None:
-    """The size a pipeline's UNet was trained at (`sample_size`): data of another size is resized to it by default,
-    as training resized it."""
-    unet = getattr(pipeline, "unet", None)
-    return None if unet is None else int(unet.config.sample_size)
+def model_image_processor(pipeline) -> AmbiSegImageProcessor | None:
+    """A pipeline's image processor (what its training decided): data of another size is resized by it, as training
+    resized it. None for a pipeline without one and without a UNet to build it from."""
+    processor = getattr(pipeline, "image_processor", None)
+    model = getattr(pipeline, "unet", None) or getattr(pipeline, "prob_unet", None)
+    if processor is None and model is not None:
+        processor = AmbiSegImageProcessor.for_unet(model)
+    return processor
 
 
 def is_lidc(args) -> bool:

@@ -32,13 +32,14 @@ def _file_of(module: str) -> str:
 
 def package_classes() -> dict[str, str]:
     """{class name: its module} for the pipeline and model classes of this package that a folder can name."""
+    from ..image_processor import AmbiSegImageProcessor
     from ..models import AmbiguityEncoder, AmbiSegUNet
     from ..models.prob_unet import ProbUNetModel
     from .pipeline_ambiseg import AmbiSegPipeline
     from .pipeline_prob_unet import ProbUNetPipeline
 
     return {c.__name__: c.__module__ for c in (AmbiSegPipeline, ProbUNetPipeline, AmbiSegUNet, AmbiguityEncoder,
-                                                ProbUNetModel)}
+                                                ProbUNetModel, AmbiSegImageProcessor)}
 
 
 def write_custom_code_layout(folder: str | os.PathLike) -> None:

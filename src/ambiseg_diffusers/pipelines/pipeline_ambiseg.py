@@ -26,12 +26,13 @@ from diffusers.utils.torch_utils import randn_tensor
 from ..hub_utils import (
     BASE_DOWNLOAD_KWARGS, check_finite_weights, check_weight_files, download_kwargs_of, model_card, resolve_pretrained_path,
 )
-from ..image_processing import ImageInput, normalize_image, prepare_image
+from ..image_processing import ImageInput
+from ..image_processor import AmbiSegImageProcessor
 from ..lidc import RECORDED_PROMPT_STYLES
 from ..models import AmbiguityEncoder, AmbiSegUNet
 from ..text import encode_prompts, sentence_encoded
 from .custom_code import CustomCodeLayoutMixin, pop_hub_kwargs, upload_saved_folder
-from .pipeline_settings import SettingsOnModelMixin
+from .pipeline_settings import legacy_settings
 
 logger = logging.get_logger(__name__)
 
@@ -44,6 +45,9 @@ PREFERENCE_ADAPTER = "preference"
 CONSISTENCY_FILE = "consistency.json"
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 OUTPUT_TYPES = ("np", "pt", "pil", "latent")
+# The recommended number of denoising steps of the committed checkpoint with its scheduler (UniPC, 6 steps: the
+# default-quality sweep of issue 40, docs/results.md); `__call__`'s default.
+DEFAULT_NUM_INFERENCE_STEPS = 6
 AUTOCAST_MODES = ("auto", "bf16", "no")
 # The diffusers schedulers that sample an x0-predicting model (prediction_type "sample", every committed checkpoint):
 # each run through a call in tests/test_diffusers_conventions.py. Others (EulerAncestral, PNDM, KDPM2, ...) raise
@@ -53,6 +57,16 @@ SAMPLE_PREDICTION_SCHEDULERS = (
     "DPMSolverMultistepScheduler", "DPMSolverSinglestepScheduler", "EulerDiscreteScheduler", "HeunDiscreteScheduler",
     "LCMScheduler", "LMSDiscreteScheduler", "TCDScheduler", "UniPCMultistepScheduler",
 )
+
+
+def recommended_steps(pretrained_model_name_or_path: str | os.PathLike) -> int | None:
+    """The number of denoising steps a local folder states for itself: a distilled sampler's (`consistency.json`),
+    else None (`__call__`'s default)."""
+    info = os.path.join(str(pretrained_model_name_or_path), CONSISTENCY_FILE)
+    if not os.path.isfile(info):
+        return None
+    with open(info) as f:
+        return int(json.load(f)["num_inference_steps"])
 
 
 def native_bf16(device: torch.device) -> bool:
@@ -87,19 +101,26 @@ class AmbiSegPipelineOutput(BaseOutput):
     pixel_variance: Union[np.ndarray, torch.Tensor, None] = None
 
 
-def format_samples(probabilities: torch.Tensor, threshold: float, output_type: str, return_dict: bool):
-    """Samples as probabilities `(batch, num_samples, H, W)` in [0, 1] -> the pipeline output of `output_type`."""
-    masks = probabilities > threshold
-    pixel_mean = probabilities.mean(dim=1)
-    pixel_variance = probabilities.var(dim=1, unbiased=False)
-    if output_type in ("np", "pil"):
-        pixel_mean, pixel_variance = pixel_mean.cpu().numpy(), pixel_variance.cpu().numpy()
-    if output_type == "np":
-        masks, probabilities = masks.cpu().numpy(), probabilities.cpu().numpy()
-    elif output_type == "pil":
+def format_samples(probabilities, masks, output_type: str, return_dict: bool):
+    """Probabilities in [0, 1] and bool masks, `(batch, num_samples, H, W)` tensors or a list of `(num_samples, H_b,
+    W_b)` per image (images of several sizes) -> the pipeline output of `output_type`."""
+    per_image = isinstance(probabilities, list)
+    probabilities, masks = list(probabilities), list(masks)  # one (num_samples, H_b, W_b) entry per image
+    pixel_mean = [p.mean(dim=0) for p in probabilities]
+    pixel_variance = [p.var(dim=0, unbiased=False) for p in probabilities]
+    if output_type == "pil":
         masks = [[PIL.Image.fromarray(m.cpu().numpy().astype(np.uint8) * 255) for m in per] for per in masks]
         probabilities = [[PIL.Image.fromarray((p.cpu().numpy() * 255).round().astype(np.uint8)) for p in per]
                          for per in probabilities]
+    elif output_type == "np":
+        masks, probabilities = [m.cpu().numpy() for m in masks], [p.cpu().numpy() for p in probabilities]
+    if output_type in ("np", "pil"):
+        pixel_mean, pixel_variance = [m.cpu().numpy() for m in pixel_mean], [v.cpu().numpy() for v in pixel_variance]
+    if not per_image:  # one size: stacked arrays, as before
+        stack = np.stack if output_type in ("np", "pil") else torch.stack
+        pixel_mean, pixel_variance = stack(pixel_mean), stack(pixel_variance)
+        if output_type != "pil":
+            probabilities, masks = stack(probabilities), stack(masks)
     if not return_dict:
         return probabilities, masks, pixel_mean, pixel_variance
     return AmbiSegPipelineOutput(probabilities=probabilities, masks=masks, pixel_mean=pixel_mean, pixel_variance=pixel_variance)
@@ -132,48 +153,38 @@ def _pad_tokens(states: torch.Tensor, mask: torch.Tensor, length: int) -> tuple[
     return torch.nn.functional.pad(states, (0, 0, 0, extra)), torch.nn.functional.pad(mask, (0, extra))
 
 
-class _OptionalComponents:
-    """`AmbiSegPipeline._optional_components`: the components a pipeline samples without.
-
-    diffusers reads the list on the class when loading (each may be stored as null: both here) and on a pipeline when
-    saving, and its pipeline tests call a pipeline with each listed component set to None. A UNet that takes an
-    ambiguity latent cannot sample without its prior, so on such a pipeline (prior present) the list is the posterior
-    alone; a prior already None stays listed, so that saving skips it as diffusers skips any absent optional one.
-    """
-
-    def __get__(self, pipeline, owner=None) -> list[str]:
-        if pipeline is None:
-            return ["prior", "posterior"]
-        needs_prior = getattr(pipeline.__dict__.get("unet"), "latent_dim", 0) and pipeline.__dict__.get("prior") is not None
-        return ["posterior"] if needs_prior else ["prior", "posterior"]
-
-
-class AmbiSegPipeline(SettingsOnModelMixin, CustomCodeLayoutMixin, DiffusionPipeline, StableDiffusionLoraLoaderMixin):
+class AmbiSegPipeline(CustomCodeLayoutMixin, DiffusionPipeline, StableDiffusionLoraLoaderMixin):
     r"""Ambiguous segmentation by mask diffusion (AmbiSeg).
 
     The image is a fixed condition concatenated to the noisy mask; the prompt steers the denoiser through
     cross-attention; each sample draws its own ambiguity latent `z ~ p(z | image, prompt)` from the prior.
 
-    Components (`unet`, `scheduler`, `text_encoder` and `tokenizer` are required arguments, `prior` and `posterior`
-    optional ones; any may be `None`, and `__call__` says which one it needs):
+    Components (`unet`, `scheduler`, `text_encoder` and `tokenizer` are required arguments, the others optional; any
+    may be `None`, and `__call__` says which one it needs):
         unet ([`AmbiSegUNet`]): the mask denoiser.
         scheduler: a diffusers scheduler of the model's prediction type: for the x0-predicting checkpoints one of
             `SAMPLE_PREDICTION_SCHEDULERS` (DDIM, DDPM, DPM-Solver++, UniPC, DEIS, Euler, Heun, LMS, LCM, TCD, ...).
         text_encoder ([`~transformers.PreTrainedModel`]): frozen BERT-style encoder; its last hidden states are used.
         tokenizer ([`~transformers.PreTrainedTokenizer`]).
-        prior ([`AmbiguityEncoder`], optional): p(z | image, prompt); needed when the UNet takes a latent (then it is
-            not optional: see `_optional_components`).
+        prior ([`AmbiguityEncoder`], optional): p(z | image, prompt); a UNet that takes an ambiguity latent samples
+            with it (or with given `ambiguity_latents`).
         posterior ([`AmbiguityEncoder`], optional): q(z | image, prompt, mask), used by training only.
+        image_processor ([`AmbiSegImageProcessor`], optional): what training decided about images (size, resizing,
+            normalisation, channels); `None` = calls use one built from the UNet (`AmbiSegImageProcessor.for_unet`:
+            its `sample_size` and channels, the normalisation of version 0.1); a folder saved by version 0.1 (no
+            processor, an `image_clip` in its `model_index.json`) gets that one as its component.
 
-    Settings (each `None` = the value recorded on the UNet by the pipeline it came from, else the default shown), so
-    `AmbiSegPipeline(**pipe.components)` samples as `pipe` does (see `pipeline_settings.py`):
-        image_clip (`float`, 3.0): the image normalisation used in training (see [`normalize_image`]).
-        default_num_inference_steps (`int`, 20): steps used when `__call__` gets `num_inference_steps=None`.
+    Configuration (`model_index.json`; `from_pipe` carries it, `AmbiSegPipeline(**pipe.components, ...)` takes it as
+    keywords, as diffusers pipelines take theirs):
         autocast (`str`, "auto"): the default precision of a call: "auto" (bf16 autocast where the hardware computes
             bf16 natively: CUDA GPUs that support it, CPUs with AVX512-BF16 or AMX; float32 elsewhere), "bf16" or "no".
-        prompt_style (`str`, "paper"): the form of the prompts the model was trained on: "paper", "ratings" or
-            "short" (LIDC ratings as text, see [`ratings_to_prompt`]; data loaders and scripts build LIDC prompts in
-            it), or "free" (a dataset's own text, used as stored).
+        prompt_style (`str`, "paper"): the form of the prompts the model was trained on: "paper", "ratings",
+            "short" or "slice" (LIDC ratings as text, see [`ratings_to_prompt`]; data loaders and scripts build LIDC
+            prompts in it), or "free" (a dataset's own text, used as stored).
+
+    The recommended number of denoising steps is `__call__`'s default. `image_clip` and `default_num_inference_steps`
+    (version 0.1's settings, in old `model_index.json` files and UNet configs) are still read: the clip into the
+    default image processor, the step count compared with `__call__`'s default (a warning names one that differs).
 
     LoRA adapters load the diffusers way (`load_lora_weights`, `set_adapters`, `fuse_lora`, `unload_lora_weights`).
     A TDG-DiffDPO checkpoint is such an adapter, named "preference"; `preference_scale` sets its weight.
@@ -184,13 +195,9 @@ class AmbiSegPipeline(SettingsOnModelMixin, CustomCodeLayoutMixin, DiffusionPipe
     """
 
     model_cpu_offload_seq = "text_encoder->prior->unet"
-    # What sampling runs without: the posterior (training only), and the prior unless the UNet takes z (see
-    # `_OptionalComponents`). The other four are required arguments (diffusers reads a defaulted one as
+    # What sampling runs without. The first four are required arguments (diffusers reads a defaulted one as
     # configuration); each may still be None, and a call says which one it is missing.
-    _optional_components = _OptionalComponents()
-    _settings_model = "unet"
-    _setting_defaults = {"image_clip": 3.0, "default_num_inference_steps": 20, "autocast": "auto",
-                         "prompt_style": "paper"}
+    _optional_components = ["prior", "posterior", "image_processor"]
     _callback_tensor_inputs = ["latents", "prompt_embeds", "negative_prompt_embeds", "ambiguity_latents"]
 
     def __init__(
@@ -201,18 +208,28 @@ class AmbiSegPipeline(SettingsOnModelMixin, CustomCodeLayoutMixin, DiffusionPipe
         tokenizer,
         prior: AmbiguityEncoder | None = None,
         posterior: AmbiguityEncoder | None = None,
-        image_clip: float | None = None,
-        default_num_inference_steps: int | None = None,
+        image_processor: AmbiSegImageProcessor | None = None,
         autocast: str | None = None,
         prompt_style: str | None = None,
+        image_clip: float | None = None,
+        default_num_inference_steps: int | None = None,
     ):
         super().__init__()
-        settings = self._resolve_settings(unet, image_clip=image_clip, autocast=autocast, prompt_style=prompt_style,
-                                          default_num_inference_steps=default_num_inference_steps)
-        if settings["autocast"] not in AUTOCAST_MODES:
-            raise ValueError(f"`autocast` must be one of {AUTOCAST_MODES}, got {settings['autocast']!r}.")
-        if settings["prompt_style"] not in RECORDED_PROMPT_STYLES:
-            raise ValueError(f"`prompt_style` must be one of {RECORDED_PROMPT_STYLES}, got {settings['prompt_style']!r}.")
+        # `None`: what a version-0.1 UNet recorded (`_pipeline_settings`), else the defaults
+        legacy = legacy_settings(unet, image_clip=image_clip, default_num_inference_steps=default_num_inference_steps)
+        autocast = autocast or legacy.get("autocast", "auto")
+        prompt_style = prompt_style or legacy.get("prompt_style", "paper")
+        if autocast not in AUTOCAST_MODES:
+            raise ValueError(f"`autocast` must be one of {AUTOCAST_MODES}, got {autocast!r}.")
+        if prompt_style not in RECORDED_PROMPT_STYLES:
+            raise ValueError(f"`prompt_style` must be one of {RECORDED_PROMPT_STYLES}, got {prompt_style!r}.")
+        steps = legacy.get("default_num_inference_steps")
+        if steps is not None and int(steps) != DEFAULT_NUM_INFERENCE_STEPS:
+            logger.warning(f"this pipeline recorded {steps} default denoising steps (version 0.1's "
+                           f"`default_num_inference_steps`); `__call__` now defaults to {DEFAULT_NUM_INFERENCE_STEPS}: "
+                           f"pass `num_inference_steps={steps}` to sample as before.")
+        if image_processor is None and image_clip is not None and unet is not None:  # a version-0.1 folder
+            image_processor = AmbiSegImageProcessor.for_unet(unet, image_clip)
         if (unet is not None and text_encoder is not None and unet.dtype == torch.float32
                 and text_encoder.dtype in (torch.float16, torch.bfloat16)
                 and not getattr(text_encoder, "is_quantized", False)):  # a quantized encoder cannot be cast
@@ -220,9 +237,10 @@ class AmbiSegPipeline(SettingsOnModelMixin, CustomCodeLayoutMixin, DiffusionPipe
             # text states whichever loader built the pipeline (DiffusionPipeline.from_pretrained keeps stored dtypes).
             text_encoder = text_encoder.to(torch.float32)
         self.register_modules(
-            unet=unet, scheduler=scheduler, text_encoder=text_encoder, tokenizer=tokenizer, prior=prior, posterior=posterior
+            unet=unet, scheduler=scheduler, text_encoder=text_encoder, tokenizer=tokenizer, prior=prior,
+            posterior=posterior, image_processor=image_processor,
         )
-        self.register_to_config(**settings)
+        self.register_to_config(autocast=autocast, prompt_style=prompt_style)
 
     # ---------------------------------------------------------------------------------------------- loading, saving
     @classmethod
@@ -274,7 +292,9 @@ class AmbiSegPipeline(SettingsOnModelMixin, CustomCodeLayoutMixin, DiffusionPipe
             from diffusers import LCMScheduler
 
             pipe.scheduler = LCMScheduler.from_pretrained(path, subfolder="scheduler")
-            pipe.register_to_config(default_num_inference_steps=int(info["num_inference_steps"]))
+            logger.warning(f"{path} is a sampler distilled for {info['num_inference_steps']} UNet calls: call it with "
+                           f"`num_inference_steps={info['num_inference_steps']}` (`__call__`'s default, "
+                           f"{DEFAULT_NUM_INFERENCE_STEPS}, is the base model's recommendation).")
         return pipe
 
     @classmethod
@@ -378,17 +398,15 @@ class AmbiSegPipeline(SettingsOnModelMixin, CustomCodeLayoutMixin, DiffusionPipe
 
     # ---------------------------------------------------------------------------------------------- building blocks
     def preprocess(self, image: ImageInput) -> torch.Tensor:
-        """Images as stored (any range) -> the model's normalised input `(B, C, H, W)` in [-1, 1]."""
-        image = prepare_image(image, self.unet.image_channels)
-        depth = 2 ** (len(self.unet.config.block_out_channels) - 1)
-        if image.shape[-1] % depth or image.shape[-2] % depth:
-            raise ValueError(f"`image` height and width must be multiples of {depth}, got {tuple(image.shape[-2:])}.")
-        trained = self.unet.config.sample_size
-        if max(image.shape[-2:]) > 2 * trained or min(image.shape[-2:]) < trained // 2:
-            logger.warning(f"`image` is {image.shape[-1]}x{image.shape[-2]} pixels; this model was trained on "
-                           f"{trained}x{trained} crops centred on a nodule, and segments other sizes (a whole CT slice "
-                           "above all) without any guarantee. Crop the region of interest first.")
-        return normalize_image(image, self.config.image_clip)
+        """Images as stored (any range, any accepted size) -> the model's input `(B, C, size, size)` in [-1, 1], as
+        the image processor makes it (resized to the training size, normalised)."""
+        return self._image_processor().preprocess(image)[0]
+
+    def _image_processor(self) -> AmbiSegImageProcessor:
+        """The pipeline's image processor, or the UNet's default where it was set to None."""
+        if self.image_processor is not None:
+            return self.image_processor
+        return AmbiSegImageProcessor.for_unet(self.unet)
 
     def encode_prompt(
         self,
@@ -547,6 +565,13 @@ class AmbiSegPipeline(SettingsOnModelMixin, CustomCodeLayoutMixin, DiffusionPipe
             raise ValueError(f"`callback_on_step_end_tensor_inputs` must be among {self._callback_tensor_inputs}, got "
                              f"{sorted(unknown)}.")
 
+    def check_model_size(self, height: int, width: int) -> None:
+        """The UNet halves the image `len(block_out_channels) - 1` times: its input sides must divide by that."""
+        depth = 2 ** (len(self.unet.config.block_out_channels) - 1)
+        if height % depth or width % depth:
+            raise ValueError(f"the model's input is {height}x{width}; its sides must be multiples of {depth} (the "
+                             "image processor's `size`, or with `do_resize=False` the image's own size).")
+
     def _rows_of(self, tensor: torch.Tensor | None, name: str, batch: int, num_samples: int) -> torch.Tensor | None:
         """A per-image `(batch, ...)` tensor repeated for each sample, or a per-row `(batch * num_samples, ...)` one."""
         if tensor is None or tensor.shape[0] == batch * num_samples:
@@ -617,7 +642,7 @@ class AmbiSegPipeline(SettingsOnModelMixin, CustomCodeLayoutMixin, DiffusionPipe
         image: ImageInput = None,
         prompt: PromptInput = None,
         num_samples: int = 16,
-        num_inference_steps: int | None = None,
+        num_inference_steps: int = DEFAULT_NUM_INFERENCE_STEPS,
         guidance_scale: float = 1.0,
         negative_prompt: str | list[str] | None = None,
         prior_temperature: float = 1.0,
@@ -642,27 +667,32 @@ class AmbiSegPipeline(SettingsOnModelMixin, CustomCodeLayoutMixin, DiffusionPipe
         r"""
         Args:
             image: one image or a batch, numpy / torch / PIL, shaped (H, W), (1, H, W), (H, W, 1), (B, H, W),
-                (B, 1, H, W), (B, H, W, 1) or a list of images; any value range (normalised here). The model
-                expects what it was trained on: a crop of `unet.config.sample_size` pixels a side (64 for the LIDC
-                checkpoints) centred on one nodule, e.g. in Hounsfield units; other sizes are segmented with a warning.
+                (B, 1, H, W), (B, H, W, 1) or a list of images (of any sizes); any value range. The image processor
+                resizes each to the size the model was trained at and normalises it as training did; the outputs
+                come back at each image's own size. The model expects the field of view it was trained on (LIDC
+                checkpoints: a 64-pixel crop centred on the nodule at the scan's own pixel spacing); non-square
+                images and sides outside 0.5x-4x the training size are segmented with a warning
+                ([`AmbiSegImageProcessor`]).
             prompt: a string for every image, a list with one string per image, or a list of lists (several
                 prompts per image; sample `s` uses prompt `s % len(prompts)`). `None` = the empty prompt.
             num_samples: masks to sample per image (>= 1); diffusers' `num_images_per_prompt` for this task.
-            num_inference_steps: denoising steps; `None` = the pipeline's `default_num_inference_steps`.
+            num_inference_steps: denoising steps; the default is the committed checkpoint's recommendation with its
+                scheduler (UniPC, 6; `None` also means it). A distilled sampler states its own (its card).
             guidance_scale: classifier-free guidance on the text (1 = off; needs a model trained with prompt dropout).
             negative_prompt: the unconditional prompt of guidance (default: the empty prompt).
             prior_temperature: scales the prior's standard deviation (0 = always the prior mean).
             eta: DDIM's eta (ignored by other schedulers).
             generator: a `torch.Generator`, or one per image: then image `b`'s samples are those of a call on image
                 `b` alone with `[generator[b]]`, whatever the batch (diffusers' batch-vs-single convention).
-            latents: pre-drawn initial noise `(batch * num_samples, mask_channels, H, W)`, row `b * num_samples + s`
-                for sample `s` of image `b`; `None` = drawn from `generator`.
+            latents: pre-drawn initial noise `(batch * num_samples, mask_channels, size, size)` at the model's size
+                (`image_processor.config.size`), row `b * num_samples + s` for sample `s` of image `b`; `None` = drawn
+                from `generator`.
             ambiguity_latents: the ambiguity latents `z` `(batch * num_samples, latent_dim)`; `None` = drawn from the
                 prior with `generator` (before `latents`, so a given generator reproduces both).
             prompt_embeds, prompt_attention_mask: pre-computed text states `(rows, L, D)` and mask `(rows, L)`, rows
                 one per image or one per sample (as `encode_prompt` returns); instead of `prompt`.
             negative_prompt_embeds, negative_prompt_attention_mask: the same for the guidance's unconditional branch.
-            threshold: on the [0, 1] probabilities.
+            threshold: on the [0, 1] probabilities, after they are resized to each image's size.
             batch_size: rows (image x sample) per UNet call; lower it to save memory (results do not change).
             preference_scale: for a TDG-DiffDPO checkpoint (a "preference" LoRA adapter on the UNet), the knob between
                 the reference model (0) and the aligned model (1), for this call; values above 1 extrapolate. `None` =
@@ -673,7 +703,8 @@ class AmbiSegPipeline(SettingsOnModelMixin, CustomCodeLayoutMixin, DiffusionPipe
             autocast: "auto", "bf16" or "no" for this call; `None` = the pipeline's `autocast` config ("auto": bf16
                 where the hardware computes it natively). Applies to float32 weights; half-precision weights
                 (`from_pretrained(..., torch_dtype=torch.float16)`) compute in their own dtype. Results are bit-reproducible for a given generator and mode.
-            output_type: "np", "pt", "pil" (a list per image of `PIL.Image` masks) or "latent" (the raw samples).
+            output_type: "np", "pt", "pil" (a list per image of `PIL.Image` masks) or "latent" (the raw samples, at
+                the model's size). With images of several sizes, "np" and "pt" give a list per image for each field.
             return_dict: an [`AmbiSegPipelineOutput`] (True) or a tuple.
             callback_on_step_end: called after every denoising step as `callback(pipe, step, timestep, kwargs)` with
                 `kwargs` holding the tensors named in `callback_on_step_end_tensor_inputs` (a diffusers
@@ -709,8 +740,10 @@ class AmbiSegPipeline(SettingsOnModelMixin, CustomCodeLayoutMixin, DiffusionPipe
         use_bf16 = (mode == "bf16" or (mode == "auto" and native_bf16(device))) and self.unet.dtype == torch.float32
         with self._preference_scale(preference_scale), torch.autocast(device.type, torch.bfloat16, enabled=use_bf16):
             dtype = self.unet.dtype
-            images = self.preprocess(image).to(device=device, dtype=dtype)
+            images, image_sizes = self._image_processor().preprocess(image)
+            images = images.to(device=device, dtype=dtype)
             batch, _, height, width = images.shape
+            self.check_model_size(height, width)
             rows = batch * num_samples
             row_images = images.repeat_interleave(num_samples, dim=0)
             generator = self._row_generators(generator, batch, num_samples)
@@ -746,7 +779,7 @@ class AmbiSegPipeline(SettingsOnModelMixin, CustomCodeLayoutMixin, DiffusionPipe
                 negative_prompt_attention_mask = negative_prompt_attention_mask.to(device)
 
             # 3. Prepare timesteps.
-            steps = num_inference_steps or self.config.default_num_inference_steps
+            steps = num_inference_steps or DEFAULT_NUM_INFERENCE_STEPS
             self.scheduler.set_timesteps(steps, device=device)
             timesteps = self.scheduler.timesteps
             self._num_timesteps = len(timesteps)
@@ -811,12 +844,13 @@ class AmbiSegPipeline(SettingsOnModelMixin, CustomCodeLayoutMixin, DiffusionPipe
                             negative_prompt_embeds = negative_prompt_attention_mask = None
                     progress_bar.update()
 
-            # 8. Post-process: [-1, 1] samples -> probabilities, masks and the per-pixel statistics.
+            # 8. Post-process: [-1, 1] samples -> probabilities and masks at each image's size, the statistics.
             self.maybe_free_model_hooks()
             if output_type == "latent":
                 return AmbiSegPipelineOutput(masks=latents) if return_dict else (latents,)
             probabilities = ((latents.float() + 1.0) / 2.0).clamp(0.0, 1.0).reshape(batch, num_samples, height, width)
-            return format_samples(probabilities, threshold, output_type, return_dict)
+            probabilities, masks = self._image_processor().postprocess(probabilities, image_sizes, threshold)
+            return format_samples(probabilities, masks, output_type, return_dict)
 
 
 def _default_card(repo_id: str, lidc: bool = True):
