@@ -174,6 +174,24 @@ def test_output_types_hold_the_same_result(pipe, image):
     np.testing.assert_allclose(variance, np_out.probabilities.var(1), atol=1e-6)
 
 
+def test_the_old_tuple_order_is_accepted_for_one_release_with_a_deprecation(pipe, image, monkeypatch):
+    from ambiseg_diffusers.deprecation import deprecate
+    from ambiseg_diffusers.pipelines import pipeline_ambiseg
+
+    call = lambda **kw: pipe(image, num_samples=2, num_inference_steps=2, generator=torch.Generator().manual_seed(0), **kw)  # noqa: E731
+    expected = call()
+    with pytest.warns(FutureWarning, match=r"`masks_first` is deprecated and will be removed in ambiseg-diffusers 0\.3\.0"):
+        masks, probabilities, _, _ = call(return_dict=False, masks_first=True)  # 0.1.0 code, unchanged
+    np.testing.assert_array_equal(masks, expected.masks)
+    np.testing.assert_array_equal(probabilities, expected.probabilities)
+    with pytest.raises(TypeError, match="mask_first"):  # a misspelt keyword is not swallowed
+        call(mask_first=True)
+    # the shim cannot outlive its release: at 0.3.0 the deprecation itself fails
+    monkeypatch.setattr("ambiseg_diffusers.__version__", pipeline_ambiseg.MASKS_FIRST_REMOVAL)
+    with pytest.raises(ValueError, match="should be removed"):
+        deprecate("masks_first", pipeline_ambiseg.MASKS_FIRST_REMOVAL, "")
+
+
 def test_classifier_free_guidance_doubles_the_batch(pipe, image):
     calls = []
     pipe.unet.register_forward_hook(lambda m, a, kw, o: calls.append(kw["encoder_hidden_states"].shape[0]), with_kwargs=True)

@@ -533,7 +533,7 @@ def main(argv=None) -> Path:
                    + (f"```json\n{json.dumps({k: round(v, 4) for k, v in metrics.items()}, indent=2)}\n```"
                       if metrics else "None ran (`--num_validation_images 0`): score it with scripts/sweep_samplers.py."))
         example = str(recorded["prompts"][0]) if recorded else eval_prompts(dataset[0], "annotator")[0]
-        distilled_card(output_dir, repo_id, results, style, size, example).save(output_dir / "README.md")
+        distilled_card(output_dir, repo_id, results, style, processor.config.size, example).save(output_dir / "README.md")
         if args.push_to_hub:
             push_folder_to_hub(output_dir, repo_id, token=args.hub_token)
     accelerator.end_training()

@@ -1,6 +1,6 @@
 """ambiseg-diffusers: ambiguous medical image segmentation with mask diffusion (AmbiSeg) and TDG-DiffDPO."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 from .image_processing import normalize_image, prepare_image
 from .image_processor import AmbiSegImageProcessor

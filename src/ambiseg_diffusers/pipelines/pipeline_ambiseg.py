@@ -101,9 +101,36 @@ class AmbiSegPipelineOutput(BaseOutput):
     pixel_variance: Union[np.ndarray, torch.Tensor, None] = None
 
 
-def format_samples(probabilities, masks, output_type: str, return_dict: bool):
+# Version 0.1.0's `return_dict=False` tuple began with the masks; 0.2.0 puts the probabilities first (diffusers'
+# order: the continuous output first) and accepts `masks_first=True` for the old order until this version.
+MASKS_FIRST_REMOVAL = "0.3.0"
+_tuple_order_told = False
+
+
+def tuple_order(call_kwargs: dict, return_dict: bool) -> bool:
+    """Pops the deprecated `masks_first` keyword of a call (refusing any other unknown one) -> whether the tuple
+    starts with the masks. A plain `return_dict=False` call says once per process that the order changed."""
+    global _tuple_order_told
+    masks_first = bool(call_kwargs.pop("masks_first", False))
+    if call_kwargs:
+        raise TypeError(f"unexpected keyword argument(s) {sorted(call_kwargs)}.")
+    if masks_first:
+        from ..deprecation import deprecate
+
+        deprecate("masks_first", MASKS_FIRST_REMOVAL, "Since 0.2.0 `return_dict=False` gives (probabilities, masks, "
+                  "pixel_mean, pixel_variance); unpack it in that order, or read the output's named fields.")
+    elif not return_dict and not _tuple_order_told:
+        _tuple_order_told = True
+        logger.warning("since ambiseg-diffusers 0.2.0 `return_dict=False` gives (probabilities, masks, pixel_mean, "
+                       "pixel_variance), the masks second; code written for 0.1.0 (masks first) may pass "
+                       f"`masks_first=True` until {MASKS_FIRST_REMOVAL} (CHANGELOG.md).")
+    return masks_first
+
+
+def format_samples(probabilities, masks, output_type: str, return_dict: bool, masks_first: bool = False):
     """Probabilities in [0, 1] and bool masks, `(batch, num_samples, H, W)` tensors or a list of `(num_samples, H_b,
-    W_b)` per image (images of several sizes) -> the pipeline output of `output_type`."""
+    W_b)` per image (images of several sizes) -> the pipeline output of `output_type` (`masks_first`: version
+    0.1.0's tuple order, deprecated)."""
     per_image = isinstance(probabilities, list)
     probabilities, masks = list(probabilities), list(masks)  # one (num_samples, H_b, W_b) entry per image
     pixel_mean = [p.mean(dim=0) for p in probabilities]
@@ -122,7 +149,8 @@ def format_samples(probabilities, masks, output_type: str, return_dict: bool):
         if output_type != "pil":
             probabilities, masks = stack(probabilities), stack(masks)
     if not return_dict:
-        return probabilities, masks, pixel_mean, pixel_variance
+        first, second = (masks, probabilities) if masks_first else (probabilities, masks)
+        return first, second, pixel_mean, pixel_variance
     return AmbiSegPipelineOutput(probabilities=probabilities, masks=masks, pixel_mean=pixel_mean, pixel_variance=pixel_variance)
 
 
@@ -663,6 +691,7 @@ class AmbiSegPipeline(CustomCodeLayoutMixin, DiffusionPipeline, StableDiffusionL
         return_dict: bool = True,
         callback_on_step_end: Callable[[Any, int, Any, dict], dict] | None = None,
         callback_on_step_end_tensor_inputs: list[str] = ("latents",),
+        **kwargs,
     ) -> AmbiSegPipelineOutput | tuple:
         r"""
         Args:
@@ -705,7 +734,9 @@ class AmbiSegPipeline(CustomCodeLayoutMixin, DiffusionPipeline, StableDiffusionL
                 (`from_pretrained(..., torch_dtype=torch.float16)`) compute in their own dtype. Results are bit-reproducible for a given generator and mode.
             output_type: "np", "pt", "pil" (a list per image of `PIL.Image` masks) or "latent" (the raw samples, at
                 the model's size). With images of several sizes, "np" and "pt" give a list per image for each field.
-            return_dict: an [`AmbiSegPipelineOutput`] (True) or a tuple.
+            return_dict: an [`AmbiSegPipelineOutput`] (True) or a tuple `(probabilities, masks, pixel_mean,
+                pixel_variance)` (since 0.2.0; `masks_first=True` gives version 0.1.0's order, masks first, until
+                0.3.0, with a `FutureWarning`).
             callback_on_step_end: called after every denoising step as `callback(pipe, step, timestep, kwargs)` with
                 `kwargs` holding the tensors named in `callback_on_step_end_tensor_inputs` (a diffusers
                 `PipelineCallback` names its own); the dict it returns may replace them. Set `pipe._interrupt = True`
@@ -715,6 +746,7 @@ class AmbiSegPipeline(CustomCodeLayoutMixin, DiffusionPipeline, StableDiffusionL
         Returns:
             [`AmbiSegPipelineOutput`] (or a tuple `(probabilities, masks, pixel_mean, pixel_variance)`).
         """
+        masks_first = tuple_order(kwargs, return_dict)
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
 
@@ -850,7 +882,7 @@ class AmbiSegPipeline(CustomCodeLayoutMixin, DiffusionPipeline, StableDiffusionL
                 return AmbiSegPipelineOutput(masks=latents) if return_dict else (latents,)
             probabilities = ((latents.float() + 1.0) / 2.0).clamp(0.0, 1.0).reshape(batch, num_samples, height, width)
             probabilities, masks = self._image_processor().postprocess(probabilities, image_sizes, threshold)
-            return format_samples(probabilities, masks, output_type, return_dict)
+            return format_samples(probabilities, masks, output_type, return_dict, masks_first)
 
 
 def _default_card(repo_id: str, lidc: bool = True):

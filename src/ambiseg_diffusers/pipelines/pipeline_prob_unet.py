@@ -15,7 +15,7 @@ from ..image_processing import ImageInput
 from ..image_processor import AmbiSegImageProcessor
 from ..models.prob_unet import ProbUNetModel
 from .custom_code import CustomCodeLayoutMixin
-from .pipeline_ambiseg import OUTPUT_TYPES, AmbiSegPipelineOutput, PromptInput, format_samples
+from .pipeline_ambiseg import OUTPUT_TYPES, AmbiSegPipelineOutput, PromptInput, format_samples, tuple_order
 
 logger = logging.get_logger(__name__)
 
@@ -76,6 +76,7 @@ class ProbUNetPipeline(CustomCodeLayoutMixin, DiffusionPipeline):
         batch_size: int | None = None,
         output_type: str = "np",
         return_dict: bool = True,
+        **kwargs,
     ) -> AmbiSegPipelineOutput | tuple:
         r"""
         Args:
@@ -91,11 +92,14 @@ class ProbUNetPipeline(CustomCodeLayoutMixin, DiffusionPipeline):
                 written for diffusion pipelines runs unchanged.
             batch_size: samples decoded per 1x1-head call (memory only; default: all of an image's at once).
             output_type: "np" (default), "pt" or "pil".
+            return_dict: an [`AmbiSegPipelineOutput`] (True) or a tuple `(probabilities, masks, pixel_mean,
+                pixel_variance)` (`masks_first=True`: version 0.1.0's order, deprecated, until 0.3.0).
 
         Returns:
             [`AmbiSegPipelineOutput`]: `probabilities` in [0, 1] `(batch, num_samples, H, W)`, `masks` bool of the
             same shape, `pixel_mean` and `pixel_variance` `(batch, H, W)`.
         """
+        masks_first = tuple_order(kwargs, return_dict)
         if not isinstance(num_samples, int) or isinstance(num_samples, bool) or num_samples < 1:
             raise ValueError(f"`num_samples` must be a positive integer, got {num_samples!r}.")
         if not 0.0 < threshold < 1.0:
@@ -131,7 +135,7 @@ class ProbUNetPipeline(CustomCodeLayoutMixin, DiffusionPipeline):
             logits = torch.cat([model.decode(features[i : i + 1].expand(len(c), -1, -1, -1), c) for c in chunks])
             probabilities.append(torch.sigmoid(logits.float())[:, 0])
         probabilities, masks = self._image_processor().postprocess(torch.stack(probabilities), image_sizes, threshold)
-        return format_samples(probabilities, masks, output_type, return_dict)
+        return format_samples(probabilities, masks, output_type, return_dict, masks_first)
 
 
 @functools.lru_cache(maxsize=1)
