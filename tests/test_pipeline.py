@@ -187,7 +187,7 @@ def test_the_old_tuple_order_is_accepted_for_one_release_with_a_deprecation(pipe
     with pytest.raises(TypeError, match="mask_first"):  # a misspelt keyword is not swallowed
         call(mask_first=True)
     # the shim cannot outlive its release: at 0.3.0 the deprecation itself fails
-    monkeypatch.setattr("ambiseg_diffusers.__version__", pipeline_ambiseg.MASKS_FIRST_REMOVAL)
+    monkeypatch.setattr("ambiseg_diffusers.deprecation.__version__", pipeline_ambiseg.MASKS_FIRST_REMOVAL)
     with pytest.raises(ValueError, match="should be removed"):
         deprecate("masks_first", pipeline_ambiseg.MASKS_FIRST_REMOVAL, "")
 

@@ -1,7 +1,8 @@
 """ambiseg-diffusers: ambiguous medical image segmentation with mask diffusion (AmbiSeg) and TDG-DiffDPO."""
 
-__version__ = "0.2.0"
+from ._version import __version__
 
+from . import lidc  # noqa: F401  (registers the "lidc64" data source of data.load_multirater)
 from .image_processing import normalize_image, prepare_image
 from .image_processor import AmbiSegImageProcessor
 from .metrics import compute_metrics, compute_metrics_batch

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import argparse
 import os
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -46,6 +48,34 @@ class DatasetContractError(ValueError):
     """A dataset that breaks the multi-rater contract (module docstring); the message names the row and column."""
 
 
+# ----------------------------------------------------------------------------------------------- named sources
+@dataclass(frozen=True)
+class DataSource:
+    """A data source with its own loader, on top of the contract: `load(split, data_dir, prompt_style)` gives its rows
+    (columns as `LIDC_COLUMNS` name them); `restyle(rows, prompt_style)` rebuilds the prompts of stored rows of this
+    source (from their ratings) in another style."""
+
+    load: Callable[[str, str | os.PathLike | None, str | None], Dataset]
+    restyle: Callable[[Dataset, str], Dataset]
+
+
+# The contract knows no source: a source registers itself here (lidc.py registers "lidc64" when imported, which
+# the package's `__init__` does), so the arrows run from the sources to the contract only.
+SOURCES: dict[str, DataSource] = {}
+
+
+def register_source(name: str, source: DataSource) -> None:
+    """Makes `name` a dataset name `load_multirater` and the data flags accept."""
+    SOURCES[name] = source
+
+
+def _source(name: str) -> DataSource:
+    if name not in SOURCES:
+        raise DatasetContractError(f"no data source named {name!r} is registered (import the module that registers "
+                                   f"it, e.g. ambiseg_diffusers.lidc for 'lidc64'); registered: {sorted(SOURCES)}.")
+    return SOURCES[name]
+
+
 # ----------------------------------------------------------------------------------------------- loading
 def load_multirater(
     dataset_name: str | None = "lidc64", split: str = "train", train_data_dir: str | os.PathLike | None = None,
@@ -66,16 +96,12 @@ def load_multirater(
     Raises `DatasetContractError` naming the first bad row, a missing column (with the columns there are) or split.
     """
     if names_lidc64(dataset_name, train_data_dir):
-        from .lidc import load_lidc64
-
-        rows, source = load_lidc64(split, data_dir, prompt_style or "paper"), "lidc64"
+        rows, source = _source("lidc64").load(split, data_dir, prompt_style), "lidc64"
     else:
         source = str(train_data_dir if train_data_dir is not None else dataset_name)
         rows = pick_split(_load_raw(dataset_name, train_data_dir), split, source)
         if prompt_style not in (None, "free") and is_lidc_rows(rows) and "ratings" in rows.column_names:
-            from .lidc import with_prompt_style
-
-            rows = with_prompt_style(rows, prompt_style)  # a LIDC folder written by scripts/prepare_lidc.py
+            rows = _source("lidc64").restyle(rows, prompt_style)  # a LIDC folder written by scripts/prepare_lidc.py
     columns = dict(image_column=image_column, mask_column=mask_column, caption_column=caption_column)
     if is_lidc_rows(rows) and mask_column not in rows.column_names:
         columns = LIDC_COLUMNS

@@ -1,72 +1,45 @@
-"""AmbiSegPipeline: sample a distribution of plausible segmentation masks for an image and a prompt."""
+"""AmbiSegPipeline: sample a distribution of plausible segmentation masks for an image and a prompt.
+
+This file holds the pipeline's components, its configuration and the sampling loop, written out in `__call__` as
+diffusers' `pipeline_stable_diffusion.py` writes its own; beside it: input checking (`input_checks.py`), prompt
+handling (`prompt_handling.py`), the output (`pipeline_output.py`) and loading and saving (`pipeline_loading.py`).
+"""
 
 from __future__ import annotations
 
-import contextlib
-import copy
 import inspect
-import json
-import math
-import numbers
-import os
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any
 
-import numpy as np
-import PIL.Image
 import torch
 from diffusers import DiffusionPipeline
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.loaders import StableDiffusionLoraLoaderMixin
 from diffusers.schedulers import KarrasDiffusionSchedulers
-from diffusers.utils import BaseOutput, logging
+from diffusers.utils import logging
 from diffusers.utils.torch_utils import randn_tensor
 
-from ..hub_utils import (
-    BASE_DOWNLOAD_KWARGS, check_finite_weights, check_weight_files, download_kwargs_of, model_card, resolve_pretrained_path,
-)
 from ..image_processing import ImageInput
 from ..image_processor import AmbiSegImageProcessor
 from ..lidc import RECORDED_PROMPT_STYLES
 from ..models import AmbiguityEncoder, AmbiSegUNet
-from ..text import encode_prompts, sentence_encoded
-from .custom_code import CustomCodeLayoutMixin, pop_hub_kwargs, upload_saved_folder
+from .custom_code import CustomCodeLayoutMixin
+from .input_checks import SAMPLE_PREDICTION_SCHEDULERS, InputChecksMixin  # noqa: F401  (re-exported)
+from .pipeline_loading import (  # noqa: F401  (re-exported: their names in version 0.1)
+    ADAPTER_FILE, CONSISTENCY_FILE, LORA_WEIGHT_NAME, PREFERENCE_ADAPTER, AmbiSegLoadingMixin, recommended_steps,
+)
+from .pipeline_output import (  # noqa: F401  (re-exported)
+    MASKS_FIRST_REMOVAL, OUTPUT_TYPES, AmbiSegPipelineOutput, format_samples, tuple_order,
+)
 from .pipeline_settings import legacy_settings
+from .prompt_handling import PromptEncodingMixin, PromptInput, rows_of
 
 logger = logging.get_logger(__name__)
 
-PromptInput = Union[str, list[str], list[list[str]], None]
-# A folder holding a LoRA adapter (`pytorch_lora_weights.safetensors`) says which adapter it is and, when the base
-# pipeline is not in the same folder, which base it belongs to.
-ADAPTER_FILE = "preference.json"
-PREFERENCE_ADAPTER = "preference"
-# A distilled few-call sampler (training/train_consistency.py): a LoRA, an LCMScheduler in scheduler/ and this file.
-CONSISTENCY_FILE = "consistency.json"
-LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
-OUTPUT_TYPES = ("np", "pt", "pil", "latent")
 # The recommended number of denoising steps of the committed checkpoint with its scheduler (UniPC, 6 steps: the
 # default-quality sweep of issue 40, docs/results.md); `__call__`'s default.
 DEFAULT_NUM_INFERENCE_STEPS = 6
 AUTOCAST_MODES = ("auto", "bf16", "no")
-# The diffusers schedulers that sample an x0-predicting model (prediction_type "sample", every committed checkpoint):
-# each run through a call in tests/test_diffusers_conventions.py. Others (EulerAncestral, PNDM, KDPM2, ...) raise
-# inside `step` on this prediction type, so a call refuses them up front.
-SAMPLE_PREDICTION_SCHEDULERS = (
-    "DDIMScheduler", "DDIMParallelScheduler", "DDPMScheduler", "DDPMParallelScheduler", "DEISMultistepScheduler",
-    "DPMSolverMultistepScheduler", "DPMSolverSinglestepScheduler", "EulerDiscreteScheduler", "HeunDiscreteScheduler",
-    "LCMScheduler", "LMSDiscreteScheduler", "TCDScheduler", "UniPCMultistepScheduler",
-)
-
-
-def recommended_steps(pretrained_model_name_or_path: str | os.PathLike) -> int | None:
-    """The number of denoising steps a local folder states for itself: a distilled sampler's (`consistency.json`),
-    else None (`__call__`'s default)."""
-    info = os.path.join(str(pretrained_model_name_or_path), CONSISTENCY_FILE)
-    if not os.path.isfile(info):
-        return None
-    with open(info) as f:
-        return int(json.load(f)["num_inference_steps"])
 
 
 def native_bf16(device: torch.device) -> bool:
@@ -81,107 +54,8 @@ def native_bf16(device: torch.device) -> bool:
     return False
 
 
-@dataclass
-class AmbiSegPipelineOutput(BaseOutput):
-    """
-    Args:
-        probabilities: float in [0, 1], `(batch, num_samples, H, W)`: each sample before thresholding. First, as
-            diffusers' `images` are: `output[0]` is the pipeline's continuous output.
-        masks: bool `(batch, num_samples, H, W)`: the sampled segmentations (`probabilities > threshold`). With
-            `output_type="latent"`: the final denoised samples `(batch * num_samples, mask_channels, H, W)` in [-1, 1],
-            before thresholding (then the only field, so also `output[0]`).
-        pixel_mean: float in [0, 1] `(batch, H, W)`: mean of `probabilities` over the samples.
-        pixel_variance: float in [0, 0.25] `(batch, H, W)`: variance of `probabilities` over the samples, an
-            uncertainty map (largest where the samples disagree).
-    """
-
-    probabilities: Union[np.ndarray, torch.Tensor, list, None] = None
-    masks: Union[np.ndarray, torch.Tensor, list, None] = None
-    pixel_mean: Union[np.ndarray, torch.Tensor, None] = None
-    pixel_variance: Union[np.ndarray, torch.Tensor, None] = None
-
-
-# Version 0.1.0's `return_dict=False` tuple began with the masks; 0.2.0 puts the probabilities first (diffusers'
-# order: the continuous output first) and accepts `masks_first=True` for the old order until this version.
-MASKS_FIRST_REMOVAL = "0.3.0"
-_tuple_order_told = False
-
-
-def tuple_order(call_kwargs: dict, return_dict: bool) -> bool:
-    """Pops the deprecated `masks_first` keyword of a call (refusing any other unknown one) -> whether the tuple
-    starts with the masks. A plain `return_dict=False` call says once per process that the order changed."""
-    global _tuple_order_told
-    masks_first = bool(call_kwargs.pop("masks_first", False))
-    if call_kwargs:
-        raise TypeError(f"unexpected keyword argument(s) {sorted(call_kwargs)}.")
-    if masks_first:
-        from ..deprecation import deprecate
-
-        deprecate("masks_first", MASKS_FIRST_REMOVAL, "Since 0.2.0 `return_dict=False` gives (probabilities, masks, "
-                  "pixel_mean, pixel_variance); unpack it in that order, or read the output's named fields.")
-    elif not return_dict and not _tuple_order_told:
-        _tuple_order_told = True
-        logger.warning("since ambiseg-diffusers 0.2.0 `return_dict=False` gives (probabilities, masks, pixel_mean, "
-                       "pixel_variance), the masks second; code written for 0.1.0 (masks first) may pass "
-                       f"`masks_first=True` until {MASKS_FIRST_REMOVAL} (CHANGELOG.md).")
-    return masks_first
-
-
-def format_samples(probabilities, masks, output_type: str, return_dict: bool, masks_first: bool = False):
-    """Probabilities in [0, 1] and bool masks, `(batch, num_samples, H, W)` tensors or a list of `(num_samples, H_b,
-    W_b)` per image (images of several sizes) -> the pipeline output of `output_type` (`masks_first`: version
-    0.1.0's tuple order, deprecated)."""
-    per_image = isinstance(probabilities, list)
-    probabilities, masks = list(probabilities), list(masks)  # one (num_samples, H_b, W_b) entry per image
-    pixel_mean = [p.mean(dim=0) for p in probabilities]
-    pixel_variance = [p.var(dim=0, unbiased=False) for p in probabilities]
-    if output_type == "pil":
-        masks = [[PIL.Image.fromarray(m.cpu().numpy().astype(np.uint8) * 255) for m in per] for per in masks]
-        probabilities = [[PIL.Image.fromarray((p.cpu().numpy() * 255).round().astype(np.uint8)) for p in per]
-                         for per in probabilities]
-    elif output_type == "np":
-        masks, probabilities = [m.cpu().numpy() for m in masks], [p.cpu().numpy() for p in probabilities]
-    if output_type in ("np", "pil"):
-        pixel_mean, pixel_variance = [m.cpu().numpy() for m in pixel_mean], [v.cpu().numpy() for v in pixel_variance]
-    if not per_image:  # one size: stacked arrays, as before
-        stack = np.stack if output_type in ("np", "pil") else torch.stack
-        pixel_mean, pixel_variance = stack(pixel_mean), stack(pixel_variance)
-        if output_type != "pil":
-            probabilities, masks = stack(probabilities), stack(masks)
-    if not return_dict:
-        first, second = (masks, probabilities) if masks_first else (probabilities, masks)
-        return first, second, pixel_mean, pixel_variance
-    return AmbiSegPipelineOutput(probabilities=probabilities, masks=masks, pixel_mean=pixel_mean, pixel_variance=pixel_variance)
-
-
-def normalize_prompts(prompt: PromptInput, batch_size: int) -> list[list[str]]:
-    """`prompt` as documented in `AmbiSegPipeline.__call__` -> one non-empty list of prompts per image."""
-    if prompt is None:
-        return [[""] for _ in range(batch_size)]
-    if isinstance(prompt, str):
-        return [[prompt] for _ in range(batch_size)]
-    if not isinstance(prompt, (list, tuple)) or len(prompt) == 0:
-        raise ValueError(f"`prompt` must be a string, a non-empty list of strings or a list of lists, got {prompt!r}.")
-    if len(prompt) != batch_size:
-        raise ValueError(f"`prompt` has {len(prompt)} entries but `image` has {batch_size} images; give one per image.")
-    per_image = []
-    for i, item in enumerate(prompt):
-        item = [item] if isinstance(item, str) else item
-        if not isinstance(item, (list, tuple)) or len(item) == 0 or not all(isinstance(p, str) for p in item):
-            raise ValueError(f"`prompt[{i}]` must be a string or a non-empty list of strings, got {item!r}.")
-        per_image.append(list(item))
-    return per_image
-
-
-def _pad_tokens(states: torch.Tensor, mask: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pads `(R, L, D)` states and their `(R, L)` mask to `length` tokens (padding is masked out)."""
-    extra = length - states.shape[1]
-    if extra <= 0:
-        return states, mask
-    return torch.nn.functional.pad(states, (0, 0, 0, extra)), torch.nn.functional.pad(mask, (0, extra))
-
-
-class AmbiSegPipeline(CustomCodeLayoutMixin, DiffusionPipeline, StableDiffusionLoraLoaderMixin):
+class AmbiSegPipeline(AmbiSegLoadingMixin, PromptEncodingMixin, InputChecksMixin, CustomCodeLayoutMixin, DiffusionPipeline,
+                      StableDiffusionLoraLoaderMixin):
     r"""Ambiguous segmentation by mask diffusion (AmbiSeg).
 
     The image is a fixed condition concatenated to the noisy mask; the prompt steers the denoiser through
@@ -270,139 +144,6 @@ class AmbiSegPipeline(CustomCodeLayoutMixin, DiffusionPipeline, StableDiffusionL
         )
         self.register_to_config(autocast=autocast, prompt_style=prompt_style)
 
-    # ---------------------------------------------------------------------------------------------- loading, saving
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> "AmbiSegPipeline":
-        """Loads from a local folder or a Hub repo id, as float32 unless `dtype` is given (checkpoints may be stored
-        in fp16 to stay small; CPUs compute in float32 or bf16 autocast).
-
-        diffusers' own download step only accepts components from diffusers or transformers, so a Hub repo is
-        fetched whole with `huggingface_hub.snapshot_download` (which honours `HF_HUB_OFFLINE` and the cache).
-
-        A LoRA folder loads its base pipeline first: the one in the same folder, else `base_model_path` (relative to
-        the folder, for checkouts) when it exists, else the Hub repo `base_model`; `base_model=...` overrides all
-        three. Two kinds: a TDG-DiffDPO adapter (`preference.json` + `pytorch_lora_weights.safetensors`), and a
-        distilled sampler (`consistency.json` + the LoRA + an `LCMScheduler` in `scheduler/`, from
-        training/train_consistency.py), which also sets the scheduler and the default number of calls.
-        """
-        download_kwargs = download_kwargs_of(kwargs)
-        base_override = kwargs.pop("base_model", None)
-        if "torch_dtype" not in kwargs:
-            kwargs.setdefault("dtype", torch.float32)
-        path = resolve_pretrained_path(pretrained_model_name_or_path, **download_kwargs)
-        info_file = next((os.path.join(path, name) for name in (ADAPTER_FILE, CONSISTENCY_FILE)
-                          if os.path.isfile(os.path.join(path, name))), None)
-        if info_file is None:
-            return cls._load_checked(path, **kwargs)
-
-        with open(info_file) as f:
-            info = json.load(f)
-        if base_override is not None:
-            base = base_override
-        elif os.path.isfile(os.path.join(path, "model_index.json")):
-            base = path
-        else:
-            local = os.path.normpath(os.path.join(path, info["base_model_path"])) if info.get("base_model_path") else None
-            base = local if local and os.path.isdir(local) else info.get("base_model")
-            if base is None:
-                raise ValueError(f"{info_file} names no `base_model`; pass `base_model=` (a folder or Hub id).")
-        if base == path:
-            pipe = cls._load_checked(path, **kwargs)
-        else:
-            base_kwargs = {k: v for k, v in download_kwargs.items() if k in BASE_DOWNLOAD_KWARGS}
-            pipe = cls.from_pretrained(base, **kwargs, **base_kwargs)
-        earlier = list(getattr(pipe.unet, "peft_config", None) or {})
-        name = info.get("adapter_name", PREFERENCE_ADAPTER)
-        pipe.load_lora_weights(path, weight_name=LORA_WEIGHT_NAME, adapter_name=name)
-        if earlier:  # a distilled sampler on an aligned model: both adapters act
-            pipe.set_adapters(earlier + [name])
-        if info_file.endswith(CONSISTENCY_FILE):
-            from diffusers import LCMScheduler
-
-            pipe.scheduler = LCMScheduler.from_pretrained(path, subfolder="scheduler")
-            logger.warning(f"{path} is a sampler distilled for {info['num_inference_steps']} UNet calls: call it with "
-                           f"`num_inference_steps={info['num_inference_steps']}` (`__call__`'s default, "
-                           f"{DEFAULT_NUM_INFERENCE_STEPS}, is the base model's recommendation).")
-        return pipe
-
-    @classmethod
-    def _load_checked(cls, path: str, **kwargs) -> "AmbiSegPipeline":
-        """diffusers' loading, between two cheap checks: weight files present and readable before, every weight
-        finite after (a corrupted file must not load silently and give empty masks)."""
-        check_weight_files(path)
-        pipe = super().from_pretrained(path, **kwargs)
-        check_finite_weights(pipe, path)
-        return pipe
-
-    @classmethod
-    def load_lora_into_text_encoder(cls, state_dict, network_alphas, text_encoder, prefix=None, *args, **kwargs):
-        """The text encoder is frozen and never adapted: skip it (quietly) unless the file has keys for it."""
-        prefix = prefix or cls.text_encoder_name
-        if any(key.startswith(f"{prefix}.") for key in state_dict):
-            super().load_lora_into_text_encoder(state_dict, network_alphas, text_encoder, prefix, *args, **kwargs)
-
-    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> None:
-        """Saves every component (safetensors). A LoRA adapter on the UNet is saved the standard way beside the base
-        weights (`pytorch_lora_weights.safetensors` + `preference.json`), never folded into the UNet's keys; to
-        save one merged model instead, `fuse_lora()` and `unload_lora_weights()` first."""
-        adapters = list(getattr(self.unet, "peft_config", None) or {})
-        if not adapters:
-            return super().save_pretrained(save_directory, **kwargs)
-        push_to_hub, hub = kwargs.pop("push_to_hub", False), pop_hub_kwargs(kwargs)  # uploaded once complete
-        if len(adapters) > 1:
-            raise ValueError(f"the UNet carries several LoRA adapters {adapters}; delete all but one "
-                             "(`delete_adapters`) or fuse them (`fuse_lora`, `unload_lora_weights`) before saving.")
-        from peft.utils import get_peft_model_state_dict
-
-        name = adapters[0]
-        if any(getattr(m, "merged_adapters", None) for m in self.unet.modules()):
-            raise ValueError("the UNet's adapter is fused into its weights (`fuse_lora`): saving both would apply it "
-                             "twice on loading. `unload_lora_weights()` first (keeps the fused weights, one merged "
-                             "model), or `unfuse_lora()` (base weights + adapter).")
-        with_adapter = self.unet
-        base = copy.deepcopy(with_adapter)
-        base.unload_lora()  # the base weights, without peft's wrapping
-        try:
-            self.unet = base
-            super().save_pretrained(save_directory, **kwargs)
-        finally:
-            self.unet = with_adapter
-        self.save_lora_weights(
-            save_directory, unet_lora_layers=get_peft_model_state_dict(with_adapter, adapter_name=name),
-            weight_name=LORA_WEIGHT_NAME, unet_lora_adapter_metadata=with_adapter.peft_config[name].to_dict(),
-        )
-        with open(os.path.join(save_directory, ADAPTER_FILE), "w") as f:
-            json.dump({"adapter_name": name}, f, indent=2)
-        if push_to_hub:
-            upload_saved_folder(save_directory, hub)
-
-    def push_to_hub(
-        self,
-        repo_id: str,
-        commit_message: str | None = None,
-        private: bool | None = None,
-        token: str | None = None,
-        create_pr: bool = False,
-        model_card: str | None = None,
-    ) -> str:
-        """Saves the pipeline (safetensors) with a model card (`model_card` text, or one built from this package's
-        template: `library_name`, tags, the clinical-use warning, the LIDC-IDRI attribution) and uploads it."""
-        import tempfile
-
-        from huggingface_hub import create_repo, upload_folder
-
-        repo_id = create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
-        with tempfile.TemporaryDirectory() as folder:
-            self.save_pretrained(folder)
-            card = model_card if model_card is not None else str(
-                _default_card(repo_id, lidc=self.config.get("prompt_style") != "free"))
-            with open(os.path.join(folder, "README.md"), "w") as f:
-                f.write(card)
-            return upload_folder(
-                repo_id=repo_id, folder_path=folder, token=token, create_pr=create_pr,
-                commit_message=commit_message or "Upload AmbiSegPipeline",
-            )
-
     # ---------------------------------------------------------------------------------------------- properties
     @property
     def guidance_scale(self) -> float:
@@ -435,48 +176,6 @@ class AmbiSegPipeline(CustomCodeLayoutMixin, DiffusionPipeline, StableDiffusionL
         if self.image_processor is not None:
             return self.image_processor
         return AmbiSegImageProcessor.for_unet(self.unet)
-
-    def encode_prompt(
-        self,
-        prompt: PromptInput,
-        device: torch.device | None = None,
-        num_samples: int = 1,
-        do_classifier_free_guidance: bool = False,
-        negative_prompt: str | list[str] | None = None,
-        batch_size: int | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        """Encodes the prompt of every sample row, each distinct prompt once.
-
-        `prompt` as in `__call__` (a string, one per image, or a list per image spread round-robin over the samples).
-        Returns `prompt_embeds` `(batch * num_samples, L, D)`, `prompt_attention_mask` `(batch * num_samples, L)` (1 =
-        token, 0 = padding) and, with guidance, the negative prompt's (default: the empty prompt, what the model saw
-        on prompt dropout) of the same shape, else `None` twice: exactly what `__call__` accepts.
-        """
-        device = device or self._execution_device
-        if batch_size is None:
-            batch_size = 1 if prompt is None or isinstance(prompt, str) else len(prompt)
-        per_image = normalize_prompts(prompt, batch_size)
-        row_prompts = [p[s % len(p)] for p in per_image for s in range(num_samples)]
-        prompt_embeds, prompt_attention_mask = self._encode_rows(row_prompts, device)
-        if not do_classifier_free_guidance:
-            return prompt_embeds, prompt_attention_mask, None, None
-        negative = normalize_prompts(negative_prompt if negative_prompt is not None else "", batch_size)
-        negative_prompt_embeds, negative_prompt_attention_mask = self._encode_rows(
-            [p[0] for p in negative for _ in range(num_samples)], device)
-        length = max(prompt_embeds.shape[1], negative_prompt_embeds.shape[1])
-        prompt_embeds, prompt_attention_mask = _pad_tokens(prompt_embeds, prompt_attention_mask, length)
-        negative_prompt_embeds, negative_prompt_attention_mask = _pad_tokens(
-            negative_prompt_embeds, negative_prompt_attention_mask, length)
-        return prompt_embeds, prompt_attention_mask, negative_prompt_embeds, negative_prompt_attention_mask
-
-    def _encode_rows(self, row_prompts: list[str], device) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.text_encoder is None or self.tokenizer is None:
-            raise ValueError("this pipeline has no `text_encoder`/`tokenizer`; pass `prompt_embeds` instead of `prompt`.")
-        unique = sorted(set(row_prompts))
-        states, mask = encode_prompts(self.tokenizer, self.text_encoder, unique, device=device,
-                                      by_sentence=sentence_encoded(self.config.get("prompt_style")))
-        index = torch.tensor([unique.index(p) for p in row_prompts], device=states.device)
-        return states[index], mask[index]
 
     def prepare_ambiguity_latents(
         self, images: torch.Tensor, prompt_embeds: torch.Tensor, prompt_attention_mask: torch.Tensor,
@@ -525,119 +224,6 @@ class AmbiSegPipeline(CustomCodeLayoutMixin, DiffusionPipeline, StableDiffusionL
         if "generator" in params:
             extra["generator"] = generator
         return extra
-
-    def check_inputs(
-        self, image, prompt, num_samples, num_inference_steps, output_type, batch_size, threshold, prior_temperature,
-        prompt_embeds, prompt_attention_mask, negative_prompt_embeds, negative_prompt_attention_mask,
-        callback_on_step_end_tensor_inputs, generator=None, negative_prompt=None, guidance_scale=1.0,
-        ambiguity_latents=None, eta=0.0, cross_attention_kwargs=None,
-    ) -> None:
-        """Raises `ValueError` naming the argument that is wrong, and the component a call needs but lacks."""
-        for component in ("unet", "scheduler"):
-            if getattr(self, component, None) is None:
-                raise ValueError(f"this pipeline has no `{component}`; set `pipe.{component} = ...` before calling it.")
-        scheduler = type(self.scheduler).__name__
-        if self.scheduler.config.get("prediction_type") == "sample" and scheduler not in SAMPLE_PREDICTION_SCHEDULERS:
-            raise ValueError(f"`scheduler` {scheduler} cannot sample this model (it predicts the clean mask, "
-                             f"prediction_type 'sample'); use one of {list(SAMPLE_PREDICTION_SCHEDULERS)}, e.g. "
-                             "`pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)`.")
-        if image is None:
-            raise ValueError("`image` is required: the CT image (or batch) to segment.")
-        if not isinstance(num_samples, numbers.Integral) or isinstance(num_samples, bool) or num_samples < 1:
-            raise ValueError(f"`num_samples` must be an integer >= 1, got {num_samples!r}.")
-        valid = generator is None or isinstance(generator, torch.Generator) or (
-            isinstance(generator, list) and all(isinstance(g, torch.Generator) for g in generator))
-        if not valid:
-            raise ValueError(f"`generator` must be a torch.Generator or a list of them (one per image), got "
-                             f"{type(generator).__name__}; e.g. `generator=torch.Generator().manual_seed(0)`.")
-        if output_type not in OUTPUT_TYPES:
-            raise ValueError(f"`output_type` must be one of {OUTPUT_TYPES}, got {output_type!r}.")
-        if batch_size < 1:
-            raise ValueError(f"`batch_size` must be >= 1, got {batch_size}.")
-        if not 0.0 <= threshold <= 1.0:
-            raise ValueError(f"`threshold` must be in [0, 1], got {threshold}.")
-        for name, value in (("prior_temperature", prior_temperature), ("eta", eta)):
-            if not (isinstance(value, numbers.Real) and math.isfinite(value) and value >= 0):
-                raise ValueError(f"`{name}` must be a finite number >= 0, got {value!r}.")
-        if num_inference_steps is not None and num_inference_steps < 1:
-            raise ValueError(f"`num_inference_steps` must be >= 1, got {num_inference_steps}.")
-        if prompt is not None and prompt_embeds is not None:
-            raise ValueError("pass either `prompt` or `prompt_embeds`, not both.")
-        for embeds, mask, name in ((prompt_embeds, prompt_attention_mask, "prompt"),
-                                   (negative_prompt_embeds, negative_prompt_attention_mask, "negative_prompt")):
-            if embeds is None:
-                continue
-            if mask is None:
-                raise ValueError(f"`{name}_embeds` needs its `{name}_attention_mask` (what `encode_prompt` returns).")
-            if embeds.ndim != 3 or mask.shape != embeds.shape[:2]:
-                raise ValueError(f"`{name}_embeds` must be (rows, L, D) with `{name}_attention_mask` (rows, L); got "
-                                 f"{tuple(embeds.shape)} and {tuple(mask.shape)}.")
-        if negative_prompt_embeds is not None and prompt_embeds is None:
-            raise ValueError("`negative_prompt_embeds` goes with `prompt_embeds`.")
-        if negative_prompt is not None and negative_prompt_embeds is not None:
-            raise ValueError("pass either `negative_prompt` or `negative_prompt_embeds`, not both.")
-        if not (isinstance(guidance_scale, numbers.Real) and guidance_scale >= 1.0 and math.isfinite(guidance_scale)):
-            raise ValueError(f"`guidance_scale` must be a finite number >= 1 (1 = no guidance), got {guidance_scale!r}.")
-        if ambiguity_latents is not None:
-            if not self.unet.latent_dim:
-                raise ValueError("`ambiguity_latents` given, but this UNet takes no ambiguity latent (its ambiguity "
-                                 "design is 'prediction_kl' or 'none'); leave it None.")
-            if ambiguity_latents.ndim != 2 or ambiguity_latents.shape[1] != self.unet.latent_dim:
-                raise ValueError(f"`ambiguity_latents` must be (rows, {self.unet.latent_dim}), got "
-                                 f"{tuple(ambiguity_latents.shape)}.")
-        if cross_attention_kwargs is not None and not isinstance(cross_attention_kwargs, dict):
-            raise ValueError(f"`cross_attention_kwargs` must be a dict (e.g. {{'scale': 0.5}}), got "
-                             f"{type(cross_attention_kwargs).__name__}.")
-        unknown = set(callback_on_step_end_tensor_inputs or []) - set(self._callback_tensor_inputs)
-        if unknown:
-            raise ValueError(f"`callback_on_step_end_tensor_inputs` must be among {self._callback_tensor_inputs}, got "
-                             f"{sorted(unknown)}.")
-
-    def check_model_size(self, height: int, width: int) -> None:
-        """The UNet halves the image `len(block_out_channels) - 1` times: its input sides must divide by that."""
-        depth = 2 ** (len(self.unet.config.block_out_channels) - 1)
-        if height % depth or width % depth:
-            raise ValueError(f"the model's input is {height}x{width}; its sides must be multiples of {depth} (the "
-                             "image processor's `size`, or with `do_resize=False` the image's own size).")
-
-    def _rows_of(self, tensor: torch.Tensor | None, name: str, batch: int, num_samples: int) -> torch.Tensor | None:
-        """A per-image `(batch, ...)` tensor repeated for each sample, or a per-row `(batch * num_samples, ...)` one."""
-        if tensor is None or tensor.shape[0] == batch * num_samples:
-            return tensor
-        if tensor.shape[0] == batch:
-            return tensor.repeat_interleave(num_samples, dim=0)
-        raise ValueError(f"`{name}` has {tensor.shape[0]} rows; expected one per image ({batch}) or one per sample "
-                         f"({batch * num_samples}).")
-
-    @contextlib.contextmanager
-    def _preference_scale(self, scale: float | None):
-        """Scales the "preference" LoRA adapter by `scale` for one call and restores it after (None: leave the
-        adapters as `set_adapters` left them)."""
-        if scale is None:
-            yield
-            return
-        layers = [m for m in (self.unet.modules() if self.unet is not None else [])
-                  if hasattr(m, "set_scale") and PREFERENCE_ADAPTER in getattr(m, "scaling", {})]
-        if not layers:
-            named = list(getattr(self.unet, "peft_config", None) or {})
-            if named:
-                raise ValueError(
-                    f"`preference_scale` scales the LoRA adapter named '{PREFERENCE_ADAPTER}'; this UNet's adapters are "
-                    f"{named}. Load a TDG-DiffDPO adapter under that name (`pipe.load_lora_weights(folder, "
-                    f"adapter_name='{PREFERENCE_ADAPTER}')`, as `AmbiSegPipeline.from_pretrained(folder)` does), or "
-                    "scale every adapter with `cross_attention_kwargs={'scale': s}`.")
-            raise ValueError("`preference_scale` needs a TDG-DiffDPO checkpoint (a 'preference' LoRA adapter on the UNet).")
-        if any(PREFERENCE_ADAPTER in getattr(m, "merged_adapters", []) for m in layers):
-            raise ValueError("the 'preference' adapter is fused into the UNet's weights (`fuse_lora`), where "
-                             "`preference_scale` cannot change it; `unfuse_lora()` first, or fuse at the scale you want.")
-        previous = [m.scaling[PREFERENCE_ADAPTER] for m in layers]
-        for m in layers:
-            m.set_scale(PREFERENCE_ADAPTER, float(scale))
-        try:
-            yield
-        finally:
-            for m, value in zip(layers, previous):
-                m.scaling[PREFERENCE_ADAPTER] = value
 
     def _row_generators(self, generator, batch: int, num_samples: int):
         """A per-image generator list becomes a per-row list, so each image's samples are independent of batching."""
@@ -780,35 +366,11 @@ class AmbiSegPipeline(CustomCodeLayoutMixin, DiffusionPipeline, StableDiffusionL
             row_images = images.repeat_interleave(num_samples, dim=0)
             generator = self._row_generators(generator, batch, num_samples)
 
-            # 2. Encode the prompts (each distinct prompt once), or take the given embeddings.
-            if prompt_embeds is None:
-                prompt_embeds, prompt_attention_mask, negative_prompt_embeds, negative_prompt_attention_mask = self.encode_prompt(
-                    prompt, device, num_samples, self.do_classifier_free_guidance, negative_prompt, batch_size=batch
-                )
-            else:
-                prompt_embeds = self._rows_of(prompt_embeds, "prompt_embeds", batch, num_samples)
-                prompt_attention_mask = self._rows_of(prompt_attention_mask, "prompt_attention_mask", batch, num_samples)
-                if self.do_classifier_free_guidance and negative_prompt_embeds is None:
-                    _, _, negative_prompt_embeds, negative_prompt_attention_mask = self.encode_prompt(
-                        None, device, num_samples, True, negative_prompt, batch_size=batch
-                    )
-                negative_prompt_embeds = self._rows_of(negative_prompt_embeds, "negative_prompt_embeds", batch, num_samples)
-                negative_prompt_attention_mask = self._rows_of(
-                    negative_prompt_attention_mask, "negative_prompt_attention_mask", batch, num_samples
-                )
-                if negative_prompt_embeds is not None:
-                    length = max(prompt_embeds.shape[1], negative_prompt_embeds.shape[1])
-                    prompt_embeds, prompt_attention_mask = _pad_tokens(prompt_embeds, prompt_attention_mask, length)
-                    negative_prompt_embeds, negative_prompt_attention_mask = _pad_tokens(
-                        negative_prompt_embeds, negative_prompt_attention_mask, length
-                    )
-            if not self.do_classifier_free_guidance:
-                negative_prompt_embeds = negative_prompt_attention_mask = None
-            prompt_embeds = prompt_embeds.to(device=device, dtype=dtype)
-            prompt_attention_mask = prompt_attention_mask.to(device)
-            if negative_prompt_embeds is not None:
-                negative_prompt_embeds = negative_prompt_embeds.to(device=device, dtype=dtype)
-                negative_prompt_attention_mask = negative_prompt_attention_mask.to(device)
+            # 2. Encode the prompts (each distinct prompt once), or bring the given embeddings to one row per sample.
+            prompt_embeds, prompt_attention_mask, negative_prompt_embeds, negative_prompt_attention_mask = (
+                self.prepare_prompt_embeds(prompt, negative_prompt, prompt_embeds, prompt_attention_mask,
+                                           negative_prompt_embeds, negative_prompt_attention_mask, batch, num_samples,
+                                           device, dtype))
 
             # 3. Prepare timesteps.
             steps = num_inference_steps or DEFAULT_NUM_INFERENCE_STEPS
@@ -818,7 +380,7 @@ class AmbiSegPipeline(CustomCodeLayoutMixin, DiffusionPipeline, StableDiffusionL
 
             # 4. One ambiguity latent per sample, from the prior.
             if ambiguity_latents is not None:
-                ambiguity_latents = self._rows_of(ambiguity_latents, "ambiguity_latents", batch, num_samples).to(device, dtype)
+                ambiguity_latents = rows_of(ambiguity_latents, "ambiguity_latents", batch, num_samples).to(device, dtype)
             elif self.unet.latent_dim:
                 ambiguity_latents = self.prepare_ambiguity_latents(
                     images, prompt_embeds, prompt_attention_mask, num_samples, prior_temperature, generator
@@ -883,7 +445,3 @@ class AmbiSegPipeline(CustomCodeLayoutMixin, DiffusionPipeline, StableDiffusionL
             probabilities = ((latents.float() + 1.0) / 2.0).clamp(0.0, 1.0).reshape(batch, num_samples, height, width)
             probabilities, masks = self._image_processor().postprocess(probabilities, image_sizes, threshold)
             return format_samples(probabilities, masks, output_type, return_dict, masks_first)
-
-
-def _default_card(repo_id: str, lidc: bool = True):
-    return model_card("pipeline.md", repo_id, lidc=lidc)

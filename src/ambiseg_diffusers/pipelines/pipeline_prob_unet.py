@@ -15,7 +15,8 @@ from ..image_processing import ImageInput
 from ..image_processor import AmbiSegImageProcessor
 from ..models.prob_unet import ProbUNetModel
 from .custom_code import CustomCodeLayoutMixin
-from .pipeline_ambiseg import OUTPUT_TYPES, AmbiSegPipelineOutput, PromptInput, format_samples, tuple_order
+from .pipeline_output import OUTPUT_TYPES, AmbiSegPipelineOutput, format_samples, tuple_order
+from .prompt_handling import PromptInput
 
 logger = logging.get_logger(__name__)
 
