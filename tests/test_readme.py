@@ -28,7 +28,7 @@ def test_readme_python_snippets_run(monkeypatch, capsys):
 
 
 def test_every_relative_link_leads_to_a_file_or_heading():
-    pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), ROOT / "examples/research_projects/README.md"]
     broken = []
     for page in pages:
         text = page.read_text()
@@ -53,3 +53,14 @@ def _headings(page: Path) -> list[str]:
 def _slug(heading: str) -> str:
     """GitHub's anchor of a heading: lower case, punctuation dropped, spaces to hyphens."""
     return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_every_script_the_docs_name_exists():
+    """`scripts/...`, `training/...`, `benchmarks/...` and `examples/...` paths in the README, the docs, the research
+    README and the scripts' own headers lead to files (the research scaffolding moved to examples/research_projects/)."""
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), *sorted((ROOT / "examples").rglob("*.md")),
+             *sorted((ROOT / "scripts").glob("*")), *sorted((ROOT / "examples" / "research_projects").glob("*"))]
+    named = {path for page in pages for path in
+             re.findall(r"(?<![\w/.])((?:scripts|training|benchmarks|examples)/[\w/]+\.(?:py|sh))", page.read_text())}
+    assert len(named) > 20  # the pattern reads the pages
+    assert sorted(path for path in named if not (ROOT / path).is_file()) == []
