@@ -225,6 +225,7 @@ def test_trajectory_distillation_learns_the_teachers_samples_and_resumes_exactly
     from safetensors.numpy import load_file
 
     from ambiseg_diffusers import load_pipeline
+    from ambiseg_diffusers.pipelines.pipeline_ambiseg import recommended_steps
 
     def args(output, *extra):
         return ["--teacher", str(teacher), "--trajectories", str(recorded), "--output_dir", str(output),
@@ -241,8 +242,8 @@ def test_trajectory_distillation_learns_the_teachers_samples_and_resumes_exactly
         pipe = load_pipeline(str(folder))
         pipe.set_progress_bar_config(disable=True)
         image = np.asarray(mini_at_teacher_size(pipe)[0]["image"], np.float32)
-        out = pipe(image, [[str(p) for p in shards[0]["prompts"][:3]]], num_samples=3,
-                   latents=noise[:3, 0], ambiguity_latents=z[:3], output_type="latent")
+        out = pipe(image, [[str(p) for p in shards[0]["prompts"][:3]]], num_samples=3, latents=noise[:3, 0],
+                   ambiguity_latents=z[:3], output_type="latent", num_inference_steps=recommended_steps(folder))
         assert pipe.scheduler.timesteps.tolist() == [99]
         return float(((out.masks - final[:3]) ** 2).mean())
 
@@ -258,7 +259,8 @@ def test_trajectory_distillation_learns_the_teachers_samples_and_resumes_exactly
     pipe = load_pipeline(str(trained_dir))
     pipe.set_progress_bar_config(disable=True)
     image = np.asarray(mini_at_teacher_size(pipe)[0]["image"], np.float32)
-    call = dict(image=image, prompt="a nodule", num_samples=2, output_type="latent")
+    call = dict(image=image, prompt="a nodule", num_samples=2, output_type="latent",
+                num_inference_steps=recommended_steps(trained_dir))
     unfused = pipe(**call, generator=torch.Generator().manual_seed(0)).masks
     pipe.fuse_lora()
     pipe.unload_lora_weights()
