@@ -47,7 +47,7 @@ from tqdm.auto import tqdm
 
 from ambiseg_diffusers.hub_utils import dataset_card, push_dataset_to_hub, push_files_to_hub
 from ambiseg_diffusers.learnvae import LIDC64_FILES, consensus_origin, examples_dir, learnvae_to_lidc64
-from ambiseg_diffusers.lidc import LEARNVAE_GIT, RATING_NAMES, lidc64_features, slice_prompts
+from ambiseg_diffusers.lidc import LEARNVAE_GIT, RATING_NAMES, feret_diameter, lidc64_features, slice_prompts
 from ambiseg_diffusers.run_records import check_resumable
 
 warnings.filterwarnings("ignore", category=DeprecationWarning)
@@ -100,6 +100,8 @@ def nodule_samples(volume: np.ndarray, annotations: list, geometry: str = "paper
         # pylidc's own measurements of this reading (mm, mm3), for the paper's prompt
         diameter_mm[slot], volume_mm3[slot] = annotation.diameter, annotation.volume
 
+    # the crop's own in-plane spacing once resized: what the 'slice' prompt's diameters are measured in
+    spacing = float(annotations[0].scan.pixel_spacing) * (size / resolution if geometry == "paper" else 1.0)
     samples = []
     for k in slices:
         image = volume[r0 : r0 + size, c0 : c0 + size, k].astype(np.float32)
@@ -114,6 +116,8 @@ def nodule_samples(volume: np.ndarray, annotations: list, geometry: str = "paper
                                                          mode="nearest")[0].numpy().astype(np.uint8)
         samples.append({"image": image, "masks": slot_masks, "annotator_valid": valid.copy(), "ratings": ratings.copy(),
                         "diameter_mm": diameter_mm.copy(), "volume_mm3": volume_mm3.copy(), "slice": k - slices[0],
+                        "slice_diameter_mm": np.array([feret_diameter(m, spacing) for m in slot_masks], np.float32),
+                        "pixel_spacing_mm": np.float32(spacing),
                         "annotation_ids": [a.id for a in annotations]})
     return samples
 
@@ -143,7 +147,8 @@ def scan_samples(scan, volume: np.ndarray, geometry: str, crop_origins: dict | N
     return samples
 
 
-SAMPLE_ARRAYS = ("image", "masks", "annotator_valid", "ratings", "diameter_mm", "volume_mm3", "slice")
+SAMPLE_ARRAYS = ("image", "masks", "annotator_valid", "ratings", "diameter_mm", "volume_mm3", "slice_diameter_mm",
+                 "pixel_spacing_mm", "slice")
 
 
 def save_scan_part(path: Path, samples: list[dict]) -> None:
@@ -158,11 +163,11 @@ def save_scan_part(path: Path, samples: list[dict]) -> None:
 
 
 def load_scan_part(path: Path) -> list[dict] | None:
-    """A stored scan's samples; None for a part written before the size arrays existed (the scan is redone)."""
+    """A stored scan's samples; None for a part written before all of SAMPLE_ARRAYS existed (the scan is redone)."""
     with np.load(path, allow_pickle=False) as part:
         if part["patient_id"].size == 0:
             return []
-        if "diameter_mm" not in part:
+        if any(key not in part for key in SAMPLE_ARRAYS):
             return None
         keys = (*SAMPLE_ARRAYS, "patient_id", "nodule_id")
         return [{k: part[k][i] for k in keys} for i in range(len(part["patient_id"]))]
@@ -216,7 +221,9 @@ def build_dataset(scans, load_volume: Callable = dicom_volume, geometry: str = "
             "image": [r["image"] for r in chosen], "masks": [r["masks"] for r in chosen],
             "annotator_valid": [np.asarray(r["annotator_valid"]).tolist() for r in chosen],
             "ratings": [r["ratings"] for r in chosen], "diameter_mm": [r["diameter_mm"] for r in chosen],
-            "volume_mm3": [r["volume_mm3"] for r in chosen], "prompts": [p[0] for p in prompts],
+            "volume_mm3": [r["volume_mm3"] for r in chosen],
+            "slice_diameter_mm": [r["slice_diameter_mm"] for r in chosen],
+            "pixel_spacing_mm": [float(r["pixel_spacing_mm"]) for r in chosen], "prompts": [p[0] for p in prompts],
             "nodule_prompt": [p[1] for p in prompts], "patient_id": [str(r["patient_id"]) for r in chosen],
             "nodule_id": [str(r["nodule_id"]) for r in chosen], "slice": [int(r["slice"]) for r in chosen],
         }, features=lidc64_features(size))

@@ -27,6 +27,7 @@ def test_committed_checkpoints_load_and_sample():
     image, prompts = np.asarray(row["image"]), [eval_prompts(row, "annotator")]
     assert reference.unet.dtype == torch.float32 and reference.image_processor.config.size == 64
     assert inspect.signature(reference.__call__).parameters["num_inference_steps"].default == 6  # UniPC-6
+    assert type(reference.scheduler).__name__ == "UniPCMultistepScheduler"  # the default-quality sweep's choice
     out = reference(image, prompts, num_samples=4, generator=torch.Generator().manual_seed(0))
     assert out.masks.shape == (1, 4, 64, 64)
     # a trained model: nodule-sized masks that overlap the raters', not noise

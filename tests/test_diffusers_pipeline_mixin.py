@@ -66,6 +66,9 @@ class AmbiSegPipelineFastTests(PipelineTesterMixin, unittest.TestCase):
             "num_inference_steps": 2,
             "generator": generator,
             "output_type": "np",
+            # diffusers' checks compare calls to 1e-4 in float32; bf16 autocast ("auto" on CPUs with AVX512-BF16)
+            # rounds differently with the batch's composition.
+            "autocast": "no",
         }
 
     def test_save_load_optional_components(self):

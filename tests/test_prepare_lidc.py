@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from ambiseg_diffusers.learnvae import LIDC64_FILES
-from ambiseg_diffusers.lidc import resolve_data_dir
+from ambiseg_diffusers.lidc import load_lidc64, resolve_data_dir
 
 from conftest import needs_data
 
@@ -39,6 +39,12 @@ def test_masks_and_crop_origins_equal_the_shared_lidc64_crops_for_every_nodule()
     folder = resolve_data_dir(None, "lidc64")
     nodules = json.loads((folder / "lidc64_nodules.json").read_text())
     parts = [np.load(folder / f"lidc64_{p}.npz") for p in ("train_a", "train_b", "validate")]
+    shared_slice_diameters = {}
+    for split in ("train", "validate"):
+        rows = load_lidc64(split).select_columns(["patient_id", "slice", "nodule_id", "slice_diameter_mm"])
+        for r in rows:
+            key = (r["patient_id"], r["slice"], int(r["nodule_id"].split("_")[1]))
+            shared_slice_diameters[key] = r["slice_diameter_mm"]
     checked_rows = 0
     for info in nodules.values():
         anns = annotations(info["annotation_ids"])
@@ -56,6 +62,10 @@ def test_masks_and_crop_origins_equal_the_shared_lidc64_crops_for_every_nodule()
                 by_id = {a.id: a for a in anns}
                 np.testing.assert_allclose(sample["diameter_mm"][: len(sample["annotation_ids"])],
                                            [by_id[i].diameter for i in sample["annotation_ids"]], rtol=1e-6)
+                # the 'slice' prompt's sizes: the same spacing and Feret diameters as load_lidc64's columns
+                assert sample["pixel_spacing_mm"] == pytest.approx(info["pixel_spacing_mm"])
+                key = (info["patient_id"], int(part["slice_idx"][row]), info["nodule_idx"])
+                np.testing.assert_allclose(sample["slice_diameter_mm"], shared_slice_diameters[key], rtol=1e-6)
                 checked_rows += 1
     assert checked_rows == 570 + 114
 

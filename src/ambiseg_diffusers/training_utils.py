@@ -185,7 +185,8 @@ def training_batch(dataset, indices: list[int], config: AmbiSegTrainingConfig, g
         image, raters = processor.resize(image[None])[0], processor.resize_masks(raters[None])[0]
         rater = int(torch.randint(0, raters.shape[0], (1,), generator=generator))
         mask, prompt = raters[rater : rater + 1], rows["prompts"][i][rater]
-        if config.prompt_style == "slice" and rows["annotator_valid"][i][rater]:
+        # (the Probabilistic U-Net's recipe has no prompts to restate)
+        if getattr(config, "prompt_style", None) == "slice" and rows["annotator_valid"][i][rater]:
             # stored size / training size: the pixel spacing of the resized crop
             spacing = float(rows["pixel_spacing_mm"][i]) * np.asarray(rows["image"][i]).shape[-1] / config.resolution
             mask, prompt = restated_pair(mask, rows["ratings"][i][rater], spacing, config, generator)
