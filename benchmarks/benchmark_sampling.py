@@ -5,19 +5,20 @@
    distilled sampler's teacher: its LoRA removed);
 2. the default call `pipe(image, prompt, num_samples=16)`: one batched call, the default steps, the default precision
    (`autocast="auto"`: bf16 where the CPU or GPU computes it natively);
-   2a-2c. the same with each speed option off: float32, more steps (for a distilled sampler: the base model's own
-   DDIM-2, the previous default; else 5 steps), one image per call;
+   2a-2c. the same with each speed option off or traded: float32; DDIM-2, the fast setting (for a distilled
+   sampler, its teacher's); one image per call;
    2d-2f. options tried and not made default unless they win here: a `channels_last` UNet, a `torch.compile`d UNet
    (compilation excluded from its time, printed apart), and prompt embeddings computed once and passed as
    `prompt_embeds` (what a caller who segments many slices with one prompt can do);
    2g. for a distilled sampler: its LoRA fused into the UNet (`fuse_lora()`, then `unload_lora_weights()`);
+4. with `--distilled <folder>`: that distilled sampler's default call, its LoRA fused, in the same run;
 3. the floor: the bare UNet forwards (2) needs (same batch, steps and precision), nothing else; and the parts of
    (2) that are not UNet forwards, timed alone: prompt encoding and the prior.
 
 Prints samples/s, the ratios 2 vs 1 (the claim) and 2 vs 3, and the GED against the raters of (1), (2), (2a) and
 DDPM-1000 on the same validation images, so speed is never bought with quality unnoticed.
 
-    python benchmarks/benchmark_sampling.py --model checkpoints/ambiseg-lidc64-lcm
+    python benchmarks/benchmark_sampling.py --model checkpoints/ambiseg-lidc64 --distilled checkpoints/ambiseg-lidc64-lcm
 """
 
 from __future__ import annotations
@@ -132,6 +133,8 @@ def ged(masks, rows) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="checkpoints/ambiseg-lidc64")
+    parser.add_argument("--distilled", default=None,
+                        help="a distilled sampler's folder (e.g. checkpoints/ambiseg-lidc64-lcm), timed beside in row 4")
     parser.add_argument("--num_images", type=int, default=4, help="validation images for the GED columns")
     parser.add_argument("--timing_images", type=int, default=2, help="images timed for the slow paper protocol")
     parser.add_argument("--num_samples", type=int, default=16)
@@ -144,8 +147,8 @@ def main() -> None:
     default_steps = recommended_steps(args.model) or DEFAULT_NUM_INFERENCE_STEPS
     base = base_model(pipe)
     paper = with_scheduler(base, "ddim")
-    # (2b) more steps: a distilled sampler against its teacher's DDIM-2 (the default before it), else 5 steps
-    more, more_steps, more_name = (base, 2, "the base model's DDIM-2") if base is not pipe else (pipe, 5, "5 steps")
+    # (2b) the fast setting, DDIM-2: a distilled sampler's teacher's, else the model's own
+    more, more_steps, more_name = base if base is not pipe else with_scheduler(pipe, "ddim"), 2, "DDIM-2 (the fast setting)"
     rows = load_lidc64("validate", prompt_style=pipeline_prompt_style(pipe))[: args.num_images]
     indices = list(range(args.num_images))
     n = args.num_samples
@@ -183,6 +186,16 @@ def main() -> None:
         fused.unload_lora_weights()  # the merged weights stay, the LoRA layers go
         sample(fused, timing, t_idx, n, default_steps)  # warm-up
         results["2g. default, LoRA fused (`fuse_lora()`, `unload_lora_weights()`)"] = timed(lambda: sample(fused, timing, t_idx, n, default_steps), repeats=3)[0]
+    distilled = None
+    if args.distilled:  # another folder's distilled sampler, timed in this run beside the default (LoRA fused)
+        distilled = AmbiSegPipeline.from_pretrained(args.distilled, dtype=torch.float32)
+        distilled.set_progress_bar_config(disable=True)
+        distilled.fuse_lora()
+        distilled.unload_lora_weights()
+        distilled_steps = recommended_steps(args.distilled) or DEFAULT_NUM_INFERENCE_STEPS  # its own, as its card says
+        sample(distilled, timing, t_idx, n, distilled_steps)  # warm-up
+        results[f"4. {args.distilled}: its default call, LoRA fused"] = timed(
+            lambda: sample(distilled, timing, t_idx, n, distilled_steps), repeats=3)[0]
     floor = unet_floor(pipe, n, default_steps, bf16=bf16) * len(t_idx)
     results["3. floor: the bare UNet forwards of (2)"] = floor
     encode_part, prior_part = overhead_parts(pipe, timing, t_idx, n, bf16)
@@ -203,6 +216,8 @@ def main() -> None:
         "2a. default, float32": sample(pipe, rows, indices, n, default_steps, images_per_call=4, autocast="no"),
         f"2b. {more_name}": sample(more, rows, indices, n, more_steps, images_per_call=4),
     }
+    if distilled is not None:
+        quality["4. distilled sampler"] = sample(distilled, rows, indices, n, distilled_steps, images_per_call=4)
     if not args.skip_ddpm:
         quality["DDPM-1000"] = sample(with_scheduler(base, "ddpm"), rows, indices, n, 1000, images_per_call=4)
     print(f"\nGED against the raters, first {args.num_images} validation images, N = {n}:")

@@ -31,11 +31,13 @@ from ambiseg_diffusers import load_pipeline
 from ambiseg_diffusers.evaluation import (
     SAMPLING_SCHEDULERS, build_sampling_scheduler, cpu_only, sample_rows, warn_if_emulated_bf16,
 )
-from ambiseg_diffusers.data import add_data_arguments, evaluation_split, load_from_args, model_image_processor, rater_masks
+from ambiseg_diffusers.data import (
+    add_data_arguments, check_prompts_for_model, evaluation_split, load_from_args, model_image_processor, rater_masks,
+)
 from ambiseg_diffusers.lidc import pipeline_prompt_style
 from ambiseg_diffusers.pipelines.pipeline_ambiseg import recommended_steps
 from ambiseg_diffusers.metrics import METRIC_NAMES, compute_metrics_batch, format_table, summarize
-from ambiseg_diffusers.run_records import check_resumable, pipeline_fingerprint
+from ambiseg_diffusers.run_records import check_resumable, data_arguments, pipeline_fingerprint
 from ambiseg_diffusers.visualization import sample_grid
 
 N_SWEEP = (1, 2, 4, 8, 12, 16, 24, 32)
@@ -110,12 +112,14 @@ def image_record(index: int, row: dict, samples: np.ndarray) -> dict:
     return record
 
 
-def result_arguments(args, pipe, total: int) -> dict:
-    """What defines the numbers of this run (not how it is split into calls or processes)."""
+def result_arguments(args, pipe, total: int, dataset=None) -> dict:
+    """What defines the numbers of this run (not how it is split into calls or processes): the model's weights, the
+    options, and the data (where it resolves to and its rows' contents, `data_arguments`)."""
     keys = ("dataset_name", "train_data_dir", "image_column", "mask_column", "caption_column", "resolution", "split", "num_samples", "prompts", "scheduler", "steps", "deterministic", "guidance_scale",
             "prior_temperature", "preference_scale", "bf16", "seed")
     return {"model": args.model, "model_sha256": pipeline_fingerprint(pipe), "images": total,
-            **{k: getattr(args, k) for k in keys}}
+            **{k: getattr(args, k) for k in keys},
+            **({} if dataset is None else data_arguments(args, dataset, args.split))}
 
 
 def main(argv=None) -> dict:
@@ -128,13 +132,15 @@ def main(argv=None) -> dict:
     args.split = args.split or evaluation_split(args.dataset_name, args.train_data_dir)
     # data of another size is resized as training resized it (the pipeline's image processor), unless --resolution
     dataset = load_from_args(args, args.split, pipeline_prompt_style(pipe), image_processor=model_image_processor(pipe))
+    check_prompts_for_model(pipe, dataset, args.prompts)  # a text model on data without its text: refused
     total = len(dataset) if args.max_images is None else min(args.max_images, len(dataset))
     if state.is_main_process:
         print(f"evaluating {total} images on {state.num_processes} process(es)", flush=True)
 
     # Resumable: each process appends finished images to its own file; a rerun skips the images in any of them.
     partial = sorted(output_dir.glob("per_image.rank*.jsonl"))
-    check_resumable(output_dir, result_arguments(args, pipe, total), partial, args.overwrite, write=state.is_main_process)
+    check_resumable(output_dir, result_arguments(args, pipe, total, dataset), partial, args.overwrite,
+                    write=state.is_main_process)
     state.wait_for_everyone()
     done = {json.loads(line)["index"] for path in output_dir.glob("per_image.rank*.jsonl")
             for line in path.read_text().splitlines()}

@@ -32,12 +32,12 @@ from ambiseg_diffusers import AmbiSegPipeline
 from ambiseg_diffusers.configs import DPO_CONFIGS
 from ambiseg_diffusers.data import (
     DATA_FLAGS, DatasetContractError, add_data_arguments, check_choosing_split, data_flags, load_from_args,
-    model_image_processor, selection_split,
+    model_image_processor, selection_split, splits_overlap,
 )
 from ambiseg_diffusers.evaluation import evaluate_pipeline
 from ambiseg_diffusers.lidc import pipeline_prompt_style
 from ambiseg_diffusers.metrics import paired_difference
-from ambiseg_diffusers.run_records import check_resumable
+from ambiseg_diffusers.run_records import check_resumable, data_arguments, pipeline_fingerprint
 from ambiseg_diffusers.training_utils import recipe_from_args
 
 ROUND_METRICS = ("avg_dice", "ged", "ci")
@@ -68,6 +68,9 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, list[str]]:
         check_choosing_split(args.dataset_name, args.train_data_dir, args.score_split)
     except DatasetContractError as error:
         parser.error(f"--score_split: {error}")
+    if splits_overlap(args.split, args.score_split):
+        parser.error(f"--split {args.split!r} holds the rows of --score_split {args.score_split!r}: rounds would be "
+                     "scored on rows their pairs came from; build pairs on train_fit")
     if args.rounds < 1:
         parser.error(f"--rounds must be >= 1, got {args.rounds}")
     own_flags = ("--reference", "--preferences", "--output_dir", "--init_adapter", "--dataset",
@@ -94,12 +97,23 @@ def score(model: str | Path, args: argparse.Namespace) -> dict[str, list[float]]
     return {k: per_image[k].tolist() for k in ROUND_METRICS}
 
 
+def data_record(args: argparse.Namespace) -> dict:
+    """The reference's weights and both splits' data as they resolve (folders, contents): what a finished round's
+    pairs and scores were made from, beyond the flags as given."""
+    pipe = AmbiSegPipeline.from_pretrained(args.reference, dtype=torch.float32)
+    record = {"reference_sha256": pipeline_fingerprint(pipe)}
+    for split in dict.fromkeys((args.split, args.score_split)):
+        rows = load_from_args(args, split, pipeline_prompt_style(pipe), image_processor=model_image_processor(pipe))
+        record.update({f"{split}:{key}": value for key, value in data_arguments(args, rows, split).items()})
+    return record
+
+
 def main(argv=None) -> dict:
     args, dpo_args = parse_args(argv)
     output_dir = Path(args.output_dir)
     # a rerun resumes only with the same arguments (finished rounds, pairs and scores are reused as they are)
     arguments = {k: v for k, v in vars(args).items() if k != "rounds"} | {"train_dpo": dpo_args}
-    check_resumable(output_dir, arguments, [output_dir / "rounds.json"])
+    check_resumable(output_dir, arguments | data_record(args), [output_dir / "rounds.json"])
     record_path = output_dir / "rounds.json"
     record = json.loads(record_path.read_text()) if record_path.exists() else {}
 

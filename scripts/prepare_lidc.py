@@ -113,7 +113,7 @@ def nodule_samples(volume: np.ndarray, annotations: list, geometry: str = "paper
             image = torch.nn.functional.interpolate(torch.from_numpy(image)[None, None], size=resolution, mode="bilinear",
                                                     align_corners=False)[0, 0].numpy()
             slot_masks = torch.nn.functional.interpolate(torch.from_numpy(slot_masks)[None].float(), size=resolution,
-                                                         mode="nearest")[0].numpy().astype(np.uint8)
+                                                         mode="nearest-exact")[0].numpy().astype(np.uint8)
         samples.append({"image": image, "masks": slot_masks, "annotator_valid": valid.copy(), "ratings": ratings.copy(),
                         "diameter_mm": diameter_mm.copy(), "volume_mm3": volume_mm3.copy(), "slice": k - slices[0],
                         "slice_diameter_mm": np.array([feret_diameter(m, spacing) for m in slot_masks], np.float32),

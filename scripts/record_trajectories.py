@@ -32,7 +32,7 @@ from ambiseg_diffusers import AmbiSegPipeline
 from ambiseg_diffusers.data import add_data_arguments, distillation_splits, load_from_args, model_image_processor
 from ambiseg_diffusers.evaluation import build_sampling_scheduler
 from ambiseg_diffusers.lidc import eval_prompts, pipeline_prompt_style
-from ambiseg_diffusers.run_records import check_resumable, pipeline_fingerprint
+from ambiseg_diffusers.run_records import check_resumable, data_arguments, pipeline_fingerprint
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -122,6 +122,7 @@ def main(argv=None) -> Path:
     deciding = {k: v for k, v in vars(args).items()
                 if k not in ("output_dir", "max_images", "images_per_call", "overwrite")}
     deciding["teacher_sha256"] = fingerprint
+    deciding.update(data_arguments(args, dataset, args.split))  # the data resolved and by content, not by name
     shards = sorted(output_dir.glob("shard-*.npz"))
     check_resumable(output_dir, deciding, shards, overwrite=args.overwrite)
     shards = sorted(output_dir.glob("shard-*.npz"))  # none left after --overwrite

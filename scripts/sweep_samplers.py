@@ -45,10 +45,13 @@ from ambiseg_diffusers.evaluation import (
     SAMPLING_SCHEDULERS, build_sampling_scheduler, consensus_areas, evaluate_pipeline, largest_consensus_slices,
     warn_if_emulated_bf16,
 )
-from ambiseg_diffusers.data import add_data_arguments, load_from_args, model_image_processor, rater_masks
+from ambiseg_diffusers.data import (
+    DatasetContractError, add_data_arguments, check_choosing_split, load_from_args, model_image_processor, rater_masks,
+    selection_split,
+)
 from ambiseg_diffusers.lidc import pipeline_prompt_style
 from ambiseg_diffusers.metrics import format_table, paired_difference, summarize
-from ambiseg_diffusers.run_records import check_resumable, pipeline_fingerprint
+from ambiseg_diffusers.run_records import check_resumable, data_arguments, pipeline_fingerprint
 
 TOLERANCE = 0.005  # "equal quality": GED at most this above the reference (lower GED is better) ...
 INTERVAL_LIMIT = 0.01  # ... and the upper end of the paired difference's 95% interval below this
@@ -107,7 +110,9 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="pipeline folder or Hub id")
     add_data_arguments(parser)
-    parser.add_argument("--split", default="selection", help="where choices are made: selection (training patients)")
+    parser.add_argument("--split", default=None, help="where choices are made (default: lidc64 selection, training "
+                        "patients held out of training; other data the split training validated on); never one that "
+                        "reports")
     parser.add_argument("--max_images", type=int, default=None, help="only the first N images")
     parser.add_argument("--num_samples", type=int, default=16, help="samples per image")
     parser.add_argument("--prompts", default="annotator", choices=["annotator", "nodule", "none"], help="prompt protocol")
@@ -127,6 +132,11 @@ def main(argv=None) -> dict:
                              "with the same arguments, so a run can add configurations to an earlier one")
     parser.add_argument("--overwrite", action="store_true", help="delete the folder's earlier results first")
     args = parser.parse_args(argv)
+    args.split = args.split or selection_split(args.dataset_name, args.train_data_dir)
+    try:
+        check_choosing_split(args.dataset_name, args.train_data_dir, args.split)
+    except DatasetContractError as error:
+        parser.error(f"--split: {error}")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     warn_if_emulated_bf16(args.bf16)
     for config in args.configs:
@@ -161,6 +171,7 @@ def main(argv=None) -> dict:
     deciding = {k: v for k, v in vars(args).items()
                 if k not in ("configs", "reference", "output_dir", "overwrite", "images_per_call", "paper_protocol_images")}
     deciding["model_sha256"] = pipeline_fingerprint(base)  # a folder whose weights were replaced is another model
+    deciding.update(data_arguments(args, dataset, args.split))  # the data resolved and by content, not by name
     deciding["device"], deciding["torch"] = device, torch.__version__  # GPU and CPU numbers are not mixed in one table
     check_resumable(output_dir, deciding, sorted(cache.glob("*.npz")), overwrite=args.overwrite)
     cache.mkdir(parents=True, exist_ok=True)
@@ -190,11 +201,13 @@ def main(argv=None) -> dict:
             print(f"{config}: reused from {kept}", flush=True)
             continue
         pipe.scheduler = build_sampling_scheduler(saved[model], name, clip=clip)
+        print(f"{config}: sampling {count} images x {args.num_samples}", flush=True)
         started = time.perf_counter()
         try:
             with torch.autocast(device, dtype=torch.bfloat16, enabled=args.bf16):
                 per_image, samples = evaluate_pipeline(pipe, dataset, args.num_samples, steps, prompts=args.prompts,
                                                        max_images=count, images_per_call=args.images_per_call,
+                                                       progress=True,  # a bar per configuration (DDIM-100: 40 min)
                                                        **({} if eta is None else {"eta": eta}))
         except Exception as error:  # e.g. a multistep solver that needs more steps
             failed[config] = f"{type(error).__name__}: {error}"

@@ -128,6 +128,41 @@ def test_diffusers_own_loader_returns_the_same_pipeline_and_a_resave_keeps_the_h
     assert (tmp_path / "again" / "pipeline_ambiseg.py").read_text() == (tmp_path / "saved" / "pipeline_ambiseg.py").read_text()
 
 
+def test_a_subclass_saves_in_diffusers_layout_and_reloads(tokenizer, image, tmp_path):
+    """A user's subclass is not this package's: it keeps diffusers' own layout (no shim pointing at a module that
+    does not exist) and loads back with its own class."""
+    import json
+
+    from ambiseg_diffusers import AmbiSegPipeline
+
+    class MyPipeline(AmbiSegPipeline):
+        pass
+
+    pipe = MyPipeline(**make_pipeline(tokenizer).components)
+    pipe.save_pretrained(tmp_path / "mine")
+    index = json.loads((tmp_path / "mine" / "model_index.json").read_text())
+    assert index["_class_name"] == "MyPipeline" and not (tmp_path / "mine" / "pipeline_ambiseg.py").exists()
+    loaded = MyPipeline.from_pretrained(tmp_path / "mine")
+    assert type(loaded) is MyPipeline
+    call = dict(image=image, prompt="a nodule", num_samples=2, output_type="latent")
+    torch.testing.assert_close(loaded(**call, generator=seeded(0)).masks, pipe(**call, generator=seeded(0)).masks)
+
+
+def test_a_failed_save_leaves_no_half_written_folder(tokenizer, tmp_path, monkeypatch):
+    from ambiseg_diffusers.pipelines import custom_code
+
+    def broken(folder, pipeline_class):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(custom_code, "write_custom_code_layout", broken)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "checkpoint-2").mkdir()  # a run's own files stay
+    with pytest.raises(OSError, match="disk full"):
+        make_pipeline(tokenizer).save_pretrained(tmp_path / "run")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # no staging folder left beside it
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["checkpoint-2"]  # no half pipeline
+
+
 def test_this_packages_loader_runs_no_code_from_the_folder(tokenizer, tmp_path):
     from diffusers import DiffusionPipeline
 

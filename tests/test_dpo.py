@@ -431,7 +431,8 @@ def test_iterated_rounds_score_every_round_and_skip_finished_ones(tmp_path, toke
 
     make_pipeline(tokenizer).save_pretrained(tmp_path / "reference")
     argv = ["--reference", str(tmp_path / "reference"), "--rounds", "2", "--output_dir", str(tmp_path / "rounds"),
-            "--split", "mini", "--fraction", "0.5", "--num_candidates", "2", "--score_split", "mini", "--max_images", "3",
+            "--split", "train_fit", "--fraction", "0.01", "--num_candidates", "2", "--score_split", "selection",
+            "--max_images", "3",
             "--num_samples", "2", "--", "--config", "cpu", "--train_batch_size", "2", "--num_epochs", "1",
             "--num_validation_images", "0", "--report_to", "none", "--mixed_precision", "no"]
     record = iterate_dpo.main(argv)

@@ -107,24 +107,26 @@ def test_two_processes_give_the_one_process_result(model, tmp_path):
 
 
 def test_sampler_sweep_reports_both_views(model, tmp_path, capsys):
-    from ambiseg_diffusers.lidc import resolve_data_dir
+    from ambiseg_diffusers.lidc import load_lidc64
 
-    # --resolution 64: the slices as stored (the tiny model's own size, 16, would be the default)
-    report = sweep_samplers.main(["--model", str(model), "--split", "validate", "--max_images", "12", "--num_samples", "2",
+    # --resolution 64: the slices as stored (the tiny model's own size, 16, would be the default); the default split
+    # is selection (choices are never made on validate)
+    report = sweep_samplers.main(["--model", str(model), "--max_images", "12", "--num_samples", "2",
                                   "--resolution", "64",
                                   "--configs", "ddim:2", "dpm:2", "unipc:3", "--reference", "ddim:2",
                                   "--paper_protocol_images", "1", "--picture_images", "2",
                                   "--output_dir", str(tmp_path / "sweep")])
-    # the view of one slice per nodule, computed here from the stored consensus50 masks (the script recomputes it)
-    stored = np.load(resolve_data_dir(None, "lidc64") / "lidc64_validate.npz")
-    areas = stored["consensus50"][:12].sum((1, 2))
-    nodules = [f"{p[-4:]}_{n}" for p, n in zip(stored["patient_id"][:12], stored["nodule_idx"][:12])]
-    expected = sorted(max((i for i in range(12) if nodules[i] == n), key=lambda i: (areas[i], -i)) for n in set(nodules))
+    assert report["split"] == "selection"
+    # the views, computed here from the raters' masks: the consensus (at least half of the raters who read the slice,
+    # one at least); one slice per nodule, where it is largest
+    rows = load_lidc64("selection").select(range(12))
+    masks, valid = [np.asarray(m) for m in rows["masks"]], [np.asarray(v, bool) for v in rows["annotator_valid"]]
+    read = [(masks[i][valid[i]].sum(0) >= max(np.ceil(valid[i].sum() / 2), 1)).sum() for i in range(12)]
+    nodules = list(rows["nodule_id"])
+    expected = sorted(max((i for i in range(12) if nodules[i] == n), key=lambda i: (read[i], -i)) for n in set(nodules))
     per_nodule = report["views"][sweep_samplers.VIEWS[1]]
     assert per_nodule["indices"] == expected and len(expected) < 12
-    # the large-nodule view: consensus (at least half of the raters who read the slice, one at least) above the median
-    valid = stored["annotator_valid"][:12]
-    read = [(stored["masks"][i][valid[i]].sum(0) >= max(np.ceil(valid[i].sum() / 2), 1)).sum() for i in range(12)]
+    # the large-nodule view: consensus above the median
     large = report["views"][sweep_samplers.VIEWS[2]]["indices"]
     assert large == [i for i in range(12) if read[i] > np.median(read)] and 0 < len(large) <= 6
     all_slices = report["views"][sweep_samplers.VIEWS[0]]
@@ -146,7 +148,7 @@ def test_sampler_sweep_reports_both_views(model, tmp_path, capsys):
     calls = []
     sweep_samplers.evaluate_pipeline = only_new
     try:
-        again = sweep_samplers.main(["--model", str(model), "--split", "validate", "--max_images", "12",
+        again = sweep_samplers.main(["--model", str(model), "--max_images", "12",
                                      "--num_samples", "2", "--resolution", "64", "--configs", "ddim:2", "ddim:1",
                                      "--reference", "ddim:2",
                                      "--paper_protocol_images", "0", "--picture_images", "2",
@@ -159,7 +161,7 @@ def test_sampler_sweep_reports_both_views(model, tmp_path, capsys):
     assert "Reused from an earlier run" in (tmp_path / "sweep" / "sweep.md").read_text()
     # ... but never results of other arguments
     with pytest.raises(ValueError, match="num_samples"):
-        sweep_samplers.main(["--model", str(model), "--split", "validate", "--max_images", "12", "--num_samples", "3",
+        sweep_samplers.main(["--model", str(model), "--max_images", "12", "--num_samples", "3",
                              "--resolution", "64", "--configs", "ddim:2", "--reference", "ddim:2",
                              "--output_dir", str(tmp_path / "sweep")])
     with pytest.raises(SystemExit):
@@ -169,6 +171,10 @@ def test_sampler_sweep_reports_both_views(model, tmp_path, capsys):
         sweep_samplers.main(["--model", str(model), "--configs", "ddim:2", "ddim:2:noclip", "--reference", "ddim:2",
                              "--output_dir", str(tmp_path / "x")])
     assert "x0-predicting" in capsys.readouterr().err
+    for split in ("validate", "mini"):  # splits that report never choose
+        with pytest.raises(SystemExit):
+            sweep_samplers.main(["--model", str(model), "--split", split, "--output_dir", str(tmp_path / "x")])
+        assert "reports, it never chooses: choose on 'selection'" in capsys.readouterr().err
 
 
 def test_sampler_sweep_compares_another_pipeline_against_the_reference(model, tmp_path, capsys):
@@ -180,7 +186,7 @@ def test_sampler_sweep_compares_another_pipeline_against_the_reference(model, tm
     with torch.no_grad():
         other.unet.conv_out.bias.add_(0.5)  # another model: more foreground everywhere
     other.save_pretrained(tmp_path / "other")
-    common = ["--split", "validate", "--max_images", "6", "--num_samples", "2", "--paper_protocol_images", "0",
+    common = ["--split", "selection", "--max_images", "6", "--num_samples", "2", "--paper_protocol_images", "0",
               "--picture_images", "0"]
     both = sweep_samplers.main(["--model", str(model), *common, "--configs", "ddim:2", f"ddim:2@{tmp_path / 'other'}",
                                 "--reference", "ddim:2", "--output_dir", str(tmp_path / "both")])

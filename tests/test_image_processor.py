@@ -128,7 +128,7 @@ def test_the_processor_is_a_saved_component_and_a_folder_without_it_loads(tokeni
 
 @needs_data
 def test_committed_checkpoints_carry_their_processor():
-    for name in ("ambiseg-lidc64", "prob-unet-lidc64"):
+    for name in ("ambiseg-lidc64", "ambiseg-lidc64-text", "prob-unet-lidc64"):
         folder = ROOT / "checkpoints" / name
         config = json.loads((folder / "image_processor" / "preprocessor_config.json").read_text())
         assert (config["size"], config["image_channels"], config["image_clip"]) == (64, 1, 3.0)

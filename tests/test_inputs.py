@@ -130,3 +130,31 @@ def test_device_map_cpu_gives_the_same_masks(pipe, image, tmp_path):
         outputs.append(loaded(image, "a nodule", num_samples=3, generator=torch.Generator().manual_seed(1)).probabilities)
     assert getattr(mapped, "hf_device_map", None) is not None
     np.testing.assert_array_equal(outputs[0], outputs[1])
+
+
+def test_one_generator_per_sample_is_accepted_and_each_sample_follows_its_own(pipe, image):
+    """diffusers' habit, one generator per output: sample s draws from generator[s] alone."""
+    seeds = [torch.Generator().manual_seed(s) for s in (5, 6, 7)]
+    out = pipe(image, "a nodule", num_samples=3, generator=seeds).probabilities
+    again = pipe(image, "a nodule", num_samples=3,
+                 generator=[torch.Generator().manual_seed(s) for s in (9, 6, 8)]).probabilities
+    np.testing.assert_allclose(out[0, 1], again[0, 1], atol=1e-6)  # the same generator, the same sample
+    assert np.abs(out[0, 0] - again[0, 0]).max() > 1e-3
+    with pytest.raises(ValueError, match=r"list of 2; expected one per image \(1\) or one per sample \(3\)"):
+        pipe(image, "a nodule", num_samples=3, generator=seeds[:2])
+
+
+def test_a_flat_list_of_prompts_for_one_image_says_to_wrap_it(pipe, image):
+    with pytest.raises(ValueError, match=r"3 entries but `image` has 1 images.*wrap them in a list: `prompt=\[prompts\]`"):
+        pipe(image, ["a nodule", "a round nodule", "a solid nodule"], num_samples=3)
+    pipe(image, [["a nodule", "a round nodule", "a solid nodule"]], num_samples=3)  # wrapped: one list per image
+
+
+def test_float16_weights_on_a_cpu_warn_that_they_are_slow(tokenizer, image, caplog):
+    from conftest import make_pipeline
+
+    half = make_pipeline(tokenizer).to(torch.float16)
+    half.set_progress_bar_config(disable=True)
+    with caplog.at_level("WARNING"):
+        half(image, "a nodule", num_samples=1, num_inference_steps=1)
+    assert "float16 weights on a CPU" in caplog.text and "dtype=torch.float32" in caplog.text

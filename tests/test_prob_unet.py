@@ -85,6 +85,21 @@ def test_save_and_load_through_the_generic_loader(tmp_path, caplog):
     assert "ignores `prompt`" in caplog.text
 
 
+def test_each_pipeline_class_refuses_the_others_folder_naming_what_it_holds(tmp_path, tokenizer):
+    from ambiseg_diffusers import AmbiSegPipeline
+
+    from conftest import make_pipeline
+
+    ProbUNetPipeline(prob_unet=tiny_model()).save_pretrained(tmp_path / "prob")
+    make_pipeline(tokenizer).save_pretrained(tmp_path / "ambiseg")
+    with pytest.raises(ValueError, match=r"prob holds the pipeline ProbUNetPipeline .*not AmbiSegPipeline: load it with "
+                                         r"`ProbUNetPipeline.from_pretrained"):
+        AmbiSegPipeline.from_pretrained(tmp_path / "prob")
+    with pytest.raises(ValueError, match=r"ambiseg holds the pipeline AmbiSegPipeline .*not ProbUNetPipeline"):
+        ProbUNetPipeline.from_pretrained(tmp_path / "ambiseg")
+    assert isinstance(load_pipeline(tmp_path / "prob"), ProbUNetPipeline)  # the generic loader reads the class
+
+
 def test_training_clock_counts_snapshots_and_the_budget():
     clock = TrainingClock(max_minutes=1.0, snapshot_minutes=0.25)
     due = [clock.add(6.0) for _ in range(10)]  # 6 s steps: a snapshot every 15 s, crossed at 18, 30, 48, 60 s
@@ -134,9 +149,9 @@ def test_train_resume_budget_snapshots_evaluate_and_select(tmp_path):
     assert json.loads((budget / "training_summary.json").read_text())["steps"] == 1
     assert [p.name for p in (budget / "snapshots").iterdir()] == ["step-000001"]
 
-    summary = evaluate.main(["--model", str(straight), "--split", "mini", "--max_images", "2", "--num_samples", "4",
+    summary = evaluate.main(["--model", str(straight), "--split", "selection", "--max_images", "2", "--num_samples", "4",
                              "--prompts", "none", "--output_dir", str(tmp_path / "eval")])
-    record = select_checkpoint.main(["--run_dir", str(straight), str(budget), "--split", "mini", "--max_images", "2",
+    record = select_checkpoint.main(["--run_dir", str(straight), str(budget), "--split", "selection", "--max_images", "2",
                                      "--num_samples", "4", "--prompts", "none"])
     scores = {c["path"]: c["ged"] for c in record["candidates"]}
     # The budget run's snapshot at its last step holds its final weights: scored once, as the final pipeline.

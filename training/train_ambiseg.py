@@ -37,7 +37,8 @@ from ambiseg_diffusers.diagnostics import ambiguity_diagnostics
 from ambiseg_diffusers.evaluation import SAMPLING_SCHEDULERS, build_sampling_scheduler, cpu_only, validation_report
 from ambiseg_diffusers.hub_utils import model_card, push_folder_to_hub
 from ambiseg_diffusers.data import (
-    add_data_arguments, dataset_label, default_splits, image_channels, is_lidc, load_from_args,
+    LIDC_COLUMNS, add_data_arguments, dataset_label, default_splits, image_channels, is_lidc, load_from_args,
+    record_training_text, stored_image_sizes,
 )
 from ambiseg_diffusers.lidc import FREE_TEXT, PROMPT_STYLES
 from ambiseg_diffusers.losses import ambiseg_loss, diffusion_target, predicted_clean
@@ -46,6 +47,7 @@ from ambiseg_diffusers.models.ambiguity_encoder import AMBIGUITY_DESIGNS, TEXT_P
 from ambiseg_diffusers.models.unet_ambiseg import UNET_PRESETS
 from ambiseg_diffusers.preferences import select_rows
 from ambiseg_diffusers.text import PromptCache, sentence_encoded
+from ambiseg_diffusers.run_records import data_arguments
 from ambiseg_diffusers.training_utils import (
     TrainingClock, ambiguity_design, build_models, build_noise_scheduler, generator_of, load_ema, load_text_components,
     log_validation, recipe_from_args, resume_training, save_checkpoint, save_ema, step_batches, str2bool,
@@ -241,6 +243,8 @@ def main(argv=None) -> Path:
     unet, prior, posterior = build_models(config, text_encoder.config.hidden_size, channels)
     if args.init_from:
         unet, prior, posterior = warm_start(args.init_from, config, channels)
+    text_column = LIDC_COLUMNS["caption_column"] if "ratings" in dataset.column_names else args.caption_column
+    record_training_text(unet, dataset, text_column, config.use_text)  # saved with the UNet
     noise_scheduler = build_noise_scheduler(config)
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
@@ -273,7 +277,8 @@ def main(argv=None) -> Path:
     accelerator.register_load_state_pre_hook(
         lambda models, folder: [load_ema(ema, folder, f"ema_{i}") for i, ema in enumerate(ema_models)])
 
-    first_step, seconds = resume_training(accelerator, output_dir, args.resume_from_checkpoint)
+    trained_on = data_arguments(args, dataset, args.train_split)  # a resume on other data is refused
+    first_step, seconds = resume_training(accelerator, output_dir, args.resume_from_checkpoint, trained_on)
     clock = TrainingClock(args.max_train_minutes, args.snapshot_minutes, seconds)
     if accelerator.is_main_process:
         accelerator.init_trackers("ambiseg", config=asdict(config))
@@ -357,7 +362,7 @@ def main(argv=None) -> Path:
                              s_per_step=f"{seconds_per_step(started, warm, ran):.2f}")
 
         if accelerator.is_main_process and done % args.checkpointing_steps == 0:
-            save_checkpoint(accelerator, output_dir, done, args.checkpoints_total_limit, clock.seconds)
+            save_checkpoint(accelerator, output_dir, done, args.checkpoints_total_limit, clock.seconds, trained_on)
         if accelerator.is_main_process and snapshot_due:
             # saved from where it lives: moving it to the CPU would move the shared text encoder too
             ema_pipeline().save_pretrained(output_dir / "snapshots" / f"step-{done:06d}")
@@ -443,6 +448,8 @@ def load_training_data(args, config: AmbiSegTrainingConfig):
             raise ValueError(f"--prompt_style {args.prompt_style!r} builds prompts from LIDC ratings; "
                              f"{dataset_label(args)} has none (its own text is used as stored): drop the flag.")
         config = config.override(prompt_style=FREE_TEXT)
+        if not any(p for row in dataset["prompts"] for p in row):  # no text column: the card and record say so
+            config = config.override(use_text=False)
     if args.train_fraction < 1:
         dataset = dataset.select(select_rows(len(dataset), args.train_fraction, args.fraction_seed))
     validation = (load_from_args(args, args.validation_split, style, config.resolution)
@@ -460,9 +467,12 @@ def dataset_facts(args, dataset) -> dict:
     raters = [len(v) for v in dataset["annotator_valid"]]
     prompts = [p for row in dataset["prompts"] for p in row if p]
     image = np.asarray(dataset[0]["image"])
-    return dict(image_column=args.image_column, mask_column=args.mask_column, caption_column=args.caption_column,
+    stored = stored_image_sizes(args, args.train_split)
+    return dict(image_column=args.image_column, mask_column=args.mask_column,
+                caption_column=args.caption_column if prompts else None,  # a text column the data lacked is not one
                 min_raters=min(raters), max_raters=max(raters), mean_raters=f"{np.mean(raters):.2f}",
                 image_size="x".join(map(str, image.shape[-2:])), image_shape=", ".join(map(str, image.shape)),
+                stored_size=" to ".join(dict.fromkeys([stored[0], stored[-1]])) if stored else None,
                 image_channels=image_channels(dataset),
                 example_prompt=prompts[0] if prompts else "")
 

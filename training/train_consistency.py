@@ -71,14 +71,14 @@ from diffusers.training_utils import EMAModel
 from ambiseg_diffusers import AmbiSegPipeline
 from ambiseg_diffusers.configs import CONFIGS
 from ambiseg_diffusers.data import (
-    DATA_FLAGS, add_data_arguments, distillation_splits, load_from_args, model_image_processor,
+    DATA_FLAGS, add_data_arguments, distillation_splits, load_from_args, model_image_processor, model_image_shape,
 )
 from ambiseg_diffusers.evaluation import cpu_only, validation_report
 from ambiseg_diffusers.hub_utils import model_card, push_folder_to_hub
 from ambiseg_diffusers.lidc import FREE_TEXT, eval_prompts, pipeline_prompt_style
 from ambiseg_diffusers.losses import consistency_output, ddim_solver_step
 from ambiseg_diffusers.pipelines.pipeline_ambiseg import CONSISTENCY_FILE, LORA_WEIGHT_NAME
-from ambiseg_diffusers.run_records import RECORD_FILE, pipeline_fingerprint
+from ambiseg_diffusers.run_records import RECORD_FILE, data_arguments, pipeline_fingerprint
 from ambiseg_diffusers.text import PromptCache, sentence_encoded
 from ambiseg_diffusers.training_utils import (
     LORA_TARGETS, TrainingClock, adapter_base_matches, generator_of, load_ema, load_trainable_adapter, log_validation,
@@ -366,10 +366,15 @@ def main(argv=None) -> Path:
         prompt_dropout=0.0, image_clip=model_image_processor(teacher).config.image_clip, prompt_style=style,
     )
     processor = model_image_processor(teacher)  # the teacher's training size and resizing
+    size = processor.config.size
     dataset = None if recorded else load_from_args(args, args.train_split, style, image_processor=processor)
     validation = (load_from_args(args, args.validation_split, style, image_processor=processor)
                   if args.num_validation_images else None)
-    first_step, seconds = resume_training(accelerator, output_dir, args.resume_from_checkpoint)
+    trained_on = (data_arguments(args, dataset, args.train_split) if dataset is not None  # resumes on it alone
+                  else {"trajectories": str(Path(args.trajectories).resolve()), **{
+                      k: v for k, v in json.loads((Path(args.trajectories) / RECORD_FILE).read_text()).items()
+                      if k.startswith("data.")}})
+    first_step, seconds = resume_training(accelerator, output_dir, args.resume_from_checkpoint, trained_on)
     clock = TrainingClock(args.max_train_minutes, args.snapshot_minutes, seconds)
     if accelerator.is_main_process:
         accelerator.init_trackers("ambiseg-consistency",
@@ -503,7 +508,7 @@ def main(argv=None) -> Path:
         accelerator.log(logs, step=done)
         progress.set_postfix(loss=f"{logs['loss']:.5f}")
         if accelerator.is_main_process and done % args.checkpointing_steps == 0:
-            save_checkpoint(accelerator, output_dir, done, args.checkpoints_total_limit, clock.seconds)
+            save_checkpoint(accelerator, output_dir, done, args.checkpoints_total_limit, clock.seconds, trained_on)
         if accelerator.is_main_process and snapshot_due:
             snapshot = output_dir / "snapshots" / f"step-{done:06d}"
             partial = snapshot.with_name(f".{snapshot.name}.partial")  # a killed save leaves no half-written candidate
@@ -533,7 +538,8 @@ def main(argv=None) -> Path:
                    + (f"```json\n{json.dumps({k: round(v, 4) for k, v in metrics.items()}, indent=2)}\n```"
                       if metrics else "None ran (`--num_validation_images 0`): score it with scripts/sweep_samplers.py."))
         example = str(recorded["prompts"][0]) if recorded else eval_prompts(dataset[0], "annotator")[0]
-        distilled_card(output_dir, repo_id, results, style, processor.config.size, example).save(output_dir / "README.md")
+        distilled_card(output_dir, repo_id, results, style, size, example, model_image_shape(teacher)).save(
+            output_dir / "README.md")
         if args.push_to_hub:
             push_folder_to_hub(output_dir, repo_id, token=args.hub_token)
     accelerator.end_training()
@@ -562,7 +568,8 @@ def save_distilled(unet, lcm: LCMScheduler, args, output_dir: Path, steps: int, 
     (output_dir / CONSISTENCY_FILE).write_text(json.dumps(info, indent=2))
 
 
-def distilled_card(folder: Path, repo_id: str, results: str, prompt_style: str, image_size: int, example_prompt: str):
+def distilled_card(folder: Path, repo_id: str, results: str, prompt_style: str, image_size: int, example_prompt: str,
+                   image_shape: str | None = None):
     """The model card of a distilled sampler folder (from its `consistency.json`), with `results` (markdown) as the
     measurements section; its snippet prompts as the teacher was trained (`prompt_style`; "free": `example_prompt`,
     a text of the data)."""
@@ -571,6 +578,7 @@ def distilled_card(folder: Path, repo_id: str, results: str, prompt_style: str, 
     return model_card(
         "consistency.md", repo_id, base_model=info.get("base_model"), lidc=prompt_style != FREE_TEXT,
         prompt_style=prompt_style, image_size=image_size, example_prompt=example_prompt,
+        image_shape=image_shape or f"{image_size}, {image_size}",
         extra_tags=[f"{info.get('method', 'consistency')}-distillation", "lcm", "lora"], teacher=config["teacher"],
         method=info.get("method", "consistency"),
         num_ddim_timesteps=info["num_ddim_timesteps"], train_steps=info["train_steps"],

@@ -61,14 +61,18 @@ from ambiseg_diffusers.evaluation import cpu_only, validation_report
 from ambiseg_diffusers.hub_utils import model_card, push_folder_to_hub
 from ambiseg_diffusers.image_processing import masks_to_model_range
 from ambiseg_diffusers.image_processor import AmbiSegImageProcessor
-from ambiseg_diffusers.data import add_data_arguments, default_splits, load_from_args, model_image_processor
+from ambiseg_diffusers.data import (
+    add_data_arguments, check_prompts_for_model, data_source, default_splits, distillation_splits, load_from_args,
+    model_image_processor, model_image_shape, splits_overlap,
+)
 from ambiseg_diffusers.lidc import FREE_TEXT, augment, pipeline_prompt_style
 from ambiseg_diffusers.losses import DPO_ERROR_SPACES, diffusion_dpo_loss, dpo_errors
 from ambiseg_diffusers.pipelines.pipeline_ambiseg import ADAPTER_FILE, LORA_WEIGHT_NAME, PREFERENCE_ADAPTER
 from ambiseg_diffusers.text import PromptCache, sentence_encoded
 from ambiseg_diffusers.training_utils import (
     LORA_TARGETS, adapter_base_matches, batch_indices, checkpoint_step, load_ema, load_trainable_adapter, log_validation,
-    recipe_from_args, resume_checkpoint, save_checkpoint, save_ema, shard, step_generator, str2bool,
+    check_checkpoint_data, recipe_from_args, resume_checkpoint, save_checkpoint, save_ema, shard, step_generator,
+    str2bool,
 )
 
 logger = get_logger(__name__)
@@ -144,6 +148,36 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("--push_to_hub with a local --reference needs --base_model_id (the reference's Hub repo): the "
                      "published adapter must name a base model that others can download")
     return args
+
+
+def check_pairs_split(args) -> None:
+    """Refuses to validate on rows the pairs were built from (their build's record names its data and split; pairs
+    without one, e.g. from the Hub, are not checked)."""
+    record = Path(args.preferences) / "run_arguments.json"
+    if not record.is_file():
+        return
+    built = json.loads(record.read_text())
+    split = built.get("data.split", built.get("split"))
+    same_data = built.get("data.source", data_source(args)) == data_source(args)
+    if split is not None and same_data and splits_overlap(split, args.validation_split):
+        raise ValueError(
+            f"`--preferences` {args.preferences!r} were built on {split!r}, which holds the rows of --validation_split "
+            f"{args.validation_split!r}: validation would score rows the pairs came from. Build the pairs on "
+            f"{distillation_splits(args.dataset_name, args.train_data_dir, None, None)[0]!r} (build_preferences.py's "
+            "default), or pass another --validation_split.")
+
+
+def pairs_fingerprint(pairs) -> str:
+    """sha256 of the pairs' images, prompts and masks: what a DPO run trains on, wherever the folder is."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for start in range(0, len(pairs), 256):
+        batch = pairs.with_format("numpy")[start : start + 256]
+        for key in ("image", "winner", "loser"):
+            digest.update(np.ascontiguousarray(batch[key]).tobytes())
+        digest.update(json.dumps([str(p) for p in batch["prompt"]]).encode())
+    return digest.hexdigest()
 
 
 def load_preferences(name: str):
@@ -315,6 +349,9 @@ def main(argv=None) -> Path:
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.adam_weight_decay)
 
     pairs = load_preferences(args.preferences)
+    if len(pairs) == 0:
+        raise ValueError(f"`--preferences` {args.preferences!r} holds no pair (every image's candidates tied when they "
+                         "were built): rebuild them with more --num_candidates, another --strategy or split.")
     if "winner_states" in pairs.column_names:
         if takes_z and "winner_z" not in pairs.column_names:
             raise ValueError(f"{args.preferences} holds sampling states without the z each mask was sampled with, but "
@@ -334,12 +371,16 @@ def main(argv=None) -> Path:
     validation = None
     if args.num_validation_images:
         _, args.validation_split = default_splits(args.dataset_name, args.train_data_dir, None, args.validation_split)
+        check_pairs_split(args)
         validation = load_from_args(args, args.validation_split, pipeline_prompt_style(reference),
                                     image_processor=model_image_processor(reference))
+        check_prompts_for_model(reference, validation, opt_in=None)  # before training, not at the first validation
 
     first_step = 0
     checkpoint = resume_checkpoint(output_dir, args.resume_from_checkpoint)
+    trained_on = {"preferences_sha256": pairs_fingerprint(pairs)}  # the pairs by content: a moved folder resumes
     if checkpoint:
+        check_checkpoint_data(checkpoint, trained_on)  # a resume on other pairs is refused
         accelerator.load_state(str(checkpoint))
         first_step = checkpoint_step(checkpoint)
         logger.info(f"resumed from {checkpoint} at step {first_step}")
@@ -438,7 +479,7 @@ def main(argv=None) -> Path:
         progress.set_postfix(loss=f"{logs['loss']:.4f}", acc=f"{logs['implicit_accuracy']:.2f}",
                              s_per_step=f"{(time.time() - started) / ran:.2f}")
         if accelerator.is_main_process and done % args.checkpointing_steps == 0:
-            save_checkpoint(accelerator, output_dir, done, args.checkpoints_total_limit)
+            save_checkpoint(accelerator, output_dir, done, args.checkpoints_total_limit, data=trained_on)
         if validation is not None and args.validation_steps and done % args.validation_steps == 0:
             if accelerator.is_main_process:
                 metrics, metrics_step = validate(done), done
@@ -464,9 +505,9 @@ def main(argv=None) -> Path:
         model_card(
             "tdg-diffdpo.md", repo_id, base_model=base_model_id, extra_tags=["tdg-diffdpo", "diffusion-dpo", "lora"],
             lidc=pipeline_prompt_style(reference) != FREE_TEXT, prompt_style=pipeline_prompt_style(reference),
-            image_size=reference.unet.config.sample_size, example_prompt=pairs[0]["prompt"] if len(pairs) else "",
-            reference=args.reference,
-            preferences=args.preferences, num_pairs=len(pairs), config_json=json.dumps(asdict(config), indent=2),
+            image_size=reference.unet.config.sample_size, image_shape=model_image_shape(reference),
+            example_prompt=pairs[0]["prompt"] if len(pairs) else "", reference=args.reference,
+            preferences=Path(args.preferences).name if os.path.isdir(args.preferences) else args.preferences, num_pairs=len(pairs), config_json=json.dumps(asdict(config), indent=2),
             metrics="```json\n" + json.dumps({k: round(v, 4) for k, v in metrics.items()}, indent=2) + "\n```" if metrics else
             "(no validation in this run: `--num_validation_images 0`)",
         ).save(output_dir / "README.md")

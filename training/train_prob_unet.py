@@ -30,6 +30,7 @@ from ambiseg_diffusers.configs import PROB_UNET_CONFIGS, ProbUNetTrainingConfig
 from ambiseg_diffusers.evaluation import cpu_only, validation_report
 from ambiseg_diffusers.hub_utils import model_card, push_folder_to_hub
 from ambiseg_diffusers.data import add_data_arguments, dataset_label, default_splits, image_channels, load_from_args
+from ambiseg_diffusers.run_records import data_arguments
 from ambiseg_diffusers.training_utils import (
     TrainingClock, generator_of, log_validation, recipe_from_args, resume_training, save_checkpoint, step_batches,
 )
@@ -118,7 +119,8 @@ def main(argv=None) -> Path:
     )
     model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
 
-    first_step, seconds = resume_training(accelerator, output_dir, args.resume_from_checkpoint)
+    trained_on = data_arguments(args, dataset, args.train_split)  # a resume on other data is refused
+    first_step, seconds = resume_training(accelerator, output_dir, args.resume_from_checkpoint, trained_on)
     clock = TrainingClock(args.max_train_minutes, args.snapshot_minutes, seconds)
     if accelerator.is_main_process:
         accelerator.init_trackers("prob-unet", config={k: str(v) for k, v in asdict(config).items()})
@@ -165,7 +167,7 @@ def main(argv=None) -> Path:
         progress.set_postfix(step=done, loss=f"{logs['loss']:.1f}", kl=f"{logs['kl']:.2f}")
 
         if accelerator.is_main_process and done % args.checkpointing_steps == 0:
-            save_checkpoint(accelerator, output_dir, done, args.checkpoints_total_limit, clock.seconds)
+            save_checkpoint(accelerator, output_dir, done, args.checkpoints_total_limit, clock.seconds, trained_on)
         if accelerator.is_main_process and snapshot_due:
             pipeline().save_pretrained(output_dir / "snapshots" / f"step-{done:06d}")
         if validation is not None and args.validation_steps and done % args.validation_steps == 0:

@@ -42,6 +42,10 @@ LIDC_COLUMNS = {"image_column": "image", "mask_column": "masks", "caption_column
 HOLDOUT_FRACTION = 0.1
 HOLDOUT_SEED = 0
 HOLDOUT_SPLITS = ("selection", "train_fit")
+SOURCE_ROW = "__source_row"  # a carved split's row number in "train"
+# Masks are resized with the pixel-centre rule bilinear images use (align_corners=False); torch's "nearest" picks
+# floor(i * scale), which shifts a mask about half a target pixel up-left of its image.
+MASK_RESIZE_MODE = "nearest-exact"
 
 
 class DatasetContractError(ValueError):
@@ -136,7 +140,8 @@ def pick_split(data: Dataset | DatasetDict, split: str, source: str = "the datas
         groups = train["patient_id"] if "patient_id" in train.column_names else range(len(train))
         held = holdout_rows(groups)
         keep = held if split == "selection" else sorted(set(range(len(train))) - set(held))
-        return train.select(keep)
+        # each row's place in "train", for errors that name a row (to_contract drops the column)
+        return train.add_column(SOURCE_ROW, list(range(len(train)))).select(keep)
     raise DatasetContractError(f"{source} has no split {split!r}; it has {sorted(data)} (and 'selection' / "
                                f"'train_fit', a seeded {HOLDOUT_FRACTION:.0%} of 'train' and the rest).")
 
@@ -161,9 +166,39 @@ def names_lidc64(dataset_name: str | None, train_data_dir) -> bool:
     return train_data_dir is None and dataset_name in (None, "lidc64")
 
 
+def _data_name(dataset_name: str | None, train_data_dir) -> str:
+    """The data the flags name, for messages: --train_data_dir wins over --dataset_name (as it does at loading)."""
+    return str(train_data_dir) if train_data_dir is not None else str(dataset_name)
+
+
 def _split_names(dataset_name: str | None, train_data_dir) -> list[str]:
     data = _load_raw(dataset_name, train_data_dir)
     return sorted(data) if isinstance(data, DatasetDict) else ["train"]
+
+
+# Splits that hold another's rows (lidc64 and the carved holdout of any data): "selection" and "train_fit" are carved
+# from "train" (lidc64: from train_a + train_b), "mini" is one slice per nodule of "validate".
+_CONTAINED = {"train": {"selection", "train_fit", "train_a", "train_b"}, "train_a": {"selection", "train_fit"},
+              "train_b": {"selection", "train_fit"}, "validate": {"mini"}}
+
+
+def splits_overlap(first: str, second: str) -> bool:
+    """Whether two splits share rows: the same split, or one carved from the other (`_CONTAINED`)."""
+    return first == second or second in _CONTAINED.get(first, ()) or first in _CONTAINED.get(second, ())
+
+
+def _check_disjoint(train_split: str, validation_split: str) -> tuple[str, str]:
+    """Refuses a training split that holds the rows validation is carved from (`--train_split train` with
+    "selection"): those validation numbers, and any choice made on them, would be on trained rows. The same split
+    named twice stays allowed (a smoke test's `mini` / `mini`)."""
+    if train_split != validation_split and splits_overlap(train_split, validation_split):
+        fit = "train_fit" if validation_split == "selection" else None
+        raise DatasetContractError(
+            f"--train_split {train_split!r} holds the rows of --validation_split {validation_split!r}, so validation "
+            f"(and the choices made on it) would see training rows: "
+            + (f"pass --train_split {fit} (train without the selection rows)" if fit else "pass disjoint splits")
+            + " or a --validation_split of its own (the data's validation split).")
+    return train_split, validation_split
 
 
 def default_splits(dataset_name: str | None, train_data_dir, train_split: str | None,
@@ -173,19 +208,20 @@ def default_splits(dataset_name: str | None, train_data_dir, train_split: str | 
     lidc64: train on "train", validate on "mini". Other data: validate on its "validation" split (or "valid",
     "val"; never "test", which reports); without one, on "selection" (a seeded 10% of "train", by `patient_id` where
     the data has one) and train on "train_fit" (the rest), so validation never sees a training row. Validating on
-    "selection" always trains on "train_fit" unless a training split is named."""
+    "selection" always trains on "train_fit" unless a training split is named; a named training split that holds
+    the validation rows ("train" with "selection") is refused (`DatasetContractError`), never silently replaced."""
     fit = "train_fit" if validation_split == "selection" else "train"
     if names_lidc64(dataset_name, train_data_dir):
-        return train_split or fit, validation_split or "mini"
+        return _check_disjoint(train_split or fit, validation_split or "mini")
     if validation_split is not None:
-        return train_split or fit, validation_split
+        return _check_disjoint(train_split or fit, validation_split)
     names = _split_names(dataset_name, train_data_dir)
     for name in ("validation", "valid", "val"):
         if name in names:
             return train_split or "train", name
-    if train_split not in (None, "train"):
-        return train_split, "selection"
-    logger.warning(f"no validation split in {dataset_name or train_data_dir} (splits: {names}): validating on "
+    if train_split is not None:
+        return _check_disjoint(train_split, "selection")
+    logger.warning(f"no validation split in {_data_name(dataset_name, train_data_dir)} (splits: {names}): validating on "
                    f"'selection', a seeded {HOLDOUT_FRACTION:.0%} of 'train', and training on 'train_fit', the rest")
     return "train_fit", "selection"
 
@@ -195,7 +231,7 @@ def distillation_splits(dataset_name: str | None, train_data_dir, train_split: s
     """The training and validation splits of a script that goes on from a trained model (distillation): lidc64
     "train_fit" and "selection"; other data the splits the model's own training used (`default_splits`)."""
     if names_lidc64(dataset_name, train_data_dir):
-        return train_split or "train_fit", validation_split or "selection"
+        return _check_disjoint(train_split or "train_fit", validation_split or "selection")
     return default_splits(dataset_name, train_data_dir, train_split, validation_split)
 
 
@@ -206,13 +242,16 @@ def selection_split(dataset_name: str | None, train_data_dir) -> str:
 
 
 def check_choosing_split(dataset_name: str | None, train_data_dir, split: str) -> None:
-    """A split choices are made on: one that reports ("validate", "test") is refused; the split evaluation reports on
-    by default (other data without a test split: its validation split) is allowed with a warning."""
-    if split in ("validate", "test"):
-        raise DatasetContractError(f"split {split!r} reports, it never chooses: choose on "
+    """A split choices are made on: one that reports ("validate", "test", lidc64's "mini", a subset of "validate")
+    is refused; the split evaluation reports on by default (other data without a test split: its validation split)
+    is allowed with a warning."""
+    mini = split == "mini" and names_lidc64(dataset_name, train_data_dir)
+    if split in ("validate", "test") or mini:
+        within = " (a subset of 'validate')" if mini else ""
+        raise DatasetContractError(f"split {split!r}{within} reports, it never chooses: choose on "
                                    f"{selection_split(dataset_name, train_data_dir)!r}")
     if not names_lidc64(dataset_name, train_data_dir) and split == evaluation_split(dataset_name, train_data_dir):
-        logger.warning(f"choosing on {split!r}, the split results are reported on ({dataset_name or train_data_dir} "
+        logger.warning(f"choosing on {split!r}, the split results are reported on ({_data_name(dataset_name, train_data_dir)} "
                        "has no test split): report on other data, or train with --validation_split selection (a "
                        "held-out 10% of train) and choose on selection")
 
@@ -226,7 +265,7 @@ def evaluation_split(dataset_name: str | None, train_data_dir) -> str:
     for name in ("test", "validation", "valid", "val"):
         if name in names:
             return name
-    raise DatasetContractError(f"{dataset_name or train_data_dir} has no test or validation split (splits: {names}); "
+    raise DatasetContractError(f"{_data_name(dataset_name, train_data_dir)} has no test or validation split (splits: {names}); "
                                "name the split to evaluate with --split.")
 
 
@@ -236,8 +275,10 @@ def to_contract(rows: Dataset, image_column: str = IMAGE_COLUMN, mask_column: st
                 source: str = "the dataset", image_processor: AmbiSegImageProcessor | None = None) -> Dataset:
     """`rows` checked row by row and mapped onto the library's columns (module docstring), resized by
     `image_processor` (or a default one of size `resolution`) where given. A missing caption column trains and
-    evaluates on the empty prompt, and says so; a missing image or mask column is an error."""
-    have = rows.column_names
+    evaluates on the empty prompt, and says so; a missing image or mask column is an error. Errors name the row, its
+    file (where the data has files) and, in a carved split, its row in "train"; an image of one value is warned about
+    by name (it trains on nothing)."""
+    have = [c for c in rows.column_names if c != SOURCE_ROW]
     for flag, name in (("--image_column", image_column), ("--mask_column", mask_column)):
         if name not in have:
             raise DatasetContractError(f"{source} has no column {name!r} ({flag}); its columns are {have}.")
@@ -267,36 +308,47 @@ def to_contract(rows: Dataset, image_column: str = IMAGE_COLUMN, mask_column: st
     def convert(batch: dict, indices: list[int]) -> dict:
         out = {"image": [], "masks": [], "prompts": [], "annotator_valid": [], "nodule_id": [], "nodule_prompt": []}
         for j, index in enumerate(indices):
-            masks = _masks(batch[mask_column][j], index, mask_column, single)
-            image = _channels_first(_image_array(batch[image_column][j], index, image_column), masks.shape[1:],
-                                    index, image_column)
-            if size is not None and image.shape[-2:] != size:
-                image, masks = processor.resize_pair(image, masks)
-                shape["resized"] = shape.get("resized", 0) + 1
-            shape.setdefault("hw", image.shape[-2:])
-            shape.setdefault("channels", 1 if image.ndim == 2 else image.shape[0])
-            if image.shape[-2:] != shape["hw"] or (1 if image.ndim == 2 else image.shape[0]) != shape["channels"]:
-                raise DatasetContractError(
-                    f"`{image_column}` row {index} is {tuple(image.shape)}, row 0 is {tuple(shape['hw'])} with "
-                    f"{shape['channels']} channel(s); every row must share one size and channel count (pass "
-                    "--resolution to resize them).")
-            texts = _texts(batch[caption_column][j] if caption_column else None, len(masks), index, caption_column)
-            out["image"].append(image.astype(np.float32))
-            out["masks"].append(masks)
-            out["prompts"].append(texts)
-            # LIDC's slots without a reading stay marked (their empty masks are annotations, their prompts not a
-            # rater's); every row of other data is its own nodule for the largest-consensus view
-            out["annotator_valid"].append(batch["annotator_valid"][j].tolist() if "annotator_valid" in batch
-                                          else [True] * len(masks))
-            out["nodule_id"].append(str(batch["nodule_id"][j]) if "nodule_id" in batch else str(index))
-            per_image = caption_column is None or isinstance(batch[caption_column][j], str) or len(set(texts)) == 1
-            out["nodule_prompt"].append(
-                batch["nodule_prompt"][j] if "nodule_prompt" in batch else (texts[0] if per_image else None))
+            try:
+                convert_row(batch, j, index, out)
+            except DatasetContractError as error:  # the row's file and source row, looked up only now
+                raise DatasetContractError(str(error).replace(f"row {index}", describe_row(rows, index, image_column),
+                                                              1)) from None
         return out
 
+    def convert_row(batch: dict, j: int, index: int, out: dict) -> None:
+        masks = _masks(batch[mask_column][j], index, mask_column, single)
+        image = _channels_first(_image_array(batch[image_column][j], index, image_column), masks.shape[1:],
+                                index, image_column)
+        if size is not None and image.shape[-2:] != size:
+            image, masks = processor.resize_pair(image, masks)
+            shape["resized"] = shape.get("resized", 0) + 1
+        shape.setdefault("hw", image.shape[-2:])
+        shape.setdefault("channels", 1 if image.ndim == 2 else image.shape[0])
+        if image.shape[-2:] != shape["hw"] or (1 if image.ndim == 2 else image.shape[0]) != shape["channels"]:
+            raise DatasetContractError(
+                f"`{image_column}` row {index} is {tuple(image.shape)}, row 0 is {tuple(shape['hw'])} with "
+                f"{shape['channels']} channel(s); every row must share one size and channel count (pass "
+                "--resolution to resize them).")
+        texts = _texts(batch[caption_column][j] if caption_column else None, len(masks), index, caption_column)
+        out["image"].append(image.astype(np.float32))
+        out["masks"].append(masks)
+        out["prompts"].append(texts)
+        # LIDC's slots without a reading stay marked (their empty masks are annotations, their prompts not a
+        # rater's); every row of other data is its own nodule for the largest-consensus view
+        out["annotator_valid"].append(batch["annotator_valid"][j].tolist() if "annotator_valid" in batch
+                                      else [True] * len(masks))
+        out["nodule_id"].append(str(batch["nodule_id"][j]) if "nodule_id" in batch else str(index))
+        per_image = caption_column is None or isinstance(batch[caption_column][j], str) or len(set(texts)) == 1
+        out["nodule_prompt"].append(
+            batch["nodule_prompt"][j] if "nodule_prompt" in batch else (texts[0] if per_image else None))
+        if image.size and image.min() == image.max():
+            shape.setdefault("constant", []).append(index)
+
     # The output's fixed image shape is row 0's.
-    probe = convert({k: v[:1] for k, v in rows.with_format("numpy")[:1].items()}, [0])
+    with _naming_unreadable_files(rows, (image_column, mask_column)):
+        probe = convert({k: v[:1] for k, v in rows.with_format("numpy")[:1].items()}, [0])
     shape.pop("resized", None)  # counted again by the map
+    shape.pop("constant", None)
     image_shape = probe["image"][0].shape
     features = Features({
         "image": Array2D(image_shape, "float32") if len(image_shape) == 2 else Array3D(image_shape, "float32"),
@@ -309,15 +361,86 @@ def to_contract(rows: Dataset, image_column: str = IMAGE_COLUMN, mask_column: st
     # LIDC's own columns stay (ratings re-prompt, sizes, ids); other data keeps the contract's columns only
     keep = [c for c in ("diameter_mm", "volume_mm3", "slice_diameter_mm", "pixel_spacing_mm", "ratings", "patient_id",
                         "slice") if c in have and is_lidc_rows(rows)]
-    converted = rows.with_format("numpy").map(
-        convert, batched=True, batch_size=64, with_indices=True, features=Features({**features, **{
-            c: rows.features[c] for c in keep}}), remove_columns=[c for c in have if c not in keep],
-        desc=f"checking {source}", keep_in_memory=True,  # no cache file beside the user's data, none per process
-    )
+    with _naming_unreadable_files(rows, (image_column, mask_column)):
+        converted = rows.with_format("numpy").map(
+            convert, batched=True, batch_size=64, with_indices=True, features=Features({**features, **{
+                c: rows.features[c] for c in keep}}), remove_columns=[c for c in rows.column_names if c not in keep],
+            desc=f"checking {source}", keep_in_memory=True,  # no cache file beside the user's data, none per process
+        )
+    if shape.get("constant"):
+        named = ", ".join(describe_row(rows, i, image_column) for i in shape["constant"][:5])
+        logger.warning(f"{source}: {len(shape['constant'])} image(s) hold a single value ({named}"
+                       f"{', ...' if len(shape['constant']) > 5 else ''}): blank or failed exports, which give the "
+                       "model nothing to segment from; check or drop them")
     if shape.get("resized"):
         logger.warning(f"{source}: {shape['resized']} of {len(rows)} rows resized to {size[0]}x{size[1]} (images "
                        f"{processor.config.resample}, masks {processor.config.mask_resample})")
     return converted.with_format(None)
+
+
+def _file_name(rows: Dataset, index: int, column: str) -> str | None:
+    """The file a row's image was read from (an imagefolder's `file_name`), where the data keeps one."""
+    from datasets import Image
+
+    if not isinstance(rows.features.get(column), Image):
+        return None
+    path = (rows.cast_column(column, Image(decode=False))[index][column] or {}).get("path")
+    return Path(path).name if path else None
+
+
+def describe_row(rows: Dataset, index: int, image_column: str = IMAGE_COLUMN) -> str:
+    """"row 17 (img_020.png)", "row 0 (img_005.png; row 4 of `train`)": a row as the user can find it in their files,
+    not only by its place in a carved split."""
+    details = [_file_name(rows, index, image_column)]
+    if SOURCE_ROW in rows.column_names:
+        details.append(f"row {rows[index][SOURCE_ROW]} of `train`")
+    details = [d for d in details if d]
+    return f"row {index}" + (f" ({'; '.join(details)})" if details else "")
+
+
+class _naming_unreadable_files:
+    """Turns an image file that cannot be decoded (`OSError: image file is truncated`, which names nothing) into a
+    `DatasetContractError` naming its column, row and file."""
+
+    def __init__(self, rows: Dataset, columns: tuple[str, ...]):
+        self.rows, self.columns = rows, columns
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, traceback):
+        if kind is None or not issubclass(kind, (OSError, SyntaxError)) or isinstance(error, DatasetContractError):
+            return False  # PIL raises SyntaxError for some broken PNG chunks
+        found = _first_unreadable(self.rows, self.columns)
+        if found is None:
+            return False
+        column, index, name, reason = found
+        raise DatasetContractError(f"`{column}` {describe_row(self.rows, index, self.columns[0])} cannot be read: "
+                                   f"{name or 'its image'} ({reason}); re-export that file.") from error
+
+
+def _first_unreadable(rows: Dataset, columns: tuple[str, ...]) -> tuple[str, int, str | None, str] | None:
+    """(column, row, file name, reason) of the first image that PIL cannot decode, else None."""
+    import io
+
+    import PIL.Image
+    from datasets import Image
+
+    for column in columns:
+        feature = rows.features.get(column)
+        inner = feature if isinstance(feature, Image) else getattr(feature, "feature", None)
+        if not isinstance(inner, Image):
+            continue
+        raw = rows.cast_column(column, Image(decode=False) if inner is feature else type(feature)(Image(decode=False)))
+        for index, value in enumerate(raw[column]):
+            for item in value if isinstance(value, list) else [value]:
+                try:
+                    with PIL.Image.open(io.BytesIO(item["bytes"]) if item.get("bytes") else item["path"]) as image:
+                        image.load()
+                except (OSError, SyntaxError) as error:
+                    path = item.get("path")
+                    return column, index, Path(path).name if path else None, f"{type(error).__name__}: {error}"
+    return None
 
 
 def _image_array(value, index: int, column: str) -> np.ndarray:
@@ -412,6 +535,20 @@ def _texts(value, num_raters: int, index: int, column: str | None) -> list[str]:
     return texts
 
 
+def resize(image: np.ndarray, masks: np.ndarray, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """An image `(H, W)` / `(C, H, W)` resized bilinearly and its masks `(M, H, W)` by nearest neighbour to `size`,
+    both sampled at the same pixel centres (`MASK_RESIZE_MODE`), so a mask stays on its image. (Loading resizes
+    with the model's `AmbiSegImageProcessor.resize_pair`, the same rule.)"""
+    import torch
+
+    picture = torch.as_tensor(image, dtype=torch.float32)
+    picture = picture[None, None] if picture.ndim == 2 else picture[None]
+    picture = torch.nn.functional.interpolate(picture, size=size, mode="bilinear", align_corners=False)[0]
+    raters = torch.nn.functional.interpolate(torch.as_tensor(masks, dtype=torch.float32)[None], size=size,
+                                             mode=MASK_RESIZE_MODE)[0]
+    return (picture[0] if image.ndim == 2 else picture).numpy(), raters.to(torch.uint8).numpy()
+
+
 def rater_masks(rows) -> list[np.ndarray]:
     """Each row's rater masks as bool `(M_i, H, W)`: a list, since rows differ in rater count."""
     return [np.asarray(m).astype(bool) for m in rows["masks"]]
@@ -485,9 +622,81 @@ def model_image_processor(pipeline) -> AmbiSegImageProcessor | None:
     return processor
 
 
+# a private UNet config entry: it travels with the weights (Hub, DPO, distillation)
+TRAINING_DATA_KEY = "_training_data"
+
+
+def record_training_text(unet, rows: Dataset, caption_column: str | None, use_text: bool = True) -> None:
+    """Records on the UNet the text column the model was trained on (None: it saw only empty prompts), so that
+    sampling it without that text is refused rather than silently done (`check_prompts_for_model`)."""
+    has_text = use_text and caption_column is not None and any(p for row in rows["prompts"] for p in row)
+    unet.register_to_config(**{TRAINING_DATA_KEY: {"caption_column": caption_column if has_text else None}})
+
+
+def trained_caption_column(pipeline) -> str | None:
+    """The text column recorded at training (`record_training_text`); None for a model trained without text, one
+    saved before the record existed, or a model that takes no text (the Probabilistic U-Net)."""
+    unet = getattr(pipeline, "unet", None)
+    record = (unet.config.get(TRAINING_DATA_KEY) or {}) if unet is not None else {}
+    return record.get("caption_column")
+
+
+def check_prompts_for_model(pipeline, rows: Dataset, prompts: str = "annotator",
+                            opt_in: str | None = "--prompts none") -> None:
+    """Refuses to sample a text-trained model on empty prompts (data without its text column) unless `prompts` is
+    "none", the explicit choice of empty prompts (`opt_in`: the flag that says so, named in the error)."""
+    column = trained_caption_column(pipeline)
+    if column is None or prompts == "none" or any(p for row in rows["prompts"] for p in row):
+        return
+    raise DatasetContractError(
+        f"the model was trained on text (the column {column!r}), but every prompt of this data is empty (no text "
+        f"column; --caption_column names it): pass --caption_column {column} (or the column holding that text)"
+        + (f", or {opt_in} to sample on empty prompts on purpose." if opt_in else "."))
+
+
+def model_image_shape(pipeline) -> str:
+    """The shape of an image the pipeline's UNet takes (at its image processor's size), as a card writes it: "64, 64"
+    or "3, 64, 64"."""
+    size, channels = int(model_image_processor(pipeline).config.size), int(pipeline.unet.image_channels)
+    return ", ".join(map(str, ((channels,) if channels > 1 else ()) + (size, size)))
+
+
+def stored_image_sizes(args, split: str) -> list[str]:
+    """The sizes ("HxW") a split's images are stored at, before any --resolution: every row's where the images are
+    files (their headers only), else row 0's."""
+    import io
+
+    import PIL.Image
+    from datasets import Image
+
+    if is_lidc(args):
+        return []
+    rows = pick_split(_load_raw(args.dataset_name, args.train_data_dir), split)
+    feature = rows.features.get(args.image_column)
+    if isinstance(feature, Image):
+        sizes = set()
+        for item in rows.cast_column(args.image_column, Image(decode=False))[args.image_column]:
+            with PIL.Image.open(io.BytesIO(item["bytes"]) if item.get("bytes") else item["path"]) as image:
+                sizes.add((image.height, image.width))
+    else:
+        masks = np.asarray(rows[0][args.mask_column])
+        sizes = {tuple(masks.shape[-2:])}
+    return [f"{h}x{w}" for h, w in sorted(sizes)]
+
+
 def is_lidc(args) -> bool:
     """`names_lidc64` of a script's data flags."""
     return names_lidc64(args.dataset_name, args.train_data_dir)
+
+
+def data_source(args) -> str:
+    """Where a script's data flags resolve to: the lidc64 folder in use, an absolute local folder, or a Hub id."""
+    if is_lidc(args):
+        from .lidc import find_lidc64
+
+        return str(find_lidc64(args.data_dir).resolve())
+    name = args.train_data_dir if args.train_data_dir is not None else args.dataset_name
+    return str(Path(name).resolve()) if Path(str(name)).is_dir() else str(name)
 
 
 def dataset_label(args) -> str:

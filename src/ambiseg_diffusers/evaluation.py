@@ -151,6 +151,9 @@ def evaluate_pipeline(
     """
     from tqdm.auto import tqdm
 
+    from .data import check_prompts_for_model
+
+    check_prompts_for_model(pipeline, dataset, prompts)  # a text model on data without its text: refused
     total = len(dataset) if max_images is None else min(max_images, len(dataset))
     per_image: dict[str, list] = {}
     all_samples = []

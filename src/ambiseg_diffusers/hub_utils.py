@@ -70,6 +70,24 @@ def resolve_pretrained_path(name_or_path: str | os.PathLike, **download_kwargs) 
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json")
 
 
+PACKAGE_PIPELINES = ("AmbiSegPipeline", "ProbUNetPipeline")
+
+
+def check_pipeline_class(folder: str | os.PathLike, cls: type) -> None:
+    """Before loading a pipeline folder with `cls`: a folder that holds another of this package's pipelines is refused
+    naming the one it holds (diffusers would say only that the expected components were not passed). Subclasses of
+    the class the folder names, and classes this package does not know, load as diffusers decides."""
+    index = Path(folder) / "model_index.json"
+    if not index.is_file():
+        return
+    name = json.loads(index.read_text()).get("_class_name")
+    name = name[1] if isinstance(name, list) else name  # the Hub's custom-code layout: [module, class]
+    if name in PACKAGE_PIPELINES and all(base.__name__ != name for base in cls.__mro__):
+        raise ValueError(f"{folder} holds the pipeline {name} (its model_index.json), not {cls.__name__}: load it with "
+                         f"`{name}.from_pretrained(...)`, or with `ambiseg_diffusers.load_pipeline(...)`, which reads "
+                         "the class from the folder.")
+
+
 def check_weight_files(folder: str | os.PathLike) -> None:
     """Before loading a pipeline folder: every model component (a sub-folder with `config.json`) must hold weights,
     and every safetensors file must be readable. Raises FileNotFoundError / OSError naming the component and the file.

@@ -138,20 +138,24 @@ def build_preferences(
     writes a `datasets.Dataset` to `output_dir` (atomically, at the end).
 
     Resumable: each chunk of images is stored in `.<output_dir>.parts/` beside it as it finishes, and a rerun with
-    the same arguments (these, the reference's weights and `source`, e.g. the dataset's name and split) skips chunks
-    already there; other arguments are refused (ValueError) unless `overwrite` starts over. The prompt of a row is
+    the same arguments (these, the reference's weights, the rows' contents and `source`, e.g. the data flags and split)
+    skips chunks already there; other arguments are refused (ValueError) unless `overwrite` starts over. The prompt
+    of a row is
     one of its raters' prompts (seeded choice among the raters who read it). `record_states`: see the module docstring
     (the initial noise is then drawn outside the pipeline, so the candidates differ from a build without it).
     Returns the dataset and a report {"images", "pairs", "ties", "strategy"}.
     """
-    from .run_records import check_resumable, pipeline_fingerprint
+    from .run_records import check_resumable, dataset_fingerprint, pipeline_fingerprint
 
     if strategy not in STRATEGIES:
         raise ValueError(f"`strategy` must be one of {STRATEGIES}, got {strategy!r}.")
     check_model_size(pipeline, dataset)
     output_dir = Path(output_dir)
     parts = output_dir.parent / f".{output_dir.name}.parts"
+    # the rows' contents, not their name: a rerun on other data (another folder of the same name, other columns,
+    # another size) must never resume with pairs scored on the first data
     arguments = {"reference_sha256": pipeline_fingerprint(pipeline), "rows": len(dataset), "strategy": strategy,
+                 "data.sha256": dataset_fingerprint(dataset),
                  "num_candidates": num_candidates, "fraction": fraction, "seed": seed, "images_per_call": images_per_call,
                  "num_inference_steps": num_inference_steps, **(source or {})}
     if record_states:  # absent otherwise: builds made before the option stay resumable
@@ -257,7 +261,7 @@ def _assemble(dataset, parts: Path, output_dir: Path, strategy: str) -> tuple[Da
     result = Dataset.from_dict(columns, features=preference_features(image_shape, num_states, latent_dim))
     tmp = output_dir.parent / f".{output_dir.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    result.save_to_disk(str(tmp))
+    result.save_to_disk(str(tmp), num_shards=1)  # 0 pairs (every image tied): still one, empty, loadable shard
     report = {"strategy": strategy, "images": len(records), "pairs": len(pairs), "ties": len(records) - len(pairs)}
     (tmp / "preference_report.json").write_text(json.dumps(report, indent=2))
     shutil.copy(parts / "run_arguments.json", tmp / "run_arguments.json")

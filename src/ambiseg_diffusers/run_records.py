@@ -9,6 +9,7 @@ import os
 import shutil
 from pathlib import Path
 
+import numpy as np
 import torch
 
 RECORD_FILE = "run_arguments.json"
@@ -29,6 +30,33 @@ def pipeline_fingerprint(pipeline) -> str:
     digest.update(json.dumps({k: v for k, v in pipeline.config.items() if not k.startswith("_")}, sort_keys=True,
                              default=str).encode())
     return digest.hexdigest()
+
+
+def dataset_fingerprint(rows) -> str:
+    """sha256 of every checked row's image, rater masks, prompts and reading flags (`data.load_multirater`'s
+    form): the data a result was computed on, whatever path or flags named it, at the size it was resized to."""
+    digest = hashlib.sha256()
+    rows = rows.with_format("numpy")  # arrays, not nested Python lists
+    for start in range(0, len(rows), 256):
+        batch = rows[start : start + 256]
+        for image, masks, prompts, valid in zip(batch["image"], batch["masks"], batch["prompts"],
+                                                batch["annotator_valid"]):
+            for array in (np.asarray(image, np.float32), np.asarray(masks, np.uint8)):
+                digest.update(str(array.shape).encode())
+                digest.update(np.ascontiguousarray(array).tobytes())
+            digest.update(json.dumps([list(prompts), [bool(v) for v in valid]]).encode())
+    return digest.hexdigest()
+
+
+def data_arguments(args, rows, split: str) -> dict:
+    """What decides a result about its data, for a resume record: every data flag as given, `split`, where the data
+    resolves to (an absolute folder or a Hub id; relative paths and $AMBISEG_DATA_DIR name other folders from other
+    places), the rows' size and a fingerprint of their contents (`dataset_fingerprint`)."""
+    from .data import DATA_FLAGS, data_source
+
+    return {**{f"data.{name}": getattr(args, name, None) for name in DATA_FLAGS}, "data.split": split,
+            "data.source": data_source(args), "data.image_shape": list(np.asarray(rows[0]["image"]).shape),
+            "data.rows": len(rows), "data.sha256": dataset_fingerprint(rows)}
 
 
 def _remove(paths) -> None:

@@ -301,17 +301,20 @@ def resume_checkpoint(output_dir: str | os.PathLike, resume_from_checkpoint: str
 
 
 def save_checkpoint(
-    accelerator, output_dir: str | os.PathLike, step: int, total_limit: int | None, train_seconds: float = 0.0
+    accelerator, output_dir: str | os.PathLike, step: int, total_limit: int | None, train_seconds: float = 0.0,
+    data: dict | None = None,
 ) -> Path:
     """`accelerator.save_state` into a temporary folder, marked complete and renamed `checkpoint-<step>` only once
     everything is written; only after that are incomplete checkpoints and the oldest beyond `total_limit` removed.
-    `train_seconds` (the training time so far, for `--max_train_minutes`) is recorded in the completion file."""
+    `train_seconds` (the training time so far, for `--max_train_minutes`) and `data` (what the run trains on,
+    `run_records.data_arguments`; a resume compares it) are recorded in the completion file."""
     output_dir = Path(output_dir)
     final = output_dir / f"checkpoint-{step}"
     partial = output_dir / f".checkpoint-{step}.partial"
     shutil.rmtree(partial, ignore_errors=True)
     accelerator.save_state(str(partial))
-    (partial / COMPLETE_FILE).write_text(json.dumps({"step": step, "train_seconds": train_seconds}))
+    record = {"step": step, "train_seconds": train_seconds, **({} if data is None else {"data": data})}
+    (partial / COMPLETE_FILE).write_text(json.dumps(record, default=str))
     if final.exists():  # an incomplete leftover of the same step
         shutil.rmtree(final)
     os.replace(partial, final)
@@ -331,12 +334,29 @@ def checkpoint_train_seconds(checkpoint: str | os.PathLike) -> float:
     return float(json.loads((Path(checkpoint) / COMPLETE_FILE).read_text()).get("train_seconds", 0.0))
 
 
-def resume_training(accelerator, output_dir: str | os.PathLike, resume_from_checkpoint: str | None) -> tuple[int, float]:
+def check_checkpoint_data(checkpoint: str | os.PathLike, data: dict | None) -> None:
+    """Raises a ValueError naming what differs when `checkpoint` was trained on other data than `data` (its
+    completion file's record; checkpoints written before data was recorded are not checked)."""
+    stored = json.loads((Path(checkpoint) / COMPLETE_FILE).read_text()).get("data")
+    if stored is None or data is None:
+        return
+    data = json.loads(json.dumps(data, default=str))
+    changed = sorted(k for k in set(stored) | set(data) if stored.get(k) != data.get(k))
+    if changed:
+        details = "; ".join(f"{k}: {stored.get(k)!r} -> {data.get(k)!r}" for k in changed)
+        raise ValueError(f"`--resume_from_checkpoint` {str(checkpoint)!r} was trained on other data ({details}): "
+                         "resume with the data flags it was trained with, or train into another --output_dir.")
+
+
+def resume_training(accelerator, output_dir: str | os.PathLike, resume_from_checkpoint: str | None,
+                    data: dict | None = None) -> tuple[int, float]:
     """Loads the checkpoint `resume_from_checkpoint` names (see `resume_checkpoint`) into `accelerator`: returns the
-    step to continue from and the training seconds spent so far, `(0, 0.0)` when there is nothing to resume."""
+    step to continue from and the training seconds spent so far, `(0, 0.0)` when there is nothing to resume. A
+    checkpoint trained on other `data` than this run's is refused (`check_checkpoint_data`)."""
     checkpoint = resume_checkpoint(output_dir, resume_from_checkpoint)
     if checkpoint is None:
         return 0, 0.0
+    check_checkpoint_data(checkpoint, data)
     accelerator.load_state(str(checkpoint))
     step, seconds = checkpoint_step(checkpoint), checkpoint_train_seconds(checkpoint)
     logger.info(f"resumed from {checkpoint} at step {step} ({seconds / 60:.1f} min of training)")

@@ -13,6 +13,8 @@ any of its code: `CustomCodeLayoutMixin.load_config` maps the pairs back onto th
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import json
 import os
 from pathlib import Path
@@ -37,18 +39,24 @@ def package_classes(pipeline_class: type) -> dict[str, str]:
     from ..models import AmbiguityEncoder, AmbiSegUNet
     from ..models.prob_unet import ProbUNetModel
 
-    return {c.__name__: c.__module__ for c in (pipeline_class, AmbiSegUNet, AmbiguityEncoder, ProbUNetModel,
+    shipped = [c for c in pipeline_class.__mro__  # the pipeline, or the package's pipeline a user's subclass extends
+               if c.__module__.split(".")[0] == __name__.split(".")[0] and hasattr(c, "_get_signature_keys")]
+    return {c.__name__: c.__module__ for c in (*shipped, AmbiSegUNet, AmbiguityEncoder, ProbUNetModel,
                                                 AmbiSegImageProcessor)}
 
 
 def write_custom_code_layout(folder: str | os.PathLike, pipeline_class: type) -> None:
     """Rewrites a saved `pipeline_class` folder's `model_index.json` in the Hub layout and writes the shim modules.
-    Idempotent: a folder already in the layout (a re-save, a re-push) keeps it."""
+    Idempotent: a folder already in the layout (a re-save, a re-push) keeps it. A pipeline class this package does
+    not ship (a user's subclass) keeps diffusers' own layout: the Hub layout would point at a module it cannot
+    import."""
     folder = Path(folder)
     index_file = folder / "model_index.json"
     index = from_custom_code_layout(json.loads(index_file.read_text()), pipeline_class)
     known = package_classes(pipeline_class)
     pipeline = index["_class_name"]
+    if pipeline not in known:
+        return
     index["_class_name"] = [_file_of(known[pipeline]), pipeline]
     (folder / f"{_file_of(known[pipeline])}.py").write_text(SHIM.format(module=known[pipeline], cls=pipeline))
     for name, spec in index.items():
@@ -75,8 +83,31 @@ def from_custom_code_layout(config: dict, pipeline_class: type) -> dict:
     return config
 
 
+# Set while this package's own `from_pretrained` runs diffusers' loader: a pipeline built outside it was built by
+# `DiffusionPipeline.from_pretrained`, which knows nothing of the folder's adapter files.
+_OWN_LOADER = contextvars.ContextVar("ambiseg_own_loader", default=False)
+
+
+@contextlib.contextmanager
+def own_loader():
+    token = _OWN_LOADER.set(True)
+    try:
+        yield
+    finally:
+        _OWN_LOADER.reset(token)
+
+
 class CustomCodeLayoutMixin:
-    """Saves in the Hub's custom-code layout and loads it with this package's classes (no repository code runs)."""
+    """Saves in the Hub's custom-code layout and loads it with this package's classes (no repository code runs).
+
+    `DiffusionPipeline.from_pretrained` builds the pipeline from its components only, then records the folder as
+    `_name_or_path`; a pipeline class that keeps more in the folder (an adapter) implements
+    `_loaded_by_diffusers(name_or_path)`, called then, so that both loaders give the same pipeline."""
+
+    def register_to_config(self, **kwargs) -> None:
+        super().register_to_config(**kwargs)
+        if "_name_or_path" in kwargs and not _OWN_LOADER.get() and hasattr(self, "_loaded_by_diffusers"):
+            self._loaded_by_diffusers(kwargs["_name_or_path"])
 
     @classmethod
     def load_config(cls, *args, **kwargs):
@@ -86,12 +117,46 @@ class CustomCodeLayoutMixin:
         return from_custom_code_layout(loaded, cls)
 
     def save_pretrained(self, save_directory: str | os.PathLike, push_to_hub: bool = False, **kwargs) -> None:
-        """diffusers' `save_pretrained`, then the layout; `push_to_hub=True` uploads the folder once it is complete."""
+        """diffusers' `save_pretrained`, then the layout, written beside `save_directory` and moved in only once both
+        succeeded (a failed save leaves no half-written pipeline; other files of the folder, e.g. a run's checkpoints,
+        stay); `push_to_hub=True` uploads the folder once it is complete."""
         hub = pop_hub_kwargs(kwargs)
-        super().save_pretrained(save_directory, **kwargs)
-        write_custom_code_layout(save_directory, type(self))
+        with staged_folder(save_directory) as staging:
+            super().save_pretrained(staging, **kwargs)
+            write_custom_code_layout(staging, type(self))
         if push_to_hub:
             upload_saved_folder(save_directory, hub)
+
+
+class staged_folder:
+    """A temporary folder beside `target` whose entries replace `target`'s on a clean exit; removed on an error."""
+
+    def __init__(self, target: str | os.PathLike):
+        self.target = Path(target)
+
+    def __enter__(self) -> str:
+        import tempfile
+
+        self.target.parent.mkdir(parents=True, exist_ok=True)
+        self.staging = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.saving-", dir=self.target.parent))
+        return str(self.staging)
+
+    def __exit__(self, kind, error, traceback) -> bool:
+        import shutil
+
+        try:
+            if kind is None:
+                self.target.mkdir(exist_ok=True)
+                for entry in sorted(self.staging.iterdir()):
+                    destination = self.target / entry.name
+                    if destination.is_dir() and not destination.is_symlink():
+                        shutil.rmtree(destination)
+                    elif destination.exists() or destination.is_symlink():
+                        destination.unlink()
+                    os.replace(entry, destination)
+        finally:
+            shutil.rmtree(self.staging, ignore_errors=True)
+        return False
 
 
 HUB_KWARGS = ("repo_id", "token", "private", "create_pr", "commit_message")

@@ -45,7 +45,7 @@ class InputChecksMixin:
         valid = generator is None or isinstance(generator, torch.Generator) or (
             isinstance(generator, list) and all(isinstance(g, torch.Generator) for g in generator))
         if not valid:
-            raise ValueError(f"`generator` must be a torch.Generator or a list of them (one per image), got "
+            raise ValueError(f"`generator` must be a torch.Generator or a list of them (one per image or per sample), got "
                              f"{type(generator).__name__}; e.g. `generator=torch.Generator().manual_seed(0)`.")
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"`output_type` must be one of {OUTPUT_TYPES}, got {output_type!r}.")

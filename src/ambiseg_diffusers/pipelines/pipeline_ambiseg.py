@@ -7,6 +7,7 @@ handling (`prompt_handling.py`), the output (`pipeline_output.py`) and loading a
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Callable
 from typing import Any
@@ -52,6 +53,11 @@ def native_bf16(device: torch.device) -> bool:
         checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
         return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
     return False
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_once(message: str) -> None:
+    logger.warning(message)
 
 
 class AmbiSegPipeline(AmbiSegLoadingMixin, PromptEncodingMixin, InputChecksMixin, CustomCodeLayoutMixin, DiffusionPipeline,
@@ -200,7 +206,9 @@ class AmbiSegPipeline(AmbiSegLoadingMixin, PromptEncodingMixin, InputChecksMixin
         rows_prior = prior.select(pair_of_row.to(prior.mean.device))
         noise_shape, where = (num_samples, rows_prior.mean.shape[1]), dict(device=rows_prior.mean.device,
                                                                           dtype=rows_prior.mean.dtype)
-        if isinstance(generator, list):  # per row: image b's block of samples from its own generator in one draw,
+        if isinstance(generator, list) and len({id(g) for g in generator}) == rows:  # one per sample: its own z
+            noise = torch.cat([randn_tensor((1, noise_shape[1]), generator=g, **where) for g in generator])
+        elif isinstance(generator, list):  # per row: image b's block of samples from its own generator in one draw,
             # as a call on image b alone draws it (torch draws fewer than 16 normals another way than a block)
             noise = torch.cat([randn_tensor(noise_shape, generator=generator[b * num_samples], **where)
                                for b in range(images.shape[0])])
@@ -226,10 +234,14 @@ class AmbiSegPipeline(AmbiSegLoadingMixin, PromptEncodingMixin, InputChecksMixin
         return extra
 
     def _row_generators(self, generator, batch: int, num_samples: int):
-        """A per-image generator list becomes a per-row list, so each image's samples are independent of batching."""
+        """A per-image generator list becomes a per-row list, so each image's samples are independent of batching;
+        a list of one per sample (diffusers' habit: one per output) is already per row."""
         if isinstance(generator, list):
+            if len(generator) == batch * num_samples and batch * num_samples != batch:
+                return list(generator)
             if len(generator) != batch:
-                raise ValueError(f"`generator` is a list of {len(generator)}; expected one per image ({batch}).")
+                raise ValueError(f"`generator` is a list of {len(generator)}; expected one per image ({batch}) or one "
+                                 f"per sample ({batch * num_samples}).")
             return [g for g in generator for _ in range(num_samples)]
         return generator
 
@@ -298,7 +310,8 @@ class AmbiSegPipeline(AmbiSegLoadingMixin, PromptEncodingMixin, InputChecksMixin
             prior_temperature: scales the prior's standard deviation (0 = always the prior mean).
             eta: DDIM's eta (ignored by other schedulers).
             generator: a `torch.Generator`, or one per image: then image `b`'s samples are those of a call on image
-                `b` alone with `[generator[b]]`, whatever the batch (diffusers' batch-vs-single convention).
+                `b` alone with `[generator[b]]`, whatever the batch (diffusers' batch-vs-single convention); or one
+                per sample (`batch * num_samples`, row `b * num_samples + s`), diffusers' one per output.
             latents: pre-drawn initial noise `(batch * num_samples, mask_channels, size, size)` at the model's size
                 (`image_processor.config.size`), row `b * num_samples + s` for sample `s` of image `b`; `None` = drawn
                 from `generator`.
@@ -356,6 +369,10 @@ class AmbiSegPipeline(AmbiSegLoadingMixin, PromptEncodingMixin, InputChecksMixin
         # Autocast is for float32 weights; fp16 / bf16 weights (`torch_dtype=...`) compute in their own dtype (bf16
         # autocast over fp16 weights would mix the two in BERT's LayerNorm and fail).
         use_bf16 = (mode == "bf16" or (mode == "auto" and native_bf16(device))) and self.unet.dtype == torch.float32
+        if self.unet.dtype == torch.float16 and device.type == "cpu":
+            _warn_once("float16 weights on a CPU: CPUs emulate half precision, about 35x slower than float32 here; "
+                       "load with `dtype=torch.float32` (from_pretrained's default), which bf16 autocast speeds up "
+                       "where the CPU has native bf16.")
         with self._preference_scale(preference_scale), torch.autocast(device.type, torch.bfloat16, enabled=use_bf16):
             dtype = self.unet.dtype
             images, image_sizes = self._image_processor().preprocess(image)

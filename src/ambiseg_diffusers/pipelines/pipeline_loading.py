@@ -14,9 +14,10 @@ from diffusers import DiffusionPipeline
 from diffusers.utils import logging
 
 from ..hub_utils import (
-    BASE_DOWNLOAD_KWARGS, check_finite_weights, check_weight_files, download_kwargs_of, model_card, resolve_pretrained_path,
+    BASE_DOWNLOAD_KWARGS, check_finite_weights, check_pipeline_class, check_weight_files, download_kwargs_of, model_card,
+    resolve_pretrained_path,
 )
-from .custom_code import pop_hub_kwargs, upload_saved_folder
+from .custom_code import own_loader, pop_hub_kwargs, upload_saved_folder
 
 logger = logging.get_logger(__name__)
 
@@ -83,26 +84,50 @@ class AmbiSegLoadingMixin:
         else:
             base_kwargs = {k: v for k, v in download_kwargs.items() if k in BASE_DOWNLOAD_KWARGS}
             pipe = cls.from_pretrained(base, **kwargs, **base_kwargs)
-        earlier = list(getattr(pipe.unet, "peft_config", None) or {})
+        pipe._apply_adapter_folder(path, info_file)
+        return pipe
+
+    def _apply_adapter_folder(self, path: str, info_file: str) -> None:
+        """Loads the LoRA adapter of `path` (its `info_file`: `preference.json` or `consistency.json`) onto this
+        pipeline, and for a distilled sampler its LCMScheduler (and a warning naming its number of calls)."""
+        with open(info_file) as f:
+            info = json.load(f)
+        earlier = list(getattr(self.unet, "peft_config", None) or {})
         name = info.get("adapter_name", PREFERENCE_ADAPTER)
-        pipe.load_lora_weights(path, weight_name=LORA_WEIGHT_NAME, adapter_name=name)
+        self.load_lora_weights(path, weight_name=LORA_WEIGHT_NAME, adapter_name=name)
         if earlier:  # a distilled sampler on an aligned model: both adapters act
-            pipe.set_adapters(earlier + [name])
+            self.set_adapters(earlier + [name])
         if info_file.endswith(CONSISTENCY_FILE):
             from diffusers import LCMScheduler
 
-            pipe.scheduler = LCMScheduler.from_pretrained(path, subfolder="scheduler")
+            self.scheduler = LCMScheduler.from_pretrained(path, subfolder="scheduler")
             logger.warning(f"{path} is a sampler distilled for {info['num_inference_steps']} UNet calls: call it with "
                            f"`num_inference_steps={info['num_inference_steps']}` (`__call__`'s default is the base "
                            "model's recommendation).")
-        return pipe
+
+    def _loaded_by_diffusers(self, name_or_path) -> None:
+        """`DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)` built this pipeline from the folder's
+        components only: its adapter (a TDG-DiffDPO or distilled folder) is applied here, as
+        `AmbiSegPipeline.from_pretrained` applies it, instead of being dropped."""
+        try:
+            path = resolve_pretrained_path(name_or_path, local_files_only=True)  # diffusers has just fetched it
+        except (OSError, FileNotFoundError):
+            return
+        info_file = next((os.path.join(path, name) for name in (ADAPTER_FILE, CONSISTENCY_FILE)
+                          if os.path.isfile(os.path.join(path, name))), None)
+        if info_file is not None and not getattr(self.unet, "peft_config", None):
+            logger.info(f"{name_or_path} holds a LoRA adapter ({os.path.basename(info_file)}): applied, as "
+                        "AmbiSegPipeline.from_pretrained does")
+            self._apply_adapter_folder(path, info_file)
 
     @classmethod
     def _load_checked(cls, path: str, **kwargs) -> DiffusionPipeline:
         """diffusers' loading, between two cheap checks: weight files present and readable before, every weight
         finite after (a corrupted file must not load silently and give empty masks)."""
+        check_pipeline_class(path, cls)
         check_weight_files(path)
-        pipe = super().from_pretrained(path, **kwargs)
+        with own_loader():  # the caller applies the folder's adapter itself
+            pipe = super().from_pretrained(path, **kwargs)
         check_finite_weights(pipe, path)
         return pipe
 

@@ -10,7 +10,9 @@ from diffusers import DiffusionPipeline
 from diffusers.utils import logging
 from diffusers.utils.torch_utils import randn_tensor
 
-from ..hub_utils import check_finite_weights, check_weight_files, download_kwargs_of, resolve_pretrained_path
+from ..hub_utils import (
+    check_finite_weights, check_pipeline_class, check_weight_files, download_kwargs_of, resolve_pretrained_path,
+)
 from ..image_processing import ImageInput
 from ..image_processor import AmbiSegImageProcessor
 from ..models.prob_unet import ProbUNetModel
@@ -52,6 +54,7 @@ class ProbUNetPipeline(CustomCodeLayoutMixin, DiffusionPipeline):
         if "torch_dtype" not in kwargs:
             kwargs.setdefault("dtype", torch.float32)
         path = resolve_pretrained_path(pretrained_model_name_or_path, **download_kwargs)
+        check_pipeline_class(path, cls)
         check_weight_files(path)
         pipe = super().from_pretrained(path, **kwargs)
         check_finite_weights(pipe, path)

@@ -21,7 +21,10 @@ def normalize_prompts(prompt: PromptInput, batch_size: int) -> list[list[str]]:
     if not isinstance(prompt, (list, tuple)) or len(prompt) == 0:
         raise ValueError(f"`prompt` must be a string, a non-empty list of strings or a list of lists, got {prompt!r}.")
     if len(prompt) != batch_size:
-        raise ValueError(f"`prompt` has {len(prompt)} entries but `image` has {batch_size} images; give one per image.")
+        several = (" For several prompts of one image (one per rater, spread over its samples), wrap them in a list: "
+                   "`prompt=[prompts]`.") if batch_size == 1 and all(isinstance(p, str) for p in prompt) else ""
+        raise ValueError(f"`prompt` has {len(prompt)} entries but `image` has {batch_size} images; give one per image."
+                         + several)
     per_image = []
     for i, item in enumerate(prompt):
         item = [item] if isinstance(item, str) else item
@@ -39,14 +42,22 @@ def pad_tokens(states: torch.Tensor, mask: torch.Tensor, length: int) -> tuple[t
     return torch.nn.functional.pad(states, (0, 0, 0, extra)), torch.nn.functional.pad(mask, (0, extra))
 
 
-def rows_of(tensor: torch.Tensor | None, name: str, batch: int, num_samples: int) -> torch.Tensor | None:
-    """A per-image `(batch, ...)` tensor repeated for each sample, or a per-row `(batch * num_samples, ...)` one."""
+def rows_of(tensor: torch.Tensor | None, name: str, batch: int, num_samples: int,
+            round_robin: bool = False) -> torch.Tensor | None:
+    """A per-image `(batch, ...)` tensor repeated for each sample, or a per-row `(batch * num_samples, ...)` one.
+    `round_robin` (prompt embeddings): `k` rows per image are spread over its samples as a prompt list per image
+    is (sample `s` takes row `s % k`), so `encode_prompt` run with another `num_samples` is accepted too."""
     if tensor is None or tensor.shape[0] == batch * num_samples:
         return tensor
     if tensor.shape[0] == batch:
         return tensor.repeat_interleave(num_samples, dim=0)
+    if round_robin and tensor.shape[0] % batch == 0:
+        k = tensor.shape[0] // batch
+        index = [b * k + s % k for b in range(batch) for s in range(num_samples)]
+        return tensor[torch.tensor(index, device=tensor.device)]
     raise ValueError(f"`{name}` has {tensor.shape[0]} rows; expected one per image ({batch}) or one per sample "
-                     f"({batch * num_samples}).")
+                     f"({batch * num_samples})" + (", or the same number for each image" if round_robin else "")
+                     + ".")
 
 
 class PromptEncodingMixin:
@@ -109,8 +120,9 @@ class PromptEncodingMixin:
                 prompt, device, num_samples, guided, negative_prompt, batch_size=batch
             )
         else:
-            prompt_embeds = rows_of(prompt_embeds, "prompt_embeds", batch, num_samples)
-            prompt_attention_mask = rows_of(prompt_attention_mask, "prompt_attention_mask", batch, num_samples)
+            prompt_embeds = rows_of(prompt_embeds, "prompt_embeds", batch, num_samples, round_robin=True)
+            prompt_attention_mask = rows_of(prompt_attention_mask, "prompt_attention_mask", batch, num_samples,
+                                            round_robin=True)
             if guided and negative_prompt_embeds is None:
                 _, _, negative_prompt_embeds, negative_prompt_attention_mask = self.encode_prompt(
                     None, device, num_samples, True, negative_prompt, batch_size=batch
