@@ -57,10 +57,12 @@ class DatasetContractError(ValueError):
 class DataSource:
     """A data source with its own loader, on top of the contract: `load(split, data_dir, prompt_style)` gives its rows
     (columns as `LIDC_COLUMNS` name them); `restyle(rows, prompt_style)` rebuilds the prompts of stored rows of this
-    source (from their ratings) in another style."""
+    source (from their ratings) in another style; `locate(data_dir)` (optional) the folder its files are read from,
+    for records of what a run used."""
 
     load: Callable[[str, str | os.PathLike | None, str | None], Dataset]
     restyle: Callable[[Dataset, str], Dataset]
+    locate: Callable[[str | os.PathLike | None], os.PathLike] | None = None
 
 
 # The contract knows no source: a source registers itself here (lidc.py registers "lidc64" when imported, which
@@ -692,9 +694,8 @@ def is_lidc(args) -> bool:
 def data_source(args) -> str:
     """Where a script's data flags resolve to: the lidc64 folder in use, an absolute local folder, or a Hub id."""
     if is_lidc(args):
-        from .lidc import find_lidc64
-
-        return str(find_lidc64(args.data_dir).resolve())
+        locate = _source("lidc64").locate
+        return str(Path(locate(args.data_dir)).resolve()) if locate is not None else "lidc64"
     name = args.train_data_dir if args.train_data_dir is not None else args.dataset_name
     return str(Path(name).resolve()) if Path(str(name)).is_dir() else str(name)
 

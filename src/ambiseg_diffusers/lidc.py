@@ -500,4 +500,4 @@ def augment(image: torch.Tensor, masks: torch.Tensor, generator: torch.Generator
 # and `load_multirater` means these crops, and rows written by scripts/prepare_lidc.py are re-prompted from their
 # ratings.
 register_source("lidc64", DataSource(load=lambda split, data_dir, style: load_lidc64(split, data_dir, style or "paper"),
-                                     restyle=with_prompt_style))
+                                     restyle=with_prompt_style, locate=find_lidc64))
