@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from ambiseg_diffusers import AmbiSegPipeline
-from ambiseg_diffusers.pipelines.pipeline_ambiseg import native_bf16
+from ambiseg_diffusers.pipelines.pipeline_ambiseg import DEFAULT_NUM_INFERENCE_STEPS, native_bf16, recommended_steps
 from ambiseg_diffusers.lidc import eval_prompts, load_lidc64, pipeline_prompt_style
 from ambiseg_diffusers.metrics import compute_metrics_batch
 from ambiseg_diffusers.evaluation import build_sampling_scheduler, sample_rows
@@ -46,9 +46,8 @@ def timed(fn, repeats: int = 1):
 
 def variant(pipe, **components):
     """A pipeline sharing `pipe`'s weights and config, with some components replaced."""
-    clone = AmbiSegPipeline(**{**pipe.components, **components}, image_clip=pipe.config.image_clip,
-                            default_num_inference_steps=pipe.config.default_num_inference_steps,
-                            autocast=pipe.config.autocast, prompt_style=pipe.config.prompt_style)
+    clone = AmbiSegPipeline(**{**pipe.components, **components}, autocast=pipe.config.autocast,
+                            prompt_style=pipe.config.prompt_style)
     clone.set_progress_bar_config(disable=True)
     return clone
 
@@ -145,7 +144,7 @@ def main() -> None:
     torch.set_grad_enabled(False)
     pipe = AmbiSegPipeline.from_pretrained(args.model, dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
-    default_steps = pipe.config.default_num_inference_steps
+    default_steps = recommended_steps(args.model) or DEFAULT_NUM_INFERENCE_STEPS
     base = base_model(pipe)
     paper = with_scheduler(base, "ddim")
     # (2b) the fast setting, DDIM-2: a distilled sampler's teacher's, else the model's own
@@ -164,20 +163,20 @@ def main() -> None:
     results = {}
     s1, _ = timed(lambda: sample(paper, timing, t_idx, n, 100, separate=True, autocast="no"))
     results["1. paper: 16 calls x 1 sample, DDIM-100, float32"] = s1
-    s2, _ = timed(lambda: sample(pipe, timing, t_idx, n, None), repeats=3)
+    s2, _ = timed(lambda: sample(pipe, timing, t_idx, n, default_steps), repeats=3)
     results[f"2. default call: 1 x 16 samples, {default_steps} steps, {'bf16' if bf16 else 'float32'} (auto)"] = s2
-    s2a, _ = timed(lambda: sample(pipe, timing, t_idx, n, None, autocast="no"), repeats=3)
+    s2a, _ = timed(lambda: sample(pipe, timing, t_idx, n, default_steps, autocast="no"), repeats=3)
     results["2a. default, bf16 off (float32)"] = s2a
     s2b, _ = timed(lambda: sample(more, timing, t_idx, n, more_steps), repeats=3)
     results[f"2b. {more_name}, otherwise as (2)"] = s2b
-    s2c, _ = timed(lambda: sample(pipe, timing, t_idx, n, None, images_per_call=len(t_idx)), repeats=3)
+    s2c, _ = timed(lambda: sample(pipe, timing, t_idx, n, default_steps, images_per_call=len(t_idx)), repeats=3)
     results[f"2c. default, {len(t_idx)} images per call"] = s2c
     channels_last = variant(pipe, unet=copy.deepcopy(pipe.unet).to(memory_format=torch.channels_last))
-    sample(channels_last, timing, t_idx, n, None)
-    results["2d. default, channels_last UNet"] = timed(lambda: sample(channels_last, timing, t_idx, n, None), repeats=3)[0]
+    sample(channels_last, timing, t_idx, n, default_steps)
+    results["2d. default, channels_last UNet"] = timed(lambda: sample(channels_last, timing, t_idx, n, default_steps), repeats=3)[0]
     compiled = variant(pipe, unet=torch.compile(copy.deepcopy(pipe.unet)))
-    compile_seconds, _ = timed(lambda: sample(compiled, timing, t_idx, n, None))  # compiles once for these shapes
-    results["2e. default, torch.compile UNet (after compiling)"] = timed(lambda: sample(compiled, timing, t_idx, n, None), repeats=3)[0]
+    compile_seconds, _ = timed(lambda: sample(compiled, timing, t_idx, n, default_steps))  # compiles once for these shapes
+    results["2e. default, torch.compile UNet (after compiling)"] = timed(lambda: sample(compiled, timing, t_idx, n, default_steps), repeats=3)[0]
     embeds: dict = {}
     sample_with_embeds(pipe, timing, t_idx, n, embeds)
     results["2f. default, prompt_embeds passed (encoded once)"] = timed(lambda: sample_with_embeds(pipe, timing, t_idx, n, embeds), repeats=3)[0]
@@ -185,17 +184,18 @@ def main() -> None:
         fused = variant(pipe, unet=copy.deepcopy(pipe.unet))
         fused.fuse_lora()
         fused.unload_lora_weights()  # the merged weights stay, the LoRA layers go
-        sample(fused, timing, t_idx, n, None)  # warm-up
-        results["2g. default, LoRA fused (`fuse_lora()`, `unload_lora_weights()`)"] = timed(lambda: sample(fused, timing, t_idx, n, None), repeats=3)[0]
+        sample(fused, timing, t_idx, n, default_steps)  # warm-up
+        results["2g. default, LoRA fused (`fuse_lora()`, `unload_lora_weights()`)"] = timed(lambda: sample(fused, timing, t_idx, n, default_steps), repeats=3)[0]
     distilled = None
     if args.distilled:  # another folder's distilled sampler, timed in this run beside the default (LoRA fused)
         distilled = AmbiSegPipeline.from_pretrained(args.distilled, dtype=torch.float32)
         distilled.set_progress_bar_config(disable=True)
         distilled.fuse_lora()
         distilled.unload_lora_weights()
-        sample(distilled, timing, t_idx, n, None)  # warm-up
+        distilled_steps = recommended_steps(args.distilled) or DEFAULT_NUM_INFERENCE_STEPS  # its own, as its card says
+        sample(distilled, timing, t_idx, n, distilled_steps)  # warm-up
         results[f"4. {args.distilled}: its default call, LoRA fused"] = timed(
-            lambda: sample(distilled, timing, t_idx, n, None), repeats=3)[0]
+            lambda: sample(distilled, timing, t_idx, n, distilled_steps), repeats=3)[0]
     floor = unet_floor(pipe, n, default_steps, bf16=bf16) * len(t_idx)
     results["3. floor: the bare UNet forwards of (2)"] = floor
     encode_part, prior_part = overhead_parts(pipe, timing, t_idx, n, bf16)
@@ -212,12 +212,12 @@ def main() -> None:
 
     quality = {
         "1. DDIM-100": sample(paper, rows, indices, n, 100, images_per_call=4),
-        f"2. default ({default_steps} steps, auto precision)": sample(pipe, rows, indices, n, None, images_per_call=4),
-        "2a. default, float32": sample(pipe, rows, indices, n, None, images_per_call=4, autocast="no"),
+        f"2. default ({default_steps} steps, auto precision)": sample(pipe, rows, indices, n, default_steps, images_per_call=4),
+        "2a. default, float32": sample(pipe, rows, indices, n, default_steps, images_per_call=4, autocast="no"),
         f"2b. {more_name}": sample(more, rows, indices, n, more_steps, images_per_call=4),
     }
     if distilled is not None:
-        quality["4. distilled sampler"] = sample(distilled, rows, indices, n, None, images_per_call=4)
+        quality["4. distilled sampler"] = sample(distilled, rows, indices, n, distilled_steps, images_per_call=4)
     if not args.skip_ddpm:
         quality["DDPM-1000"] = sample(with_scheduler(base, "ddpm"), rows, indices, n, 1000, images_per_call=4)
     print(f"\nGED against the raters, first {args.num_images} validation images, N = {n}:")

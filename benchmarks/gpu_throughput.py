@@ -19,6 +19,7 @@ import torch
 
 from ambiseg_diffusers import AmbiSegPipeline
 from ambiseg_diffusers.evaluation import evaluate_pipeline
+from ambiseg_diffusers.pipelines.pipeline_ambiseg import DEFAULT_NUM_INFERENCE_STEPS, recommended_steps
 from ambiseg_diffusers.lidc import load_lidc64, pipeline_prompt_style
 
 PAPER_NODULES = 3072
@@ -45,7 +46,7 @@ def main(argv=None) -> dict:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
-    per_image, _ = evaluate_pipeline(pipe, dataset, args.num_samples, max_images=count,
+    per_image, _ = evaluate_pipeline(pipe, dataset, args.num_samples, recommended_steps(args.model), max_images=count,
                                      images_per_call=args.images_per_call, progress=True,
                                      batch_size=args.batch_size or args.images_per_call * args.num_samples)
     if args.device == "cuda":
@@ -57,7 +58,7 @@ def main(argv=None) -> dict:
         "samples_per_s": count * args.num_samples / seconds,
         "projected_hours_paper_evaluation": PAPER_NODULES * seconds / count / 3600,
         "peak_gpu_memory_mib": torch.cuda.max_memory_allocated() / 2**20 if args.device == "cuda" else None,
-        "ged": float(per_image["ged"].mean()), "steps": pipe.config.default_num_inference_steps,
+        "ged": float(per_image["ged"].mean()), "steps": recommended_steps(args.model) or DEFAULT_NUM_INFERENCE_STEPS,
         "images_per_call": args.images_per_call,
     }
     print(json.dumps(result, indent=2))

@@ -23,7 +23,7 @@ from ambiseg_diffusers import AmbiSegPipeline
 from ambiseg_diffusers.hub_utils import dataset_card, push_dataset_to_hub
 from ambiseg_diffusers.data import (
     add_data_arguments, check_prompts_for_model, dataset_label, distillation_splits, load_from_args,
-    model_resolution,
+    model_image_processor,
 )
 from ambiseg_diffusers.lidc import pipeline_prompt_style
 from ambiseg_diffusers.preferences import STRATEGIES, build_preferences
@@ -58,7 +58,7 @@ def main(argv=None):
     args = parse_args(argv)
     pipe = AmbiSegPipeline.from_pretrained(args.reference, dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
-    dataset = load_from_args(args, args.split, pipeline_prompt_style(pipe), model_resolution(pipe))
+    dataset = load_from_args(args, args.split, pipeline_prompt_style(pipe), image_processor=model_image_processor(pipe))
     check_prompts_for_model(pipe, dataset, opt_in=None)  # pairs of a text model on empty prompts: refused
     pairs, report = build_preferences(
         pipe, dataset, args.output_dir, strategy=args.strategy, num_candidates=args.num_candidates,

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from ambiseg_diffusers import AmbiSegPipeline, load_pipeline
-from ambiseg_diffusers.data import add_data_arguments, load_from_args, model_resolution, selection_split
+from ambiseg_diffusers.data import add_data_arguments, load_from_args, model_image_processor, selection_split
 from ambiseg_diffusers.diagnostics import ambiguity_diagnostics
 from ambiseg_diffusers.lidc import pipeline_prompt_style
 
@@ -53,7 +53,7 @@ def main(argv=None) -> dict:
         return {}
     if args.split is None:
         args.split = selection_split(args.dataset_name, args.train_data_dir)
-    dataset = load_from_args(args, args.split, pipeline_prompt_style(pipe), model_resolution(pipe))
+    dataset = load_from_args(args, args.split, pipeline_prompt_style(pipe), image_processor=model_image_processor(pipe))
     with torch.autocast(device, dtype=torch.bfloat16, enabled=args.bf16):
         report = ambiguity_diagnostics(pipe, dataset, args.max_images, args.num_samples, args.seed,
                                        prior_gap=not args.no_prior_gap)

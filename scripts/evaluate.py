@@ -32,9 +32,10 @@ from ambiseg_diffusers.evaluation import (
     SAMPLING_SCHEDULERS, build_sampling_scheduler, cpu_only, sample_rows, warn_if_emulated_bf16,
 )
 from ambiseg_diffusers.data import (
-    add_data_arguments, check_prompts_for_model, evaluation_split, load_from_args, model_resolution, rater_masks,
+    add_data_arguments, check_prompts_for_model, evaluation_split, load_from_args, model_image_processor, rater_masks,
 )
 from ambiseg_diffusers.lidc import pipeline_prompt_style
+from ambiseg_diffusers.pipelines.pipeline_ambiseg import recommended_steps
 from ambiseg_diffusers.metrics import METRIC_NAMES, compute_metrics_batch, format_table, summarize
 from ambiseg_diffusers.run_records import check_resumable, data_arguments, pipeline_fingerprint
 from ambiseg_diffusers.visualization import sample_grid
@@ -54,7 +55,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="prompt protocol (see ambiseg_diffusers.lidc)")
     parser.add_argument("--scheduler", default=None, choices=sorted(SAMPLING_SCHEDULERS),
                         help="sampler (default: the saved one)")
-    parser.add_argument("--steps", type=int, default=None, help="default: the pipeline's default")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="default: a distilled sampler's own count (consistency.json), else `__call__`'s default")
     parser.add_argument("--deterministic", action="store_true",
                         help="baseline: z at the prior mean and one sample repeated num_samples times")
     parser.add_argument("--guidance_scale", type=float, default=1.0)
@@ -126,9 +128,10 @@ def main(argv=None) -> dict:
     state = PartialState(cpu=cpu_only())
     output_dir = Path(args.output_dir)
     pipe = load_model(args).to(state.device)
+    args.steps = args.steps or recommended_steps(args.model)
     args.split = args.split or evaluation_split(args.dataset_name, args.train_data_dir)
-    args.resolution = args.resolution or model_resolution(pipe)  # data of another size is resized as training did
-    dataset = load_from_args(args, args.split, pipeline_prompt_style(pipe))
+    # data of another size is resized as training resized it (the pipeline's image processor), unless --resolution
+    dataset = load_from_args(args, args.split, pipeline_prompt_style(pipe), image_processor=model_image_processor(pipe))
     check_prompts_for_model(pipe, dataset, args.prompts)  # a text model on data without its text: refused
     total = len(dataset) if args.max_images is None else min(args.max_images, len(dataset))
     if state.is_main_process:

@@ -32,7 +32,7 @@ from ambiseg_diffusers import AmbiSegPipeline
 from ambiseg_diffusers.configs import DPO_CONFIGS
 from ambiseg_diffusers.data import (
     DATA_FLAGS, DatasetContractError, add_data_arguments, check_choosing_split, data_flags, load_from_args,
-    model_resolution, selection_split, splits_overlap,
+    model_image_processor, selection_split, splits_overlap,
 )
 from ambiseg_diffusers.evaluation import evaluate_pipeline
 from ambiseg_diffusers.lidc import pipeline_prompt_style
@@ -92,7 +92,7 @@ def score(model: str | Path, args: argparse.Namespace) -> dict[str, list[float]]
     """Per-image metrics of one pipeline on the scoring split (the same seeds for every round)."""
     pipe = AmbiSegPipeline.from_pretrained(str(model)).to("cuda" if torch.cuda.is_available() else "cpu")
     pipe.set_progress_bar_config(disable=True)
-    dataset = load_from_args(args, args.score_split, pipeline_prompt_style(pipe), model_resolution(pipe))
+    dataset = load_from_args(args, args.score_split, pipeline_prompt_style(pipe), image_processor=model_image_processor(pipe))
     per_image, _ = evaluate_pipeline(pipe, dataset, args.num_samples, seed=args.seed, max_images=args.max_images)
     return {k: per_image[k].tolist() for k in ROUND_METRICS}
 
@@ -103,7 +103,7 @@ def data_record(args: argparse.Namespace) -> dict:
     pipe = AmbiSegPipeline.from_pretrained(args.reference, dtype=torch.float32)
     record = {"reference_sha256": pipeline_fingerprint(pipe)}
     for split in dict.fromkeys((args.split, args.score_split)):
-        rows = load_from_args(args, split, pipeline_prompt_style(pipe), model_resolution(pipe))
+        rows = load_from_args(args, split, pipeline_prompt_style(pipe), image_processor=model_image_processor(pipe))
         record.update({f"{split}:{key}": value for key, value in data_arguments(args, rows, split).items()})
     return record
 

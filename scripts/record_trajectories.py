@@ -29,7 +29,7 @@ from diffusers import DDIMScheduler
 from tqdm.auto import tqdm
 
 from ambiseg_diffusers import AmbiSegPipeline
-from ambiseg_diffusers.data import add_data_arguments, distillation_splits, load_from_args, model_resolution
+from ambiseg_diffusers.data import add_data_arguments, distillation_splits, load_from_args, model_image_processor
 from ambiseg_diffusers.evaluation import build_sampling_scheduler
 from ambiseg_diffusers.lidc import eval_prompts, pipeline_prompt_style
 from ambiseg_diffusers.run_records import check_resumable, data_arguments, pipeline_fingerprint
@@ -114,7 +114,7 @@ def main(argv=None) -> Path:
     # the last step lands on x0 itself (alpha 1), so `final` is the teacher's last clean-mask prediction
     pipe.scheduler = DDIMScheduler.from_config(build_sampling_scheduler(pipe.scheduler, "ddim").config,
                                                set_alpha_to_one=True)
-    dataset = load_from_args(args, args.split, pipeline_prompt_style(pipe), model_resolution(pipe))
+    dataset = load_from_args(args, args.split, pipeline_prompt_style(pipe), image_processor=model_image_processor(pipe))
     total = len(dataset) if args.max_images is None else min(args.max_images, len(dataset))
     output_dir = Path(args.output_dir)
     # images_per_call changes the batching only: each image's rows draw from their own generators (in bf16 the

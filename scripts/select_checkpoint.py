@@ -25,7 +25,7 @@ import torch
 
 from ambiseg_diffusers import load_pipeline
 from ambiseg_diffusers.data import (
-    DatasetContractError, add_data_arguments, check_choosing_split, dataset_label, load_from_args, model_resolution,
+    DatasetContractError, add_data_arguments, check_choosing_split, dataset_label, load_from_args, model_image_processor,
     selection_split,
 )
 from ambiseg_diffusers.evaluation import evaluate_pipeline
@@ -60,9 +60,10 @@ def select(paths: list[Path], output: Path, data_args: argparse.Namespace, split
     for path in paths:
         pipe = load_pipeline(str(path)).to(device)
         pipe.set_progress_bar_config(disable=True)
-        key = (pipeline_prompt_style(pipe), model_resolution(pipe))
+        processor = model_image_processor(pipe)
+        key = (pipeline_prompt_style(pipe), None if processor is None else processor.to_json_string())
         if key not in datasets:
-            datasets[key] = load_from_args(data_args, split, *key)
+            datasets[key] = load_from_args(data_args, split, key[0], image_processor=processor)
         dataset = datasets[key]
         with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
             per_image, _ = evaluate_pipeline(pipe, dataset, num_samples, seed=seed, images_per_call=images_per_call,

@@ -46,7 +46,7 @@ from ambiseg_diffusers.evaluation import (
     warn_if_emulated_bf16,
 )
 from ambiseg_diffusers.data import (
-    DatasetContractError, add_data_arguments, check_choosing_split, load_from_args, model_resolution, rater_masks,
+    DatasetContractError, add_data_arguments, check_choosing_split, load_from_args, model_image_processor, rater_masks,
     selection_split,
 )
 from ambiseg_diffusers.lidc import pipeline_prompt_style
@@ -163,7 +163,7 @@ def main(argv=None) -> dict:
         if not clip and pipelines[model].scheduler.config.prediction_type == "sample":
             parser.error(f"`{config}`: `:noclip` changes nothing for an x0-predicting model (the pipeline clamps its "
                          "predicted mask to [-1, 1] before every step); it applies to epsilon and v models")
-    dataset = load_from_args(args, args.split, pipeline_prompt_style(base), model_resolution(base))
+    dataset = load_from_args(args, args.split, pipeline_prompt_style(base), image_processor=model_image_processor(base))
     count = len(dataset) if args.max_images is None else min(args.max_images, len(dataset))
     output_dir = Path(args.output_dir)
     cache = output_dir / "configs"
@@ -289,7 +289,7 @@ def paper_protocol_seconds(pipe, dataset, num_images: int, num_samples: int, dev
     from ambiseg_diffusers.lidc import eval_prompts
 
     ddim = AmbiSegPipeline(**{**pipe.components, "scheduler": build_sampling_scheduler(pipe.scheduler, "ddim")},
-                           **{k: pipe.config[k] for k in ("image_clip", "default_num_inference_steps", "prompt_style")})
+                           **{k: pipe.config[k] for k in ("autocast", "prompt_style")})
     ddim.set_progress_bar_config(disable=True)
     warm = dataset[0]  # one untimed call first: the paper's protocol must not pay the one-time warm-up alone
     ddim(np.asarray(warm["image"], np.float32), eval_prompts(warm, "annotator")[0], num_samples=1, num_inference_steps=2,

@@ -13,7 +13,7 @@ import torch
 from diffusers import DDIMScheduler
 from transformers import BertConfig, BertModel, BertTokenizer
 
-from ambiseg_diffusers import AmbiguityEncoder, AmbiSegPipeline, AmbiSegUNet
+from ambiseg_diffusers import AmbiguityEncoder, AmbiSegImageProcessor, AmbiSegPipeline, AmbiSegUNet
 from ambiseg_diffusers.lidc import resolve_data_dir
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -76,11 +76,12 @@ def tiny_encoder(in_channels: int) -> AmbiguityEncoder:
     return encoder
 
 
-def make_pipeline(tokenizer, scheduler=None, prediction_type: str = "sample") -> AmbiSegPipeline:
+def make_pipeline(tokenizer, scheduler=None, prediction_type: str = "sample", size: int = SIZE) -> AmbiSegPipeline:
+    """The tiny pipeline; `size`: its image processor's (64 to run it on the lidc64 crops as they are)."""
     scheduler = scheduler or DDIMScheduler(num_train_timesteps=100, prediction_type=prediction_type, clip_sample=True)
     pipe = AmbiSegPipeline(unet=tiny_unet(), scheduler=scheduler, text_encoder=tiny_text_encoder(), tokenizer=tokenizer,
-                           prior=tiny_encoder(1), posterior=tiny_encoder(2), default_num_inference_steps=3,
-                           autocast="no")  # golden values in float32, whatever the test machine's CPU
+                           prior=tiny_encoder(1), posterior=tiny_encoder(2),
+                           image_processor=AmbiSegImageProcessor(size=size), autocast="no")  # golden values in float32, whatever the test machine's CPU
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

@@ -1,6 +1,7 @@
 """The committed checkpoints load offline in one line (from the checkout and from a Hub cache) and sample
 nodule-sized masks on a real slice."""
 
+import inspect
 import json
 from pathlib import Path
 
@@ -9,6 +10,7 @@ import pytest
 import torch
 
 from ambiseg_diffusers import AmbiSegPipeline
+from ambiseg_diffusers.pipelines.pipeline_ambiseg import recommended_steps
 
 from conftest import needs_data
 
@@ -23,7 +25,8 @@ def test_committed_checkpoints_load_and_sample():
     reference.set_progress_bar_config(disable=True)
     row = load_lidc64("mini", prompt_style=pipeline_prompt_style(reference))[0]  # the prompts it was trained on
     image, prompts = np.asarray(row["image"]), [eval_prompts(row, "annotator")]
-    assert reference.unet.dtype == torch.float32 and reference.config.default_num_inference_steps == 6
+    assert reference.unet.dtype == torch.float32 and reference.image_processor.config.size == 64
+    assert inspect.signature(reference.__call__).parameters["num_inference_steps"].default == 6  # UniPC-6
     assert type(reference.scheduler).__name__ == "UniPCMultistepScheduler"  # the default-quality sweep's choice
     out = reference(image, prompts, num_samples=4, generator=torch.Generator().manual_seed(0))
     assert out.masks.shape == (1, 4, 64, 64)
@@ -52,9 +55,10 @@ def test_committed_distilled_sampler_loads_in_one_line_as_lcm_lora():
     assert ModelCard.load(folder / "README.md").data.base_model == info["base_model"] == "ambiseg-diffusers/ambiseg-lidc64"
     pipe = AmbiSegPipeline.from_pretrained(folder)
     pipe.set_progress_bar_config(disable=True)
-    assert isinstance(pipe.scheduler, LCMScheduler) and pipe.config.default_num_inference_steps == 2
+    assert isinstance(pipe.scheduler, LCMScheduler) and recommended_steps(folder) == 2
     row = load_lidc64("mini", prompt_style=pipeline_prompt_style(pipe))[0]
-    call = dict(image=np.asarray(row["image"]), prompt=[eval_prompts(row, "annotator")], num_samples=4)
+    call = dict(image=np.asarray(row["image"]), prompt=[eval_prompts(row, "annotator")], num_samples=4,
+                num_inference_steps=2)
     out = pipe(**call, generator=torch.Generator().manual_seed(0))
     assert 0.002 < out.masks.mean() < 0.2  # nodule-sized masks
     assert (out.masks[0].any(0) & np.asarray(row["masks"]).astype(bool).any(0)).sum() > 0
@@ -63,10 +67,10 @@ def test_committed_distilled_sampler_loads_in_one_line_as_lcm_lora():
     manual.set_progress_bar_config(disable=True)
     manual.load_lora_weights(folder, weight_name="pytorch_lora_weights.safetensors", adapter_name="consistency")
     manual.scheduler = LCMScheduler.from_pretrained(folder, subfolder="scheduler")
-    again = manual(**call, num_inference_steps=2, generator=torch.Generator().manual_seed(0))
+    again = manual(**call, generator=torch.Generator().manual_seed(0))
     np.testing.assert_allclose(again.probabilities, out.probabilities, atol=1e-5)
     manual.unet.disable_adapters()  # and the adapter is what makes its samples
-    teacher = manual(**call, num_inference_steps=2, generator=torch.Generator().manual_seed(0))
+    teacher = manual(**call, generator=torch.Generator().manual_seed(0))
     assert np.abs(teacher.probabilities - out.probabilities).max() > 0.1
 
 

@@ -138,13 +138,14 @@ def test_distillation_saves_an_adapter_the_pipeline_loads_and_resumes_exactly(te
     after = pipe(**call, num_inference_steps=2, generator=torch.Generator().manual_seed(0)).masks
     assert pipe.scheduler.config.original_inference_steps == 10
     assert (after - before).abs().max() > 1e-3  # the trained adapter changes the samples
-    # ... and in one line, the default number of calls from consistency.json (what evaluate.py and the sweep load)
+    # ... and in one line, the number of calls from consistency.json (what evaluate.py and the sweep read)
     from ambiseg_diffusers import load_pipeline
+    from ambiseg_diffusers.pipelines.pipeline_ambiseg import recommended_steps
 
     one_line = load_pipeline(str(straight))
     one_line.set_progress_bar_config(disable=True)
-    assert isinstance(one_line.scheduler, LCMScheduler) and one_line.config.default_num_inference_steps == 2
-    again = one_line(**call, generator=torch.Generator().manual_seed(0)).masks
+    assert isinstance(one_line.scheduler, LCMScheduler) and recommended_steps(straight) == 2
+    again = one_line(**call, num_inference_steps=recommended_steps(straight), generator=torch.Generator().manual_seed(0)).masks
     torch.testing.assert_close(again, after)
 
 
@@ -169,10 +170,10 @@ def test_a_run_resumed_past_its_last_step_saves_without_training(teacher, tmp_pa
 
 def mini_at_teacher_size(pipe):
     """The mini split as record_trajectories.py reads it: resized to the teacher's size, in its prompt style."""
-    from ambiseg_diffusers.data import load_multirater, model_resolution
+    from ambiseg_diffusers.data import load_multirater, model_image_processor
     from ambiseg_diffusers.lidc import pipeline_prompt_style
 
-    return load_multirater("lidc64", "mini", resolution=model_resolution(pipe), prompt_style=pipeline_prompt_style(pipe))
+    return load_multirater("lidc64", "mini", image_processor=model_image_processor(pipe), prompt_style=pipeline_prompt_style(pipe))
 
 
 @pytest.fixture
@@ -224,6 +225,7 @@ def test_trajectory_distillation_learns_the_teachers_samples_and_resumes_exactly
     from safetensors.numpy import load_file
 
     from ambiseg_diffusers import load_pipeline
+    from ambiseg_diffusers.pipelines.pipeline_ambiseg import recommended_steps
 
     def args(output, *extra):
         return ["--teacher", str(teacher), "--trajectories", str(recorded), "--output_dir", str(output),
@@ -240,8 +242,8 @@ def test_trajectory_distillation_learns_the_teachers_samples_and_resumes_exactly
         pipe = load_pipeline(str(folder))
         pipe.set_progress_bar_config(disable=True)
         image = np.asarray(mini_at_teacher_size(pipe)[0]["image"], np.float32)
-        out = pipe(image, [[str(p) for p in shards[0]["prompts"][:3]]], num_samples=3,
-                   latents=noise[:3, 0], ambiguity_latents=z[:3], output_type="latent")
+        out = pipe(image, [[str(p) for p in shards[0]["prompts"][:3]]], num_samples=3, latents=noise[:3, 0],
+                   ambiguity_latents=z[:3], output_type="latent", num_inference_steps=recommended_steps(folder))
         assert pipe.scheduler.timesteps.tolist() == [99]
         return float(((out.masks - final[:3]) ** 2).mean())
 
@@ -257,7 +259,8 @@ def test_trajectory_distillation_learns_the_teachers_samples_and_resumes_exactly
     pipe = load_pipeline(str(trained_dir))
     pipe.set_progress_bar_config(disable=True)
     image = np.asarray(mini_at_teacher_size(pipe)[0]["image"], np.float32)
-    call = dict(image=image, prompt="a nodule", num_samples=2, output_type="latent")
+    call = dict(image=image, prompt="a nodule", num_samples=2, output_type="latent",
+                num_inference_steps=recommended_steps(trained_dir))
     unfused = pipe(**call, generator=torch.Generator().manual_seed(0)).masks
     pipe.fuse_lora()
     pipe.unload_lora_weights()

@@ -65,10 +65,12 @@ def test_api_endpoint_returns_the_metrics_of_the_direct_call(tokenizer):
 def test_uploads_are_read_or_refused_with_a_message(tmp_path):
     np.save(tmp_path / "ok.npy", np.random.default_rng(0).normal(size=(64, 64)).astype(np.float32))
     assert app.read_upload(str(tmp_path / "ok.npy")).shape == (64, 64)
-    np.save(tmp_path / "odd.npy", np.zeros((63, 64)))
+    np.save(tmp_path / "odd.npy", np.zeros((63, 96)))  # any size the processor takes: it resizes, masks come back
+    assert app.read_upload(str(tmp_path / "odd.npy")).shape == (63, 96)
+    np.save(tmp_path / "tiny.npy", np.zeros((8, 64)))
     (tmp_path / "notes.png").write_text("not an image")
     np.save(tmp_path / "rgb.npy", np.zeros((64, 64, 3)))
-    for name, match in (("odd.npy", "multiples of 4"), ("notes.png", "Could not read notes.png"),
+    for name, match in (("tiny.npy", "between 16 and"), ("notes.png", "Could not read notes.png"),
                         ("rgb.npy", "one 2-D grey image")):
         with pytest.raises(gr.Error, match=match):
             app.read_upload(str(tmp_path / name))

@@ -4,6 +4,8 @@ cannot sample an x0 model, and sampling knobs that cannot be NaN."""
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pytest
 import torch
@@ -12,7 +14,7 @@ from diffusers.callbacks import SDCFGCutoffCallback
 
 from ambiseg_diffusers.pipelines import pipeline_ambiseg
 
-from conftest import make_pipeline
+from conftest import SIZE, make_pipeline
 from test_pipeline_conventions import add_tiny_adapter
 
 
@@ -115,7 +117,7 @@ def test_diffusers_own_loader_returns_the_same_pipeline_and_a_resave_keeps_the_h
     assert index["unet"] == ["unet_ambiseg", "AmbiSegUNet"] and index["prior"] == ["ambiguity_encoder", "AmbiguityEncoder"]
     ours = AmbiSegPipeline.from_pretrained(tmp_path / "saved")
     theirs = DiffusionPipeline.from_pretrained(tmp_path / "saved", trust_remote_code=True)
-    assert type(theirs) is AmbiSegPipeline and theirs.config.default_num_inference_steps == 3
+    assert type(theirs) is AmbiSegPipeline and theirs.image_processor.config == ours.image_processor.config
     theirs.set_progress_bar_config(disable=True)
     call = dict(image=image, prompt="a nodule", num_samples=2, output_type="latent")
     torch.testing.assert_close(theirs(**call, generator=seeded(0)).masks, ours(**call, generator=seeded(0)).masks,
@@ -149,7 +151,7 @@ def test_a_subclass_saves_in_diffusers_layout_and_reloads(tokenizer, image, tmp_
 def test_a_failed_save_leaves_no_half_written_folder(tokenizer, tmp_path, monkeypatch):
     from ambiseg_diffusers.pipelines import custom_code
 
-    def broken(folder):
+    def broken(folder, pipeline_class):
         raise OSError("disk full")
 
     monkeypatch.setattr(custom_code, "write_custom_code_layout", broken)
@@ -173,32 +175,72 @@ def test_this_packages_loader_runs_no_code_from_the_folder(tokenizer, tmp_path):
         DiffusionPipeline.from_pretrained(tmp_path / "saved", trust_remote_code=True)
 
 
-def test_a_pipeline_built_from_components_keeps_its_settings(tokenizer, image, tmp_path):
-    from ambiseg_diffusers import AmbiSegPipeline, ProbUNetPipeline
+def test_a_pipeline_built_from_components_or_from_pipe_samples_as_the_original(tokenizer, image):
+    """Image settings travel as the image processor component; the rest is configuration, which `from_pipe`
+    carries (diffusers' way) and `Pipeline(**components)` takes as keywords; the step count is `__call__`'s."""
+    from ambiseg_diffusers import AmbiSegImageProcessor, AmbiSegPipeline, ProbUNetPipeline
     from ambiseg_diffusers.models.prob_unet import ProbUNetModel
 
-    pipe = make_pipeline(tokenizer)  # 3 steps, autocast "no": not the class defaults (20, "auto")
-    pipe.register_to_config(image_clip=2.0, prompt_style="free")
-    settings = {k: pipe.config[k] for k in ("image_clip", "default_num_inference_steps", "autocast", "prompt_style")}
-    rebuilt = AmbiSegPipeline(**pipe.components)
-    assert {k: rebuilt.config[k] for k in settings} == settings == {
-        "image_clip": 2.0, "default_num_inference_steps": 3, "autocast": "no", "prompt_style": "free"}
-    rebuilt.set_progress_bar_config(disable=True)
-    np.testing.assert_array_equal(rebuilt(image, "a nodule", num_samples=2, generator=seeded(0)).probabilities,
-                                  pipe(image, "a nodule", num_samples=2, generator=seeded(0)).probabilities)
-    assert AmbiSegPipeline(**pipe.components, default_num_inference_steps=5).config.default_num_inference_steps == 5
-    # The record travels with the UNet's saved config, and a fresh UNet has none: the class defaults.
-    pipe.save_pretrained(tmp_path)
-    loaded = AmbiSegPipeline.from_pretrained(tmp_path)
-    assert AmbiSegPipeline(**loaded.components).config.default_num_inference_steps == 3
-    from conftest import tiny_unet
-    assert AmbiSegPipeline(**{**pipe.components, "unet": tiny_unet()}).config.default_num_inference_steps == 20
-    # A UNet shared with a pipeline of other settings, or assigned to `pipe.unet`: `components` hands over pipe's.
-    AmbiSegPipeline(**pipe.components, default_num_inference_steps=50)
-    assert AmbiSegPipeline(**pipe.components).config.default_num_inference_steps == 3
-    pipe.unet = tiny_unet()
-    assert AmbiSegPipeline(**pipe.components).config.default_num_inference_steps == 3
+    pipe = make_pipeline(tokenizer)
+    pipe.image_processor = AmbiSegImageProcessor(size=SIZE, image_clip=2.0)  # not the default normalisation
+    call = dict(image=image, prompt="a nodule", num_samples=2)
+    expected = pipe(**call, generator=seeded(0)).probabilities
+    rebuilt = AmbiSegPipeline(**pipe.components, autocast="no")
+    from_pipe = AmbiSegPipeline.from_pipe(pipe)
+    assert rebuilt.image_processor.config.image_clip == from_pipe.image_processor.config.image_clip == 2.0
+    assert from_pipe.config.autocast == "no" and from_pipe.config.prompt_style == pipe.config.prompt_style
+    for other in (rebuilt, from_pipe):
+        other.set_progress_bar_config(disable=True)
+        np.testing.assert_array_equal(other(**call, generator=seeded(0)).probabilities, expected)
+    # the clip changes the samples, so the equality above is the processor's doing
+    default = AmbiSegPipeline(**{**pipe.components, "image_processor": None}, autocast="no")
+    default.set_progress_bar_config(disable=True)
+    assert np.abs(default(**call, generator=seeded(0)).probabilities - expected).max() > 1e-3
+    # nothing is written into the UNet's config any more
+    assert "_pipeline_settings" not in pipe.unet.config
 
     prob = ProbUNetPipeline(ProbUNetModel(latent_dim=2, block_out_channels=(8, 8), encoder_block_out_channels=(8, 8),
                                           norm_num_groups=4), image_clip=2.5)
-    assert ProbUNetPipeline(**prob.components).config.image_clip == 2.5
+    assert ProbUNetPipeline(**prob.components).image_processor.config.image_clip == 2.5
+
+
+def test_a_folder_saved_by_version_0_1_loads_with_its_settings(tokenizer, image, tmp_path, caplog):
+    """No image processor, the settings recorded in the UNet's config (`_pipeline_settings`) and `model_index.json`:
+    the clip goes into the default processor, autocast and prompt style into the configuration, and a recorded step
+    count other than `__call__`'s default is named in a warning."""
+    import json
+    import shutil
+
+    from diffusers.utils import logging as dlogging
+
+    from ambiseg_diffusers import AmbiSegPipeline
+
+    pipe = make_pipeline(tokenizer)
+    pipe.save_pretrained(tmp_path)
+    shutil.rmtree(tmp_path / "image_processor")
+    index = json.loads((tmp_path / "model_index.json").read_text())
+    del index["image_processor"]
+    index.update(image_clip=2.0, default_num_inference_steps=3, prompt_style="free", autocast="no")
+    (tmp_path / "model_index.json").write_text(json.dumps(index))
+    unet_config = json.loads((tmp_path / "unet" / "config.json").read_text())
+    unet_config["_pipeline_settings"] = {"image_clip": 2.0, "default_num_inference_steps": 3, "prompt_style": "free",
+                                         "autocast": "no"}
+    (tmp_path / "unet" / "config.json").write_text(json.dumps(unet_config))
+    dlogging.enable_propagation()
+    try:
+        with caplog.at_level(logging.WARNING):
+            old = AmbiSegPipeline.from_pretrained(tmp_path)
+            rebuilt = AmbiSegPipeline(**old.components)  # the UNet's record still speaks for a 0.1 folder
+    finally:
+        dlogging.disable_propagation()
+    assert "pass `num_inference_steps=3` to sample as before" in caplog.text
+    for loaded in (old, rebuilt):
+        assert loaded.image_processor.config.image_clip == 2.0 and loaded.image_processor.config.size == SIZE
+        assert (loaded.config.prompt_style, loaded.config.autocast) == ("free", "no")
+    pipe.image_processor = old.image_processor
+    pipe.register_to_config(prompt_style="free")
+    old.set_progress_bar_config(disable=True)
+    np.testing.assert_allclose(  # a loaded folder differs from the in-memory pipeline by float rounding only
+        old(image, "a solid nodule", num_samples=2, num_inference_steps=3, generator=seeded(0)).probabilities,
+        pipe(image, "a solid nodule", num_samples=2, num_inference_steps=3, generator=seeded(0)).probabilities,
+        atol=1e-5)

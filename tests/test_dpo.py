@@ -9,7 +9,7 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 
-from ambiseg_diffusers import AmbiSegPipeline
+from ambiseg_diffusers import AmbiSegImageProcessor, AmbiSegPipeline
 from ambiseg_diffusers.losses import diffusion_dpo_loss, dpo_errors, predicted_noise
 from datasets import load_from_disk
 
@@ -97,7 +97,7 @@ def reference_and_pairs(tokenizer, tmp_path):
     """A tiny saved reference and mean-Dice pairs from all 14 mini slices."""
     from ambiseg_diffusers.lidc import load_lidc64
 
-    reference = make_pipeline(tokenizer)
+    reference = make_pipeline(tokenizer, size=64)  # pairs are built at the processor's size: the crops' here
     reference.save_pretrained(tmp_path / "reference")
     build_preferences(reference, load_lidc64("mini"), tmp_path / "prefs", num_candidates=2, fraction=1.0,
                       num_inference_steps=2)
@@ -117,7 +117,7 @@ def test_build_preferences_and_train_dpo_end_to_end(tokenizer, tmp_path):
 
     from ambiseg_diffusers.lidc import load_lidc64
 
-    reference = make_pipeline(tokenizer)
+    reference = make_pipeline(tokenizer, size=64)  # pairs are built at the processor's size: the crops' here
     reference.save_pretrained(tmp_path / "reference")
     mini = load_lidc64("mini")
     pairs, report = build_preferences(reference, mini, tmp_path / "prefs", strategy="stochastic_run",
@@ -348,7 +348,7 @@ def state_pairs(tokenizer, tmp_path):
     """A tiny saved reference (its UNet takes z) and pairs built with their sampling states."""
     from ambiseg_diffusers.lidc import load_lidc64
 
-    reference = make_pipeline(tokenizer)
+    reference = make_pipeline(tokenizer, size=64)  # pairs are built at the processor's size: the crops' here
     reference.save_pretrained(tmp_path / "reference")
     pairs, _ = build_preferences(reference, load_lidc64("mini"), tmp_path / "state-prefs", num_candidates=3,
                                  fraction=1.0, num_inference_steps=2, record_states=True)
@@ -378,12 +378,12 @@ def test_recorded_states_reproduce_each_pairs_masks(state_pairs):
 def test_state_pairs_are_not_augmented_and_plain_pairs_are(state_pairs, reference_and_pairs):
     """A turned state is not one the sampler gives the turned image: pairs with states keep their orientation."""
     _, _, _, pairs = state_pairs
-    batch = train_dpo.pair_batch(pairs, [0, 1, 2, 3], 3.0, torch.Generator().manual_seed(3))
+    batch = train_dpo.pair_batch(pairs, [0, 1, 2, 3], AmbiSegImageProcessor(size=64), torch.Generator().manual_seed(3))
     for i in range(4):
         assert torch.equal(batch["winner_states"][i], torch.as_tensor(np.asarray(pairs[i]["winner_states"], np.float32)))
         assert torch.equal(batch["loser"][i, 0], torch.as_tensor(np.asarray(pairs[i]["loser"]), dtype=torch.float32) * 2 - 1)
     plain = load_from_disk(str(reference_and_pairs[2]))
-    turned = train_dpo.pair_batch(plain, [0, 1, 2, 3], 3.0, torch.Generator().manual_seed(3))
+    turned = train_dpo.pair_batch(plain, [0, 1, 2, 3], AmbiSegImageProcessor(size=64), torch.Generator().manual_seed(3))
     stored = torch.stack([torch.as_tensor(np.asarray(plain[i]["winner"]), dtype=torch.float32) * 2 - 1 for i in range(4)])
     assert not torch.equal(turned["winner"][:, 0], stored)  # seed 3 turns at least one of the four
 

@@ -431,10 +431,12 @@ def test_an_interrupted_preference_build_never_resumes_on_other_data(two_sites, 
         build_preferences.main(argv + ["--train_data_dir", str(site_a)])
     monkeypatch.undo()
     for other in (["--train_data_dir", str(site_b)],  # same base name, blank masks
-                  ["--train_data_dir", str(site_a), "--caption_column", "report"],
-                  ["--train_data_dir", str(site_a), "--resolution", str(SIZE // 2)]):
+                  ["--train_data_dir", str(site_a), "--caption_column", "report"]):
         with pytest.raises(ValueError, match="holds results made with other arguments.*data"):
             build_preferences.main(argv + other)
+    # another size: refused before any resume (issue 42: pairs are built at the model's size only)
+    with pytest.raises(ValueError, match="built at the model's size"):
+        build_preferences.main(argv + ["--train_data_dir", str(site_a), "--resolution", str(SIZE // 2)])
     fresh, report = build_preferences.main(argv + ["--train_data_dir", str(site_b), "--output_dir",
                                                    str(tmp_path / "fresh")])
     assert len(fresh) == report["pairs"] == 0 and report["ties"] == len(RATERS["train"])  # blank raters: all tie

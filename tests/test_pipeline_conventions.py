@@ -127,7 +127,7 @@ def test_optional_components(tokenizer, image, tmp_path):
     assert embeds.shape[-1] == full.text_encoder.config.hidden_size
 
     no_text = AmbiSegPipeline(unet=full.unet, scheduler=full.scheduler, text_encoder=None, tokenizer=None,
-                              prior=full.prior, default_num_inference_steps=3, autocast="no")
+                              prior=full.prior, autocast="no")
     no_text.set_progress_bar_config(disable=True)
     with pytest.raises(ValueError, match="prompt_embeds"):
         no_text(image, "a nodule")

@@ -76,7 +76,8 @@ def test_save_and_load_through_the_generic_loader(tmp_path, caplog):
     pipe = ProbUNetPipeline(prob_unet=tiny_model(), image_clip=2.0)
     pipe.save_pretrained(tmp_path)
     loaded = load_pipeline(str(tmp_path))
-    assert isinstance(loaded, ProbUNetPipeline) and loaded.config.image_clip == 2.0
+    assert isinstance(loaded, ProbUNetPipeline) and loaded.image_processor.config.image_clip == 2.0
+    assert not loaded.image_processor.config.do_resize  # a Probabilistic U-Net built without one: inputs as given
     image = np.random.default_rng(1).normal(size=(16, 16)).astype(np.float32)
     a = pipe(image, num_samples=2, generator=torch.Generator().manual_seed(3)).probabilities
     b = loaded(image, "a solid nodule", num_samples=2, generator=torch.Generator().manual_seed(3)).probabilities

@@ -51,6 +51,7 @@ from ambiseg_diffusers.run_records import data_arguments
 from ambiseg_diffusers.training_utils import (
     TrainingClock, ambiguity_design, build_models, build_noise_scheduler, generator_of, load_ema, load_text_components,
     log_validation, recipe_from_args, resume_training, save_checkpoint, save_ema, step_batches, str2bool,
+    training_image_processor,
     warm_start,
 )
 
@@ -120,7 +121,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     recipe.add_argument("--ema_warmup", type=str2bool, metavar="{true,false}", help="diffusers EMAModel warm-up")
     recipe.add_argument("--prompt_dropout", type=float, help="probability of the empty prompt (for guidance)")
     recipe.add_argument("--sampling_scheduler", choices=sorted(SAMPLING_SCHEDULERS), help="sampler of the saved pipeline")
-    recipe.add_argument("--sampling_steps", type=int, help="default denoising steps of the saved pipeline")
+    recipe.add_argument("--sampling_steps", type=int, help="denoising steps of validation (and the card's advice)")
     recipe.add_argument("--image_clip", type=float, help="image normalisation: z-score clipped at +-clip, / clip")
 
     run = parser.add_argument_group("run")
@@ -295,8 +296,7 @@ def main(argv=None) -> Path:
             unet=copies[0], prior=copies[1] if has_encoders else None,
             posterior=copies[2] if has_encoders else None, text_encoder=text_encoder, tokenizer=tokenizer,
             scheduler=build_sampling_scheduler(noise_scheduler, config.sampling_scheduler),
-            image_clip=config.image_clip, default_num_inference_steps=config.sampling_steps,
-            prompt_style=config.prompt_style,
+            image_processor=training_image_processor(config, copies[0].image_channels), prompt_style=config.prompt_style,
         ).to(accelerator.device)
 
     def validate(step: int) -> dict:
@@ -306,7 +306,8 @@ def main(argv=None) -> Path:
         pipeline.set_progress_bar_config(disable=True)
         with accelerator.autocast():
             metrics, grid = validation_report(
-                pipeline, validation, args.num_validation_images, args.num_validation_samples, seed=args.seed
+                pipeline, validation, args.num_validation_images, args.num_validation_samples, seed=args.seed,
+                num_inference_steps=config.sampling_steps,
             )
         # The ambiguity term's health (KL per dimension, live dimensions, prior-posterior correlation, prior gap)
         diagnostics = ambiguity_diagnostics(pipeline, validation, args.num_validation_images,
@@ -397,12 +398,13 @@ def main(argv=None) -> Path:
             num_rows=len(dataset), max_train_steps=done, validation_split=args.validation_split,
             num_validation_images=args.num_validation_images, num_validation_samples=args.num_validation_samples,
             metrics_table=metrics_table(metrics), text_encoder=config.text_encoder, prompt_style=config.prompt_style,
+            resolution=config.resolution,
         )
         if is_lidc(args) or config.prompt_style != FREE_TEXT:
             model_card("ambiseg.md", repo_id, extra_tags=["lung-nodule"], **card).save(output_dir / "README.md")
         else:
             model_card("ambiseg_own_data.md", repo_id, lidc=False, **card, **dataset_facts(args, dataset),
-                       resolution=config.resolution).save(output_dir / "README.md")
+                       ).save(output_dir / "README.md")
         if args.push_to_hub:
             push_folder_to_hub(output_dir, repo_id, token=args.hub_token)
     accelerator.end_training()

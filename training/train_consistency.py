@@ -71,7 +71,7 @@ from diffusers.training_utils import EMAModel
 from ambiseg_diffusers import AmbiSegPipeline
 from ambiseg_diffusers.configs import CONFIGS
 from ambiseg_diffusers.data import (
-    DATA_FLAGS, add_data_arguments, distillation_splits, load_from_args, model_image_shape,
+    DATA_FLAGS, add_data_arguments, distillation_splits, load_from_args, model_image_processor, model_image_shape,
 )
 from ambiseg_diffusers.evaluation import cpu_only, validation_report
 from ambiseg_diffusers.hub_utils import model_card, push_folder_to_hub
@@ -362,12 +362,14 @@ def main(argv=None) -> Path:
 
     style = pipeline_prompt_style(teacher)
     data_config = dataclasses.replace(
-        CONFIGS["cpu"], train_batch_size=args.train_batch_size, resolution=teacher.unet.config.sample_size,
-        prompt_dropout=0.0, image_clip=teacher.config.image_clip, prompt_style=style,
+        CONFIGS["cpu"], train_batch_size=args.train_batch_size, resolution=model_image_processor(teacher).config.size,
+        prompt_dropout=0.0, image_clip=model_image_processor(teacher).config.image_clip, prompt_style=style,
     )
-    size = teacher.unet.config.sample_size
-    dataset = None if recorded else load_from_args(args, args.train_split, style, size)
-    validation = load_from_args(args, args.validation_split, style, size) if args.num_validation_images else None
+    processor = model_image_processor(teacher)  # the teacher's training size and resizing
+    size = processor.config.size
+    dataset = None if recorded else load_from_args(args, args.train_split, style, image_processor=processor)
+    validation = (load_from_args(args, args.validation_split, style, image_processor=processor)
+                  if args.num_validation_images else None)
     trained_on = (data_arguments(args, dataset, args.train_split) if dataset is not None  # resumes on it alone
                   else {"trajectories": str(Path(args.trajectories).resolve()), **{
                       k: v for k, v in json.loads((Path(args.trajectories) / RECORD_FILE).read_text()).items()
@@ -465,8 +467,7 @@ def main(argv=None) -> Path:
 
     def student_pipeline() -> AmbiSegPipeline:
         pipe = AmbiSegPipeline(**{**teacher.components, "unet": accelerator.unwrap_model(unet), "scheduler": lcm},
-                               image_clip=teacher.config.image_clip, default_num_inference_steps=args.sampling_steps,
-                               prompt_style=style)
+                               autocast=teacher.config.autocast, prompt_style=style)
         pipe.set_progress_bar_config(disable=True)
         return pipe
 
@@ -474,7 +475,7 @@ def main(argv=None) -> Path:
         """The saved weights (the EMA's) sampled on the first validation images."""
         with adapter_weights(emas.get("ema")), accelerator.autocast():
             metrics, grid = validation_report(student_pipeline(), validation, args.num_validation_images, 16,
-                                              seed=args.seed)
+                                              seed=args.seed, num_inference_steps=args.sampling_steps)
         log_validation(accelerator, metrics, grid, step)
         grid.save(output_dir / f"validation-{step:06d}.png")
         logger.info("validation step %d (%d-call sampler): %s", step, args.sampling_steps,

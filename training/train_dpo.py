@@ -59,10 +59,11 @@ from ambiseg_diffusers import AmbiSegPipeline
 from ambiseg_diffusers.configs import DPO_CONFIGS, DPOTrainingConfig
 from ambiseg_diffusers.evaluation import cpu_only, validation_report
 from ambiseg_diffusers.hub_utils import model_card, push_folder_to_hub
-from ambiseg_diffusers.image_processing import masks_to_model_range, normalize_image
+from ambiseg_diffusers.image_processing import masks_to_model_range
+from ambiseg_diffusers.image_processor import AmbiSegImageProcessor
 from ambiseg_diffusers.data import (
     add_data_arguments, check_prompts_for_model, data_source, default_splits, distillation_splits, load_from_args,
-    model_image_shape, model_resolution, splits_overlap,
+    model_image_processor, model_image_shape, splits_overlap,
 )
 from ambiseg_diffusers.lidc import FREE_TEXT, augment, pipeline_prompt_style
 from ambiseg_diffusers.losses import DPO_ERROR_SPACES, diffusion_dpo_loss, dpo_errors
@@ -184,8 +185,10 @@ def load_preferences(name: str):
     return load_from_disk(name) if os.path.isdir(name) else load_dataset(name, split="train")
 
 
-def pair_batch(pairs: Dataset, indices: list[int], image_clip: float, generator: torch.Generator) -> dict:
-    """Augmented pairs: image `(B, C, H, W)` in [-1, 1], winner/loser `(B, 1, H, W)` in {-1, 1}, prompts. Pairs built
+def pair_batch(pairs: Dataset, indices: list[int], image_processor: AmbiSegImageProcessor,
+               generator: torch.Generator) -> dict:
+    """Augmented pairs: image `(B, C, H, W)` normalised by the reference's `image_processor` into [-1, 1] (pairs are
+    built at its size), winner/loser `(B, 1, H, W)` in {-1, 1}, prompts. Pairs built
     with their sampling states (`build_preferences(record_states=True)`) are not augmented (a turned state is not one
     the sampler gives the turned image: the UNet is not rotation-equivariant) and also carry winner_states /
     loser_states `(B, S, H, W)`, state_timesteps `(B, S)` and, where recorded, winner_z / loser_z `(B, latent_dim)`."""
@@ -204,7 +207,7 @@ def pair_batch(pairs: Dataset, indices: list[int], image_clip: float, generator:
         images.append(image)
         masks_of_rows.append(masks)
     stacked = torch.stack(masks_of_rows)
-    batch = {"pixel_values": normalize_image(torch.stack(images), image_clip),
+    batch = {"pixel_values": image_processor.normalize(torch.stack(images)),
              "winner": masks_to_model_range(stacked[:, :1]), "loser": masks_to_model_range(stacked[:, 1:2]),
              "prompts": list(rows["prompt"])}
     if with_states:
@@ -370,7 +373,7 @@ def main(argv=None) -> Path:
         _, args.validation_split = default_splits(args.dataset_name, args.train_data_dir, None, args.validation_split)
         check_pairs_split(args)
         validation = load_from_args(args, args.validation_split, pipeline_prompt_style(reference),
-                                    model_resolution(reference))
+                                    image_processor=model_image_processor(reference))
         check_prompts_for_model(reference, validation, opt_in=None)  # before training, not at the first validation
 
     first_step = 0
@@ -408,7 +411,7 @@ def main(argv=None) -> Path:
             for start in range(0, len(held_out), batch_size):
                 rows = list(range(start, min(start + batch_size, len(held_out))))
                 generator = torch.Generator().manual_seed(args.seed * 1000 + start)
-                batch = pair_batch(held_out, rows, reference.config.image_clip, generator)
+                batch = pair_batch(held_out, rows, model_image_processor(reference), generator)
                 inputs = pair_inputs(batch, posterior, encode, noise_scheduler, generator, accelerator.device,
                                      timesteps=torch.full((len(rows),), t), prior=pair_prior)
                 with accelerator.autocast():
@@ -421,9 +424,7 @@ def main(argv=None) -> Path:
     def aligned_pipeline() -> AmbiSegPipeline:
         """The reference's components with the policy UNet (carrying the EMA weights while validating)."""
         pipe = AmbiSegPipeline(**{**reference.components, "unet": accelerator.unwrap_model(unet)},
-                               image_clip=reference.config.image_clip,
-                               default_num_inference_steps=reference.config.default_num_inference_steps,
-                               prompt_style=pipeline_prompt_style(reference))
+                               autocast=reference.config.autocast, prompt_style=pipeline_prompt_style(reference))
         pipe.set_progress_bar_config(disable=True)
         return pipe
 
@@ -453,7 +454,7 @@ def main(argv=None) -> Path:
         generator = step_generator(args.seed, step, accelerator.process_index)
         rows = shard(batch_indices(len(pairs), config.train_batch_size, args.seed, step), accelerator.process_index,
                      accelerator.num_processes)
-        batch = pair_batch(pairs, rows, reference.config.image_clip, generator)
+        batch = pair_batch(pairs, rows, model_image_processor(reference), generator)
         inputs = pair_inputs(batch, posterior, encode, noise_scheduler, generator, accelerator.device, prior=pair_prior)
         size = len(rows)
         with accelerator.accumulate(unet):

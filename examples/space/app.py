@@ -15,6 +15,7 @@ denoising steps.
 from __future__ import annotations
 
 import argparse
+import inspect
 import os
 from pathlib import Path
 
@@ -81,9 +82,10 @@ def read_upload(path: str | None) -> np.ndarray:
     image = np.squeeze(np.asarray(image, dtype=np.float32))
     if image.ndim != 2:
         raise gr.Error(f"Expected one 2-D grey image, got an array of shape {image.shape}.")
-    if min(image.shape) < 16 or max(image.shape) > MAX_SIDE or image.shape[0] % 4 or image.shape[1] % 4:
-        raise gr.Error(f"Image size {image.shape[1]}x{image.shape[0]}: height and width must be multiples of 4, "
-                       f"between 16 and {MAX_SIDE} pixels (the model was trained on 64x64 nodule crops).")
+    if min(image.shape) < 16 or max(image.shape) > MAX_SIDE:
+        # any size in between: the pipeline's image processor resizes it as training did and returns the masks at it
+        raise gr.Error(f"Image size {image.shape[1]}x{image.shape[0]}: height and width must be between 16 and "
+                       f"{MAX_SIDE} pixels (a crop centred on the nodule, as the model was trained on).")
     if not np.isfinite(image).all():
         raise gr.Error("The image contains NaN or infinite values.")
     return image
@@ -169,7 +171,7 @@ def build_demo(pipe: AmbiSegPipeline, nodules=None) -> gr.Blocks:
     """The Blocks app around `pipe`; `nodules` (a lidc64 Dataset) fills the gallery, or None for uploads only."""
     pipe.set_progress_bar_config(disable=True)
     adapter = has_preference_adapter(pipe)
-    default_steps = int(pipe.config.default_num_inference_steps)
+    default_steps = int(inspect.signature(pipe.__call__).parameters["num_inference_steps"].default)
     thumbnails = [] if nodules is None else [
         (PIL.Image.fromarray(to_uint8(np.asarray(row["image"]))).resize((96, 96)), f"{row['nodule_id']} / {row['slice']}")
         for row in nodules]

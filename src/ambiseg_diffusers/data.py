@@ -22,12 +22,15 @@ from __future__ import annotations
 
 import argparse
 import os
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 from datasets import Array2D, Array3D, Dataset, DatasetDict, Features, List, Value
 from diffusers.utils import logging
+
+from .image_processor import AmbiSegImageProcessor
 
 logger = logging.get_logger(__name__)
 
@@ -49,11 +52,42 @@ class DatasetContractError(ValueError):
     """A dataset that breaks the multi-rater contract (module docstring); the message names the row and column."""
 
 
+# ----------------------------------------------------------------------------------------------- named sources
+@dataclass(frozen=True)
+class DataSource:
+    """A data source with its own loader, on top of the contract: `load(split, data_dir, prompt_style)` gives its rows
+    (columns as `LIDC_COLUMNS` name them); `restyle(rows, prompt_style)` rebuilds the prompts of stored rows of this
+    source (from their ratings) in another style; `locate(data_dir)` (optional) the folder its files are read from,
+    for records of what a run used."""
+
+    load: Callable[[str, str | os.PathLike | None, str | None], Dataset]
+    restyle: Callable[[Dataset, str], Dataset]
+    locate: Callable[[str | os.PathLike | None], os.PathLike] | None = None
+
+
+# The contract knows no source: a source registers itself here (lidc.py registers "lidc64" when imported, which
+# the package's `__init__` does), so the arrows run from the sources to the contract only.
+SOURCES: dict[str, DataSource] = {}
+
+
+def register_source(name: str, source: DataSource) -> None:
+    """Makes `name` a dataset name `load_multirater` and the data flags accept."""
+    SOURCES[name] = source
+
+
+def _source(name: str) -> DataSource:
+    if name not in SOURCES:
+        raise DatasetContractError(f"no data source named {name!r} is registered (import the module that registers "
+                                   f"it, e.g. ambiseg_diffusers.lidc for 'lidc64'); registered: {sorted(SOURCES)}.")
+    return SOURCES[name]
+
+
 # ----------------------------------------------------------------------------------------------- loading
 def load_multirater(
     dataset_name: str | None = "lidc64", split: str = "train", train_data_dir: str | os.PathLike | None = None,
     image_column: str = IMAGE_COLUMN, mask_column: str = MASK_COLUMN, caption_column: str | None = CAPTION_COLUMN,
     resolution: int | None = None, data_dir: str | os.PathLike | None = None, prompt_style: str | None = None,
+    image_processor: AmbiSegImageProcessor | None = None,
 ) -> Dataset:
     """One split of a multi-rater dataset, every row checked, in the library's form (module docstring).
 
@@ -61,25 +95,24 @@ def load_multirater(
     dataset id (offline: from the `datasets` cache), or a local folder (an imagefolder, or a `save_to_disk` folder).
     `train_data_dir`: an imagefolder (diffusers' flag; it wins over `dataset_name`). `split`: a split of the data;
     "selection" / "train_fit" carve a seeded 10% of "train" when the data has no such split. The three column names
-    say where the contract's columns are; LIDC's own rows are mapped without them. `resolution`: resize every image
-    (bilinear) and mask (nearest) to `resolution` x `resolution`; without it, all rows must share one size.
+    say where the contract's columns are; LIDC's own rows are mapped without them. `image_processor` (a model's:
+    what training decided) resizes every image and mask to its size as it resizes them; `resolution` stands for a
+    default processor of that size (images bilinear, masks nearest-exact); without either, all rows must share one
+    size.
     Raises `DatasetContractError` naming the first bad row, a missing column (with the columns there are) or split.
     """
     if names_lidc64(dataset_name, train_data_dir):
-        from .lidc import load_lidc64
-
-        rows, source = load_lidc64(split, data_dir, prompt_style or "paper"), "lidc64"
+        rows, source = _source("lidc64").load(split, data_dir, prompt_style), "lidc64"
     else:
         source = str(train_data_dir if train_data_dir is not None else dataset_name)
         rows = pick_split(_load_raw(dataset_name, train_data_dir), split, source)
         if prompt_style not in (None, "free") and is_lidc_rows(rows) and "ratings" in rows.column_names:
-            from .lidc import with_prompt_style
-
-            rows = with_prompt_style(rows, prompt_style)  # a LIDC folder written by scripts/prepare_lidc.py
+            rows = _source("lidc64").restyle(rows, prompt_style)  # a LIDC folder written by scripts/prepare_lidc.py
     columns = dict(image_column=image_column, mask_column=mask_column, caption_column=caption_column)
     if is_lidc_rows(rows) and mask_column not in rows.column_names:
         columns = LIDC_COLUMNS
-    return to_contract(rows, **columns, resolution=resolution, source=f"{source} `{split}`")
+    return to_contract(rows, **columns, resolution=resolution, image_processor=image_processor,
+                       source=f"{source} `{split}`")
 
 
 def _load_raw(dataset_name: str | None, train_data_dir: str | os.PathLike | None) -> Dataset | DatasetDict:
@@ -241,11 +274,12 @@ def evaluation_split(dataset_name: str | None, train_data_dir) -> str:
 # ----------------------------------------------------------------------------------------------- the contract
 def to_contract(rows: Dataset, image_column: str = IMAGE_COLUMN, mask_column: str = MASK_COLUMN,
                 caption_column: str | None = CAPTION_COLUMN, resolution: int | None = None,
-                source: str = "the dataset") -> Dataset:
-    """`rows` checked row by row and mapped onto the library's columns (module docstring). A missing caption column
-    trains and evaluates on the empty prompt, and says so; a missing image or mask column is an error. Errors name
-    the row, its file (where the data has files) and, in a carved split, its row in "train"; an image of one value
-    is warned about by name (it trains on nothing)."""
+                source: str = "the dataset", image_processor: AmbiSegImageProcessor | None = None) -> Dataset:
+    """`rows` checked row by row and mapped onto the library's columns (module docstring), resized by
+    `image_processor` (or a default one of size `resolution`) where given. A missing caption column trains and
+    evaluates on the empty prompt, and says so; a missing image or mask column is an error. Errors name the row, its
+    file (where the data has files) and, in a carved split, its row in "train"; an image of one value is warned about
+    by name (it trains on nothing)."""
     have = [c for c in rows.column_names if c != SOURCE_ROW]
     for flag, name in (("--image_column", image_column), ("--mask_column", mask_column)):
         if name not in have:
@@ -267,7 +301,10 @@ def to_contract(rows: Dataset, image_column: str = IMAGE_COLUMN, mask_column: st
             f"`{mask_column}` ({mask_column!r}, --mask_column) holds {rows.features[mask_column]}; expected a list of "
             "rater masks per row (images or 2-D arrays), or one mask per row.")
     single = nesting == 2  # one mask per row: a colour mask must not become a list of raters
-    size = (resolution, resolution) if resolution else None
+    processor = image_processor or (AmbiSegImageProcessor(size=resolution) if resolution else None)
+    if processor is not None and not processor.config.do_resize:
+        processor = None
+    size = (processor.config.size,) * 2 if processor is not None else None
     shape = {}  # row 0's (H, W) and channel count, which every row must share
 
     def convert(batch: dict, indices: list[int]) -> dict:
@@ -285,7 +322,7 @@ def to_contract(rows: Dataset, image_column: str = IMAGE_COLUMN, mask_column: st
         image = _channels_first(_image_array(batch[image_column][j], index, image_column), masks.shape[1:],
                                 index, image_column)
         if size is not None and image.shape[-2:] != size:
-            image, masks = resize(image, masks, size)
+            image, masks = processor.resize_pair(image, masks)
             shape["resized"] = shape.get("resized", 0) + 1
         shape.setdefault("hw", image.shape[-2:])
         shape.setdefault("channels", 1 if image.ndim == 2 else image.shape[0])
@@ -338,8 +375,8 @@ def to_contract(rows: Dataset, image_column: str = IMAGE_COLUMN, mask_column: st
                        f"{', ...' if len(shape['constant']) > 5 else ''}): blank or failed exports, which give the "
                        "model nothing to segment from; check or drop them")
     if shape.get("resized"):
-        logger.warning(f"{source}: {shape['resized']} of {len(rows)} rows resized to {resolution}x{resolution} (images "
-                       "bilinear, masks nearest neighbour at the same pixel centres)")
+        logger.warning(f"{source}: {shape['resized']} of {len(rows)} rows resized to {size[0]}x{size[1]} (images "
+                       f"{processor.config.resample}, masks {processor.config.mask_resample})")
     return converted.with_format(None)
 
 
@@ -502,7 +539,10 @@ def _texts(value, num_raters: int, index: int, column: str | None) -> list[str]:
 
 def resize(image: np.ndarray, masks: np.ndarray, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
     """An image `(H, W)` / `(C, H, W)` resized bilinearly and its masks `(M, H, W)` by nearest neighbour to `size`,
-    both sampled at the same pixel centres (`MASK_RESIZE_MODE`), so a mask stays on its image."""
+    both sampled at the same pixel centres (`MASK_RESIZE_MODE`), so a mask stays on its image. (Loading resizes
+    with the model's `AmbiSegImageProcessor.resize_pair`, the same rule.)"""
+    import torch
+
     picture = torch.as_tensor(image, dtype=torch.float32)
     picture = picture[None, None] if picture.ndim == 2 else picture[None]
     picture = torch.nn.functional.interpolate(picture, size=size, mode="bilinear", align_corners=False)[0]
@@ -535,7 +575,7 @@ def add_data_arguments(parser, resolution: bool = True) -> None:
                         help="the column of texts, one per rater or one per image (optional: without it, empty prompts)")
     if resolution:
         parser.add_argument("--resolution", type=int, default=None,
-                            help="resize images (bilinear) and masks (nearest) to this size; default: as stored")
+                            help="resize images (bilinear) and masks (nearest-exact) to this size; default: as stored")
 
 
 DATA_FLAGS = ("dataset_name", "train_data_dir", "data_dir", "image_column", "mask_column", "caption_column",
@@ -556,14 +596,15 @@ def data_flags(args) -> list[str]:
     return flags
 
 
-def load_from_args(args, split: str, prompt_style: str | None = None, resolution: int | None = None) -> Dataset:
-    """`load_multirater` with the flags of `add_data_arguments`; `resolution` (e.g. the model's) unless the flags
-    name one."""
+def load_from_args(args, split: str, prompt_style: str | None = None, resolution: int | None = None,
+                   image_processor: AmbiSegImageProcessor | None = None) -> Dataset:
+    """`load_multirater` with the flags of `add_data_arguments`, resized by `image_processor` (a model's, e.g.
+    `model_image_processor(pipe)`) or to `resolution`, unless the flags name a `--resolution`."""
+    flag = getattr(args, "resolution", None)
     return load_multirater(
         args.dataset_name, split, train_data_dir=args.train_data_dir, image_column=args.image_column,
-        mask_column=args.mask_column, caption_column=args.caption_column,
-        resolution=getattr(args, "resolution", None) or resolution,
-        data_dir=args.data_dir, prompt_style=prompt_style,
+        mask_column=args.mask_column, caption_column=args.caption_column, resolution=flag or resolution,
+        data_dir=args.data_dir, prompt_style=prompt_style, image_processor=None if flag else image_processor,
     )
 
 
@@ -571,6 +612,16 @@ def image_channels(rows: Dataset) -> int:
     """The channels of a checked dataset's images (row 0's: `to_contract` makes every row share them)."""
     image = np.asarray(rows[0]["image"])
     return 1 if image.ndim == 2 else image.shape[0]
+
+
+def model_image_processor(pipeline) -> AmbiSegImageProcessor | None:
+    """A pipeline's image processor (what its training decided): data of another size is resized by it, as training
+    resized it. None for a pipeline without one and without a UNet to build it from."""
+    processor = getattr(pipeline, "image_processor", None)
+    model = getattr(pipeline, "unet", None) or getattr(pipeline, "prob_unet", None)
+    if processor is None and model is not None:
+        processor = AmbiSegImageProcessor.for_unet(model)
+    return processor
 
 
 # a private UNet config entry: it travels with the weights (Hub, DPO, distillation)
@@ -606,8 +657,9 @@ def check_prompts_for_model(pipeline, rows: Dataset, prompts: str = "annotator",
 
 
 def model_image_shape(pipeline) -> str:
-    """The shape of an image the pipeline's UNet takes, as a card writes it: "64, 64" or "3, 64, 64"."""
-    size, channels = int(pipeline.unet.config.sample_size), int(pipeline.unet.image_channels)
+    """The shape of an image the pipeline's UNet takes (at its image processor's size), as a card writes it: "64, 64"
+    or "3, 64, 64"."""
+    size, channels = int(model_image_processor(pipeline).config.size), int(pipeline.unet.image_channels)
     return ", ".join(map(str, ((channels,) if channels > 1 else ()) + (size, size)))
 
 
@@ -634,13 +686,6 @@ def stored_image_sizes(args, split: str) -> list[str]:
     return [f"{h}x{w}" for h, w in sorted(sizes)]
 
 
-def model_resolution(pipeline) -> int | None:
-    """The size a pipeline's UNet was trained at (`sample_size`): data of another size is resized to it by default,
-    as training resized it."""
-    unet = getattr(pipeline, "unet", None)
-    return None if unet is None else int(unet.config.sample_size)
-
-
 def is_lidc(args) -> bool:
     """`names_lidc64` of a script's data flags."""
     return names_lidc64(args.dataset_name, args.train_data_dir)
@@ -649,9 +694,8 @@ def is_lidc(args) -> bool:
 def data_source(args) -> str:
     """Where a script's data flags resolve to: the lidc64 folder in use, an absolute local folder, or a Hub id."""
     if is_lidc(args):
-        from .lidc import find_lidc64
-
-        return str(find_lidc64(args.data_dir).resolve())
+        locate = _source("lidc64").locate
+        return str(Path(locate(args.data_dir)).resolve()) if locate is not None else "lidc64"
     name = args.train_data_dir if args.train_data_dir is not None else args.dataset_name
     return str(Path(name).resolve()) if Path(str(name)).is_dir() else str(name)
 

@@ -77,34 +77,17 @@ def _as_single(image: torch.Tensor, channels: int) -> torch.Tensor:
             return image
         if image.shape[-1] == channels:
             return image.permute(2, 0, 1)
-    raise ValueError(f"each `image` must be (H, W), ({channels}, H, W) or (H, W, {channels}), got {tuple(image.shape)}.")
+    raise ValueError(f"each `image` must be (H, W), ({channels}, H, W) or (H, W, {channels}) (this model reads "
+                     f"{channels} channel(s)), got {tuple(image.shape)}.")
 
 
-def prepare_image(image: ImageInput, channels: int = 1) -> torch.Tensor:
-    """Any supported image input -> float32 tensor `(B, channels, H, W)`, values unchanged.
-
-    The image contract (numpy, torch or PIL; values as stored, any range; the pipeline normalises):
-
-    | input | read as |
-    |---|---|
-    | `(H, W)` | one image (single-channel models) |
-    | `(C, H, W)` or `(H, W, C)`, C = the model's channels | one image |
-    | `(B, H, W)` | a batch (single-channel models) |
-    | `(B, C, H, W)` or `(B, H, W, C)` | a batch |
-    | a list of single images of one size | a batch |
-    | PIL image | one image; colour modes (RGB, RGBA, P, ...) are converted to greyscale for single-channel models |
-
-    Raises `ValueError` naming the layout for: colour arrays `(H, W, 3|4)` / `(B, H, W, 3|4)` given to a
-    single-channel model (convert to grey first), empty or degenerate shapes (no images, fewer than 2 pixels a side),
-    other ranks or channel counts, non-numeric data, and NaN or inf values.
-    """
+def prepare_images(image: ImageInput, channels: int = 1) -> list[torch.Tensor]:
+    """Any supported image input -> one float32 tensor `(channels, H, W)` per image, values unchanged; the images of
+    a list may differ in size (`AmbiSegImageProcessor` resizes each). The contract is [`prepare_image`]'s."""
     if isinstance(image, (list, tuple)):
         if len(image) == 0:
             raise ValueError("`image` is an empty list; expected at least one image.")
         singles = [_as_single(_to_tensor(item, channels), channels) for item in image]
-        if len({tuple(s.shape) for s in singles}) != 1:
-            raise ValueError(f"all images in `image` must have one shape, got {sorted({tuple(s.shape) for s in singles})}.")
-        batch = torch.stack(singles)
     else:
         array = _to_tensor(image, channels)
         shape = tuple(array.shape)
@@ -122,10 +105,37 @@ def prepare_image(image: ImageInput, channels: int = 1) -> torch.Tensor:
         else:
             raise ValueError(
                 f"`image` must be (H, W), (C, H, W), (H, W, C) or batched (B, H, W), (B, C, H, W), (B, H, W, C) "
-                f"with C = {channels}; got shape {shape}."
+                f"with C = {channels} (the channels this model reads); got shape {shape}."
             )
-    if min(batch.shape[-2:]) < 2:
-        raise ValueError(f"`image` is degenerate: height and width must be at least 2 pixels, got {tuple(batch.shape[-2:])}.")
-    if not torch.isfinite(batch).all():
-        raise ValueError("`image` contains NaN or inf values.")
-    return batch.contiguous()
+        singles = list(batch)
+    for single in singles:
+        if min(single.shape[-2:]) < 2:
+            raise ValueError(f"`image` is degenerate: height and width must be at least 2 pixels, got "
+                             f"{tuple(single.shape[-2:])}.")
+        if not torch.isfinite(single).all():
+            raise ValueError("`image` contains NaN or inf values.")
+    return [single.contiguous() for single in singles]
+
+
+def prepare_image(image: ImageInput, channels: int = 1) -> torch.Tensor:
+    """Any supported image input -> float32 tensor `(B, channels, H, W)`, values unchanged.
+
+    The image contract (numpy, torch or PIL; values as stored, any range; the pipeline normalises):
+
+    | input | read as |
+    |---|---|
+    | `(H, W)` | one image (single-channel models) |
+    | `(C, H, W)` or `(H, W, C)`, C = the model's channels | one image |
+    | `(B, H, W)` | a batch (single-channel models) |
+    | `(B, C, H, W)` or `(B, H, W, C)` | a batch |
+    | a list of single images | a batch (here of one size; [`prepare_images`] and the pipeline take mixed sizes) |
+    | PIL image | one image; colour modes (RGB, RGBA, P, ...) are converted to greyscale for single-channel models |
+
+    Raises `ValueError` naming the layout for: colour arrays `(H, W, 3|4)` / `(B, H, W, 3|4)` given to a
+    single-channel model (convert to grey first), empty or degenerate shapes (no images, fewer than 2 pixels a side),
+    other ranks or channel counts, non-numeric data, and NaN or inf values.
+    """
+    singles = prepare_images(image, channels)
+    if len({tuple(s.shape) for s in singles}) != 1:
+        raise ValueError(f"all images in `image` must have one shape, got {sorted({tuple(s.shape) for s in singles})}.")
+    return torch.stack(singles)

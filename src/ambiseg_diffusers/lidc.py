@@ -23,6 +23,8 @@ from datasets import Array2D, Array3D, Dataset, Features, Sequence as SequenceFe
 from diffusers.utils import logging
 from scipy.spatial import ConvexHull
 
+from .data import DataSource, load_multirater, register_source
+
 logger = logging.get_logger(__name__)
 
 
@@ -330,8 +332,6 @@ def load_split(dataset: str, split: str, data_dir: str | os.PathLike | None = No
     Hub dataset in the multi-rater contract with its default columns, and one of its splits, checked row by row: a
     shorthand for `data.load_multirater` (a LIDC folder written by scripts/prepare_lidc.py is re-prompted from its
     ratings in `prompt_style`; None keeps its stored prompts)."""
-    from .data import load_multirater
-
     return load_multirater(dataset, split, data_dir=data_dir, prompt_style=prompt_style)
 
 
@@ -494,3 +494,10 @@ def augment(image: torch.Tensor, masks: torch.Tensor, generator: torch.Generator
     if flip:
         image, masks = image.flip(-1), masks.flip(-1)
     return image, masks
+
+
+# LIDC is one source on top of the multi-rater contract (data.py), which knows no source: "lidc64" in the data flags
+# and `load_multirater` means these crops, and rows written by scripts/prepare_lidc.py are re-prompted from their
+# ratings.
+register_source("lidc64", DataSource(load=lambda split, data_dir, style: load_lidc64(split, data_dir, style or "paper"),
+                                     restyle=with_prompt_style, locate=find_lidc64))

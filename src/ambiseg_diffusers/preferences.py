@@ -25,6 +25,7 @@ import torch
 from datasets import Array2D, Array3D, Dataset, Features, Sequence, Value, load_from_disk
 from tqdm.auto import tqdm
 
+from .data import model_image_processor
 from .metrics import pairwise_dice_iou
 
 STRATEGIES = ("best_rater", "mean_dice", "stochastic_run")
@@ -116,6 +117,18 @@ def sample_with_states(pipeline, images: np.ndarray, prompts: list[str], rows: l
     return masks, recorded
 
 
+def check_model_size(pipeline, dataset) -> None:
+    """Pairs are built, and DPO trains, at the size the model was trained at: `dataset`'s images must be at its image
+    processor's size (the scripts load them so, `load_from_args(..., image_processor=...)`)."""
+    processor = model_image_processor(pipeline)
+    height, width = np.asarray(dataset[0]["image"]).shape[-2:]
+    if processor is not None and processor.config.do_resize and (height, width) != (processor.config.size,) * 2:
+        size = processor.config.size
+        raise ValueError(f"`dataset` images are {height}x{width}; preference pairs are built at the model's size "
+                         f"{size}x{size} (its image processor's, as training resized): load the rows with "
+                         "`load_multirater(..., image_processor=pipeline.image_processor)`.")
+
+
 def build_preferences(
     pipeline, dataset, output_dir: str | os.PathLike, strategy: str = "mean_dice", num_candidates: int = 4,
     fraction: float = 0.25, seed: int = 0, images_per_call: int = 4, num_inference_steps: int | None = None,
@@ -136,6 +149,7 @@ def build_preferences(
 
     if strategy not in STRATEGIES:
         raise ValueError(f"`strategy` must be one of {STRATEGIES}, got {strategy!r}.")
+    check_model_size(pipeline, dataset)
     output_dir = Path(output_dir)
     parts = output_dir.parent / f".{output_dir.name}.parts"
     # the rows' contents, not their name: a rerun on other data (another folder of the same name, other columns,

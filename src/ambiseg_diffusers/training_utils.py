@@ -19,8 +19,8 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModel, AutoTokenizer
 
 from .configs import AmbiSegTrainingConfig
-from .data import MASK_RESIZE_MODE
-from .image_processing import masks_to_model_range, normalize_image
+from .image_processing import masks_to_model_range
+from .image_processor import AmbiSegImageProcessor
 from .lidc import augment, feret_diameter
 from .models import AmbiguityEncoder, AmbiSegUNet
 from .models.ambiguity_encoder import AMBIGUITY_DESIGNS
@@ -160,12 +160,21 @@ def shard(rows: list[int], process_index: int, num_processes: int) -> list[int]:
     return rows[process_index * per_process : (process_index + 1) * per_process]
 
 
-def training_batch(dataset, indices: list[int], config: AmbiSegTrainingConfig, generator: torch.Generator) -> dict:
+def training_image_processor(config, image_channels: int = 1) -> AmbiSegImageProcessor:
+    """The image processor of a training recipe (its `resolution` and `image_clip`): what `training_batch` resizes
+    and normalises with, saved with the trained pipeline so that its calls do the same."""
+    return AmbiSegImageProcessor(size=config.resolution, image_channels=image_channels, image_clip=config.image_clip)
+
+
+def training_batch(dataset, indices: list[int], config: AmbiSegTrainingConfig, generator: torch.Generator,
+                   image_processor: AmbiSegImageProcessor | None = None) -> dict:
     """Augmented, normalised batch with one random rater per image and that rater's prompt (or "" on dropout).
 
-    `dataset` holds the rows of `data.load_multirater` (each row's rater count its own). Returns pixel_values
-    `(B, C, R, R)` in [-1, 1], mask_values `(B, 1, R, R)` in {-1, 1}, prompts (list of str).
+    `dataset` holds the rows of `data.load_multirater` (each row's rater count its own). Images and masks of another
+    size are resized by `image_processor` (default: `training_image_processor(config)`), the images normalised by it.
+    Returns pixel_values `(B, C, R, R)` in [-1, 1], mask_values `(B, 1, R, R)` in {-1, 1}, prompts (list of str).
     """
+    processor = image_processor or training_image_processor(config)
     rows = dataset[indices]
     images, masks, prompts = [], [], []
     for i in range(len(indices)):
@@ -173,9 +182,7 @@ def training_batch(dataset, indices: list[int], config: AmbiSegTrainingConfig, g
         image = image[None] if image.ndim == 2 else image
         raters = torch.as_tensor(np.asarray(rows["masks"][i]), dtype=torch.float32)
         image, raters = augment(image, raters, generator)
-        if image.shape[-1] != config.resolution:
-            image = torch.nn.functional.interpolate(image[None], size=config.resolution, mode="bilinear")[0]
-            raters = torch.nn.functional.interpolate(raters[None], size=config.resolution, mode=MASK_RESIZE_MODE)[0]
+        image, raters = processor.resize(image[None])[0], processor.resize_masks(raters[None])[0]
         rater = int(torch.randint(0, raters.shape[0], (1,), generator=generator))
         mask, prompt = raters[rater : rater + 1], rows["prompts"][i][rater]
         # (the Probabilistic U-Net's recipe has no prompts to restate)
@@ -188,7 +195,7 @@ def training_batch(dataset, indices: list[int], config: AmbiSegTrainingConfig, g
         drop = float(torch.rand(1, generator=generator)) < config.prompt_dropout
         prompts.append("" if drop or not config.use_text else prompt)
     return {
-        "pixel_values": normalize_image(torch.stack(images), config.image_clip),
+        "pixel_values": processor.normalize(torch.stack(images)),
         "mask_values": masks_to_model_range(torch.stack(masks)),
         "prompts": prompts,
     }

@@ -32,25 +32,28 @@ def _file_of(module: str) -> str:
     return module.rsplit(".", 1)[-1]
 
 
-def package_classes() -> dict[str, str]:
-    """{class name: its module} for the pipeline and model classes of this package that a folder can name."""
+def package_classes(pipeline_class: type) -> dict[str, str]:
+    """{class name: its module} for the classes a folder of `pipeline_class` can name: the pipeline (given by the
+    pipeline that saves or loads, so this helper imports no pipeline), the models and the image processor."""
+    from ..image_processor import AmbiSegImageProcessor
     from ..models import AmbiguityEncoder, AmbiSegUNet
     from ..models.prob_unet import ProbUNetModel
-    from .pipeline_ambiseg import AmbiSegPipeline
-    from .pipeline_prob_unet import ProbUNetPipeline
 
-    return {c.__name__: c.__module__ for c in (AmbiSegPipeline, ProbUNetPipeline, AmbiSegUNet, AmbiguityEncoder,
-                                                ProbUNetModel)}
+    shipped = [c for c in pipeline_class.__mro__  # the pipeline, or the package's pipeline a user's subclass extends
+               if c.__module__.split(".")[0] == __name__.split(".")[0] and hasattr(c, "_get_signature_keys")]
+    return {c.__name__: c.__module__ for c in (*shipped, AmbiSegUNet, AmbiguityEncoder, ProbUNetModel,
+                                                AmbiSegImageProcessor)}
 
 
-def write_custom_code_layout(folder: str | os.PathLike) -> None:
-    """Rewrites a saved pipeline folder's `model_index.json` in the Hub layout and writes the shim modules. Idempotent:
-    a folder already in the layout (a re-save, a re-push) keeps it. A pipeline class this package does not ship (a
-    user's subclass) keeps diffusers' own layout: the Hub layout would point at a module it cannot import."""
+def write_custom_code_layout(folder: str | os.PathLike, pipeline_class: type) -> None:
+    """Rewrites a saved `pipeline_class` folder's `model_index.json` in the Hub layout and writes the shim modules.
+    Idempotent: a folder already in the layout (a re-save, a re-push) keeps it. A pipeline class this package does
+    not ship (a user's subclass) keeps diffusers' own layout: the Hub layout would point at a module it cannot
+    import."""
     folder = Path(folder)
     index_file = folder / "model_index.json"
-    index = from_custom_code_layout(json.loads(index_file.read_text()))
-    known = package_classes()
+    index = from_custom_code_layout(json.loads(index_file.read_text()), pipeline_class)
+    known = package_classes(pipeline_class)
     pipeline = index["_class_name"]
     if pipeline not in known:
         return
@@ -65,10 +68,11 @@ def write_custom_code_layout(folder: str | os.PathLike) -> None:
     index_file.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 
-def from_custom_code_layout(config: dict) -> dict:
-    """A `model_index.json` dict in the Hub layout -> the same with this package's importable modules (a plain
-    `_class_name`, `[ambiseg_diffusers.models.unet_ambiseg, AmbiSegUNet]`); other entries unchanged."""
-    known = package_classes()
+def from_custom_code_layout(config: dict, pipeline_class: type) -> dict:
+    """A `pipeline_class` folder's `model_index.json` dict in the Hub layout -> the same with this package's
+    importable modules (a plain `_class_name`, `[ambiseg_diffusers.models.unet_ambiseg, AmbiSegUNet]`); other entries
+    unchanged."""
+    known = package_classes(pipeline_class)
     config = dict(config)
     if isinstance(config.get("_class_name"), (list, tuple)) and config["_class_name"][1] in known:
         config["_class_name"] = config["_class_name"][1]
@@ -109,8 +113,8 @@ class CustomCodeLayoutMixin:
     def load_config(cls, *args, **kwargs):
         loaded = super().load_config(*args, **kwargs)
         if isinstance(loaded, tuple):  # (config, unused kwargs[, commit hash])
-            return (from_custom_code_layout(loaded[0]), *loaded[1:])
-        return from_custom_code_layout(loaded)
+            return (from_custom_code_layout(loaded[0], cls), *loaded[1:])
+        return from_custom_code_layout(loaded, cls)
 
     def save_pretrained(self, save_directory: str | os.PathLike, push_to_hub: bool = False, **kwargs) -> None:
         """diffusers' `save_pretrained`, then the layout, written beside `save_directory` and moved in only once both
@@ -119,7 +123,7 @@ class CustomCodeLayoutMixin:
         hub = pop_hub_kwargs(kwargs)
         with staged_folder(save_directory) as staging:
             super().save_pretrained(staging, **kwargs)
-            write_custom_code_layout(staging)
+            write_custom_code_layout(staging, type(self))
         if push_to_hub:
             upload_saved_folder(save_directory, hub)
 

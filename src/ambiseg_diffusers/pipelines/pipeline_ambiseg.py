@@ -1,60 +1,46 @@
-"""AmbiSegPipeline: sample a distribution of plausible segmentation masks for an image and a prompt."""
+"""AmbiSegPipeline: sample a distribution of plausible segmentation masks for an image and a prompt.
+
+This file holds the pipeline's components, its configuration and the sampling loop, written out in `__call__` as
+diffusers' `pipeline_stable_diffusion.py` writes its own; beside it: input checking (`input_checks.py`), prompt
+handling (`prompt_handling.py`), the output (`pipeline_output.py`) and loading and saving (`pipeline_loading.py`).
+"""
 
 from __future__ import annotations
 
-import contextlib
-import copy
 import functools
 import inspect
-import json
-import math
-import numbers
-import os
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any
 
-import numpy as np
-import PIL.Image
 import torch
 from diffusers import DiffusionPipeline
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.loaders import StableDiffusionLoraLoaderMixin
 from diffusers.schedulers import KarrasDiffusionSchedulers
-from diffusers.utils import BaseOutput, logging
+from diffusers.utils import logging
 from diffusers.utils.torch_utils import randn_tensor
 
-from ..hub_utils import (
-    BASE_DOWNLOAD_KWARGS, check_finite_weights, check_pipeline_class, check_weight_files, download_kwargs_of, model_card,
-    resolve_pretrained_path,
-)
-from ..image_processing import ImageInput, normalize_image, prepare_image
+from ..image_processing import ImageInput
+from ..image_processor import AmbiSegImageProcessor
 from ..lidc import RECORDED_PROMPT_STYLES
 from ..models import AmbiguityEncoder, AmbiSegUNet
-from ..text import encode_prompts, sentence_encoded
-from .custom_code import CustomCodeLayoutMixin, own_loader, pop_hub_kwargs, upload_saved_folder
-from .pipeline_settings import SettingsOnModelMixin
+from .custom_code import CustomCodeLayoutMixin
+from .input_checks import SAMPLE_PREDICTION_SCHEDULERS, InputChecksMixin  # noqa: F401  (re-exported)
+from .pipeline_loading import (  # noqa: F401  (re-exported: their names in version 0.1)
+    ADAPTER_FILE, CONSISTENCY_FILE, LORA_WEIGHT_NAME, PREFERENCE_ADAPTER, AmbiSegLoadingMixin, recommended_steps,
+)
+from .pipeline_output import (  # noqa: F401  (re-exported)
+    MASKS_FIRST_REMOVAL, OUTPUT_TYPES, AmbiSegPipelineOutput, format_samples, tuple_order,
+)
+from .pipeline_settings import legacy_settings
+from .prompt_handling import PromptEncodingMixin, PromptInput, rows_of
 
 logger = logging.get_logger(__name__)
 
-PromptInput = Union[str, list[str], list[list[str]], None]
-# A folder holding a LoRA adapter (`pytorch_lora_weights.safetensors`) says which adapter it is and, when the base
-# pipeline is not in the same folder, which base it belongs to.
-ADAPTER_FILE = "preference.json"
-PREFERENCE_ADAPTER = "preference"
-# A distilled few-call sampler (training/train_consistency.py): a LoRA, an LCMScheduler in scheduler/ and this file.
-CONSISTENCY_FILE = "consistency.json"
-LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
-OUTPUT_TYPES = ("np", "pt", "pil", "latent")
+# The recommended number of denoising steps of the committed checkpoint with its scheduler (UniPC, 6 steps: the
+# default-quality sweep of issue 40, docs/results.md); `__call__`'s default.
+DEFAULT_NUM_INFERENCE_STEPS = 6
 AUTOCAST_MODES = ("auto", "bf16", "no")
-# The diffusers schedulers that sample an x0-predicting model (prediction_type "sample", every committed checkpoint):
-# each run through a call in tests/test_diffusers_conventions.py. Others (EulerAncestral, PNDM, KDPM2, ...) raise
-# inside `step` on this prediction type, so a call refuses them up front.
-SAMPLE_PREDICTION_SCHEDULERS = (
-    "DDIMScheduler", "DDIMParallelScheduler", "DDPMScheduler", "DDPMParallelScheduler", "DEISMultistepScheduler",
-    "DPMSolverMultistepScheduler", "DPMSolverSinglestepScheduler", "EulerDiscreteScheduler", "HeunDiscreteScheduler",
-    "LCMScheduler", "LMSDiscreteScheduler", "TCDScheduler", "UniPCMultistepScheduler",
-)
 
 
 def native_bf16(device: torch.device) -> bool:
@@ -69,121 +55,44 @@ def native_bf16(device: torch.device) -> bool:
     return False
 
 
-@dataclass
-class AmbiSegPipelineOutput(BaseOutput):
-    """
-    Args:
-        probabilities: float in [0, 1], `(batch, num_samples, H, W)`: each sample before thresholding. First, as
-            diffusers' `images` are: `output[0]` is the pipeline's continuous output.
-        masks: bool `(batch, num_samples, H, W)`: the sampled segmentations (`probabilities > threshold`). With
-            `output_type="latent"`: the final denoised samples `(batch * num_samples, mask_channels, H, W)` in [-1, 1],
-            before thresholding (then the only field, so also `output[0]`).
-        pixel_mean: float in [0, 1] `(batch, H, W)`: mean of `probabilities` over the samples.
-        pixel_variance: float in [0, 0.25] `(batch, H, W)`: variance of `probabilities` over the samples, an
-            uncertainty map (largest where the samples disagree).
-    """
-
-    probabilities: Union[np.ndarray, torch.Tensor, list, None] = None
-    masks: Union[np.ndarray, torch.Tensor, list, None] = None
-    pixel_mean: Union[np.ndarray, torch.Tensor, None] = None
-    pixel_variance: Union[np.ndarray, torch.Tensor, None] = None
-
-
-def format_samples(probabilities: torch.Tensor, threshold: float, output_type: str, return_dict: bool):
-    """Samples as probabilities `(batch, num_samples, H, W)` in [0, 1] -> the pipeline output of `output_type`."""
-    masks = probabilities > threshold
-    pixel_mean = probabilities.mean(dim=1)
-    pixel_variance = probabilities.var(dim=1, unbiased=False)
-    if output_type in ("np", "pil"):
-        pixel_mean, pixel_variance = pixel_mean.cpu().numpy(), pixel_variance.cpu().numpy()
-    if output_type == "np":
-        masks, probabilities = masks.cpu().numpy(), probabilities.cpu().numpy()
-    elif output_type == "pil":
-        masks = [[PIL.Image.fromarray(m.cpu().numpy().astype(np.uint8) * 255) for m in per] for per in masks]
-        probabilities = [[PIL.Image.fromarray((p.cpu().numpy() * 255).round().astype(np.uint8)) for p in per]
-                         for per in probabilities]
-    if not return_dict:
-        return probabilities, masks, pixel_mean, pixel_variance
-    return AmbiSegPipelineOutput(probabilities=probabilities, masks=masks, pixel_mean=pixel_mean, pixel_variance=pixel_variance)
-
-
-def normalize_prompts(prompt: PromptInput, batch_size: int) -> list[list[str]]:
-    """`prompt` as documented in `AmbiSegPipeline.__call__` -> one non-empty list of prompts per image."""
-    if prompt is None:
-        return [[""] for _ in range(batch_size)]
-    if isinstance(prompt, str):
-        return [[prompt] for _ in range(batch_size)]
-    if not isinstance(prompt, (list, tuple)) or len(prompt) == 0:
-        raise ValueError(f"`prompt` must be a string, a non-empty list of strings or a list of lists, got {prompt!r}.")
-    if len(prompt) != batch_size:
-        several = (" For several prompts of one image (one per rater, spread over its samples), wrap them in a list: "
-                   "`prompt=[prompts]`.") if batch_size == 1 and all(isinstance(p, str) for p in prompt) else ""
-        raise ValueError(f"`prompt` has {len(prompt)} entries but `image` has {batch_size} images; give one per image."
-                         + several)
-    per_image = []
-    for i, item in enumerate(prompt):
-        item = [item] if isinstance(item, str) else item
-        if not isinstance(item, (list, tuple)) or len(item) == 0 or not all(isinstance(p, str) for p in item):
-            raise ValueError(f"`prompt[{i}]` must be a string or a non-empty list of strings, got {item!r}.")
-        per_image.append(list(item))
-    return per_image
-
-
 @functools.lru_cache(maxsize=None)
 def _warn_once(message: str) -> None:
     logger.warning(message)
 
 
-def _pad_tokens(states: torch.Tensor, mask: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pads `(R, L, D)` states and their `(R, L)` mask to `length` tokens (padding is masked out)."""
-    extra = length - states.shape[1]
-    if extra <= 0:
-        return states, mask
-    return torch.nn.functional.pad(states, (0, 0, 0, extra)), torch.nn.functional.pad(mask, (0, extra))
-
-
-class _OptionalComponents:
-    """`AmbiSegPipeline._optional_components`: the components a pipeline samples without.
-
-    diffusers reads the list on the class when loading (each may be stored as null: both here) and on a pipeline when
-    saving, and its pipeline tests call a pipeline with each listed component set to None. A UNet that takes an
-    ambiguity latent cannot sample without its prior, so on such a pipeline (prior present) the list is the posterior
-    alone; a prior already None stays listed, so that saving skips it as diffusers skips any absent optional one.
-    """
-
-    def __get__(self, pipeline, owner=None) -> list[str]:
-        if pipeline is None:
-            return ["prior", "posterior"]
-        needs_prior = getattr(pipeline.__dict__.get("unet"), "latent_dim", 0) and pipeline.__dict__.get("prior") is not None
-        return ["posterior"] if needs_prior else ["prior", "posterior"]
-
-
-class AmbiSegPipeline(SettingsOnModelMixin, CustomCodeLayoutMixin, DiffusionPipeline, StableDiffusionLoraLoaderMixin):
+class AmbiSegPipeline(AmbiSegLoadingMixin, PromptEncodingMixin, InputChecksMixin, CustomCodeLayoutMixin, DiffusionPipeline,
+                      StableDiffusionLoraLoaderMixin):
     r"""Ambiguous segmentation by mask diffusion (AmbiSeg).
 
     The image is a fixed condition concatenated to the noisy mask; the prompt steers the denoiser through
     cross-attention; each sample draws its own ambiguity latent `z ~ p(z | image, prompt)` from the prior.
 
-    Components (`unet`, `scheduler`, `text_encoder` and `tokenizer` are required arguments, `prior` and `posterior`
-    optional ones; any may be `None`, and `__call__` says which one it needs):
+    Components (`unet`, `scheduler`, `text_encoder` and `tokenizer` are required arguments, the others optional; any
+    may be `None`, and `__call__` says which one it needs):
         unet ([`AmbiSegUNet`]): the mask denoiser.
         scheduler: a diffusers scheduler of the model's prediction type: for the x0-predicting checkpoints one of
             `SAMPLE_PREDICTION_SCHEDULERS` (DDIM, DDPM, DPM-Solver++, UniPC, DEIS, Euler, Heun, LMS, LCM, TCD, ...).
         text_encoder ([`~transformers.PreTrainedModel`]): frozen BERT-style encoder; its last hidden states are used.
         tokenizer ([`~transformers.PreTrainedTokenizer`]).
-        prior ([`AmbiguityEncoder`], optional): p(z | image, prompt); needed when the UNet takes a latent (then it is
-            not optional: see `_optional_components`).
+        prior ([`AmbiguityEncoder`], optional): p(z | image, prompt); a UNet that takes an ambiguity latent samples
+            with it (or with given `ambiguity_latents`).
         posterior ([`AmbiguityEncoder`], optional): q(z | image, prompt, mask), used by training only.
+        image_processor ([`AmbiSegImageProcessor`], optional): what training decided about images (size, resizing,
+            normalisation, channels); `None` = calls use one built from the UNet (`AmbiSegImageProcessor.for_unet`:
+            its `sample_size` and channels, the normalisation of version 0.1); a folder saved by version 0.1 (no
+            processor, an `image_clip` in its `model_index.json`) gets that one as its component.
 
-    Settings (each `None` = the value recorded on the UNet by the pipeline it came from, else the default shown), so
-    `AmbiSegPipeline(**pipe.components)` samples as `pipe` does (see `pipeline_settings.py`):
-        image_clip (`float`, 3.0): the image normalisation used in training (see [`normalize_image`]).
-        default_num_inference_steps (`int`, 20): steps used when `__call__` gets `num_inference_steps=None`.
+    Configuration (`model_index.json`; `from_pipe` carries it, `AmbiSegPipeline(**pipe.components, ...)` takes it as
+    keywords, as diffusers pipelines take theirs):
         autocast (`str`, "auto"): the default precision of a call: "auto" (bf16 autocast where the hardware computes
             bf16 natively: CUDA GPUs that support it, CPUs with AVX512-BF16 or AMX; float32 elsewhere), "bf16" or "no".
-        prompt_style (`str`, "paper"): the form of the prompts the model was trained on: "paper", "ratings" or
-            "short" (LIDC ratings as text, see [`ratings_to_prompt`]; data loaders and scripts build LIDC prompts in
-            it), or "free" (a dataset's own text, used as stored).
+        prompt_style (`str`, "paper"): the form of the prompts the model was trained on: "paper", "ratings",
+            "short" or "slice" (LIDC ratings as text, see [`ratings_to_prompt`]; data loaders and scripts build LIDC
+            prompts in it), or "free" (a dataset's own text, used as stored).
+
+    The recommended number of denoising steps is `__call__`'s default. `image_clip` and `default_num_inference_steps`
+    (version 0.1's settings, in old `model_index.json` files and UNet configs) are still read: the clip into the
+    default image processor, the step count compared with `__call__`'s default (a warning names one that differs).
 
     LoRA adapters load the diffusers way (`load_lora_weights`, `set_adapters`, `fuse_lora`, `unload_lora_weights`).
     A TDG-DiffDPO checkpoint is such an adapter, named "preference"; `preference_scale` sets its weight.
@@ -194,13 +103,9 @@ class AmbiSegPipeline(SettingsOnModelMixin, CustomCodeLayoutMixin, DiffusionPipe
     """
 
     model_cpu_offload_seq = "text_encoder->prior->unet"
-    # What sampling runs without: the posterior (training only), and the prior unless the UNet takes z (see
-    # `_OptionalComponents`). The other four are required arguments (diffusers reads a defaulted one as
+    # What sampling runs without. The first four are required arguments (diffusers reads a defaulted one as
     # configuration); each may still be None, and a call says which one it is missing.
-    _optional_components = _OptionalComponents()
-    _settings_model = "unet"
-    _setting_defaults = {"image_clip": 3.0, "default_num_inference_steps": 20, "autocast": "auto",
-                         "prompt_style": "paper"}
+    _optional_components = ["prior", "posterior", "image_processor"]
     _callback_tensor_inputs = ["latents", "prompt_embeds", "negative_prompt_embeds", "ambiguity_latents"]
 
     def __init__(
@@ -211,18 +116,28 @@ class AmbiSegPipeline(SettingsOnModelMixin, CustomCodeLayoutMixin, DiffusionPipe
         tokenizer,
         prior: AmbiguityEncoder | None = None,
         posterior: AmbiguityEncoder | None = None,
-        image_clip: float | None = None,
-        default_num_inference_steps: int | None = None,
+        image_processor: AmbiSegImageProcessor | None = None,
         autocast: str | None = None,
         prompt_style: str | None = None,
+        image_clip: float | None = None,
+        default_num_inference_steps: int | None = None,
     ):
         super().__init__()
-        settings = self._resolve_settings(unet, image_clip=image_clip, autocast=autocast, prompt_style=prompt_style,
-                                          default_num_inference_steps=default_num_inference_steps)
-        if settings["autocast"] not in AUTOCAST_MODES:
-            raise ValueError(f"`autocast` must be one of {AUTOCAST_MODES}, got {settings['autocast']!r}.")
-        if settings["prompt_style"] not in RECORDED_PROMPT_STYLES:
-            raise ValueError(f"`prompt_style` must be one of {RECORDED_PROMPT_STYLES}, got {settings['prompt_style']!r}.")
+        # `None`: what a version-0.1 UNet recorded (`_pipeline_settings`), else the defaults
+        legacy = legacy_settings(unet, image_clip=image_clip, default_num_inference_steps=default_num_inference_steps)
+        autocast = autocast or legacy.get("autocast", "auto")
+        prompt_style = prompt_style or legacy.get("prompt_style", "paper")
+        if autocast not in AUTOCAST_MODES:
+            raise ValueError(f"`autocast` must be one of {AUTOCAST_MODES}, got {autocast!r}.")
+        if prompt_style not in RECORDED_PROMPT_STYLES:
+            raise ValueError(f"`prompt_style` must be one of {RECORDED_PROMPT_STYLES}, got {prompt_style!r}.")
+        steps = legacy.get("default_num_inference_steps")
+        if steps is not None and int(steps) != DEFAULT_NUM_INFERENCE_STEPS:
+            logger.warning(f"this pipeline recorded {steps} default denoising steps (version 0.1's "
+                           f"`default_num_inference_steps`); `__call__` now defaults to {DEFAULT_NUM_INFERENCE_STEPS}: "
+                           f"pass `num_inference_steps={steps}` to sample as before.")
+        if image_processor is None and image_clip is not None and unet is not None:  # a version-0.1 folder
+            image_processor = AmbiSegImageProcessor.for_unet(unet, image_clip)
         if (unet is not None and text_encoder is not None and unet.dtype == torch.float32
                 and text_encoder.dtype in (torch.float16, torch.bfloat16)
                 and not getattr(text_encoder, "is_quantized", False)):  # a quantized encoder cannot be cast
@@ -230,164 +145,10 @@ class AmbiSegPipeline(SettingsOnModelMixin, CustomCodeLayoutMixin, DiffusionPipe
             # text states whichever loader built the pipeline (DiffusionPipeline.from_pretrained keeps stored dtypes).
             text_encoder = text_encoder.to(torch.float32)
         self.register_modules(
-            unet=unet, scheduler=scheduler, text_encoder=text_encoder, tokenizer=tokenizer, prior=prior, posterior=posterior
+            unet=unet, scheduler=scheduler, text_encoder=text_encoder, tokenizer=tokenizer, prior=prior,
+            posterior=posterior, image_processor=image_processor,
         )
-        self.register_to_config(**settings)
-
-    # ---------------------------------------------------------------------------------------------- loading, saving
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> "AmbiSegPipeline":
-        """Loads from a local folder or a Hub repo id, as float32 unless `dtype` is given (checkpoints may be stored
-        in fp16 to stay small; CPUs compute in float32 or bf16 autocast).
-
-        diffusers' own download step only accepts components from diffusers or transformers, so a Hub repo is
-        fetched whole with `huggingface_hub.snapshot_download` (which honours `HF_HUB_OFFLINE` and the cache).
-
-        A LoRA folder loads its base pipeline first: the one in the same folder, else `base_model_path` (relative to
-        the folder, for checkouts) when it exists, else the Hub repo `base_model`; `base_model=...` overrides all
-        three. Two kinds: a TDG-DiffDPO adapter (`preference.json` + `pytorch_lora_weights.safetensors`), and a
-        distilled sampler (`consistency.json` + the LoRA + an `LCMScheduler` in `scheduler/`, from
-        training/train_consistency.py), which also sets the scheduler and the default number of calls.
-        """
-        download_kwargs = download_kwargs_of(kwargs)
-        base_override = kwargs.pop("base_model", None)
-        if "torch_dtype" not in kwargs:
-            kwargs.setdefault("dtype", torch.float32)
-        path = resolve_pretrained_path(pretrained_model_name_or_path, **download_kwargs)
-        info_file = next((os.path.join(path, name) for name in (ADAPTER_FILE, CONSISTENCY_FILE)
-                          if os.path.isfile(os.path.join(path, name))), None)
-        if info_file is None:
-            return cls._load_checked(path, **kwargs)
-
-        with open(info_file) as f:
-            info = json.load(f)
-        if base_override is not None:
-            base = base_override
-        elif os.path.isfile(os.path.join(path, "model_index.json")):
-            base = path
-        else:
-            local = os.path.normpath(os.path.join(path, info["base_model_path"])) if info.get("base_model_path") else None
-            base = local if local and os.path.isdir(local) else info.get("base_model")
-            if base is None:
-                raise ValueError(f"{info_file} names no `base_model`; pass `base_model=` (a folder or Hub id).")
-        if base == path:
-            pipe = cls._load_checked(path, **kwargs)
-        else:
-            base_kwargs = {k: v for k, v in download_kwargs.items() if k in BASE_DOWNLOAD_KWARGS}
-            pipe = cls.from_pretrained(base, **kwargs, **base_kwargs)
-        pipe._apply_adapter_folder(path, info_file)
-        return pipe
-
-    def _apply_adapter_folder(self, path: str, info_file: str) -> None:
-        """Loads the LoRA adapter of `path` (its `info_file`: `preference.json` or `consistency.json`) onto this
-        pipeline, and for a distilled sampler its LCMScheduler and number of calls."""
-        with open(info_file) as f:
-            info = json.load(f)
-        earlier = list(getattr(self.unet, "peft_config", None) or {})
-        name = info.get("adapter_name", PREFERENCE_ADAPTER)
-        self.load_lora_weights(path, weight_name=LORA_WEIGHT_NAME, adapter_name=name)
-        if earlier:  # a distilled sampler on an aligned model: both adapters act
-            self.set_adapters(earlier + [name])
-        if info_file.endswith(CONSISTENCY_FILE):
-            from diffusers import LCMScheduler
-
-            self.scheduler = LCMScheduler.from_pretrained(path, subfolder="scheduler")
-            self.register_to_config(default_num_inference_steps=int(info["num_inference_steps"]))
-
-    def _loaded_by_diffusers(self, name_or_path) -> None:
-        """`DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)` built this pipeline from the folder's
-        components only: its adapter (a TDG-DiffDPO or distilled folder) is applied here, as
-        `AmbiSegPipeline.from_pretrained` applies it, instead of being dropped."""
-        try:
-            path = resolve_pretrained_path(name_or_path, local_files_only=True)  # diffusers has just fetched it
-        except (OSError, FileNotFoundError):
-            return
-        info_file = next((os.path.join(path, name) for name in (ADAPTER_FILE, CONSISTENCY_FILE)
-                          if os.path.isfile(os.path.join(path, name))), None)
-        if info_file is not None and not getattr(self.unet, "peft_config", None):
-            logger.info(f"{name_or_path} holds a LoRA adapter ({os.path.basename(info_file)}): applied, as "
-                        "AmbiSegPipeline.from_pretrained does")
-            self._apply_adapter_folder(path, info_file)
-
-    @classmethod
-    def _load_checked(cls, path: str, **kwargs) -> "AmbiSegPipeline":
-        """diffusers' loading, between two cheap checks: weight files present and readable before, every weight
-        finite after (a corrupted file must not load silently and give empty masks)."""
-        check_pipeline_class(path, cls)
-        check_weight_files(path)
-        with own_loader():  # the caller applies the folder's adapter itself
-            pipe = super().from_pretrained(path, **kwargs)
-        check_finite_weights(pipe, path)
-        return pipe
-
-    @classmethod
-    def load_lora_into_text_encoder(cls, state_dict, network_alphas, text_encoder, prefix=None, *args, **kwargs):
-        """The text encoder is frozen and never adapted: skip it (quietly) unless the file has keys for it."""
-        prefix = prefix or cls.text_encoder_name
-        if any(key.startswith(f"{prefix}.") for key in state_dict):
-            super().load_lora_into_text_encoder(state_dict, network_alphas, text_encoder, prefix, *args, **kwargs)
-
-    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> None:
-        """Saves every component (safetensors). A LoRA adapter on the UNet is saved the standard way beside the base
-        weights (`pytorch_lora_weights.safetensors` + `preference.json`), never folded into the UNet's keys; to
-        save one merged model instead, `fuse_lora()` and `unload_lora_weights()` first."""
-        adapters = list(getattr(self.unet, "peft_config", None) or {})
-        if not adapters:
-            return super().save_pretrained(save_directory, **kwargs)
-        push_to_hub, hub = kwargs.pop("push_to_hub", False), pop_hub_kwargs(kwargs)  # uploaded once complete
-        if len(adapters) > 1:
-            raise ValueError(f"the UNet carries several LoRA adapters {adapters}; delete all but one "
-                             "(`delete_adapters`) or fuse them (`fuse_lora`, `unload_lora_weights`) before saving.")
-        from peft.utils import get_peft_model_state_dict
-
-        name = adapters[0]
-        if any(getattr(m, "merged_adapters", None) for m in self.unet.modules()):
-            raise ValueError("the UNet's adapter is fused into its weights (`fuse_lora`): saving both would apply it "
-                             "twice on loading. `unload_lora_weights()` first (keeps the fused weights, one merged "
-                             "model), or `unfuse_lora()` (base weights + adapter).")
-        with_adapter = self.unet
-        base = copy.deepcopy(with_adapter)
-        base.unload_lora()  # the base weights, without peft's wrapping
-        try:
-            self.unet = base
-            super().save_pretrained(save_directory, **kwargs)
-        finally:
-            self.unet = with_adapter
-        self.save_lora_weights(
-            save_directory, unet_lora_layers=get_peft_model_state_dict(with_adapter, adapter_name=name),
-            weight_name=LORA_WEIGHT_NAME, unet_lora_adapter_metadata=with_adapter.peft_config[name].to_dict(),
-        )
-        with open(os.path.join(save_directory, ADAPTER_FILE), "w") as f:
-            json.dump({"adapter_name": name}, f, indent=2)
-        if push_to_hub:
-            upload_saved_folder(save_directory, hub)
-
-    def push_to_hub(
-        self,
-        repo_id: str,
-        commit_message: str | None = None,
-        private: bool | None = None,
-        token: str | None = None,
-        create_pr: bool = False,
-        model_card: str | None = None,
-    ) -> str:
-        """Saves the pipeline (safetensors) with a model card (`model_card` text, or one built from this package's
-        template: `library_name`, tags, the clinical-use warning, the LIDC-IDRI attribution) and uploads it."""
-        import tempfile
-
-        from huggingface_hub import create_repo, upload_folder
-
-        repo_id = create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
-        with tempfile.TemporaryDirectory() as folder:
-            self.save_pretrained(folder)
-            card = model_card if model_card is not None else str(
-                _default_card(repo_id, lidc=self.config.get("prompt_style") != "free"))
-            with open(os.path.join(folder, "README.md"), "w") as f:
-                f.write(card)
-            return upload_folder(
-                repo_id=repo_id, folder_path=folder, token=token, create_pr=create_pr,
-                commit_message=commit_message or "Upload AmbiSegPipeline",
-            )
+        self.register_to_config(autocast=autocast, prompt_style=prompt_style)
 
     # ---------------------------------------------------------------------------------------------- properties
     @property
@@ -412,59 +173,15 @@ class AmbiSegPipeline(SettingsOnModelMixin, CustomCodeLayoutMixin, DiffusionPipe
 
     # ---------------------------------------------------------------------------------------------- building blocks
     def preprocess(self, image: ImageInput) -> torch.Tensor:
-        """Images as stored (any range) -> the model's normalised input `(B, C, H, W)` in [-1, 1]."""
-        image = prepare_image(image, self.unet.image_channels)
-        depth = 2 ** (len(self.unet.config.block_out_channels) - 1)
-        if image.shape[-1] % depth or image.shape[-2] % depth:
-            raise ValueError(f"`image` height and width must be multiples of {depth}, got {tuple(image.shape[-2:])}.")
-        trained = self.unet.config.sample_size
-        if max(image.shape[-2:]) > 2 * trained or min(image.shape[-2:]) < trained // 2:
-            logger.warning(f"`image` is {image.shape[-1]}x{image.shape[-2]} pixels; this model was trained on "
-                           f"{trained}x{trained} crops centred on a nodule, and segments other sizes (a whole CT slice "
-                           "above all) without any guarantee. Crop the region of interest first.")
-        return normalize_image(image, self.config.image_clip)
+        """Images as stored (any range, any accepted size) -> the model's input `(B, C, size, size)` in [-1, 1], as
+        the image processor makes it (resized to the training size, normalised)."""
+        return self._image_processor().preprocess(image)[0]
 
-    def encode_prompt(
-        self,
-        prompt: PromptInput,
-        device: torch.device | None = None,
-        num_samples: int = 1,
-        do_classifier_free_guidance: bool = False,
-        negative_prompt: str | list[str] | None = None,
-        batch_size: int | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        """Encodes the prompt of every sample row, each distinct prompt once.
-
-        `prompt` as in `__call__` (a string, one per image, or a list per image spread round-robin over the samples).
-        Returns `prompt_embeds` `(batch * num_samples, L, D)`, `prompt_attention_mask` `(batch * num_samples, L)` (1 =
-        token, 0 = padding) and, with guidance, the negative prompt's (default: the empty prompt, what the model saw
-        on prompt dropout) of the same shape, else `None` twice: exactly what `__call__` accepts.
-        """
-        device = device or self._execution_device
-        if batch_size is None:
-            batch_size = 1 if prompt is None or isinstance(prompt, str) else len(prompt)
-        per_image = normalize_prompts(prompt, batch_size)
-        row_prompts = [p[s % len(p)] for p in per_image for s in range(num_samples)]
-        prompt_embeds, prompt_attention_mask = self._encode_rows(row_prompts, device)
-        if not do_classifier_free_guidance:
-            return prompt_embeds, prompt_attention_mask, None, None
-        negative = normalize_prompts(negative_prompt if negative_prompt is not None else "", batch_size)
-        negative_prompt_embeds, negative_prompt_attention_mask = self._encode_rows(
-            [p[0] for p in negative for _ in range(num_samples)], device)
-        length = max(prompt_embeds.shape[1], negative_prompt_embeds.shape[1])
-        prompt_embeds, prompt_attention_mask = _pad_tokens(prompt_embeds, prompt_attention_mask, length)
-        negative_prompt_embeds, negative_prompt_attention_mask = _pad_tokens(
-            negative_prompt_embeds, negative_prompt_attention_mask, length)
-        return prompt_embeds, prompt_attention_mask, negative_prompt_embeds, negative_prompt_attention_mask
-
-    def _encode_rows(self, row_prompts: list[str], device) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.text_encoder is None or self.tokenizer is None:
-            raise ValueError("this pipeline has no `text_encoder`/`tokenizer`; pass `prompt_embeds` instead of `prompt`.")
-        unique = sorted(set(row_prompts))
-        states, mask = encode_prompts(self.tokenizer, self.text_encoder, unique, device=device,
-                                      by_sentence=sentence_encoded(self.config.get("prompt_style")))
-        index = torch.tensor([unique.index(p) for p in row_prompts], device=states.device)
-        return states[index], mask[index]
+    def _image_processor(self) -> AmbiSegImageProcessor:
+        """The pipeline's image processor, or the UNet's default where it was set to None."""
+        if self.image_processor is not None:
+            return self.image_processor
+        return AmbiSegImageProcessor.for_unet(self.unet)
 
     def prepare_ambiguity_latents(
         self, images: torch.Tensor, prompt_embeds: torch.Tensor, prompt_attention_mask: torch.Tensor,
@@ -516,120 +233,6 @@ class AmbiSegPipeline(SettingsOnModelMixin, CustomCodeLayoutMixin, DiffusionPipe
             extra["generator"] = generator
         return extra
 
-    def check_inputs(
-        self, image, prompt, num_samples, num_inference_steps, output_type, batch_size, threshold, prior_temperature,
-        prompt_embeds, prompt_attention_mask, negative_prompt_embeds, negative_prompt_attention_mask,
-        callback_on_step_end_tensor_inputs, generator=None, negative_prompt=None, guidance_scale=1.0,
-        ambiguity_latents=None, eta=0.0, cross_attention_kwargs=None,
-    ) -> None:
-        """Raises `ValueError` naming the argument that is wrong, and the component a call needs but lacks."""
-        for component in ("unet", "scheduler"):
-            if getattr(self, component, None) is None:
-                raise ValueError(f"this pipeline has no `{component}`; set `pipe.{component} = ...` before calling it.")
-        scheduler = type(self.scheduler).__name__
-        if self.scheduler.config.get("prediction_type") == "sample" and scheduler not in SAMPLE_PREDICTION_SCHEDULERS:
-            raise ValueError(f"`scheduler` {scheduler} cannot sample this model (it predicts the clean mask, "
-                             f"prediction_type 'sample'); use one of {list(SAMPLE_PREDICTION_SCHEDULERS)}, e.g. "
-                             "`pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)`.")
-        if image is None:
-            raise ValueError("`image` is required: the CT image (or batch) to segment.")
-        if not isinstance(num_samples, numbers.Integral) or isinstance(num_samples, bool) or num_samples < 1:
-            raise ValueError(f"`num_samples` must be an integer >= 1, got {num_samples!r}.")
-        valid = generator is None or isinstance(generator, torch.Generator) or (
-            isinstance(generator, list) and all(isinstance(g, torch.Generator) for g in generator))
-        if not valid:
-            raise ValueError(f"`generator` must be a torch.Generator or a list of them (one per image or per sample), got "
-                             f"{type(generator).__name__}; e.g. `generator=torch.Generator().manual_seed(0)`.")
-        if output_type not in OUTPUT_TYPES:
-            raise ValueError(f"`output_type` must be one of {OUTPUT_TYPES}, got {output_type!r}.")
-        if batch_size < 1:
-            raise ValueError(f"`batch_size` must be >= 1, got {batch_size}.")
-        if not 0.0 <= threshold <= 1.0:
-            raise ValueError(f"`threshold` must be in [0, 1], got {threshold}.")
-        for name, value in (("prior_temperature", prior_temperature), ("eta", eta)):
-            if not (isinstance(value, numbers.Real) and math.isfinite(value) and value >= 0):
-                raise ValueError(f"`{name}` must be a finite number >= 0, got {value!r}.")
-        if num_inference_steps is not None and num_inference_steps < 1:
-            raise ValueError(f"`num_inference_steps` must be >= 1, got {num_inference_steps}.")
-        if prompt is not None and prompt_embeds is not None:
-            raise ValueError("pass either `prompt` or `prompt_embeds`, not both.")
-        for embeds, mask, name in ((prompt_embeds, prompt_attention_mask, "prompt"),
-                                   (negative_prompt_embeds, negative_prompt_attention_mask, "negative_prompt")):
-            if embeds is None:
-                continue
-            if mask is None:
-                raise ValueError(f"`{name}_embeds` needs its `{name}_attention_mask` (what `encode_prompt` returns).")
-            if embeds.ndim != 3 or mask.shape != embeds.shape[:2]:
-                raise ValueError(f"`{name}_embeds` must be (rows, L, D) with `{name}_attention_mask` (rows, L); got "
-                                 f"{tuple(embeds.shape)} and {tuple(mask.shape)}.")
-        if negative_prompt_embeds is not None and prompt_embeds is None:
-            raise ValueError("`negative_prompt_embeds` goes with `prompt_embeds`.")
-        if negative_prompt is not None and negative_prompt_embeds is not None:
-            raise ValueError("pass either `negative_prompt` or `negative_prompt_embeds`, not both.")
-        if not (isinstance(guidance_scale, numbers.Real) and guidance_scale >= 1.0 and math.isfinite(guidance_scale)):
-            raise ValueError(f"`guidance_scale` must be a finite number >= 1 (1 = no guidance), got {guidance_scale!r}.")
-        if ambiguity_latents is not None:
-            if not self.unet.latent_dim:
-                raise ValueError("`ambiguity_latents` given, but this UNet takes no ambiguity latent (its ambiguity "
-                                 "design is 'prediction_kl' or 'none'); leave it None.")
-            if ambiguity_latents.ndim != 2 or ambiguity_latents.shape[1] != self.unet.latent_dim:
-                raise ValueError(f"`ambiguity_latents` must be (rows, {self.unet.latent_dim}), got "
-                                 f"{tuple(ambiguity_latents.shape)}.")
-        if cross_attention_kwargs is not None and not isinstance(cross_attention_kwargs, dict):
-            raise ValueError(f"`cross_attention_kwargs` must be a dict (e.g. {{'scale': 0.5}}), got "
-                             f"{type(cross_attention_kwargs).__name__}.")
-        unknown = set(callback_on_step_end_tensor_inputs or []) - set(self._callback_tensor_inputs)
-        if unknown:
-            raise ValueError(f"`callback_on_step_end_tensor_inputs` must be among {self._callback_tensor_inputs}, got "
-                             f"{sorted(unknown)}.")
-
-    def _rows_of(self, tensor: torch.Tensor | None, name: str, batch: int, num_samples: int,
-                 round_robin: bool = False) -> torch.Tensor | None:
-        """A per-image `(batch, ...)` tensor repeated for each sample, or a per-row `(batch * num_samples, ...)` one.
-        `round_robin` (prompt embeddings): `k` rows per image are spread over its samples as a prompt list per image
-        is (sample `s` takes row `s % k`), so `encode_prompt` run with another `num_samples` is accepted too."""
-        if tensor is None or tensor.shape[0] == batch * num_samples:
-            return tensor
-        if tensor.shape[0] == batch:
-            return tensor.repeat_interleave(num_samples, dim=0)
-        if round_robin and tensor.shape[0] % batch == 0:
-            k = tensor.shape[0] // batch
-            index = [b * k + s % k for b in range(batch) for s in range(num_samples)]
-            return tensor[torch.tensor(index, device=tensor.device)]
-        raise ValueError(f"`{name}` has {tensor.shape[0]} rows; expected one per image ({batch}) or one per sample "
-                         f"({batch * num_samples})" + (", or the same number for each image" if round_robin else "")
-                         + ".")
-
-    @contextlib.contextmanager
-    def _preference_scale(self, scale: float | None):
-        """Scales the "preference" LoRA adapter by `scale` for one call and restores it after (None: leave the
-        adapters as `set_adapters` left them)."""
-        if scale is None:
-            yield
-            return
-        layers = [m for m in (self.unet.modules() if self.unet is not None else [])
-                  if hasattr(m, "set_scale") and PREFERENCE_ADAPTER in getattr(m, "scaling", {})]
-        if not layers:
-            named = list(getattr(self.unet, "peft_config", None) or {})
-            if named:
-                raise ValueError(
-                    f"`preference_scale` scales the LoRA adapter named '{PREFERENCE_ADAPTER}'; this UNet's adapters are "
-                    f"{named}. Load a TDG-DiffDPO adapter under that name (`pipe.load_lora_weights(folder, "
-                    f"adapter_name='{PREFERENCE_ADAPTER}')`, as `AmbiSegPipeline.from_pretrained(folder)` does), or "
-                    "scale every adapter with `cross_attention_kwargs={'scale': s}`.")
-            raise ValueError("`preference_scale` needs a TDG-DiffDPO checkpoint (a 'preference' LoRA adapter on the UNet).")
-        if any(PREFERENCE_ADAPTER in getattr(m, "merged_adapters", []) for m in layers):
-            raise ValueError("the 'preference' adapter is fused into the UNet's weights (`fuse_lora`), where "
-                             "`preference_scale` cannot change it; `unfuse_lora()` first, or fuse at the scale you want.")
-        previous = [m.scaling[PREFERENCE_ADAPTER] for m in layers]
-        for m in layers:
-            m.set_scale(PREFERENCE_ADAPTER, float(scale))
-        try:
-            yield
-        finally:
-            for m, value in zip(layers, previous):
-                m.scaling[PREFERENCE_ADAPTER] = value
-
     def _row_generators(self, generator, batch: int, num_samples: int):
         """A per-image generator list becomes a per-row list, so each image's samples are independent of batching;
         a list of one per sample (diffusers' habit: one per output) is already per row."""
@@ -665,7 +268,7 @@ class AmbiSegPipeline(SettingsOnModelMixin, CustomCodeLayoutMixin, DiffusionPipe
         image: ImageInput = None,
         prompt: PromptInput = None,
         num_samples: int = 16,
-        num_inference_steps: int | None = None,
+        num_inference_steps: int = DEFAULT_NUM_INFERENCE_STEPS,
         guidance_scale: float = 1.0,
         negative_prompt: str | list[str] | None = None,
         prior_temperature: float = 1.0,
@@ -686,17 +289,22 @@ class AmbiSegPipeline(SettingsOnModelMixin, CustomCodeLayoutMixin, DiffusionPipe
         return_dict: bool = True,
         callback_on_step_end: Callable[[Any, int, Any, dict], dict] | None = None,
         callback_on_step_end_tensor_inputs: list[str] = ("latents",),
+        **kwargs,
     ) -> AmbiSegPipelineOutput | tuple:
         r"""
         Args:
             image: one image or a batch, numpy / torch / PIL, shaped (H, W), (1, H, W), (H, W, 1), (B, H, W),
-                (B, 1, H, W), (B, H, W, 1) or a list of images; any value range (normalised here). The model
-                expects what it was trained on: a crop of `unet.config.sample_size` pixels a side (64 for the LIDC
-                checkpoints) centred on one nodule, e.g. in Hounsfield units; other sizes are segmented with a warning.
+                (B, 1, H, W), (B, H, W, 1) or a list of images (of any sizes); any value range. The image processor
+                resizes each to the size the model was trained at and normalises it as training did; the outputs
+                come back at each image's own size. The model expects the field of view it was trained on (LIDC
+                checkpoints: a 64-pixel crop centred on the nodule at the scan's own pixel spacing); non-square
+                images and sides outside 0.5x-4x the training size are segmented with a warning
+                ([`AmbiSegImageProcessor`]).
             prompt: a string for every image, a list with one string per image, or a list of lists (several
                 prompts per image; sample `s` uses prompt `s % len(prompts)`). `None` = the empty prompt.
             num_samples: masks to sample per image (>= 1); diffusers' `num_images_per_prompt` for this task.
-            num_inference_steps: denoising steps; `None` = the pipeline's `default_num_inference_steps`.
+            num_inference_steps: denoising steps; the default is the committed checkpoint's recommendation with its
+                scheduler (UniPC, 6; `None` also means it). A distilled sampler states its own (its card).
             guidance_scale: classifier-free guidance on the text (1 = off; needs a model trained with prompt dropout).
             negative_prompt: the unconditional prompt of guidance (default: the empty prompt).
             prior_temperature: scales the prior's standard deviation (0 = always the prior mean).
@@ -704,14 +312,15 @@ class AmbiSegPipeline(SettingsOnModelMixin, CustomCodeLayoutMixin, DiffusionPipe
             generator: a `torch.Generator`, or one per image: then image `b`'s samples are those of a call on image
                 `b` alone with `[generator[b]]`, whatever the batch (diffusers' batch-vs-single convention); or one
                 per sample (`batch * num_samples`, row `b * num_samples + s`), diffusers' one per output.
-            latents: pre-drawn initial noise `(batch * num_samples, mask_channels, H, W)`, row `b * num_samples + s`
-                for sample `s` of image `b`; `None` = drawn from `generator`.
+            latents: pre-drawn initial noise `(batch * num_samples, mask_channels, size, size)` at the model's size
+                (`image_processor.config.size`), row `b * num_samples + s` for sample `s` of image `b`; `None` = drawn
+                from `generator`.
             ambiguity_latents: the ambiguity latents `z` `(batch * num_samples, latent_dim)`; `None` = drawn from the
                 prior with `generator` (before `latents`, so a given generator reproduces both).
             prompt_embeds, prompt_attention_mask: pre-computed text states `(rows, L, D)` and mask `(rows, L)`, rows
                 one per image or one per sample (as `encode_prompt` returns); instead of `prompt`.
             negative_prompt_embeds, negative_prompt_attention_mask: the same for the guidance's unconditional branch.
-            threshold: on the [0, 1] probabilities.
+            threshold: on the [0, 1] probabilities, after they are resized to each image's size.
             batch_size: rows (image x sample) per UNet call; lower it to save memory (results do not change).
             preference_scale: for a TDG-DiffDPO checkpoint (a "preference" LoRA adapter on the UNet), the knob between
                 the reference model (0) and the aligned model (1), for this call; values above 1 extrapolate. `None` =
@@ -722,8 +331,11 @@ class AmbiSegPipeline(SettingsOnModelMixin, CustomCodeLayoutMixin, DiffusionPipe
             autocast: "auto", "bf16" or "no" for this call; `None` = the pipeline's `autocast` config ("auto": bf16
                 where the hardware computes it natively). Applies to float32 weights; half-precision weights
                 (`from_pretrained(..., torch_dtype=torch.float16)`) compute in their own dtype. Results are bit-reproducible for a given generator and mode.
-            output_type: "np", "pt", "pil" (a list per image of `PIL.Image` masks) or "latent" (the raw samples).
-            return_dict: an [`AmbiSegPipelineOutput`] (True) or a tuple.
+            output_type: "np", "pt", "pil" (a list per image of `PIL.Image` masks) or "latent" (the raw samples, at
+                the model's size). With images of several sizes, "np" and "pt" give a list per image for each field.
+            return_dict: an [`AmbiSegPipelineOutput`] (True) or a tuple `(probabilities, masks, pixel_mean,
+                pixel_variance)` (since 0.2.0; `masks_first=True` gives version 0.1.0's order, masks first, until
+                0.3.0, with a `FutureWarning`).
             callback_on_step_end: called after every denoising step as `callback(pipe, step, timestep, kwargs)` with
                 `kwargs` holding the tensors named in `callback_on_step_end_tensor_inputs` (a diffusers
                 `PipelineCallback` names its own); the dict it returns may replace them. Set `pipe._interrupt = True`
@@ -733,6 +345,7 @@ class AmbiSegPipeline(SettingsOnModelMixin, CustomCodeLayoutMixin, DiffusionPipe
         Returns:
             [`AmbiSegPipelineOutput`] (or a tuple `(probabilities, masks, pixel_mean, pixel_variance)`).
         """
+        masks_first = tuple_order(kwargs, return_dict)
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
 
@@ -762,52 +375,29 @@ class AmbiSegPipeline(SettingsOnModelMixin, CustomCodeLayoutMixin, DiffusionPipe
                        "where the CPU has native bf16.")
         with self._preference_scale(preference_scale), torch.autocast(device.type, torch.bfloat16, enabled=use_bf16):
             dtype = self.unet.dtype
-            images = self.preprocess(image).to(device=device, dtype=dtype)
+            images, image_sizes = self._image_processor().preprocess(image)
+            images = images.to(device=device, dtype=dtype)
             batch, _, height, width = images.shape
+            self.check_model_size(height, width)
             rows = batch * num_samples
             row_images = images.repeat_interleave(num_samples, dim=0)
             generator = self._row_generators(generator, batch, num_samples)
 
-            # 2. Encode the prompts (each distinct prompt once), or take the given embeddings.
-            if prompt_embeds is None:
-                prompt_embeds, prompt_attention_mask, negative_prompt_embeds, negative_prompt_attention_mask = self.encode_prompt(
-                    prompt, device, num_samples, self.do_classifier_free_guidance, negative_prompt, batch_size=batch
-                )
-            else:
-                prompt_embeds = self._rows_of(prompt_embeds, "prompt_embeds", batch, num_samples, round_robin=True)
-                prompt_attention_mask = self._rows_of(prompt_attention_mask, "prompt_attention_mask", batch, num_samples,
-                                                      round_robin=True)
-                if self.do_classifier_free_guidance and negative_prompt_embeds is None:
-                    _, _, negative_prompt_embeds, negative_prompt_attention_mask = self.encode_prompt(
-                        None, device, num_samples, True, negative_prompt, batch_size=batch
-                    )
-                negative_prompt_embeds = self._rows_of(negative_prompt_embeds, "negative_prompt_embeds", batch, num_samples)
-                negative_prompt_attention_mask = self._rows_of(
-                    negative_prompt_attention_mask, "negative_prompt_attention_mask", batch, num_samples
-                )
-                if negative_prompt_embeds is not None:
-                    length = max(prompt_embeds.shape[1], negative_prompt_embeds.shape[1])
-                    prompt_embeds, prompt_attention_mask = _pad_tokens(prompt_embeds, prompt_attention_mask, length)
-                    negative_prompt_embeds, negative_prompt_attention_mask = _pad_tokens(
-                        negative_prompt_embeds, negative_prompt_attention_mask, length
-                    )
-            if not self.do_classifier_free_guidance:
-                negative_prompt_embeds = negative_prompt_attention_mask = None
-            prompt_embeds = prompt_embeds.to(device=device, dtype=dtype)
-            prompt_attention_mask = prompt_attention_mask.to(device)
-            if negative_prompt_embeds is not None:
-                negative_prompt_embeds = negative_prompt_embeds.to(device=device, dtype=dtype)
-                negative_prompt_attention_mask = negative_prompt_attention_mask.to(device)
+            # 2. Encode the prompts (each distinct prompt once), or bring the given embeddings to one row per sample.
+            prompt_embeds, prompt_attention_mask, negative_prompt_embeds, negative_prompt_attention_mask = (
+                self.prepare_prompt_embeds(prompt, negative_prompt, prompt_embeds, prompt_attention_mask,
+                                           negative_prompt_embeds, negative_prompt_attention_mask, batch, num_samples,
+                                           device, dtype))
 
             # 3. Prepare timesteps.
-            steps = num_inference_steps or self.config.default_num_inference_steps
+            steps = num_inference_steps or DEFAULT_NUM_INFERENCE_STEPS
             self.scheduler.set_timesteps(steps, device=device)
             timesteps = self.scheduler.timesteps
             self._num_timesteps = len(timesteps)
 
             # 4. One ambiguity latent per sample, from the prior.
             if ambiguity_latents is not None:
-                ambiguity_latents = self._rows_of(ambiguity_latents, "ambiguity_latents", batch, num_samples).to(device, dtype)
+                ambiguity_latents = rows_of(ambiguity_latents, "ambiguity_latents", batch, num_samples).to(device, dtype)
             elif self.unet.latent_dim:
                 ambiguity_latents = self.prepare_ambiguity_latents(
                     images, prompt_embeds, prompt_attention_mask, num_samples, prior_temperature, generator
@@ -865,13 +455,10 @@ class AmbiSegPipeline(SettingsOnModelMixin, CustomCodeLayoutMixin, DiffusionPipe
                             negative_prompt_embeds = negative_prompt_attention_mask = None
                     progress_bar.update()
 
-            # 8. Post-process: [-1, 1] samples -> probabilities, masks and the per-pixel statistics.
+            # 8. Post-process: [-1, 1] samples -> probabilities and masks at each image's size, the statistics.
             self.maybe_free_model_hooks()
             if output_type == "latent":
                 return AmbiSegPipelineOutput(masks=latents) if return_dict else (latents,)
             probabilities = ((latents.float() + 1.0) / 2.0).clamp(0.0, 1.0).reshape(batch, num_samples, height, width)
-            return format_samples(probabilities, threshold, output_type, return_dict)
-
-
-def _default_card(repo_id: str, lidc: bool = True):
-    return model_card("pipeline.md", repo_id, lidc=lidc)
+            probabilities, masks = self._image_processor().postprocess(probabilities, image_sizes, threshold)
+            return format_samples(probabilities, masks, output_type, return_dict, masks_first)

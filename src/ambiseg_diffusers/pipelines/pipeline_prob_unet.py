@@ -13,33 +13,37 @@ from diffusers.utils.torch_utils import randn_tensor
 from ..hub_utils import (
     check_finite_weights, check_pipeline_class, check_weight_files, download_kwargs_of, resolve_pretrained_path,
 )
-from ..image_processing import ImageInput, normalize_image, prepare_image
+from ..image_processing import ImageInput
+from ..image_processor import AmbiSegImageProcessor
 from ..models.prob_unet import ProbUNetModel
 from .custom_code import CustomCodeLayoutMixin
-from .pipeline_ambiseg import OUTPUT_TYPES, AmbiSegPipelineOutput, PromptInput, format_samples
-from .pipeline_settings import SettingsOnModelMixin
+from .pipeline_output import OUTPUT_TYPES, AmbiSegPipelineOutput, format_samples, tuple_order
+from .prompt_handling import PromptInput
 
 logger = logging.get_logger(__name__)
 
 
-class ProbUNetPipeline(SettingsOnModelMixin, CustomCodeLayoutMixin, DiffusionPipeline):
+class ProbUNetPipeline(CustomCodeLayoutMixin, DiffusionPipeline):
     r"""Samples plausible masks from a Probabilistic U-Net (Kohl et al. 2018): one U-Net pass per image, then one
     cheap 1x1 "fcomb" pass per latent z ~ p(z | image). The baseline of the comparison tables in docs/results.md.
 
     Args:
         prob_unet ([`ProbUNetModel`]): the U-Net with its prior and posterior nets.
-        image_clip (`float`, optional): the image normalisation used in training (see [`normalize_image`]); `None` =
-            the value the pipeline it came from recorded on `prob_unet`, else 3.0 (see `pipeline_settings.py`).
+        image_processor ([`AmbiSegImageProcessor`], optional): the training size, resizing and normalisation;
+            `None` = version 0.1's behaviour (each image at its own size, the clip recorded on the model, else 3.0).
+        image_clip (`float`, optional): version 0.1's setting (old `model_index.json` files), read into the default
+            image processor only.
     """
 
     model_cpu_offload_seq = "prob_unet"
-    _settings_model = "prob_unet"
-    _setting_defaults = {"image_clip": 3.0}
+    _optional_components = ["image_processor"]
 
-    def __init__(self, prob_unet: ProbUNetModel, image_clip: float | None = None):
+    def __init__(self, prob_unet: ProbUNetModel, image_processor: AmbiSegImageProcessor | None = None,
+                 image_clip: float | None = None):
         super().__init__()
-        self.register_modules(prob_unet=prob_unet)
-        self.register_to_config(**self._resolve_settings(prob_unet, image_clip=image_clip))
+        if image_processor is None and image_clip is not None and prob_unet is not None:  # a version-0.1 folder
+            image_processor = AmbiSegImageProcessor.for_unet(prob_unet, image_clip)
+        self.register_modules(prob_unet=prob_unet, image_processor=image_processor)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> "ProbUNetPipeline":
@@ -57,8 +61,11 @@ class ProbUNetPipeline(SettingsOnModelMixin, CustomCodeLayoutMixin, DiffusionPip
         return pipe
 
     def preprocess(self, image: ImageInput) -> torch.Tensor:
-        """Images as stored (any range) -> the model's normalised input `(B, C, H, W)` in [-1, 1]."""
-        return normalize_image(prepare_image(image, self.prob_unet.config.image_channels), self.config.image_clip)
+        """Images as stored (any range) -> the model's normalised input `(B, C, size, size)` in [-1, 1]."""
+        return self._image_processor().preprocess(image)[0]
+
+    def _image_processor(self) -> AmbiSegImageProcessor:
+        return self.image_processor or AmbiSegImageProcessor.for_unet(self.prob_unet)
 
     @torch.no_grad()
     def __call__(
@@ -73,6 +80,7 @@ class ProbUNetPipeline(SettingsOnModelMixin, CustomCodeLayoutMixin, DiffusionPip
         batch_size: int | None = None,
         output_type: str = "np",
         return_dict: bool = True,
+        **kwargs,
     ) -> AmbiSegPipelineOutput | tuple:
         r"""
         Args:
@@ -88,11 +96,14 @@ class ProbUNetPipeline(SettingsOnModelMixin, CustomCodeLayoutMixin, DiffusionPip
                 written for diffusion pipelines runs unchanged.
             batch_size: samples decoded per 1x1-head call (memory only; default: all of an image's at once).
             output_type: "np" (default), "pt" or "pil".
+            return_dict: an [`AmbiSegPipelineOutput`] (True) or a tuple `(probabilities, masks, pixel_mean,
+                pixel_variance)` (`masks_first=True`: version 0.1.0's order, deprecated, until 0.3.0).
 
         Returns:
             [`AmbiSegPipelineOutput`]: `probabilities` in [0, 1] `(batch, num_samples, H, W)`, `masks` bool of the
             same shape, `pixel_mean` and `pixel_variance` `(batch, H, W)`.
         """
+        masks_first = tuple_order(kwargs, return_dict)
         if not isinstance(num_samples, int) or isinstance(num_samples, bool) or num_samples < 1:
             raise ValueError(f"`num_samples` must be a positive integer, got {num_samples!r}.")
         if not 0.0 < threshold < 1.0:
@@ -110,7 +121,8 @@ class ProbUNetPipeline(SettingsOnModelMixin, CustomCodeLayoutMixin, DiffusionPip
 
         model = self.prob_unet
         device = self._execution_device
-        images = self.preprocess(image).to(device=device, dtype=model.dtype)
+        images, image_sizes = self._image_processor().preprocess(image)
+        images = images.to(device=device, dtype=model.dtype)
         batch = images.shape[0]
         if isinstance(generator, list) and len(generator) != batch:
             raise ValueError(f"`generator` is a list of {len(generator)}; expected one per image ({batch}).")
@@ -126,7 +138,8 @@ class ProbUNetPipeline(SettingsOnModelMixin, CustomCodeLayoutMixin, DiffusionPip
             chunks = z.split(batch_size or num_samples)
             logits = torch.cat([model.decode(features[i : i + 1].expand(len(c), -1, -1, -1), c) for c in chunks])
             probabilities.append(torch.sigmoid(logits.float())[:, 0])
-        return format_samples(torch.stack(probabilities), threshold, output_type, return_dict)
+        probabilities, masks = self._image_processor().postprocess(torch.stack(probabilities), image_sizes, threshold)
+        return format_samples(probabilities, masks, output_type, return_dict, masks_first)
 
 
 @functools.lru_cache(maxsize=1)

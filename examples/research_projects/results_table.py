@@ -1,10 +1,10 @@
 #!/usr/bin/env python
-"""The comparison tables of docs/results.md from the folders scripts/compare_baselines.sh leaves, laid out like the paper's
+"""The comparison tables of docs/results.md from the folders examples/research_projects/compare_baselines.sh leaves, laid out like the paper's
 Table 2 (methods) and Table 5 (ablations: text, ambiguity latent): each row's validate means with 95% bootstrap
 intervals, its paired difference from AmbiSeg over the same images and seeds, the checkpoint the selection split
 chose, its steps and its selection GED.
 
-    python scripts/results_table.py --runs ~/ambiseg-runs/compare --rows ambiseg no-text no-ambiguity cimd-style prob-unet
+    python examples/research_projects/results_table.py --runs ~/ambiseg-runs/compare --rows ambiseg no-text no-ambiguity cimd-style prob-unet
 
 Rows named `no-text` / `no-ambiguity` (and the reference) form the ablation table; every other row is a method.
 """

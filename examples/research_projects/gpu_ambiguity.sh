@@ -4,9 +4,9 @@
 # lowest selection GED is continued from its chosen weights for CONTINUE_MIN minutes, its snapshot chosen on the
 # selection split again and scored once on validate. Each result is copied to $OUT as soon as it exists.
 #
-#   OUT=/tmp/out RUNS=/tmp/ambiguity BUDGET_MIN=2.5 CONTINUE_MIN=2.5 bash scripts/gpu_ambiguity.sh
+#   OUT=/tmp/out RUNS=/tmp/ambiguity BUDGET_MIN=2.5 CONTINUE_MIN=2.5 bash examples/research_projects/gpu_ambiguity.sh
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."  # the repository root
 OUT=${OUT:?set OUT to the folder the results go to}
 RUNS=${RUNS:-/tmp/ambiguity-gpu}
 BUDGET_MIN=${BUDGET_MIN:-2.5}
@@ -31,7 +31,7 @@ trap 'kill $collector 2>/dev/null; collect' EXIT
 
 date +%T >"$RUNS/started.log"
 RUNS=$RUNS BUDGET_MIN=$BUDGET_MIN PARALLEL=${PARALLEL:-1} THREADS=${THREADS:-3} IMAGES_PER_CALL=$IMAGES_PER_CALL \
-    bash scripts/compare_baselines.sh 2>&1 | tee "$RUNS/compare.log"
+    bash examples/research_projects/compare_baselines.sh 2>&1 | tee "$RUNS/compare.log"
 collect
 
 # The winner among the AmbiSeg rows, on the selection split only.

@@ -2,9 +2,9 @@
 """The training curve: GED on the selection split against training steps, from the `selection.json` records that
 scripts/select_checkpoint.py writes (one point per snapshot, with its 95% bootstrap interval when recorded).
 
-    python scripts/plot_training_curve.py --runs R/ambiseg R/strong-b32 R/strong-b128 --selection R/strong/selection.json \\
+    python examples/research_projects/plot_training_curve.py --runs R/ambiseg R/strong-b32 R/strong-b128 --selection R/strong/selection.json \\
         --output docs/images/training_curve.png
-    python scripts/plot_training_curve.py --runs R/stage2 R/stage3 --offsets 3000 3706 ...   # continued runs
+    python examples/research_projects/plot_training_curve.py --runs R/stage2 R/stage3 --offsets 3000 3706 ...   # continued runs
 """
 
 from __future__ import annotations

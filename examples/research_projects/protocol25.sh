@@ -2,9 +2,9 @@
 # The paper's 25% protocol for TDG-DiffDPO: a reference trained from scratch on a seeded 25% of train_fit (the
 # committed recipe's flags, 300 steps), TDG-DiffDPO rounds with pairs from the same rows (round 1; round 2 from
 # another seeded 25%, from round 1's model), every round scored on selection, then validate once.
-#   RUNS=runs/protocol25 bash scripts/protocol25.sh        # resumable: rerun the same line
+#   RUNS=runs/protocol25 bash examples/research_projects/protocol25.sh        # resumable: rerun the same line
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."  # the repository root
 R=${RUNS:-runs/protocol25}
 mkdir -p "$R"
 python training/train_ambiseg.py --text_encoder offline-minilm --train_split train_fit --train_fraction 0.25 \

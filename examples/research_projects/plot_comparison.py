@@ -2,7 +2,7 @@
 """The comparison rows side by side in one picture: each row's chosen checkpoint samples the same validation nodules
 with the same seeds and prompts as its validate evaluation (read from that folder's `run_arguments.json`).
 
-    python scripts/plot_comparison.py --runs ~/ambiseg-runs/compare --rows prob-unet cimd-style ambiseg \\
+    python examples/research_projects/plot_comparison.py --runs ~/ambiseg-runs/compare --rows prob-unet cimd-style ambiseg \\
         --indices 0 3 --output docs/images/comparison_validate.png
 
 One block per row, labelled: image | raters | samples | mean | majority | variance for each nodule.

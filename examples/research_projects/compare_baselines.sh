@@ -3,8 +3,8 @@
 # slices for the same wall-clock budget, its checkpoint chosen on the selection split, then scored once on validate
 # (N = 16, the same seeds, 95% bootstrap intervals).
 #
-#   RUNS=~/ambiseg-runs/compare BUDGET_MIN=45 bash scripts/compare_baselines.sh          # rows one after another
-#   RUNS=/tmp/compare BUDGET_MIN=5 PARALLEL=1 bash scripts/compare_baselines.sh          # rows side by side (a GPU)
+#   RUNS=~/ambiseg-runs/compare BUDGET_MIN=45 bash examples/research_projects/compare_baselines.sh          # rows one after another
+#   RUNS=/tmp/compare BUDGET_MIN=5 PARALLEL=1 bash examples/research_projects/compare_baselines.sh          # rows side by side (a GPU)
 #
 # Rows (default: the ambiguity comparison): paper-kl (the paper's L_kl on the predicted mask, no z in the UNet);
 # no-ambiguity (the same denoiser without L_kl: the paper's "w/o Ambiguity", identical to the latent-free model);
@@ -25,7 +25,7 @@
 #   CHECKPOINT_STEPS  resumable checkpoint every N steps (default 5000; lower it for runs a session may cut short)
 #   THREADS      CPU threads per training process (default: torch's; set it with PARALLEL=1)
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."  # the repository root
 
 RUNS=${RUNS:?set RUNS to a folder outside the work tree}
 BUDGET_MIN=${BUDGET_MIN:-45}
@@ -118,5 +118,5 @@ done
 wait
 REFERENCE=${REFERENCE:-paper-kl}
 [[ " ${validate_rows[*]} " == *" $REFERENCE "* ]] || REFERENCE=${validate_rows[0]}
-python scripts/results_table.py --runs "$RUNS" --rows "${validate_rows[@]}" --budget_min "$BUDGET_MIN" \
+python examples/research_projects/results_table.py --runs "$RUNS" --rows "${validate_rows[@]}" --budget_min "$BUDGET_MIN" \
     --reference "$REFERENCE" | tee "$RUNS/table.md"

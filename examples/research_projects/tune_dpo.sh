@@ -4,15 +4,15 @@
 # selection split, then trains one LoRA adapter per recipe and scores each on the selection split against the
 # reference (same images, seeds and prompts; paired differences with 95% bootstrap intervals).
 #
-#   RUNS=~/ambiseg-runs/dpo-tuning REF=checkpoints/ambiseg-lidc64 bash scripts/tune_dpo.sh
-#   RUNS=... RECIPES="eps-5000:--error_space epsilon --beta 5000" bash scripts/tune_dpo.sh   # your own grid
+#   RUNS=~/ambiseg-runs/dpo-tuning REF=checkpoints/ambiseg-lidc64 bash examples/research_projects/tune_dpo.sh
+#   RUNS=... RECIPES="eps-5000:--error_space epsilon --beta 5000" bash examples/research_projects/tune_dpo.sh   # your own grid
 #
 # RECIPES: ";"-separated "name:flags[:strategy]" (strategy default mean_dice); every run is skipped when its
 # folder already holds a finished adapter and evaluation, so a rerun continues a killed search.
 # Knobs: SCALES (preference_scale values scored for every recipe), FRACTION (of train_fit for the pairs),
 # STRATEGIES (pair sets to build), SELECT_IMAGES (cap, smoke tests only), DATA_DIR.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."  # the repository root
 
 RUNS=${RUNS:?set RUNS to a folder outside the work tree}
 REF=${REF:-checkpoints/ambiseg-lidc64}

@@ -3,7 +3,7 @@
 and the median |0.5 * beta * delta| there (how saturated the loss is), from the `implicit_accuracy.json` that
 training/train_dpo.py writes with `--diagnostic_preferences`.
 
-    python scripts/plot_dpo_diagnostics.py --runs runs/dpo/eps runs/dpo/x0 runs/dpo/min-snr --labels eps x0 min-SNR \\
+    python examples/research_projects/plot_dpo_diagnostics.py --runs runs/dpo/eps runs/dpo/x0 runs/dpo/min-snr --labels eps x0 min-SNR \\
         --output docs/images/dpo_implicit_accuracy.png
 """
 
