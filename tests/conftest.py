@@ -17,7 +17,7 @@ from ambiseg_diffusers import AmbiguityEncoder, AmbiSegImageProcessor, AmbiSegPi
 from ambiseg_diffusers.lidc import resolve_data_dir
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT / "training"), str(ROOT / "scripts")]
+sys.path[:0] = [str(ROOT / "training"), str(ROOT / "scripts"), str(ROOT / "examples" / "research_projects")]
 
 try:
     resolve_data_dir(None, "lidc64")
